@@ -1,0 +1,1 @@
+"""Adapter placement: recipe -> LoRA targets and configs."""

@@ -1,0 +1,112 @@
+"""Turn `recipe.adapter` into exact LoRA targets and a PEFT LoraConfig.
+
+Targets are full module paths found by walking the model, grouped as the recipe names them:
+attention (MLA projections), shared_experts, dense_mlp (the MLP of the first dense layers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from dsft.adapters.peft_guard import no_moe_rewrite
+from dsft.config.schema import AdapterSection
+
+GROUPS = ("attention", "shared_experts", "dense_mlp")
+ATTENTION_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
+_LAYER = r"(?:^|\.)layers\.\d+\."
+_PATTERNS = {
+    "attention": re.compile(_LAYER + r"self_attn\.(" + "|".join(ATTENTION_LEAVES) + r")$"),
+    "shared_experts": re.compile(_LAYER + r"mlp\.shared_experts\.(" + "|".join(MLP_LEAVES) + r")$"),
+    "dense_mlp": re.compile(_LAYER + r"mlp\.(" + "|".join(MLP_LEAVES) + r")$"),
+}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear or one of its quantized subclasses (bitsandbytes Linear4bit is one)."""
+    return isinstance(module, nn.Linear)
+
+
+def module_group(name: str) -> str | None:
+    for group, pattern in _PATTERNS.items():
+        if pattern.search(name):
+            return group
+    return None
+
+
+def iter_group_modules(model: nn.Module) -> Iterator[tuple[str, str]]:
+    """(group, module name) for every linear layer dsft can put LoRA on."""
+    for name, module in model.named_modules():
+        group = module_group(name)
+        if group and _is_linear(module):
+            yield group, name
+
+
+def plan_targets(model: nn.Module, adapter: AdapterSection) -> dict[str, list[str]]:
+    """The enabled groups and their module names."""
+    targets: dict[str, list[str]] = {g: [] for g in GROUPS if getattr(adapter, g).enabled}
+    for group, name in iter_group_modules(model):
+        if group in targets:
+            targets[group].append(name)
+    return targets
+
+
+def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
+    """recipe.adapter + planned targets -> peft.LoraConfig with per-group rank/alpha."""
+    from peft import LoraConfig
+
+    names = [n for group in targets.values() for n in group]
+    rank_pattern, alpha_pattern = {}, {}
+    for group, modules in targets.items():
+        spec = getattr(adapter, group)
+        for name in modules:
+            if spec.r is not None and spec.r != adapter.r:
+                rank_pattern[f"^{re.escape(name)}$"] = spec.r
+            if spec.alpha is not None and spec.alpha != adapter.alpha:
+                alpha_pattern[f"^{re.escape(name)}$"] = spec.alpha
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=names,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_modules(model: nn.Module) -> list[str]:
+    """Names (without PEFT's prefixes) of the modules that actually carry LoRA weights."""
+    found = []
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and len(getattr(module, "lora_A")) > 0:
+            found.append(name.removeprefix("base_model.model."))
+    return found
+
+
+def attach_lora(model: nn.Module, adapter: AdapterSection) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Wrap `model` with LoRA exactly on the planned modules, and check that is where it landed."""
+    from peft import get_peft_model
+
+    targets = plan_targets(model, adapter)
+    with no_moe_rewrite():
+        peft_model = get_peft_model(model, lora_config(adapter, targets))
+    wanted = sorted(n for group in targets.values() for n in group)
+    got = sorted(lora_modules(peft_model))
+    if wanted != got:
+        raise RuntimeError(f"LoRA landed on {len(got)} modules instead of the {len(wanted)} planned ones: "
+                           f"missing {sorted(set(wanted) - set(got))[:5]}, extra {sorted(set(got) - set(wanted))[:5]}")
+    return peft_model, targets
+
+
+def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
+    """PeftModel.from_pretrained without PEFT's MoE key rewrite."""
+    from peft import PeftModel
+
+    with no_moe_rewrite():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)

@@ -1,0 +1,52 @@
+"""Shared option aliases and the error boundary of every command."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from dsft.errors import DsftError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.lr=1e-4 (repeatable).", show_default=False),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+
+
+def offline() -> None:
+    """dsft never downloads weights, data or kernels: every hub client is told so before it is
+    imported, and the libraries' deprecation chatter about their own internals is silenced."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def errors_exit_2(fn: F) -> F:
+    """Report DsftError as one line per problem on stderr and exit 2; tracebacks only with DSFT_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DsftError as e:
+            if os.environ.get("DSFT_DEBUG"):
+                raise
+            for line in e.lines:
+                typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]

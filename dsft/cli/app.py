@@ -1,0 +1,39 @@
+"""The `dsft` root: registers one command per module, nothing else."""
+
+from __future__ import annotations
+
+import typer
+
+from dsft.cli import sft, validate
+from dsft.cli._common import offline
+
+app = typer.Typer(
+    name="dsft",
+    help="Fine-tune and align DeepSeek-style Mixture-of-Experts models: LoRA/QLoRA SFT, DPO, merge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from dsft import __version__
+
+        typer.echo(f"dsft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    offline()
+
+
+app.command("validate")(validate.validate)
+app.command("sft")(sft.sft)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,37 @@
+"""`dsft sft`: supervised LoRA fine-tuning from a recipe."""
+
+from __future__ import annotations
+
+from dsft.cli._common import ForceOpt, RecipeOpt, SetOpt, errors_exit_2
+
+
+@errors_exit_2
+def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Train a LoRA adapter on the recipe's data; writes adapter, recipe, run.json and metrics."""
+    from dsft.config import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [], check_files=True)
+    from dsft.train.sft import preflight, run_sft
+
+    prepared = preflight(resolved, force)
+    result = run_sft(prepared, force)
+    _summary(result)
+
+
+def _summary(result) -> None:  # noqa: ANN001 - SftResult, imported lazily
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dsft sft: {result.run}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for group, n in result.groups.items():
+        table.add_row(f"trainable params: {group}", f"{n:,}")
+    table.add_row("trainable / total params", f"{result.trainable:,} / {result.total:,}")
+    table.add_row("train tokens (on loss)", f"{result.train_tokens:,} ({result.loss_tokens:,})")
+    if result.losses:
+        table.add_row("loss first -> last", f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    if result.eval_loss is not None:
+        table.add_row("eval loss", f"{result.eval_loss:.3f}")
+    table.add_row("adapter", str(result.run / "adapter"))
+    Console().print(table)

@@ -1,0 +1,188 @@
+"""The recipe schema: one pydantic model per section, unknown keys refused everywhere.
+
+Field validators that touch the filesystem run only when validation is given
+``context={"check_files": True}``, so ``dsft validate`` stays static by default and every error,
+static or file-related, is still reported in one pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-deepseek-v3", "tiny-deepseek-v2")
+PLACEHOLDER_PREFIX = "/path/to/"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _checking_files(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("check_files"))
+
+
+class ModelSection(Section):
+    """Which checkpoint to start from and how to hold it in memory."""
+
+    path: str = Field(description="A local checkpoint directory, or `builtin:tiny-deepseek-v3` / `builtin:tiny-deepseek-v2`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype: `auto` is bfloat16 on GPU and float32 on CPU."
+    )
+    quantization: Literal["none", "nf4"] = Field("none", description="`nf4` holds the frozen base weights in 4-bit NF4 (QLoRA).")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith(BUILTIN_PREFIX):
+            name = v[len(BUILTIN_PREFIX):]
+            if name not in BUILTIN_MODELS:
+                raise ValueError(f"unknown built-in model {name!r}; use one of: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+            return v
+        if _checking_files(info):
+            from dsft.config.files import check_model_dir
+
+            check_model_dir(Path(v))
+        return v
+
+
+class DataSection(Section):
+    """Training data: files, their format, and how they become token sequences."""
+
+    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list).")
+    eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
+    format: Literal["messages", "prompt_completion", "alpaca"] = Field(
+        "messages",
+        description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), or `alpaca` (`instruction`/`input`/`output`).",
+    )
+    max_length: PositiveInt = Field(1024, description="Sequences are truncated (or packed) to this many tokens.")
+    packing: bool = Field(False, description="Pack several examples into each sequence (best with flash attention).")
+    assistant_only_loss: bool = Field(True, description="Compute the loss on assistant tokens only.")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    chat_template: str | None = Field(
+        None, description="A Jinja chat-template file to use instead of the tokenizer's own (saved with the run)."
+    )
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("train")
+    @classmethod
+    def _train_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one training file")
+        return v
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _files_exist(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if _checking_files(info):
+            missing = [p for p in v if not Path(p).is_file()]
+            if missing:
+                raise ValueError(f"file not found: {', '.join(missing)} (paths are relative to the current directory)")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and _checking_files(info) and not Path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class LoraGroup(Section):
+    """LoRA on one group of modules. `true`/`false` is shorthand for `{enabled: true/false}`."""
+
+    enabled: bool = True
+    r: PositiveInt | None = Field(None, description="Rank for this group; defaults to `adapter.r`.")
+    alpha: float | None = Field(None, gt=0, description="Scale numerator for this group; defaults to `adapter.alpha`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
+class AdapterSection(Section):
+    """Where LoRA goes. Groups: attention (MLA projections), shared_experts, dense_mlp (the dense
+    first layers), routed_experts (`none`, `all`, or `{layer: [expert ids]}`)."""
+
+    r: PositiveInt = Field(16, description="Default LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="Default LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    attention: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on attention projections.")
+    shared_experts: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the shared experts.")
+    dense_mlp: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the dense MLP of the first layers.")
+    routed_experts: Any = Field("none", description="Routed experts carrying LoRA: `none`, `all` or `{layer: [ids]}`.")
+
+    @field_validator("routed_experts")
+    @classmethod
+    def _routed(cls, v: Any) -> Any:
+        if v != "none":
+            raise ValueError("LoRA on routed experts is not available yet; set `none` (attention, shared_experts and dense_mlp still train)")
+        return v
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "AdapterSection":
+        if not (self.attention.enabled or self.shared_experts.enabled or self.dense_mlp.enabled or self.routed_experts != "none"):
+            raise ValueError("every module group is off; enable at least one of attention, shared_experts, dense_mlp")
+        return self
+
+
+class TrainingSection(Section):
+    """Optimiser, schedule and bookkeeping."""
+
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    micro_batch_size: PositiveInt = Field(1, description="Sequences per device per forward pass.")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: NonNegInt = Field(42, description="Seed for weights init, data order and dropout.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logging_steps: PositiveInt = Field(10, description="Log metrics every N steps.")
+    save_steps: PositiveInt = Field(200, description="Checkpoint every N steps.")
+    eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (needs data.eval); default: at the end only.")
+
+
+class Recipe(Section):
+    """A whole dsft recipe."""
+
+    model: ModelSection
+    data: DataSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output_dir: str = Field(description="Run directory: adapter, resolved recipe, metrics, checkpoints.")
+
+    @model_validator(mode="after")
+    def _cross(self, info: ValidationInfo) -> "Recipe":
+        if self.training.eval_steps is not None and not self.data.eval:
+            raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
+        if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
+            from dsft.config.files import has_chat_template
+
+            path = Path(self.model.path)
+            if path.is_dir() and not has_chat_template(path):
+                raise ValueError(f"model.path: {path} has no chat template; set data.chat_template to a Jinja file")
+        return self

@@ -1,0 +1,1 @@
+"""Data: file formats, chat-template rendering, assistant-only loss masks."""

@@ -1,0 +1,1 @@
+"""Checkpoints: built-in tiny models, model and tokenizer loading, quantization configs."""

@@ -1,0 +1,112 @@
+"""Built-in tiny DeepSeek MoE models: the real transformers classes at toy sizes.
+
+They are written once into a cache directory as an ordinary checkpoint (safetensors, config,
+tokenizer) and then loaded through `from_pretrained`, so the demo exercises the same code path as a
+real DeepSeek checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dsft
+
+TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "first_k_dense_replace": 1,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "max_position_embeddings": 1024,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.1,
+}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-deepseek-v3": {
+        **_COMMON,
+        "model_type": "deepseek_v3",
+        "q_lora_rank": 48,
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "num_nextn_predict_layers": 0,
+    },
+    "tiny-deepseek-v2": {
+        **_COMMON,
+        "model_type": "deepseek_v2",
+        "q_lora_rank": None,
+        "topk_method": "greedy",
+        "routed_scaling_factor": 1.0,
+        "norm_topk_prob": False,
+    },
+}
+SEED = 0
+
+
+def cache_root() -> Path:
+    root = os.environ.get("DSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsft"
+    return Path(root)
+
+
+def _fingerprint(name: str) -> str:
+    h = hashlib.sha256(json.dumps(CONFIGS[name], sort_keys=True).encode())
+    h.update(dsft.__version__.encode())
+    for f in sorted(TOKENIZER_DIR.iterdir()):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def builtin_path(name: str) -> Path:
+    """The checkpoint directory of built-in model `name`, materialised on first use."""
+    if name not in CONFIGS:
+        raise KeyError(name)
+    target = cache_root() / "builtin" / f"{name}-{_fingerprint(name)}"
+    if not (target / "config.json").is_file():
+        _materialise(name, target)
+    return target
+
+
+def _materialise(name: str, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    spec = dict(CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process materialised it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

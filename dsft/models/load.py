@@ -1,0 +1,88 @@
+"""Load a checkpoint and its tokenizer with transformers' native classes.
+
+Never runs code from a checkpoint directory: DeepSeek checkpoints carry `auto_map` entries pointing at
+remote modeling files; dsft loads them with `trust_remote_code=False`, which picks transformers' own
+DeepseekV2/V3 classes from `model_type`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config.schema import BUILTIN_PREFIX, ModelSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> Path:
+    if path.startswith(BUILTIN_PREFIX):
+        from dsft.models.builtin import builtin_path
+
+        return builtin_path(path[len(BUILTIN_PREFIX):])
+    return Path(path)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere: bf16 matmuls on CPU are ~100x slower."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
+def bnb_config(section: ModelSection, dtype: torch.dtype) -> Any:
+    """recipe.model -> BitsAndBytesConfig (None when not quantized)."""
+    if section.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=["lm_head", "gate"],
+    )
+
+
+def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if chat_template_file:
+        tokenizer.chat_template = Path(chat_template_file).read_text(encoding="utf-8")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(section: ModelSection, path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(section.dtype)
+    quant = bnb_config(section, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        trust_remote_code=False,
+        attn_implementation=section.attn_implementation,
+        quantization_config=quant,
+        device_map={"": 0} if torch.cuda.is_available() else None,
+    )
+    model.requires_grad_(False)
+    return model
+
+
+def model_identity(path: Path, model_path: str) -> dict[str, Any]:
+    """What an adapter was trained on, recorded with the run and checked by merge."""
+    import hashlib
+    import json
+
+    raw = (path / "config.json").read_bytes()
+    cfg = json.loads(raw)
+    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "n_routed_experts",
+            "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "vocab_size")
+    return {"path": model_path, "resolved_path": str(path.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
+            **{k: cfg.get(k) for k in keys}}

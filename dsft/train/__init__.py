@@ -1,0 +1,1 @@
+"""Training: SFT over TRL's trainers, run directories, callbacks."""

@@ -1,0 +1,118 @@
+"""The run directory: refuse to clobber finished runs, record what was run, write atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsft.config.schema import BUILTIN_PREFIX, Recipe
+from dsft.errors import DsftError
+
+PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Preflight: a run directory that holds anything is only replaced with --force."""
+    if path.exists() and not path.is_dir():
+        raise DsftError(f"output_dir: {path} is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        status = read_status(path)
+        what = f"a {status} run" if status else "files"
+        raise DsftError(f"output_dir: {path} already holds {what}; pass --force to replace it or choose another output_dir")
+
+
+def read_status(path: Path) -> str | None:
+    try:
+        return json.loads((path / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def create(path: Path, force: bool) -> None:
+    if force and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with every path made absolute, so merge/eval can read it from anywhere."""
+    data = recipe.model_dump(mode="json")
+    absolute = lambda p: str(Path(p).resolve())  # noqa: E731
+    if not recipe.model.path.startswith(BUILTIN_PREFIX):
+        data["model"]["path"] = absolute(recipe.model.path)
+    data["data"]["train"] = [absolute(p) for p in recipe.data.train]
+    data["data"]["eval"] = [absolute(p) for p in recipe.data.eval]
+    if recipe.data.chat_template:
+        data["data"]["chat_template"] = absolute(recipe.data.chat_template)
+    data["output_dir"] = absolute(recipe.output_dir)
+    return data
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_recipe(run: Path, recipe: Recipe) -> None:
+    write_atomic(run / "recipe.yaml", yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
+    files = [*recipe.data.train, *recipe.data.eval]
+    return {
+        "command": command,
+        "status": status,
+        "argv": sys.argv,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "git_sha": _git_sha(),
+        "data_sha256": {str(Path(p).resolve()): _sha256(Path(p)) for p in files},
+        "base_model": model,
+        **extra,
+    }
+
+
+def write_run_info(run: Path, info: dict[str, Any]) -> None:
+    write_atomic(run / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished artifact directory into place in one rename."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

@@ -1,0 +1,164 @@
+"""Supervised fine-tuning: recipe -> tokenized data -> LoRA model -> TRL SFTTrainer -> run directory."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config.schema import Recipe
+from dsft.data.formats import load_conversations
+from dsft.data.tokenize import IGNORE, tokenize_all
+from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
+from dsft.train import run_dir
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before the run directory exists."""
+
+    recipe: Recipe
+    model_path: Path
+    tokenizer: Any
+    train: dict[str, list[list[int]]]
+    eval: dict[str, list[list[int]]] | None
+
+
+@dataclass
+class SftResult:
+    run: Path
+    groups: dict[str, int]
+    trainable: int
+    total: int
+    train_tokens: int
+    loss_tokens: int
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+
+
+def preflight(recipe: Recipe, force: bool) -> Prepared:
+    """Check the output dir and every data row, and tokenize; creates nothing in output_dir."""
+    run_dir.check_output_dir(Path(recipe.output_dir), force)
+    data = recipe.data
+    train_rows = load_conversations(data.train, data.format, data.system_prompt)
+    eval_rows = load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
+    model_path = resolve_model_path(recipe.model.path)
+    tokenizer = load_tokenizer(model_path, data.chat_template)
+    tok = lambda rows: tokenize_all(tokenizer, rows, None, data.assistant_only_loss)  # noqa: E731
+    return Prepared(recipe, model_path, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
+
+
+def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
+    """recipe.training (+ data lengths) -> trl.SFTConfig. dsft sets the precision flags itself:
+    TRL would turn bf16 on by default, which makes CPU runs ~100x slower."""
+    from trl import SFTConfig
+
+    t = recipe.training
+    return SFTConfig(
+        output_dir=str(run / "checkpoints"),
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.activation_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _count(tokens: dict[str, list[list[int]]]) -> tuple[int, int]:
+    total = sum(len(ids) for ids in tokens["input_ids"])
+    on_loss = sum(sum(1 for x in labels if x != IGNORE) for labels in tokens["labels"])
+    return total, on_loss
+
+
+def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[str, int]:
+    """Trainable LoRA parameters per module group."""
+    owner = {name: group for group, names in targets.items() for name in names}
+    counts = dict.fromkeys(targets, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            module = name.removeprefix("base_model.model.").split(".lora_")[0]
+            counts[owner.get(module, "other")] = counts.get(owner.get(module, "other"), 0) + param.numel()
+    return counts
+
+
+def fp32_adapter(model: torch.nn.Module) -> None:
+    """Keep trainable (LoRA) weights in fp32: TRL casts them to bf16 on 4-bit models."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def run_sft(prepared: Prepared, force: bool) -> SftResult:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from dsft.adapters.lora import attach_lora
+    from dsft.train.callbacks import JsonlMetrics
+
+    recipe = prepared.recipe
+    run = Path(recipe.output_dir)
+    identity = model_identity(prepared.model_path, recipe.model.path)
+    dtype = resolve_dtype(recipe.model.dtype)
+    args = sft_config(recipe, run, dtype)
+    run_dir.create(run, force)
+    run_dir.write_recipe(run, recipe)
+    run_dir.write_run_info(run, run_dir.run_info(recipe, "sft", identity, "running"))
+
+    torch.manual_seed(recipe.training.seed)
+    model, targets = attach_lora(load_model(recipe.model, prepared.model_path), recipe.adapter)
+    metrics = JsonlMetrics(run / "metrics.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(prepared.train),
+        eval_dataset=Dataset.from_dict(prepared.eval) if prepared.eval else None,
+        processing_class=prepared.tokenizer,
+        callbacks=[metrics],
+    )
+    fp32_adapter(trainer.model)
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval else None
+
+    tmp = run / ".adapter.tmp"
+    trainer.model.save_pretrained(tmp)
+    prepared.tokenizer.save_pretrained(tmp)
+    run_dir.publish(tmp, run / "adapter")
+
+    groups = group_params(trainer.model, targets)
+    total_tokens, loss_tokens = _count(prepared.train)
+    trainable = sum(groups.values())
+    result = SftResult(run, groups, trainable, sum(p.numel() for p in trainer.model.parameters()),
+                       total_tokens, loss_tokens, metrics.losses(), eval_loss)
+    summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
+               "first_loss": result.losses[0] if result.losses else None,
+               "last_loss": result.losses[-1] if result.losses else None, "eval_loss": eval_loss,
+               "targets": targets}
+    run_dir.write_run_info(run, run_dir.run_info(recipe, "sft", identity, "complete", summary=summary))
+    return result

@@ -1,0 +1,65 @@
+"""Shared fixtures: a private model cache, tiny recipes, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["DSFT_CACHE"] = str(tmp_path_factory.mktemp("dsft-cache"))
+
+
+def legal_rows(n: int) -> list[dict]:
+    lines = (REPO / "data_templates/legal/train.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path):
+    """Write a small recipe for the tiny model; keyword sections update the defaults."""
+
+    def make(name: str = "recipe.yaml", rows: int = 16, **sections) -> Path:
+        train = write_jsonl(tmp_path / "train.jsonl", legal_rows(rows))
+        recipe = {
+            "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+            "data": {"train": str(train), "format": "messages", "max_length": 128},
+            "adapter": {"r": 8, "alpha": 16},
+            "training": {"lr": 1e-2, "max_steps": 30, "micro_batch_size": 4, "scheduler": "constant",
+                         "warmup_ratio": 0.0, "logging_steps": 5, "save_steps": 1000},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                recipe.setdefault(key, {}).update(value)
+            else:
+                recipe[key] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def cli():
+    from typer.testing import CliRunner
+
+    from dsft.cli.app import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -1,0 +1,92 @@
+"""Recipe validation: every error at once, with dotted paths, exit code 2; shipped recipes pass."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+def test_four_errors_reported_at_once(tmp_path: Path, cli) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "model": {"path": "builtin:tiny-deepseek-v3", "colour": "blue"},
+        "data": {"train": str(tmp_path / "missing.jsonl"), "max_length": "lots"},
+        "training": {"lr": -1},
+        "output_dir": str(tmp_path / "run"),
+    }))
+    result = cli("validate", bad, "--check-files")
+    assert result.exit_code == 2
+    out = result.output
+    assert "model.colour: unknown key" in out
+    assert "data.max_length: must be an integer" in out
+    assert "training.lr: must be > 0" in out
+    assert "data.train: file not found" in out and "missing.jsonl" in out
+    assert out.count("error:") == 4
+
+
+def test_missing_section_and_bad_choice(tmp_path: Path, cli) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"path": "builtin:nope", "quantization": "int3"}, "output_dir": "x"}))
+    result = cli("validate", bad)
+    assert result.exit_code == 2
+    assert "data: required; add it" in result.output
+    assert "model.quantization: must be one of 'none' or 'nf4'" in result.output
+    assert "model.path: unknown built-in model 'nope'" in result.output
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path, cli) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: builtin:tiny-deepseek-v3\ndata: [unclosed\n")
+    result = cli("validate", bad)
+    assert result.exit_code == 2
+    assert f"{bad}:" in result.output and "not valid YAML" in result.output
+
+
+def test_set_overrides(make_recipe, cli) -> None:
+    recipe = make_recipe()
+    assert cli("validate", recipe, "--set", "training.lr=1e-4").exit_code == 0
+    result = cli("validate", recipe, "--set", "training.lr=-3", "--set", "adapter.rank=4")
+    assert result.exit_code == 2
+    assert "training.lr: must be > 0" in result.output and "adapter.rank: unknown key" in result.output
+    assert "write it as section.key=value" in cli("validate", recipe, "--set", "nonsense").output
+
+
+def test_routed_experts_refused_for_now(make_recipe, cli) -> None:
+    result = cli("validate", make_recipe(adapter={"routed_experts": "all"}))
+    assert result.exit_code == 2 and "adapter.routed_experts:" in result.output
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    result = cli("validate", recipe)
+    assert result.exit_code == 0, result.output
+    if recipe.name.startswith("tiny-"):
+        result = cli("validate", recipe, "--check-files")
+        assert result.exit_code == 0, result.output
+
+
+def test_model_dir_checks(tmp_path: Path, make_recipe, cli) -> None:
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "deepseek_v2"}')
+    (model / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001.safetensors"}}')
+    result = cli("validate", make_recipe(model={"path": str(model)}), "--check-files")
+    assert result.exit_code == 2
+    assert "model.path:" in result.output
+    assert "missing shards named by its index: model-00001.safetensors" in result.output
+    assert "has no tokenizer" in result.output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = ("import sys; from dsft.cli.app import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['validate', 'recipes/legal.yaml']); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
