@@ -47,13 +47,12 @@ def test_placement_follows_recipe_and_survives_reload(name: str, tmp_path: Path)
 
 def test_stock_peft_would_move_shared_expert_lora(tmp_path: Path) -> None:
     """The trap dsft guards against: plain PEFT puts shared-expert targets on the routed experts."""
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    from dsft.adapters.lora import lora_config, plan_targets
-
-    model = _model()
-    config = lora_config(AdapterSection(attention=False, dense_mlp=False), plan_targets(model, AdapterSection()))
-    stock = get_peft_model(model, config)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-deepseek-v3"))
+    shared = [n for n, m in model.named_modules() if module_group(n) == "shared_experts" and isinstance(m, torch.nn.Linear)]
+    stock = get_peft_model(model, LoraConfig(target_modules=shared))
     assert "shared_experts" not in _groups(lora_modules(stock))
     assert stock.peft_config["default"].target_parameters
 

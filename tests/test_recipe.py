@@ -57,9 +57,24 @@ def test_set_overrides(make_recipe, cli) -> None:
     assert "write it as section.key=value" in cli("validate", recipe, "--set", "nonsense").output
 
 
-def test_routed_experts_refused_for_now(make_recipe, cli) -> None:
-    result = cli("validate", make_recipe(adapter={"routed_experts": "all"}))
-    assert result.exit_code == 2 and "adapter.routed_experts:" in result.output
+@pytest.mark.parametrize("value", ["all", {1: [0, 3]}, {"experts": {"2": [7]}, "r": 4, "alpha": 8}])
+def test_routed_experts_forms(value, make_recipe, cli) -> None:
+    assert cli("validate", make_recipe(adapter={"routed_experts": value})).exit_code == 0
+
+
+def test_routed_experts_bad_forms(make_recipe, cli) -> None:
+    result = cli("validate", make_recipe(adapter={"routed_experts": "some"}))
+    assert result.exit_code == 2 and "adapter.routed_experts.experts: must be none, all, or a mapping" in result.output
+    result = cli("validate", make_recipe(adapter={"routed_experts": {1: []}}))
+    assert result.exit_code == 2 and "layer 1: give a non-empty list of expert ids" in result.output
+
+
+def test_routed_experts_must_fit_the_model(make_recipe, cli, tmp_path: Path) -> None:
+    result = cli("sft", "--recipe", make_recipe(adapter={"routed_experts": {0: [1], 2: [8]}}))
+    assert result.exit_code == 2
+    assert "layer 0 has no routed experts; MoE layers are 1..2" in result.output
+    assert "layer 2: expert ids go up to 7, got 8" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

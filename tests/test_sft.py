@@ -66,8 +66,8 @@ def test_every_lora_parameter_changes(make_recipe, tmp_path: Path, monkeypatch: 
 
     original = lora_mod.attach_lora
 
-    def spy(model, adapter):
-        wrapped, targets = original(model, adapter)
+    def spy(model, adapter, selection):
+        wrapped, targets = original(model, adapter, selection)
         captured.update({n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad})
         return wrapped, targets
 

@@ -1,7 +1,8 @@
 """Turn `recipe.adapter` into exact LoRA targets and a PEFT LoraConfig.
 
 Targets are full module paths found by walking the model, grouped as the recipe names them:
-attention (MLA projections), shared_experts, dense_mlp (the MLP of the first dense layers).
+attention (MLA projections), shared_experts, dense_mlp (the MLP of the first dense layers), and
+routed_experts (dsft's expert LoRA on chosen experts of DsftExperts modules, see dsft.moe.lora).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from dsft.adapters.peft_guard import no_moe_rewrite
+from dsft.adapters import peft_guard
 from dsft.config.schema import AdapterSection
+from dsft.moe.experts import DsftExperts, layer_of
 
-GROUPS = ("attention", "shared_experts", "dense_mlp")
+GROUPS = ("attention", "shared_experts", "dense_mlp", "routed_experts")
 ATTENTION_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
 _LAYER = r"(?:^|\.)layers\.\d+\."
@@ -46,18 +48,27 @@ def iter_group_modules(model: nn.Module) -> Iterator[tuple[str, str]]:
             yield group, name
 
 
-def plan_targets(model: nn.Module, adapter: AdapterSection) -> dict[str, list[str]]:
-    """The enabled groups and their module names."""
+def plan_targets(model: nn.Module, adapter: AdapterSection,
+                 selection: dict[int, list[int] | None] | None = None) -> dict[str, list[str]]:
+    """The enabled groups and their module names. Routed-expert modules named here get their
+    selected expert ids (`selection`: layer -> ids, None for all) as `dsft_lora_experts`."""
     targets: dict[str, list[str]] = {g: [] for g in GROUPS if getattr(adapter, g).enabled}
     for group, name in iter_group_modules(model):
         if group in targets:
             targets[group].append(name)
+    if "routed_experts" in targets:
+        for name, module in model.named_modules():
+            if isinstance(module, DsftExperts) and layer_of(name) in (selection or {}):
+                module.dsft_lora_experts = selection[layer_of(name)]
+                targets["routed_experts"].append(name)
     return targets
 
 
 def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
     """recipe.adapter + planned targets -> peft.LoraConfig with per-group rank/alpha."""
     from peft import LoraConfig
+
+    from dsft.moe.lora import register
 
     names = [n for group in targets.values() for n in group]
     rank_pattern, alpha_pattern = {}, {}
@@ -68,7 +79,7 @@ def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
                 rank_pattern[f"^{re.escape(name)}$"] = spec.r
             if spec.alpha is not None and spec.alpha != adapter.alpha:
                 alpha_pattern[f"^{re.escape(name)}$"] = spec.alpha
-    return LoraConfig(
+    return register(LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
@@ -77,25 +88,28 @@ def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
         alpha_pattern=alpha_pattern,
         bias="none",
         task_type="CAUSAL_LM",
-    )
+    ))
 
 
 def lora_modules(model: nn.Module) -> list[str]:
     """Names (without PEFT's prefixes) of the modules that actually carry LoRA weights."""
+    from dsft.moe.lora import ExpertLoraLayer
+
     found = []
     for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and len(getattr(module, "lora_A")) > 0:
+        if isinstance(module, ExpertLoraLayer) or (hasattr(module, "lora_A") and len(getattr(module, "lora_A")) > 0):
             found.append(name.removeprefix("base_model.model."))
     return found
 
 
-def attach_lora(model: nn.Module, adapter: AdapterSection) -> tuple[nn.Module, dict[str, list[str]]]:
+def attach_lora(model: nn.Module, adapter: AdapterSection,
+                selection: dict[int, list[int] | None] | None = None) -> tuple[nn.Module, dict[str, list[str]]]:
     """Wrap `model` with LoRA exactly on the planned modules, and check that is where it landed."""
     from peft import get_peft_model
 
-    targets = plan_targets(model, adapter)
-    with no_moe_rewrite():
-        peft_model = get_peft_model(model, lora_config(adapter, targets))
+    targets = plan_targets(model, adapter, selection)
+    peft_guard.install()
+    peft_model = get_peft_model(model, lora_config(adapter, targets))
     wanted = sorted(n for group in targets.values() for n in group)
     got = sorted(lora_modules(peft_model))
     if wanted != got:
@@ -105,8 +119,17 @@ def attach_lora(model: nn.Module, adapter: AdapterSection) -> tuple[nn.Module, d
 
 
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
-    """PeftModel.from_pretrained without PEFT's MoE key rewrite."""
-    from peft import PeftModel
+    """PeftModel.from_pretrained without PEFT's MoE rewrite (dsft.adapters.peft_guard), with dsft's expert LoRA restored
+    on the experts recorded in the adapter's dsft_adapter.json."""
+    from peft import LoraConfig, PeftModel
 
-    with no_moe_rewrite():
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    from dsft.adapters.metadata import read_metadata
+    from dsft.moe.lora import register
+
+    selection = read_metadata(adapter_dir).get("routed_experts", {}).get("experts", {})
+    for name, module in model.named_modules():
+        if isinstance(module, DsftExperts) and str(layer_of(name)) in selection:
+            module.dsft_lora_experts = selection[str(layer_of(name))]
+    config = register(LoraConfig.from_pretrained(adapter_dir))
+    peft_guard.install()
+    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)

@@ -121,29 +121,65 @@ class LoraGroup(Section):
         return {"enabled": v} if isinstance(v, bool) else v
 
 
+def _parse_selection(v: Any) -> Any:
+    """`none`, `all`, or `{layer: [expert ids]}` with integer layers and ids."""
+    if v in ("none", "all"):
+        return v
+    if not isinstance(v, dict) or not v:
+        raise ValueError("must be none, all, or a mapping {layer: [expert ids]} such as {1: [0, 3]}")
+    out: dict[int, list[int]] = {}
+    for layer, ids in v.items():
+        try:
+            layer_i = int(layer)
+            ids_i = sorted({int(i) for i in ids}) if isinstance(ids, list) else None
+        except (TypeError, ValueError):
+            ids_i = None
+        if ids_i is None or layer_i < 0 or not ids_i or min(ids_i) < 0:
+            raise ValueError(f"layer {layer!r}: give a non-empty list of expert ids >= 0, e.g. {{{layer}: [0, 3]}}")
+        out[layer_i] = ids_i
+    return out
+
+
+class RoutedExperts(Section):
+    """LoRA on routed experts. Shorthand: `routed_experts: all` or `routed_experts: {1: [0, 3]}`."""
+
+    experts: Any = Field("none", description="`none`, `all`, or `{layer: [expert ids]}`.")
+    r: PositiveInt | None = Field(None, description="Rank of expert LoRA; defaults to `adapter.r`.")
+    alpha: float | None = Field(None, gt=0, description="Alpha of expert LoRA; defaults to `adapter.alpha`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str) or (isinstance(v, dict) and v and not (set(map(str, v)) & {"experts", "r", "alpha"})):
+            return {"experts": v}
+        return v
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v: Any) -> Any:
+        return _parse_selection(v)
+
+    @property
+    def enabled(self) -> bool:
+        return self.experts != "none"
+
+
 class AdapterSection(Section):
     """Where LoRA goes. Groups: attention (MLA projections), shared_experts, dense_mlp (the dense
     first layers), routed_experts (`none`, `all`, or `{layer: [expert ids]}`)."""
 
     r: PositiveInt = Field(16, description="Default LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="Default LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (not applied on the routed-expert path).")
     attention: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on attention projections.")
     shared_experts: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the shared experts.")
     dense_mlp: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the dense MLP of the first layers.")
-    routed_experts: Any = Field("none", description="Routed experts carrying LoRA: `none`, `all` or `{layer: [ids]}`.")
-
-    @field_validator("routed_experts")
-    @classmethod
-    def _routed(cls, v: Any) -> Any:
-        if v != "none":
-            raise ValueError("LoRA on routed experts is not available yet; set `none` (attention, shared_experts and dense_mlp still train)")
-        return v
+    routed_experts: RoutedExperts = Field(default_factory=RoutedExperts, description="Routed experts carrying LoRA.")
 
     @model_validator(mode="after")
     def _something_trains(self) -> "AdapterSection":
-        if not (self.attention.enabled or self.shared_experts.enabled or self.dense_mlp.enabled or self.routed_experts != "none"):
-            raise ValueError("every module group is off; enable at least one of attention, shared_experts, dense_mlp")
+        if not any(getattr(self, g).enabled for g in ("attention", "shared_experts", "dense_mlp", "routed_experts")):
+            raise ValueError("every module group is off; enable at least one of attention, shared_experts, dense_mlp, routed_experts")
         return self
 
 

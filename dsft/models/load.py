@@ -1,4 +1,5 @@
-"""Load a checkpoint and its tokenizer with transformers' native classes.
+"""Load a checkpoint and its tokenizer with transformers' native classes (model skeleton), filled by
+dsft's streaming loader (dsft.models.stream).
 
 Never runs code from a checkpoint directory: DeepSeek checkpoints carry `auto_map` entries pointing at
 remote modeling files; dsft loads them with `trust_remote_code=False`, which picks transformers' own
@@ -32,21 +33,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def bnb_config(section: ModelSection, dtype: torch.dtype) -> Any:
-    """recipe.model -> BitsAndBytesConfig (None when not quantized)."""
-    if section.quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["lm_head", "gate"],
-    )
-
-
 def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -58,21 +44,16 @@ def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(section: ModelSection, path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    dtype = resolve_dtype(section.dtype)
-    quant = bnb_config(section, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        trust_remote_code=False,
-        attn_implementation=section.attn_implementation,
-        quantization_config=quant,
-        device_map={"": 0} if torch.cuda.is_available() else None,
-    )
-    model.requires_grad_(False)
-    return model
+
+def load_model(section: ModelSection, path: Path) -> torch.nn.Module:
+    """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`)."""
+    from dsft.models.stream import load_streaming
+
+    return load_streaming(path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
+                          section.attn_implementation)
 
 
 def model_identity(path: Path, model_path: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dsft.adapters.selection import expert_selection
 from dsft.config.schema import Recipe
 from dsft.data.formats import load_conversations
 from dsft.data.tokenize import IGNORE, tokenize_all
@@ -22,6 +23,7 @@ class Prepared:
 
     recipe: Recipe
     model_path: Path
+    selection: dict[int, list[int] | None]
     tokenizer: Any
     train: dict[str, list[list[int]]]
     eval: dict[str, list[list[int]]] | None
@@ -46,9 +48,10 @@ def preflight(recipe: Recipe, force: bool) -> Prepared:
     train_rows = load_conversations(data.train, data.format, data.system_prompt)
     eval_rows = load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
     model_path = resolve_model_path(recipe.model.path)
+    selection = expert_selection(recipe.adapter.routed_experts, model_path / "config.json")
     tokenizer = load_tokenizer(model_path, data.chat_template)
     tok = lambda rows: tokenize_all(tokenizer, rows, None, data.assistant_only_loss)  # noqa: E731
-    return Prepared(recipe, model_path, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
+    return Prepared(recipe, model_path, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
 
 
 def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
@@ -120,6 +123,7 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     from trl import SFTTrainer
 
     from dsft.adapters.lora import attach_lora
+    from dsft.adapters.metadata import build_metadata, write_metadata
     from dsft.train.callbacks import JsonlMetrics
 
     recipe = prepared.recipe
@@ -132,7 +136,7 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     run_dir.write_run_info(run, run_dir.run_info(recipe, "sft", identity, "running"))
 
     torch.manual_seed(recipe.training.seed)
-    model, targets = attach_lora(load_model(recipe.model, prepared.model_path), recipe.adapter)
+    model, targets = attach_lora(load_model(recipe.model, prepared.model_path), recipe.adapter, prepared.selection)
     metrics = JsonlMetrics(run / "metrics.jsonl")
     trainer = SFTTrainer(
         model=model,
@@ -149,6 +153,7 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     tmp = run / ".adapter.tmp"
     trainer.model.save_pretrained(tmp)
     prepared.tokenizer.save_pretrained(tmp)
+    write_metadata(tmp, build_metadata(trainer.model, recipe.adapter, targets, identity))
     run_dir.publish(tmp, run / "adapter")
 
     groups = group_params(trainer.model, targets)

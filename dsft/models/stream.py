@@ -1,0 +1,201 @@
+"""Streaming checkpoint loader for MoE models: tensors go straight from the safetensors shards to
+their final device and form, one at a time.
+
+- The model skeleton is built on the meta device (buffers real), with transformers' native class.
+- Routed experts, per-expert (`mlp.experts.E.gate_proj.weight`, DeepSeek's layout) or fused
+  (`mlp.experts.gate_up_proj`), are assembled one layer at a time in a staging buffer on the target
+  device and then become a DsftExperts module (NF4 or plain), so peak memory while loading is the
+  final footprint plus about one layer's experts.
+- With `nf4`, every other nn.Linear except the router and lm_head becomes a bitsandbytes Linear4bit.
+- Block-scaled FP8 weights (`weight` + `weight_scale_inv`, DeepSeek-V3/R1 as released) are
+  dequantized tensor by tensor on the way.
+- Layers past `num_hidden_layers` (DeepSeek-V3's MTP layer) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsft.errors import DsftError
+from dsft.moe.experts import DsftExperts
+
+PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+FUSED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SCALE_SUFFIX = "_scale_inv"
+NOT_QUANTIZED = ("lm_head", "mlp.gate")
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    return [path / "model.safetensors"]
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 weight [out, in] with one scale per [block0 x block1] tile -> float32."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+class _ExpertStage:
+    """One layer's routed experts, filled expert by expert, then turned into DsftExperts."""
+
+    def __init__(self, template: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        e, two_i, h = template.gate_up_proj.shape
+        self.act_fn = template.act_fn
+        self.num_experts, self.inter = e, two_i // 2
+        self.gate_up = torch.empty(e, two_i, h, device=device, dtype=dtype)
+        self.down = torch.empty(e, h, self.inter, device=device, dtype=dtype)
+        self.missing = {(i, p) for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
+
+    def add(self, proj: str, tensor: torch.Tensor, expert: int | None = None) -> None:
+        if expert is None:  # fused tensor
+            (self.gate_up if proj == "gate_up_proj" else self.down).copy_(tensor)
+            parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
+            self.missing -= {(i, p) for i in range(self.num_experts) for p in parts}
+            return
+        rows = {"gate_proj": slice(0, self.inter), "up_proj": slice(self.inter, 2 * self.inter)}
+        target = self.down[expert] if proj == "down_proj" else self.gate_up[expert, rows[proj]]
+        target.copy_(tensor)
+        self.missing.discard((expert, proj))
+
+    def build(self, quantized: bool, dtype: torch.dtype) -> DsftExperts:
+        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype)
+        del self.gate_up, self.down
+        return module
+
+
+class StreamLoader:
+    def __init__(self, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
+                 attn_implementation: str) -> None:
+        self.path, self.dtype, self.quantized, self.device = path, dtype, quantized, device
+        self.attn_implementation = attn_implementation
+        self.fp8_block: tuple[int, int] | None = None
+        self.stages: dict[str, _ExpertStage] = {}
+        self.skipped = 0
+
+    def skeleton(self) -> nn.Module:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        quant = getattr(config, "quantization_config", None)
+        if quant:
+            quant = quant if isinstance(quant, dict) else quant.to_dict()
+            if quant.get("quant_method") != "fp8":
+                raise DsftError(f"{self.path}/config.json: quantization_config {quant.get('quant_method')!r} is not supported; use a bf16 or FP8 block-scaled checkpoint")
+            self.fp8_block = tuple(quant.get("weight_block_size", (128, 128)))
+            del config.quantization_config
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation=self.attn_implementation)
+        if self.quantized:
+            self._linear4bit(model)
+        self.num_layers = config.num_hidden_layers
+        self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        return model
+
+    def _linear4bit(self, model: nn.Module) -> None:
+        import bitsandbytes as bnb
+
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and not any(name == k or name.endswith("." + k) for k in NOT_QUANTIZED):
+                parent, _, child = name.rpartition(".")
+                new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                        compute_dtype=self.dtype, quant_type="nf4", compress_statistics=True,
+                                        device="meta")
+                # bitsandbytes' CPU inference path repacks the weight in place (eval, no grad, avx512-bf16
+                # CPUs) and asserts out_features % 32 == 0, which MLA's kv_a_proj_with_mqa need not be.
+                new.support_avx512bf16_for_cpu = False
+                setattr(model.get_submodule(parent), child, new)
+
+    def _tensor(self, handle: Any, key: str, keys: set[str]) -> torch.Tensor:
+        tensor = handle.get_tensor(key)
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if key + SCALE_SUFFIX not in keys or self.fp8_block is None:
+                raise DsftError(f"{self.path}: FP8 tensor {key} has no {key}{SCALE_SUFFIX} in the same shard")
+            tensor = dequantize_fp8(tensor, handle.get_tensor(key + SCALE_SUFFIX), self.fp8_block)
+        return tensor
+
+    def load(self) -> nn.Module:
+        from rich.progress import track
+        from safetensors import safe_open
+
+        model = self.skeleton()
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        unexpected: list[str] = []
+        shards = shard_files(self.path)
+        for shard in track(shards, description="loading shards", disable=len(shards) < 2):
+            with safe_open(str(shard), framework="pt", device="cpu") as handle:
+                keys = set(handle.keys())
+                for key in sorted(keys):
+                    if key.endswith(SCALE_SUFFIX):
+                        continue
+                    layer = LAYER.search(key)
+                    if layer and int(layer.group(1)) >= self.num_layers:
+                        self.skipped += 1
+                        continue
+                    if not self._route(model, key, lambda k=key: self._tensor(handle, k, keys), names):
+                        unexpected.append(key)
+        missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        missing += [f"{name}: experts {sorted(stage.missing)[:4]}..." for name, stage in self.stages.items()]
+        if missing or unexpected:
+            lines = [f"{self.path}: checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}"] if missing else []
+            lines += [f"{self.path}: checkpoint has {len(unexpected)} tensors this model does not, e.g. {', '.join(unexpected[:5])}"] if unexpected else []
+            raise DsftError(*lines, "the checkpoint does not match its config.json; re-download it or fix model.path")
+        for name, buf in list(model.named_buffers()):
+            if buf.device != self.device:
+                parent, _, child = name.rpartition(".")
+                model.get_submodule(parent)._buffers[child] = buf.to(self.device)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.requires_grad_(False)
+        return model
+
+    def _route(self, model: nn.Module, key: str, read: Any, names: set[str]) -> bool:
+        m = PER_EXPERT.match(key) or FUSED.match(key)
+        if m and m.group("module") not in names:
+            module_name = m.group("module")
+            stage = self.stages.get(module_name)
+            if stage is None:
+                stage = self.stages[module_name] = _ExpertStage(model.get_submodule(module_name), self.device, self.dtype)
+            expert = int(m.group("expert")) if "expert" in m.groupdict() else None
+            stage.add(m.group("proj"), read().to(self.device, self.dtype), expert)
+            if not stage.missing:
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype))
+            return True
+        if key not in names:
+            return False
+        self._assign(model, key, read())
+        return True
+
+    def _assign(self, model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+        parent, _, child = key.rpartition(".")
+        module = model.get_submodule(parent)
+        if child in module._buffers:
+            dtype = torch.float32 if any(k in key for k in self.keep_fp32) else self.dtype
+            module._buffers[child] = tensor.to(self.device, dtype if tensor.is_floating_point() else tensor.dtype)
+            return
+        if self.quantized and child == "weight" and type(module).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
+            param = bnb.nn.Params4bit(tensor.to(self.dtype), requires_grad=False, quant_type="nf4",
+                                      blocksize=64, compress_statistics=True)
+            module.weight = param.to(self.device)
+            return
+        module._parameters[child] = nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False)
+
+
+def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
+                   attn_implementation: str = "sdpa") -> nn.Module:
+    return StreamLoader(path, dtype, quantized, device, attn_implementation).load()

@@ -1,0 +1,129 @@
+"""dsft's routed-experts module: a drop-in for transformers' fused experts
+(`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) with frozen bf16/fp32 or NF4 weights, grouped
+matmuls, and an optional low-rank path per expert (expert LoRA, see dsft.moe.lora).
+
+Forward: sort the (token, expert) pairs by expert, run the experts as grouped matmuls, weight by the
+router's scores and add back per token, exactly as transformers' eager loop does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsft.moe.grouped import frozen_linear, grouped_mm
+from dsft.moe.nf4 import PackedNF4
+
+
+@dataclass
+class ExpertDelta:
+    """One adapter's low-rank terms, expanded to all E experts (zeros where an expert has none).
+
+    gate_up: A [E, r, H], B [E, 2I, r]; down: A [E, r, I], B [E, H, r]; scale = alpha / r.
+    """
+
+    gate_up_A: torch.Tensor
+    gate_up_B: torch.Tensor
+    down_A: torch.Tensor
+    down_B: torch.Tensor
+    scale: float
+
+
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (x A_e^T) B_e^T per expert group; W + BA is never formed."""
+    A, B = A.to(x.dtype), B.to(x.dtype)
+    return scale * grouped_mm(grouped_mm(x, A.transpose(1, 2), offs), B.transpose(1, 2), offs)
+
+
+class DsftExperts(nn.Module):
+    """Routed experts with frozen weights held as parameters (`quantized=False`) or packed NF4."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or gate_up.dtype
+        self.num_experts, two_i, self.hidden_dim = gate_up.shape
+        self.intermediate_dim = two_i // 2
+        self.act_fn = act_fn
+        self.quantized = quantized
+        self.compute_dtype = dtype
+        if quantized:
+            self.gate_up_nf4 = PackedNF4(gate_up, dtype)
+            self.down_nf4 = PackedNF4(down, dtype)
+        else:
+            self.gate_up_proj = nn.Parameter(gate_up.to(dtype), requires_grad=False)
+            self.down_proj = nn.Parameter(down.to(dtype), requires_grad=False)
+
+    @classmethod
+    def from_module(cls, experts: nn.Module, quantized: bool, dtype: torch.dtype | None = None) -> "DsftExperts":
+        """Take the weights of a transformers fused-experts module (`@use_experts_implementation`)."""
+        if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+            raise ValueError(f"{type(experts).__name__}: experts with biases or transposed weights are not supported yet")
+        return cls(experts.gate_up_proj.data, experts.down_proj.data, experts.act_fn, quantized, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A tensor on the experts' device (PEFT places adapter weights next to `weight`)."""
+        return self.gate_up_nf4.packed if self.quantized else self.gate_up_proj
+
+    def gate_up_weight(self) -> torch.Tensor:
+        return self.gate_up_nf4.dequantize() if self.quantized else self.gate_up_proj
+
+    def down_weight(self) -> torch.Tensor:
+        return self.down_nf4.dequantize() if self.quantized else self.down_proj
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                deltas: tuple[ExpertDelta, ...] = ()) -> torch.Tensor:
+        num_top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // num_top_k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+        x = hidden_states[token].to(self.compute_dtype)
+        gate_up = frozen_linear(x, offs, self.gate_up_weight)
+        for d in deltas:
+            gate_up = gate_up + low_rank(x, d.gate_up_A, d.gate_up_B, offs, d.scale)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        out = frozen_linear(h, offs, self.down_weight)
+        for d in deltas:
+            out = out + low_rank(h, d.down_A, d.down_B, offs, d.scale)
+
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        final = torch.zeros_like(hidden_states)
+        return final.index_add_(0, token, out.to(hidden_states.dtype))
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if self.quantized else str(self.compute_dtype).removeprefix("torch.")
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, {kind}"
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    w = getattr(module, "gate_up_proj", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 3 and isinstance(getattr(module, "down_proj", None), torch.Tensor)
+
+
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every routed-experts module (transformers' fused ones or dsft's), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DsftExperts) or is_fused_experts(m)}
+
+
+def replace_experts(model: nn.Module, quantized: bool, dtype: torch.dtype | None = None) -> int:
+    """Swap every fused-experts module of a loaded model for DsftExperts; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if is_fused_experts(module) and not isinstance(module, DsftExperts):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, DsftExperts.from_module(module, quantized, dtype))
+            count += 1
+    return count
+
+
+def layer_of(name: str) -> int:
+    """The decoder layer index in a module name such as `model.layers.3.mlp.experts`."""
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1])

@@ -1,0 +1,110 @@
+"""Expert LoRA as a PEFT LoRA layer around DsftExperts.
+
+Registered with PEFT as a custom LoRA module, so the rest of the stack treats it like any LoRA layer:
+`disable_adapter()` switches it off, named adapters (TRL's frozen "ref" copy) are added with
+`add_adapter`/`set_adapter`, and PEFT saves and restores its weights with trainer checkpoints.
+
+Per adapter and per selected expert e of the layer: gate_up A_e [r, H], B_e [2I, r]; down A_e [r, I],
+B_e [H, r]. Which experts of a layer carry LoRA is read from the base module's `dsft_lora_experts`
+(all experts when unset); tokens routed to other experts see the base expert only, and gradients flow
+to the selected experts' A/B only. W + BA is never formed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+from dsft.moe.experts import DsftExperts, ExpertDelta
+
+SELECTION_ATTR = "dsft_lora_experts"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _expand(t: torch.Tensor, index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n, a, b] for the selected experts -> [E, a, b] with zeros elsewhere (differentiable)."""
+    if t.shape[0] == num_experts:
+        return t
+    full = t.new_zeros(num_experts, *t.shape[1:])
+    return full.index_copy(0, index, t)
+
+
+class ExpertLoraLayer(nn.Module, LoraLayer):
+    adapter_layer_names = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_experts")
+
+    def __init__(self, base_layer: DsftExperts, adapter_name: str, config: Any, r: int, lora_alpha: float,
+                 **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        LoraLayer.__init__(self, base_layer)
+        self.lora_gate_up_A = nn.ParameterDict()
+        self.lora_gate_up_B = nn.ParameterDict()
+        self.lora_down_A = nn.ParameterDict()
+        self.lora_down_B = nn.ParameterDict()
+        self.lora_experts: dict[str, list[int]] = {}
+        self._index: dict[str, torch.Tensor] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.hidden_dim, module.hidden_dim
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: Any, **kwargs: Any) -> None:
+        base: DsftExperts = self.get_base_layer()
+        experts = sorted(getattr(base, SELECTION_ATTR, None) or range(base.num_experts))
+        n, hidden, inter = len(experts), base.hidden_dim, base.intermediate_dim
+        device = _device_of(base)
+        shapes = {"lora_gate_up_A": (n, r, hidden), "lora_gate_up_B": (n, 2 * inter, r),
+                  "lora_down_A": (n, r, inter), "lora_down_B": (n, hidden, r)}
+        for name, shape in shapes.items():
+            weight = torch.zeros(shape, dtype=torch.float32, device=device)
+            if name.endswith("_A"):  # PEFT's default LoRA init: A kaiming-uniform per expert, B zero
+                nn.init.kaiming_uniform_(weight.view(-1, shape[-1]), a=math.sqrt(5))
+            getattr(self, name)[adapter_name] = nn.Parameter(weight)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.lora_experts[adapter_name] = experts
+        self._index[adapter_name] = torch.tensor(experts, dtype=torch.long, device=device)
+        self.set_adapter(self.active_adapters)
+
+    def delta(self, adapter_name: str) -> ExpertDelta:
+        num = self.get_base_layer().num_experts
+        index = self._index[adapter_name]
+        if index.device != self.lora_gate_up_A[adapter_name].device:
+            index = self._index[adapter_name] = index.to(self.lora_gate_up_A[adapter_name].device)
+        get = lambda name: _expand(getattr(self, name)[adapter_name], index, num)  # noqa: E731
+        return ExpertDelta(get("lora_gate_up_A"), get("lora_gate_up_B"), get("lora_down_A"), get("lora_down_B"),
+                           self.scaling[adapter_name])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            return base(hidden_states, top_k_index, top_k_weights)
+        deltas = tuple(self.delta(a) for a in self.active_adapters if a in self.lora_gate_up_A)
+        return base(hidden_states, top_k_index, top_k_weights, deltas=deltas)
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("expert LoRA is merged from the original checkpoint by `dsft merge`")
+
+    def unmerge(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register(config: Any) -> Any:
+    """Let PEFT put ExpertLoraLayer on DsftExperts modules named in `config.target_modules`."""
+    config._register_custom_module({DsftExperts: ExpertLoraLayer})
+    return config

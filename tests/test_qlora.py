@@ -1,0 +1,212 @@
+"""Whole-model MoE QLoRA: streaming load, NF4 everywhere, expert LoRA on chosen experts, as PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from dsft.adapters.lora import attach_lora, load_lora
+from dsft.config.schema import AdapterSection, ModelSection
+from dsft.models.load import load_model, resolve_model_path
+from dsft.models.stream import load_streaming
+from dsft.moe.experts import DsftExperts
+from dsft.moe.lora import ExpertLoraLayer
+
+CPU = torch.device("cpu")
+
+
+def _load(name: str = "tiny-deepseek-v3", quantization: str = "none"):
+    section = ModelSection(path=f"builtin:{name}", dtype="float32", quantization=quantization)
+    return load_model(section, resolve_model_path(section.path))
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["tiny-deepseek-v3", "tiny-deepseek-v2"])
+def test_streaming_load_equals_from_pretrained(name: str) -> None:
+    ref = AutoModelForCausalLM.from_pretrained(resolve_model_path(f"builtin:{name}"), dtype=torch.float32)
+    ours = _load(name)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()).logits, ref(_ids()).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_nf4_quantizes_every_routed_expert_and_linear() -> None:
+    import bitsandbytes as bnb
+
+    model = _load(quantization="nf4")
+    experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
+    moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
+    assert len(experts) == moe_layers and all(e.quantized for e in experts)
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    linears = {n: type(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    full = sorted(n for n, t in linears.items() if t is not bnb.nn.Linear4bit)
+    assert full == ["lm_head"], full
+    for layer in model.model.layers[1:]:
+        assert layer.mlp.gate.weight.dtype == torch.float32
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_training_step_touches_only_selected_experts(quantization: str) -> None:
+    model = _load(quantization=quantization)
+    adapter = AdapterSection(r=4, alpha=8, attention=False, shared_experts=False, dense_mlp=False,
+                             routed_experts={"experts": {1: [0, 3]}})
+    peft_model, targets = attach_lora(model, adapter, {1: [0, 3]})
+    assert targets == {"routed_experts": ["model.layers.1.mlp.experts"]}
+    frozen = {n: t.clone() for n, t in (*peft_model.named_parameters(), *peft_model.named_buffers()) if "lora_" not in n}
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert sorted(n.split("experts.")[1] for n in trainable) == [
+        "lora_down_A.default", "lora_down_B.default", "lora_gate_up_A.default", "lora_gate_up_B.default"]
+    assert all(p.shape[0] == 2 and p.dtype == torch.float32 for p in trainable.values())
+    for p in trainable.values():  # B starts at zero: give it values so every factor gets a gradient
+        torch.nn.init.normal_(p, std=0.1)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
+    ids = _ids()
+    peft_model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    optimizer.step()
+    for n, p in trainable.items():
+        assert not torch.equal(p, before[n]), n
+    for n, t in (*peft_model.named_parameters(), *peft_model.named_buffers()):
+        if "lora_" not in n:
+            assert torch.equal(t, frozen[n]), f"{n} changed"
+
+
+def test_unselected_experts_see_the_base_only() -> None:
+    model = _load()
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(30, 64)
+    idx = torch.tensor([[1, 2]] * 30)  # routed to experts without LoRA
+    base = experts(x, idx, torch.ones(30, 2))
+    peft_model, _ = attach_lora(model, AdapterSection(attention=False, shared_experts=False, dense_mlp=False,
+                                                      routed_experts="all"), {1: [0, 3]})
+    layer = peft_model.base_model.model.model.layers[1].mlp.experts
+    for p in layer.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    torch.testing.assert_close(layer(x, idx, torch.ones(30, 2)), base)
+    assert not torch.allclose(layer(x, torch.tensor([[0, 2]] * 30), torch.ones(30, 2)),
+                              experts(x, torch.tensor([[0, 2]] * 30), torch.ones(30, 2)))
+
+
+def test_expert_lora_disable_and_named_adapters() -> None:
+    model = _load()
+    peft_model, _ = attach_lora(model, AdapterSection(routed_experts="all"), {1: None, 2: None})
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    layer = peft_model.base_model.model.model.layers[2].mlp.experts
+    assert isinstance(layer, ExpertLoraLayer) and layer.lora_experts["default"] == list(range(8))
+    x, idx, w = torch.randn(16, 64), torch.randint(0, 8, (16, 2)), torch.rand(16, 2)
+    with torch.no_grad():
+        adapted = layer(x, idx, w)
+        base = layer.get_base_layer()(x, idx, w)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(layer(x, idx, w), base)
+            disabled_logits = peft_model(_ids()).logits
+        assert not torch.allclose(adapted, base)
+        torch.testing.assert_close(disabled_logits, _load()(_ids()).logits)
+
+        peft_model.add_adapter("ref", peft_model.peft_config["default"])
+        peft_model.set_adapter("ref")  # fresh adapter: B = 0, so the expert path is the base again
+        torch.testing.assert_close(layer(x, idx, w), base)
+        for name in ExpertLoraLayer.adapter_layer_names:
+            getattr(layer, name)["ref"].data.copy_(getattr(layer, name)["default"].data)
+        torch.testing.assert_close(layer(x, idx, w), adapted)
+        getattr(layer, "lora_down_B")["ref"].data.mul_(2)
+        assert not torch.allclose(layer(x, idx, w), adapted)
+        peft_model.set_adapter("default")
+        torch.testing.assert_close(layer(x, idx, w), adapted)
+
+
+def test_subset_recipe_trains_and_saves_exactly_those_experts(make_recipe, cli, tmp_path: Path) -> None:
+    recipe = make_recipe(model={"quantization": "nf4"}, training={"max_steps": 6},
+                         adapter={"routed_experts": {1: [0, 3]}})
+    result = cli("sft", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "run/adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    expert_keys = sorted(k for k in weights if ".mlp.experts." in k)
+    assert expert_keys == [f"base_model.model.model.layers.1.mlp.experts.lora_{p}" for p in
+                           ("down_A", "down_B", "gate_up_A", "gate_up_B")]
+    assert all(weights[k].shape[0] == 2 and weights[k].dtype == torch.float32 for k in expert_keys)
+    assert weights["base_model.model.model.layers.1.mlp.experts.lora_down_B"].abs().sum() > 0
+    meta = json.loads((adapter / "dsft_adapter.json").read_text())
+    assert meta["routed_experts"]["experts"] == {"1": [0, 3]}
+    assert meta["base_model"]["model_type"] == "deepseek_v3"
+
+    reloaded = load_lora(_load(quantization="nf4"), str(adapter))
+    layer = reloaded.base_model.model.model.layers[1].mlp.experts
+    assert isinstance(layer, ExpertLoraLayer) and layer.lora_experts["default"] == [0, 3]
+    torch.testing.assert_close(layer.lora_down_B["default"].detach(), weights[expert_keys[1]])
+    assert not isinstance(reloaded.base_model.model.model.layers[2].mlp.experts, ExpertLoraLayer)
+
+
+def _fp8_checkpoint(src: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """Rewrite a tiny checkpoint as DeepSeek-V3 ships it: projection weights in FP8 e4m3 with one
+    `weight_scale_inv` per tile (128x128 in V3; 32x32 here to fit the tiny shapes)."""
+    dst.mkdir()
+    block = 32
+    tensors, expected = {}, {}
+    for key, t in load_file(src / "model.safetensors").items():
+        if t.dim() == 2 and key.endswith("proj.weight") and "norm" not in key:
+            rows, cols = t.shape
+            grid = torch.zeros((rows + block - 1) // block, (cols + block - 1) // block)
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    grid[i, j] = t[i * block:(i + 1) * block, j * block:(j + 1) * block].abs().max() / 448
+            scale = grid.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+            fp8 = (t / scale).to(torch.float8_e4m3fn)
+            tensors[key], tensors[key + "_scale_inv"] = fp8, grid
+            expected[key] = fp8.float() * scale
+        else:
+            tensors[key] = t
+            expected[key] = t
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block],
+                                     "activation_scheme": "dynamic"}
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return expected
+
+
+def test_fp8_block_scaled_checkpoint_loads(tmp_path: Path) -> None:
+    src = resolve_model_path("builtin:tiny-deepseek-v3")
+    expected = _fp8_checkpoint(src, tmp_path / "fp8")
+    model = load_streaming(tmp_path / "fp8", torch.float32, quantized=False, device=CPU)
+    state = model.state_dict()
+    torch.testing.assert_close(state["model.layers.1.self_attn.o_proj.weight"], expected["model.layers.1.self_attn.o_proj.weight"])
+    gate = torch.stack([expected[f"model.layers.2.mlp.experts.{e}.gate_proj.weight"] for e in range(8)])
+    torch.testing.assert_close(state["model.layers.2.mlp.experts.gate_up_proj"][:, :32], gate)
+    assert not hasattr(model.config, "quantization_config")
+
+    nf4 = load_streaming(tmp_path / "fp8", torch.float32, quantized=True, device=CPU)
+    assert all(m.quantized for m in nf4.modules() if isinstance(m, DsftExperts))
+    with torch.no_grad():
+        assert torch.isfinite(nf4(_ids()).logits).all()
+
+
+def test_checkpoint_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    from dsft.errors import DsftError
+
+    src = resolve_model_path("builtin:tiny-deepseek-v3")
+    dst = tmp_path / "broken"
+    dst.mkdir()
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    with pytest.raises(DsftError, match="checkpoint is missing"):
+        load_streaming(dst, torch.float32, quantized=False, device=CPU)
