@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from dsft.adapters import peft_guard
@@ -102,6 +103,24 @@ def lora_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def half_precision_inputs(model: nn.Module) -> None:
+    """On a bf16/fp16 base, stop PEFT from copying each LoRA input to the fp32 masters' dtype.
+
+    PEFT casts x to fp32, runs LoRA in fp32 and promotes the residual add to fp32: several
+    full-size passes per adapted layer. dsft trains half-precision bases under autocast (the
+    Trainer's bf16/fp16 mode, and dsft's own eval), where LoRA runs in half precision from the
+    half-precision input directly, the masters staying fp32.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            dtype = getattr(base, "compute_dtype", None) or getattr(getattr(base, "weight", None), "dtype", None)
+            if dtype in (torch.bfloat16, torch.float16):
+                module.cast_input_dtype_enabled = False
+
+
 def attach_lora(model: nn.Module, adapter: AdapterSection,
                 selection: dict[int, list[int] | None] | None = None) -> tuple[nn.Module, dict[str, list[str]]]:
     """Wrap `model` with LoRA exactly on the planned modules, and check that is where it landed."""
@@ -110,6 +129,7 @@ def attach_lora(model: nn.Module, adapter: AdapterSection,
     targets = plan_targets(model, adapter, selection)
     peft_guard.install()
     peft_model = get_peft_model(model, lora_config(adapter, targets))
+    half_precision_inputs(peft_model)
     wanted = sorted(n for group in targets.values() for n in group)
     got = sorted(lora_modules(peft_model))
     if wanted != got:
@@ -132,4 +152,6 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
             module.dsft_lora_experts = selection[str(layer_of(name))]
     config = register(LoraConfig.from_pretrained(adapter_dir))
     peft_guard.install()
-    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    half_precision_inputs(peft_model)
+    return peft_model

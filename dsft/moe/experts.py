@@ -32,9 +32,10 @@ class ExpertDelta:
 
 
 def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * (x A_e^T) B_e^T per expert group; W + BA is never formed."""
-    A, B = A.to(x.dtype), B.to(x.dtype)
-    return scale * grouped_mm(grouped_mm(x, A.transpose(1, 2), offs), B.transpose(1, 2), offs)
+    """scale * (x A_e^T) B_e^T per expert group; W + BA is never formed. The scale is folded into the
+    small B rather than applied to the [tokens, out] result."""
+    A, B = A.to(x.dtype), (B * scale).to(x.dtype)
+    return grouped_mm(grouped_mm(x, A.transpose(1, 2), offs), B.transpose(1, 2), offs)
 
 
 class DsftExperts(nn.Module):
@@ -80,7 +81,8 @@ class DsftExperts(nn.Module):
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // num_top_k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # scatter_add, not bincount: bincount reads the max id back to the host, a sync in every layer
+        counts = torch.zeros(self.num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
 
         x = hidden_states[token].to(self.compute_dtype)
@@ -88,14 +90,14 @@ class DsftExperts(nn.Module):
         for d in deltas:
             gate_up = gate_up + low_rank(x, d.gate_up_A, d.gate_up_B, offs, d.scale)
         gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up
+        # The router's weight scales h, not the output: down_proj is linear, and h is the narrower tensor.
+        h = self.act_fn(gate) * up * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
         out = frozen_linear(h, offs, self.down_weight)
         for d in deltas:
             out = out + low_rank(h, d.down_A, d.down_B, offs, d.scale)
-
-        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-        final = torch.zeros_like(hidden_states)
-        return final.index_add_(0, token, out.to(hidden_states.dtype))
+        # Back to (token, k) order with a permutation copy, then sum over k: no atomic index_add.
+        unsorted = out.new_empty(out.shape).index_copy_(0, order, out)
+        return unsorted.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         kind = "nf4" if self.quantized else str(self.compute_dtype).removeprefix("torch.")

@@ -1,0 +1,245 @@
+"""MoE LoRA / QLoRA training throughput and memory on a DeepSeek-V2-Lite-shaped model (CUDA).
+
+Builds the model with random weights and the real shapes, saves it once as a checkpoint (per-expert
+layout, as DeepSeek ships it), then for each case loads it, attaches LoRA r=16 on attention, shared
+experts and every routed expert, and times training steps with activation checkpointing:
+
+  stock-bf16  transformers + PEFT (target_modules + target_parameters on the fused experts)
+  stock-nf4   the same on a BitsAndBytesConfig(load_in_4bit) load (quantizes nn.Linear only)
+  dsft-bf16   dsft's streaming loader, grouped-mm experts, dsft expert LoRA
+  dsft-nf4    the same with every Linear and every routed expert in NF4
+
+Every case uses TRL's fused LM head (per-token log-probs in tiles, no full logits), so the cases differ
+only in how the model and its adapters are held and run. Prints one table; --json writes the rows.
+
+    python benchmarks/moe_sft.py                       # all cases, 2x2048 and 8x2048
+    python benchmarks/moe_sft.py --cases dsft-nf4 --batches 8 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+V2_LITE = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, first_k_dense_replace=1,
+    n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, kv_lora_rank=512, q_lora_rank=None,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", routed_scaling_factor=1.0,
+    max_position_embeddings=8192, tie_word_embeddings=False,
+)
+ATTENTION = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100 SXM (the H200's is the same)
+GIB = 2**30
+
+
+def active_flops_per_token(cfg: dict, seq: int) -> float:
+    """Model FLOPs of one LoRA training token: forward (2N) + input-gradient backward (2N) over the
+    active matmul weights, plus attention scores; recomputation not counted. LoRA terms are ignored."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk, v = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    attn = h * heads * qk + h * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) \
+        + cfg["kv_lora_rank"] * heads * (cfg["qk_nope_head_dim"] + v) + heads * v * h
+    expert = 3 * h * cfg["moe_intermediate_size"]
+    moe = expert * (cfg["num_experts_per_tok"] + cfg["n_shared_experts"]) + h * cfg["n_routed_experts"]
+    dense, layers, first = 3 * h * cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["first_k_dense_replace"]
+    n = layers * attn + first * dense + (layers - first) * moe + h * cfg["vocab_size"]
+    scores = layers * heads * seq * (qk + v)  # causal: half of the full seq x seq products, times 2 FLOPs
+    return 4 * n + 4 * scores
+
+
+def build_checkpoint(cfg: dict, path: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    start = time.perf_counter()
+    config = AutoConfig.for_model("deepseek_v2", **cfg)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="4GB")
+    del model
+    _free()
+    return time.perf_counter() - start
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _rss_gib() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+class HostPeak:
+    """Peak resident host memory above the starting level, sampled every 20 ms while in the block."""
+
+    def __enter__(self) -> "HostPeak":
+        self.base = self.peak = _rss_gib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_gib())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_gib())
+
+    @property
+    def gib(self) -> float:
+        return self.peak - self.base
+
+
+def _moe_layers(cfg: dict) -> list[int]:
+    return list(range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]))
+
+
+def load_case(case: str, path: Path, cfg: dict):
+    from trl.trainer.utils import add_fused_lm_head
+
+    if case.startswith("stock"):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16) if case == "stock-nf4" else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     quantization_config=quant)
+        add_fused_lm_head(model)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION + ["shared_experts.gate_proj",
+                            "shared_experts.up_proj", "shared_experts.down_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        return get_peft_model(model, config)
+
+    from dsft.adapters.lora import attach_lora
+    from dsft.config.schema import AdapterSection
+    from dsft.models.stream import load_streaming
+
+    model = load_streaming(path, torch.bfloat16, case == "dsft-nf4", torch.device("cuda", 0))
+    add_fused_lm_head(model)
+    adapter = AdapterSection(r=16, alpha=32, dense_mlp=False, routed_experts="all")
+    return attach_lora(model, adapter, dict.fromkeys(_moe_layers(cfg)))[0]
+
+
+def train_steps(model, batch: int, seq: int, steps: int, warmup: int, vocab: int) -> tuple[float, float, float]:
+    """(tokens/s, peak GiB, last loss) over `steps` timed optimizer steps after `warmup` ones."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    loss = torch.zeros(())
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs with bf16=True
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
+        loss = -out.log_probs.sum() / out.label_mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return batch * seq * steps / elapsed, torch.cuda.max_memory_allocated() / GIB, float(loss)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    cfg = dict(V2_LITE, num_hidden_layers=args.layers or V2_LITE["num_hidden_layers"])
+    path = Path(args.checkpoint)
+    rows: list[dict] = []
+    if not (path / "config.json").is_file():
+        print(f"building random checkpoint at {path} ...", flush=True)
+        print(f"  saved in {build_checkpoint(cfg, path):.1f}s", flush=True)
+    if args.build_only:
+        return rows
+    for case in args.cases.split(","):
+        _free()
+        row: dict = {"case": case}
+        try:
+            start = time.perf_counter()
+            with HostPeak() as host:
+                model = load_case(case, path, cfg)
+                torch.cuda.synchronize()
+            row.update(load_s=time.perf_counter() - start, load_peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                       resident_gib=torch.cuda.memory_allocated() / GIB, host_load_gib=host.gib)
+        except torch.cuda.OutOfMemoryError:
+            rows.append({**row, "note": "OOM while loading"})
+            print(rows[-1], flush=True)
+            continue
+        for batch in (int(b) for b in args.batches.split(",")):
+            _free()
+            entry = dict(row, batch=f"{batch}x{args.seq}")
+            try:
+                tps, peak, loss = train_steps(model, batch, args.seq, args.steps, args.warmup, cfg["vocab_size"])
+                entry.update(tokens_per_s=tps, peak_gib=peak, loss=loss,
+                             mfu=tps * active_flops_per_token(cfg, args.seq) / H100_BF16_PEAK)
+            except torch.cuda.OutOfMemoryError:
+                entry["note"] = "OOM in training"
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+        del model
+    if args.remove_checkpoint:
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'case':<11} {'batch':<7} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6} {'load s':>7} {'load peak':>9} "
+            f"{'resident':>9} {'host load':>9}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        fmt = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
+        lines.append(f"{r['case']:<11} {r.get('batch', '-'):<7} {fmt('tokens_per_s', ',.0f'):>9} {fmt('peak_gib', '.1f'):>9} "
+                     f"{fmt('mfu', '.1%'):>6} {fmt('load_s', '.1f'):>7} {fmt('load_peak_gib', '.1f'):>9} "
+                     f"{fmt('resident_gib', '.1f'):>9} {fmt('host_load_gib', '.1f'):>9}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="stock-bf16,stock-nf4,dsft-bf16,dsft-nf4")
+    parser.add_argument("--batches", default="2,8", help="micro-batch sizes (sequences of --seq tokens)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    parser.add_argument("--checkpoint", default="/tmp/dsft-bench-v2lite")
+    parser.add_argument("--remove-checkpoint", action="store_true")
+    parser.add_argument("--build-only", action="store_true", help="only write the random checkpoint (run the cases "
+                        "in a second process to measure their host memory alone)")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/moe_sft.py needs a CUDA GPU")
+    rows = run(args)
+    if args.build_only:
+        return
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, process peak RSS {peak_rss:.1f} GiB; "
+          "GiB columns are GPU memory except 'host load' (host RSS growth while loading)")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
