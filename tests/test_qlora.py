@@ -210,3 +210,21 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     (dst / "config.json").write_bytes((src / "config.json").read_bytes())
     with pytest.raises(DsftError, match="checkpoint is missing"):
         load_streaming(dst, torch.float32, quantized=False, device=CPU)
+
+
+def test_trainer_style_checkpoint_restore(tmp_path: Path) -> None:
+    """transformers' Trainer resumes a PEFT run with model.load_adapter(checkpoint, "default")."""
+    adapter = AdapterSection(r=4, alpha=8, routed_experts={1: [0, 3]})
+    trained, targets = attach_lora(_load(), adapter, {1: [0, 3]})
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    trained.save_pretrained(tmp_path / "checkpoint-2")
+    fresh, _ = attach_lora(_load(), adapter, {1: [0, 3]})
+    result = fresh.load_adapter(str(tmp_path / "checkpoint-2"), "default", is_trainable=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    want = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+    assert want.keys() == got.keys() and any("shared_experts" in n for n in got)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

@@ -8,8 +8,8 @@ dropped or mis-shaped. dsft names its targets exactly, so the rewrite is never w
 
 The rewrite also runs inside calls dsft does not make itself (TRL's DPO adds a "ref" adapter), so a
 context manager around dsft's own calls is not enough: `install()` wraps PEFT's two entry points once,
-and the wrappers skip the rewrite for configs that carry dsft's custom expert module (every config
-built by dsft.adapters.lora) while leaving every other config to PEFT.
+and the wrappers skip the rewrite for dsft's configs and models (see `is_dsft`) while leaving every
+other config and model to PEFT.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ _ENTRY_POINTS = ("convert_peft_config_for_transformers", "convert_peft_adapter_s
 _installed = False
 
 
-def is_dsft_config(peft_config: Any) -> bool:
+def is_dsft(peft_config: Any, model: Any) -> bool:
+    """A config built by dsft, or any adapter on a model whose experts dsft loaded (the Trainer
+    restores checkpoints with a config read from disk, which carries no custom-module mapping)."""
     from dsft.moe.experts import DsftExperts
 
-    return DsftExperts in (getattr(peft_config, "_custom_modules", None) or {})
+    if DsftExperts in (getattr(peft_config, "_custom_modules", None) or {}):
+        return True
+    return hasattr(model, "modules") and any(isinstance(m, DsftExperts) for m in model.modules())
 
 
 def install() -> None:
@@ -42,11 +46,11 @@ def install() -> None:
     convert_config, convert_state = (getattr(twc, name) for name in _ENTRY_POINTS)
 
     def config_guard(peft_config: Any, model: Any, conversions: Any) -> None:
-        if not is_dsft_config(peft_config):
+        if not is_dsft(peft_config, model):
             convert_config(peft_config, model, conversions)
 
     def state_guard(model: Any, peft_config: Any, adapter_state_dict: dict, adapter_name: str = "default") -> dict:
-        if is_dsft_config(peft_config):
+        if is_dsft(peft_config, model):
             return adapter_state_dict
         return convert_state(model, peft_config, adapter_state_dict, adapter_name)
 
