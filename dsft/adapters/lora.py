@@ -61,12 +61,21 @@ def plan_targets(model: nn.Module, adapter: AdapterSection,
         for name, module in model.named_modules():
             if isinstance(module, DsftExperts) and layer_of(name) in (selection or {}):
                 module.dsft_lora_experts = selection[layer_of(name)]
+                module.dsft_expert_mode = adapter.routed_experts.mode
                 targets["routed_experts"].append(name)
     return targets
 
 
-def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
-    """recipe.adapter + planned targets -> peft.LoraConfig with per-group rank/alpha."""
+def router_names(model: nn.Module) -> list[str]:
+    from dsft.moe.routing import routers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in routers(model).values()]
+
+
+def lora_config(adapter: AdapterSection, targets: dict[str, list[str]], modules_to_save: list[str] | None = None) -> Any:
+    """recipe.adapter + planned targets -> peft.LoraConfig with per-group rank/alpha. A trainable router
+    is trained whole through PEFT's `modules_to_save` (its correction bias is a buffer: frozen)."""
     from peft import LoraConfig
 
     from dsft.moe.lora import register
@@ -89,6 +98,7 @@ def lora_config(adapter: AdapterSection, targets: dict[str, list[str]]) -> Any:
         alpha_pattern=alpha_pattern,
         bias="none",
         task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save or None,
     ))
 
 
@@ -128,7 +138,8 @@ def attach_lora(model: nn.Module, adapter: AdapterSection,
 
     targets = plan_targets(model, adapter, selection)
     peft_guard.install()
-    peft_model = get_peft_model(model, lora_config(adapter, targets))
+    trained_routers = router_names(model) if adapter.router == "trainable" else None
+    peft_model = get_peft_model(model, lora_config(adapter, targets, trained_routers))
     half_precision_inputs(peft_model)
     wanted = sorted(n for group in targets.values() for n in group)
     got = sorted(lora_modules(peft_model))
@@ -146,10 +157,12 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
     from dsft.adapters.metadata import read_metadata
     from dsft.moe.lora import register
 
-    selection = read_metadata(adapter_dir).get("routed_experts", {}).get("experts", {})
+    routed = read_metadata(adapter_dir).get("routed_experts", {})
+    selection = routed.get("experts", {})
     for name, module in model.named_modules():
         if isinstance(module, DsftExperts) and str(layer_of(name)) in selection:
             module.dsft_lora_experts = selection[str(layer_of(name))]
+            module.dsft_expert_mode = routed.get("mode", "lora")
     config = register(LoraConfig.from_pretrained(adapter_dir))
     peft_guard.install()
     peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)

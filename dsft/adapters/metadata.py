@@ -33,7 +33,10 @@ def build_metadata(model: nn.Module, adapter: AdapterSection, targets: dict[str,
     groups = {g: {**_group_spec(adapter, g), "modules": names} for g, names in targets.items() if g != "routed_experts"}
     meta: dict[str, Any] = {"format": "dsft-adapter", "version": FORMAT_VERSION, "base_model": base_model, "groups": groups}
     if experts:
-        meta["routed_experts"] = {**_group_spec(adapter, "routed_experts"), "experts": experts}
+        meta["routed_experts"] = {**_group_spec(adapter, "routed_experts"), "mode": adapter.routed_experts.mode,
+                                  "experts": experts}
+    if adapter.router == "trainable":
+        meta["router"] = "trainable"
     return meta
 
 

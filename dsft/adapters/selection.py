@@ -1,4 +1,5 @@
-"""Which routed experts carry LoRA, checked against the model's config before anything is loaded."""
+"""Which routed experts are adapted: an explicit list checked against the model's config, or a
+policy applied to the routing profile (DeepSeek's ESFT selection)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,73 @@ from typing import Any
 from dsft.config.schema import RoutedExperts
 from dsft.errors import DsftError
 
+KEY = "adapter.routed_experts"
+
 
 def moe_layout(config: dict[str, Any]) -> tuple[list[int], int]:
     """(indices of the layers with routed experts, experts per layer) from a config.json dict."""
     layers = config["num_hidden_layers"]
     experts = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        return [], 0
     first_dense = config.get("first_k_dense_replace", 0) or 0
     step = config.get("moe_layer_freq", 1) or 1
-    return [i for i in range(first_dense, layers) if (i - first_dense) % step == 0], int(experts or 0)
+    return [i for i in range(first_dense, layers) if (i - first_dense) % step == 0], int(experts)
 
 
-def expert_selection(spec: RoutedExperts, config_path: Path) -> dict[int, list[int] | None]:
-    """Layer -> expert ids (None: all experts) for `adapter.routed_experts`; empty when none."""
+def read_config(model_path: Path) -> dict[str, Any]:
+    return json.loads((model_path / "config.json").read_text())
+
+
+def check_spec(spec: RoutedExperts, config: dict[str, Any]) -> dict[int, list[int] | None] | None:
+    """Static selection (layer -> ids, None for all experts), `{}` for none, or None when a policy
+    decides after profiling. Every mismatch with the model is reported at once."""
     if not spec.enabled:
         return {}
-    moe_layers, num_experts = moe_layout(json.loads(config_path.read_text()))
+    moe_layers, num_experts = moe_layout(config)
+    if not moe_layers:
+        raise DsftError(f"{KEY}: this model has no routed experts; set routed_experts: none")
+    errors = []
+    if spec.policy is not None:
+        if spec.min_per_layer > num_experts:
+            errors.append(f"{KEY}.min_per_layer: the model has {num_experts} experts per layer, got {spec.min_per_layer}")
+        if errors:
+            raise DsftError(*errors)
+        return None
     if spec.experts == "all":
         return dict.fromkeys(moe_layers)
-    errors = []
     for layer, ids in spec.experts.items():
         if layer not in moe_layers:
-            errors.append(f"adapter.routed_experts: layer {layer} has no routed experts; MoE layers are {moe_layers[0]}..{moe_layers[-1]}")
+            errors.append(f"{KEY}: layer {layer} has no routed experts; MoE layers are {moe_layers[0]}..{moe_layers[-1]}")
         elif max(ids) >= num_experts:
-            errors.append(f"adapter.routed_experts: layer {layer}: expert ids go up to {num_experts - 1}, got {max(ids)}")
+            errors.append(f"{KEY}: layer {layer}: expert ids go up to {num_experts - 1}, got {max(ids)}")
     if errors:
         raise DsftError(*errors)
     return dict(spec.experts)
+
+
+def select_by_policy(spec: RoutedExperts, profile: dict[str, Any]) -> dict[int, list[int]]:
+    """Per layer, the fewest experts (highest score first, ties by id) whose share of the layer's
+    total score reaches `top_p`, clamped to [min_per_layer, max_per_layer]."""
+    key = "gate_sum" if spec.policy == "gate_score" else "counts"
+    selection: dict[int, list[int]] = {}
+    for layer, d in sorted(profile["layers"].items(), key=lambda kv: int(kv[0])):
+        scores = [float(x) for x in d[key]]
+        total = sum(scores)
+        order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
+        take, acc = 0, 0.0
+        if total > 0:
+            for e in order:
+                take += 1
+                acc += scores[e] / total
+                if acc >= spec.top_p - 1e-12:
+                    break
+        take = max(take, spec.min_per_layer)
+        if spec.max_per_layer is not None:
+            take = min(take, spec.max_per_layer)
+        if take:
+            selection[int(layer)] = sorted(order[:take])
+    if not selection:
+        raise DsftError(f"{KEY}: the {spec.policy} policy selected no expert in any layer "
+                        f"(no profiled tokens?); raise min_per_layer or check data and data.assistant_only_loss")
+    return selection

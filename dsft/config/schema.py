@@ -140,17 +140,30 @@ def _parse_selection(v: Any) -> Any:
     return out
 
 
-class RoutedExperts(Section):
-    """LoRA on routed experts. Shorthand: `routed_experts: all` or `routed_experts: {1: [0, 3]}`."""
+ROUTED_KEYS = {"experts", "policy", "top_p", "min_per_layer", "max_per_layer", "samples", "count", "mode", "r", "alpha"}
 
-    experts: Any = Field("none", description="`none`, `all`, or `{layer: [expert ids]}`.")
+
+class RoutedExperts(Section):
+    """LoRA (or full training) on routed experts, chosen explicitly or from the task's routing profile.
+    Shorthand: `routed_experts: all` or `routed_experts: {1: [0, 3]}`."""
+
+    experts: Any = Field("none", description="`none`, `all`, or `{layer: [expert ids]}` (leave out with `policy`).")
+    policy: Literal["gate_score", "token_share"] | None = Field(
+        None, description="Choose experts per layer from the routing profile of the training data (ESFT)."
+    )
+    top_p: float = Field(0.2, gt=0, le=1, description="With `policy`: per layer, the fewest experts whose share of the score reaches top_p.")
+    min_per_layer: NonNegInt = Field(1, description="With `policy`: at least this many experts per layer.")
+    max_per_layer: PositiveInt | None = Field(None, description="With `policy`: at most this many experts per layer.")
+    samples: PositiveInt = Field(1000, description="With `policy`: training rows profiled (a seeded sample).")
+    count: Literal["loss", "all"] = Field("loss", description="With `policy`: profile the tokens the loss is on, or all tokens.")
+    mode: Literal["lora", "full"] = Field("lora", description="`lora`: low-rank A/B per expert; `full`: train the selected experts' whole weights.")
     r: PositiveInt | None = Field(None, description="Rank of expert LoRA; defaults to `adapter.r`.")
     alpha: float | None = Field(None, gt=0, description="Alpha of expert LoRA; defaults to `adapter.alpha`.")
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
-        if isinstance(v, str) or (isinstance(v, dict) and v and not (set(map(str, v)) & {"experts", "r", "alpha"})):
+        if isinstance(v, str) or (isinstance(v, dict) and v and not (set(map(str, v)) & ROUTED_KEYS)):
             return {"experts": v}
         return v
 
@@ -159,9 +172,17 @@ class RoutedExperts(Section):
     def _experts(cls, v: Any) -> Any:
         return _parse_selection(v)
 
+    @model_validator(mode="after")
+    def _policy_or_experts(self) -> "RoutedExperts":
+        if self.policy is not None and self.experts != "none":
+            raise ValueError("give either experts or policy, not both")
+        if self.max_per_layer is not None and self.max_per_layer < self.min_per_layer:
+            raise ValueError(f"max_per_layer ({self.max_per_layer}) must be >= min_per_layer ({self.min_per_layer})")
+        return self
+
     @property
     def enabled(self) -> bool:
-        return self.experts != "none"
+        return self.experts != "none" or self.policy is not None
 
 
 class AdapterSection(Section):
@@ -175,6 +196,9 @@ class AdapterSection(Section):
     shared_experts: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the shared experts.")
     dense_mlp: LoraGroup = Field(default_factory=LoraGroup, description="LoRA on the dense MLP of the first layers.")
     routed_experts: RoutedExperts = Field(default_factory=RoutedExperts, description="Routed experts carrying LoRA.")
+    router: Literal["frozen", "trainable"] = Field(
+        "frozen", description="`trainable` trains the routers' weights (saved in the adapter); correction biases stay frozen."
+    )
 
     @model_validator(mode="after")
     def _something_trains(self) -> "AdapterSection":
@@ -200,6 +224,10 @@ class TrainingSection(Section):
     logging_steps: PositiveInt = Field(10, description="Log metrics every N steps.")
     save_steps: PositiveInt = Field(200, description="Checkpoint every N steps.")
     eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (needs data.eval); default: at the end only.")
+    balance_loss: bool = Field(False, description="Add the model's own load-balance loss (needs adapter.router: trainable).")
+    balance_loss_alpha: float | None = Field(
+        None, gt=0, description="Weight of the balance loss; defaults to the checkpoint's aux_loss_alpha (0.001 if absent)."
+    )
 
 
 class Recipe(Section):
@@ -215,6 +243,8 @@ class Recipe(Section):
     def _cross(self, info: ValidationInfo) -> "Recipe":
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
+        if self.training.balance_loss and self.adapter.router != "trainable":
+            raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
         if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
             from dsft.config.files import has_chat_template
 

@@ -33,6 +33,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_for(model: torch.nn.Module):
+    """Autocast to the base's half precision (LoRA masters are fp32 and dsft feeds them half-precision
+    inputs, see dsft.adapters.lora.half_precision_inputs); a no-op for fp32 bases."""
+    import contextlib
+
+    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype)
+
+
 def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 

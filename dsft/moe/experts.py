@@ -31,6 +31,23 @@ class ExpertDelta:
     scale: float
 
 
+@dataclass
+class ExpertReplacement:
+    """Trained full weights for some experts (ESFT's `mode: full`): index [n] of those experts,
+    gate_up [n, 2I, H], down [n, H, I]. They replace the base weights of those experts."""
+
+    index: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def replaced(x: torch.Tensor, base: torch.Tensor, new: torch.Tensor, index: torch.Tensor,
+             rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (W_new - W_base)^T on the rows routed to the replaced experts; the frozen path already added x W_base^T."""
+    delta = new.to(x.dtype) - base[index].detach()
+    return grouped_mm(x[rows], delta.transpose(1, 2), offs)
+
+
 def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * (x A_e^T) B_e^T per expert group; W + BA is never formed. The scale is folded into the
     small B rather than applied to the [tokens, out] result."""
@@ -76,7 +93,7 @@ class DsftExperts(nn.Module):
         return self.down_nf4.dequantize() if self.quantized else self.down_proj
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                deltas: tuple[ExpertDelta, ...] = ()) -> torch.Tensor:
+                deltas: tuple[ExpertDelta, ...] = (), replacements: tuple[ExpertReplacement, ...] = ()) -> torch.Tensor:
         num_top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -89,15 +106,27 @@ class DsftExperts(nn.Module):
         gate_up = frozen_linear(x, offs, self.gate_up_weight)
         for d in deltas:
             gate_up = gate_up + low_rank(x, d.gate_up_A, d.gate_up_B, offs, d.scale)
+        rows = [self._rows(flat[order], counts, r.index) for r in replacements]
+        for r, (sel, sub_offs) in zip(replacements, rows):
+            gate_up = gate_up.index_add(0, sel, replaced(x, self.gate_up_weight(), r.gate_up, r.index, sel, sub_offs))
         gate, up = gate_up.chunk(2, dim=-1)
         # The router's weight scales h, not the output: down_proj is linear, and h is the narrower tensor.
         h = self.act_fn(gate) * up * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
         out = frozen_linear(h, offs, self.down_weight)
         for d in deltas:
             out = out + low_rank(h, d.down_A, d.down_B, offs, d.scale)
+        for r, (sel, sub_offs) in zip(replacements, rows):
+            out = out.index_add(0, sel, replaced(h, self.down_weight(), r.down, r.index, sel, sub_offs))
         # Back to (token, k) order with a permutation copy, then sum over k: no atomic index_add.
         unsorted = out.new_empty(out.shape).index_copy_(0, order, out)
         return unsorted.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
+
+    def _rows(self, sorted_ids: torch.Tensor, counts: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (in expert-sorted order) routed to the experts in `index`, and their group offsets."""
+        chosen = torch.zeros(self.num_experts, dtype=torch.bool, device=sorted_ids.device)
+        chosen[index] = True
+        rows = chosen[sorted_ids].nonzero().squeeze(1)
+        return rows, torch.cumsum(counts[index], 0, dtype=torch.int32)
 
     def extra_repr(self) -> str:
         kind = "nf4" if self.quantized else str(self.compute_dtype).removeprefix("torch.")

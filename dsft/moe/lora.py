@@ -19,9 +19,10 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from dsft.moe.experts import DsftExperts, ExpertDelta
+from dsft.moe.experts import DsftExperts, ExpertDelta, ExpertReplacement
 
 SELECTION_ATTR = "dsft_lora_experts"
+MODE_ATTR = "dsft_expert_mode"  # "lora" (default) or "full"
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -39,7 +40,8 @@ def _expand(t: torch.Tensor, index: torch.Tensor, num_experts: int) -> torch.Ten
 
 
 class ExpertLoraLayer(nn.Module, LoraLayer):
-    adapter_layer_names = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+    adapter_layer_names = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B",
+                           "lora_full_gate_up", "lora_full_down")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_experts")
 
     def __init__(self, base_layer: DsftExperts, adapter_name: str, config: Any, r: int, lora_alpha: float,
@@ -50,6 +52,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.lora_gate_up_B = nn.ParameterDict()
         self.lora_down_A = nn.ParameterDict()
         self.lora_down_B = nn.ParameterDict()
+        self.lora_full_gate_up = nn.ParameterDict()
+        self.lora_full_down = nn.ParameterDict()
         self.lora_experts: dict[str, list[int]] = {}
         self._index: dict[str, torch.Tensor] = {}
         self._active_adapter = adapter_name
@@ -63,6 +67,12 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         experts = sorted(getattr(base, SELECTION_ATTR, None) or range(base.num_experts))
         n, hidden, inter = len(experts), base.hidden_dim, base.intermediate_dim
         device = _device_of(base)
+        index = torch.tensor(experts, dtype=torch.long, device=device)
+        if getattr(base, MODE_ATTR, "lora") == "full":  # fp32 masters of the selected experts' whole weights
+            self.lora_full_gate_up[adapter_name] = nn.Parameter(base.gate_up_weight().detach()[index].float())
+            self.lora_full_down[adapter_name] = nn.Parameter(base.down_weight().detach()[index].float())
+            self._register(adapter_name, r, lora_alpha, config, experts, index)
+            return
         shapes = {"lora_gate_up_A": (n, r, hidden), "lora_gate_up_B": (n, 2 * inter, r),
                   "lora_down_A": (n, r, inter), "lora_down_B": (n, hidden, r)}
         for name, shape in shapes.items():
@@ -70,21 +80,32 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             if name.endswith("_A"):  # PEFT's default LoRA init: A kaiming-uniform per expert, B zero
                 nn.init.kaiming_uniform_(weight.view(-1, shape[-1]), a=math.sqrt(5))
             getattr(self, name)[adapter_name] = nn.Parameter(weight)
+        self._register(adapter_name, r, lora_alpha, config, experts, index)
+
+    def _register(self, adapter_name: str, r: int, lora_alpha: float, config: Any, experts: list[int],
+                  index: torch.Tensor) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self.lora_experts[adapter_name] = experts
-        self._index[adapter_name] = torch.tensor(experts, dtype=torch.long, device=device)
+        self._index[adapter_name] = index
         self.set_adapter(self.active_adapters)
+
+    def _index_on(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        if self._index[adapter_name].device != like.device:
+            self._index[adapter_name] = self._index[adapter_name].to(like.device)
+        return self._index[adapter_name]
 
     def delta(self, adapter_name: str) -> ExpertDelta:
         num = self.get_base_layer().num_experts
-        index = self._index[adapter_name]
-        if index.device != self.lora_gate_up_A[adapter_name].device:
-            index = self._index[adapter_name] = index.to(self.lora_gate_up_A[adapter_name].device)
+        index = self._index_on(adapter_name, self.lora_gate_up_A[adapter_name])
         get = lambda name: _expand(getattr(self, name)[adapter_name], index, num)  # noqa: E731
         return ExpertDelta(get("lora_gate_up_A"), get("lora_gate_up_B"), get("lora_down_A"), get("lora_down_B"),
                            self.scaling[adapter_name])
+
+    def replacement(self, adapter_name: str) -> ExpertReplacement:
+        gate_up = self.lora_full_gate_up[adapter_name]
+        return ExpertReplacement(self._index_on(adapter_name, gate_up), gate_up, self.lora_full_down[adapter_name])
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -92,7 +113,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         if self.disable_adapters:
             return base(hidden_states, top_k_index, top_k_weights)
         deltas = tuple(self.delta(a) for a in self.active_adapters if a in self.lora_gate_up_A)
-        return base(hidden_states, top_k_index, top_k_weights, deltas=deltas)
+        replacements = tuple(self.replacement(a) for a in self.active_adapters if a in self.lora_full_gate_up)
+        return base(hidden_states, top_k_index, top_k_weights, deltas=deltas, replacements=replacements)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("expert LoRA is merged from the original checkpoint by `dsft merge`")

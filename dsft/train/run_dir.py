@@ -21,11 +21,14 @@ from dsft.errors import DsftError
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 
+CACHE_ENTRIES = {"routing", "plan.json"}  # written by `dsft experts` before a run; kept by --force
+
+
 def check_output_dir(path: Path, force: bool) -> None:
-    """Preflight: a run directory that holds anything is only replaced with --force."""
+    """Preflight: a run directory that holds anything but dsft's cache is only replaced with --force."""
     if path.exists() and not path.is_dir():
         raise DsftError(f"output_dir: {path} is a file; choose a directory path")
-    if path.is_dir() and any(path.iterdir()) and not force:
+    if path.is_dir() and any(p.name not in CACHE_ENTRIES for p in path.iterdir()) and not force:
         status = read_status(path)
         what = f"a {status} run" if status else "files"
         raise DsftError(f"output_dir: {path} already holds {what}; pass --force to replace it or choose another output_dir")
@@ -39,8 +42,12 @@ def read_status(path: Path) -> str | None:
 
 
 def create(path: Path, force: bool) -> None:
-    if force and path.exists():
-        shutil.rmtree(path)
+    """Make the run directory; with --force, clear a previous run but keep the routing-profile cache
+    (profiles are keyed by model and data, so a stale one is never used)."""
+    if force and path.is_dir():
+        for entry in path.iterdir():
+            if entry.name != "routing":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -92,8 +99,11 @@ def _version(name: str) -> str | None:
         return None
 
 
+def data_sha256(recipe: Recipe) -> dict[str, str]:
+    return {str(Path(p).resolve()): _sha256(Path(p)) for p in [*recipe.data.train, *recipe.data.eval]}
+
+
 def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
-    files = [*recipe.data.train, *recipe.data.eval]
     return {
         "command": command,
         "status": status,
@@ -101,7 +111,7 @@ def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, *
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {p: _version(p) for p in PACKAGES},
         "git_sha": _git_sha(),
-        "data_sha256": {str(Path(p).resolve()): _sha256(Path(p)) for p in files},
+        "data_sha256": data_sha256(recipe),
         "base_model": model,
         **extra,
     }

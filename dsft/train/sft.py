@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: recipe -> tokenized data -> LoRA model -> TRL SFTTrainer -> run directory."""
+"""Supervised fine-tuning: recipe -> tokenized data -> (routing profile -> expert plan) -> LoRA model
+-> TRL SFTTrainer -> run directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.selection import expert_selection
+from dsft.adapters.selection import check_spec, read_config
 from dsft.config.schema import Recipe
 from dsft.data.formats import load_conversations
 from dsft.data.tokenize import IGNORE, tokenize_all
@@ -23,7 +24,8 @@ class Prepared:
 
     recipe: Recipe
     model_path: Path
-    selection: dict[int, list[int] | None]
+    config: dict[str, Any]
+    selection: dict[int, list[int] | None] | None  # None: a policy decides after profiling
     tokenizer: Any
     train: dict[str, list[list[int]]]
     eval: dict[str, list[list[int]]] | None
@@ -37,21 +39,24 @@ class SftResult:
     total: int
     train_tokens: int
     loss_tokens: int
+    plan: dict[str, Any]
     losses: list[float] = field(default_factory=list)
     eval_loss: float | None = None
 
 
-def preflight(recipe: Recipe, force: bool) -> Prepared:
-    """Check the output dir and every data row, and tokenize; creates nothing in output_dir."""
-    run_dir.check_output_dir(Path(recipe.output_dir), force)
+def preflight(recipe: Recipe, force: bool, check_output: bool = True) -> Prepared:
+    """Check the output dir, every data row and the expert selection, and tokenize; creates nothing."""
+    if check_output:
+        run_dir.check_output_dir(Path(recipe.output_dir), force)
     data = recipe.data
     train_rows = load_conversations(data.train, data.format, data.system_prompt)
     eval_rows = load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
     model_path = resolve_model_path(recipe.model.path)
-    selection = expert_selection(recipe.adapter.routed_experts, model_path / "config.json")
+    config = read_config(model_path)
+    selection = check_spec(recipe.adapter.routed_experts, config)
     tokenizer = load_tokenizer(model_path, data.chat_template)
     tok = lambda rows: tokenize_all(tokenizer, rows, None, data.assistant_only_loss)  # noqa: E731
-    return Prepared(recipe, model_path, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
+    return Prepared(recipe, model_path, config, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
 
 
 def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
@@ -101,31 +106,63 @@ def _count(tokens: dict[str, list[list[int]]]) -> tuple[int, int]:
 
 
 def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[str, int]:
-    """Trainable LoRA parameters per module group."""
+    """Trainable parameters per module group (routers trained whole count as `router`)."""
     owner = {name: group for group, names in targets.items() for name in names}
     counts = dict.fromkeys(targets, 0)
     for name, param in model.named_parameters():
         if param.requires_grad:
             module = name.removeprefix("base_model.model.").split(".lora_")[0]
-            counts[owner.get(module, "other")] = counts.get(owner.get(module, "other"), 0) + param.numel()
+            group = "router" if ".modules_to_save." in name else owner.get(module, "other")
+            counts[group] = counts.get(group, 0) + param.numel()
     return counts
 
 
 def fp32_adapter(model: torch.nn.Module) -> None:
-    """Keep trainable (LoRA) weights in fp32: TRL casts them to bf16 on 4-bit models."""
+    """Keep trainable weights in fp32: TRL casts them to bf16 on 4-bit models, and a trainable
+    router is copied in the base dtype."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
 
 
+def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identity: dict[str, Any],
+                   data_sha: dict[str, str]) -> dict[int, list[int] | None]:
+    """The static selection, or the policy applied to the (cached) routing profile."""
+    if prepared.selection is not None:
+        return prepared.selection
+    from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key
+
+    spec = prepared.recipe.adapter.routed_experts
+    key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
+    profile, _ = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
+                                run / ROUTING_DIR, spec.samples, spec.count)
+    return policy_selection(prepared.recipe, profile)
+
+
+def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> None:
+    """When the run has a routing profile, profile the same sample again with the adapter on and show
+    how each layer's expert load moved (routing/after/, heatmap_diff.png, a table)."""
+    from rich.console import Console
+
+    from dsft.moe import profile as routing_profile
+    from dsft.train.targeting import ROUTING_DIR, sample_rows
+
+    directory = run / ROUTING_DIR
+    before = routing_profile.read_profile(directory)
+    if before is None:
+        return
+    sample = sample_rows(prepared.train, before["rows"], prepared.recipe.training.seed)
+    stats = routing_profile.collect(model, sample, all_tokens=before["count"] == "all",
+                                    batch_size=prepared.recipe.training.micro_batch_size,
+                                    pad_id=prepared.tokenizer.pad_token_id)
+    meta = {k: before[k] for k in ("key", "rows", "count")} | {"tokens_counted": next(iter(stats.values())).tokens}
+    after = routing_profile.summarize(stats, before["top_k"], meta)
+    routing_profile.write_profile(directory / "after", after, "routing with the adapter")
+    routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before)
+    Console().print(routing_profile.diff_table(before, after))
+
+
 def run_sft(prepared: Prepared, force: bool) -> SftResult:
-    from datasets import Dataset
-    from trl import SFTTrainer
-
-    from dsft.adapters.lora import attach_lora
-    from dsft.adapters.metadata import build_metadata, write_metadata
-    from dsft.train.callbacks import JsonlMetrics
-
     recipe = prepared.recipe
     run = Path(recipe.output_dir)
     identity = model_identity(prepared.model_path, recipe.model.path)
@@ -133,22 +170,49 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     args = sft_config(recipe, run, dtype)
     run_dir.create(run, force)
     run_dir.write_recipe(run, recipe)
-    run_dir.write_run_info(run, run_dir.run_info(recipe, "sft", identity, "running"))
+    info = run_dir.run_info(recipe, "sft", identity, "running")
+    run_dir.write_run_info(run, info)
+    try:
+        return _train(prepared, run, identity, info, args)
+    except BaseException as e:
+        run_dir.write_run_info(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
 
+
+def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any) -> SftResult:
+    from datasets import Dataset
+    from rich.console import Console
+
+    from dsft.adapters.lora import attach_lora
+    from dsft.adapters.metadata import build_metadata, write_metadata
+    from dsft.adapters.plan import plan_table
+    from dsft.train.callbacks import JsonlMetrics
+    from dsft.train.targeting import check_plan, write_plan
+    from dsft.train.trainer import DsftSFTTrainer
+
+    recipe = prepared.recipe
     torch.manual_seed(recipe.training.seed)
-    model, targets = attach_lora(load_model(recipe.model, prepared.model_path), recipe.adapter, prepared.selection)
+    base = load_model(recipe.model, prepared.model_path)
+    selection = target_experts(prepared, base, run, identity, info["data_sha256"])
+    plan = write_plan(run, recipe, prepared.config, selection)
+    Console().print(plan_table(plan))
+    model, targets = attach_lora(base, recipe.adapter, selection)
+    check_plan(plan, group_params(model, targets))
     metrics = JsonlMetrics(run / "metrics.jsonl")
-    trainer = SFTTrainer(
+    trainer = DsftSFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict(prepared.train),
         eval_dataset=Dataset.from_dict(prepared.eval) if prepared.eval else None,
         processing_class=prepared.tokenizer,
         callbacks=[metrics],
+        balance=recipe.training,
     )
     fp32_adapter(trainer.model)
     trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval else None
+
+    routing_report(trainer.model, prepared, run)
 
     tmp = run / ".adapter.tmp"
     trainer.model.save_pretrained(tmp)
@@ -160,10 +224,11 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     total_tokens, loss_tokens = _count(prepared.train)
     trainable = sum(groups.values())
     result = SftResult(run, groups, trainable, sum(p.numel() for p in trainer.model.parameters()),
-                       total_tokens, loss_tokens, metrics.losses(), eval_loss)
+                       total_tokens, loss_tokens, plan, metrics.losses(), eval_loss)
     summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None, "eval_loss": eval_loss,
+               "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "targets": targets}
-    run_dir.write_run_info(run, run_dir.run_info(recipe, "sft", identity, "complete", summary=summary))
+    run_dir.write_run_info(run, {**info, "status": "complete", "summary": summary})
     return result

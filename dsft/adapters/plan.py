@@ -1,0 +1,126 @@
+"""The targeting plan: every adapted module and expert, parameter counts, adapter size, what is held
+in NF4 and what in full precision, and an estimate of peak GPU memory. Computed from config.json and
+the recipe alone (no model load), checked against the live adapter by `dsft sft`, saved as plan.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsft.adapters.selection import moe_layout
+from dsft.config.schema import Recipe
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales, fp32 scale per 256 blocks
+ADAM_BYTES = 16  # fp32 master + grad + two Adam moments
+
+
+def module_shapes(cfg: dict[str, Any]) -> dict[str, dict[str, tuple[int, int]]]:
+    """(in, out) of the linear layers of each group, per layer, for DeepSeek-V2/V3 configs."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    attn = {"kv_a_proj_with_mqa": (h, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]),
+            "kv_b_proj": (cfg["kv_lora_rank"], heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"])),
+            "o_proj": (heads * cfg["v_head_dim"], h)}
+    if cfg.get("q_lora_rank"):
+        attn.update(q_a_proj=(h, cfg["q_lora_rank"]), q_b_proj=(cfg["q_lora_rank"], heads * qk))
+    else:
+        attn.update(q_proj=(h, heads * qk))
+    mlp = lambda i: {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # noqa: E731
+    shared = cfg["moe_intermediate_size"] * (cfg.get("n_shared_experts") or 0)
+    return {"attention": attn, "shared_experts": mlp(shared) if shared else {}, "dense_mlp": mlp(cfg["intermediate_size"])}
+
+
+def _lora(shape: tuple[int, int], r: int) -> int:
+    return r * (shape[0] + shape[1])
+
+
+def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
+    adapter = recipe.adapter
+    moe_layers, num_experts = moe_layout(cfg)
+    dense_layers = [i for i in range(cfg["num_hidden_layers"]) if i not in moe_layers]
+    shapes = module_shapes(cfg)
+    groups: dict[str, Any] = {}
+    for group, layers in (("attention", range(cfg["num_hidden_layers"])), ("shared_experts", moe_layers),
+                          ("dense_mlp", dense_layers)):
+        spec = getattr(adapter, group)
+        if not spec.enabled or not shapes[group] or not layers:
+            continue
+        r = spec.r or adapter.r
+        per_layer = sum(_lora(s, r) for s in shapes[group].values())
+        groups[group] = {"r": r, "alpha": spec.alpha or adapter.alpha, "modules": len(shapes[group]) * len(layers),
+                         "layers": list(layers), "params": per_layer * len(layers)}
+    h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    routed = adapter.routed_experts
+    if selection:
+        r = routed.r or adapter.r
+        per_expert = 3 * h * inter if routed.mode == "full" else r * (h + 2 * inter) + r * (inter + h)
+        experts = {str(layer): ids if ids is not None else list(range(num_experts)) for layer, ids in selection.items()}
+        groups["routed_experts"] = {"r": r, "alpha": routed.alpha or adapter.alpha, "mode": routed.mode,
+                                    "experts": experts, "params": per_expert * sum(len(v) for v in experts.values()),
+                                    "selected": f"{sum(len(v) for v in experts.values())} of {num_experts * len(moe_layers)}"}
+    if adapter.router == "trainable":
+        groups["router"] = {"modules": len(moe_layers), "params": num_experts * h * len(moe_layers)}
+    trainable = sum(g["params"] for g in groups.values())
+    return {"groups": groups, "trainable_params": trainable, "adapter_bytes": 4 * trainable,
+            "weights": weight_bytes(recipe, cfg, moe_layers, num_experts), "memory": memory_estimate(recipe, cfg, trainable)}
+
+
+def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num_experts: int) -> dict[str, Any]:
+    """How the frozen base is held: NF4 (every Linear but the router and lm_head, every routed expert)
+    or the compute dtype, in bytes."""
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    shapes = module_shapes(cfg)
+    dense_layers = cfg["num_hidden_layers"] - len(moe_layers)
+    linear = sum(a * b for a, b in shapes["attention"].values()) * cfg["num_hidden_layers"]
+    linear += sum(a * b for a, b in shapes["shared_experts"].values()) * len(moe_layers)
+    linear += sum(a * b for a, b in shapes["dense_mlp"].values()) * dense_layers
+    experts = 3 * h * cfg["moe_intermediate_size"] * num_experts * len(moe_layers)
+    full = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + num_experts * h * len(moe_layers)
+    half = 2 if recipe.model.dtype != "float32" else 4
+    if recipe.model.quantization == "nf4":
+        return {"nf4_params": linear + experts, "full_precision_params": full,
+                "bytes": int((linear + experts) * NF4_BYTES + full * half)}
+    return {"nf4_params": 0, "full_precision_params": linear + experts + full, "bytes": (linear + experts + full) * half}
+
+
+def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int) -> dict[str, float]:
+    """Peak GPU memory, estimated: weights + 16 B per trainable parameter + activations. With
+    activation checkpointing a token keeps each layer's input and, for the layer being recomputed,
+    its attention and top-k expert activations; without it, those of every layer."""
+    gib = 2**30
+    h, layers, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_experts_per_tok") or 0
+    inter, heads = cfg["moe_intermediate_size"], cfg["num_attention_heads"]
+    attn = heads * 2 * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
+    layer_tokens = 1.2 * 2 * (k * (2 * h + 3 * inter) + attn)
+    per_token = 2 * h * layers + layer_tokens if recipe.training.activation_checkpointing else layer_tokens * layers
+    tokens = recipe.training.micro_batch_size * recipe.data.max_length
+    weights = weight_bytes(recipe, cfg, *moe_layout(cfg))["bytes"]
+    total = weights + ADAM_BYTES * trainable + per_token * tokens + 1.0 * gib
+    return {"weights_gib": weights / gib, "adapter_training_gib": ADAM_BYTES * trainable / gib,
+            "activations_gib": per_token * tokens / gib, "peak_gib": total / gib, "tokens_per_micro_batch": tokens}
+
+
+def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None):
+    from rich.table import Table
+
+    table = Table(title="dsft targeting plan")
+    for col in ("group", "what", "trainable params"):
+        table.add_column(col, justify="right" if col == "trainable params" else "left")
+    for group, g in plan["groups"].items():
+        if group == "routed_experts":
+            kind = "full weights" if g["mode"] == "full" else f"lora r={g['r']}"
+            what = f"{kind}, {g['selected']} experts: " + "; ".join(
+                f"L{layer}: {ids}" for layer, ids in g["experts"].items())
+        elif group == "router":
+            what = f"{g['modules']} routers (full weights)"
+        else:
+            what = f"r={g['r']}, {g['modules']} modules in layers {g['layers'][0]}..{g['layers'][-1]}"
+        table.add_row(group, what, f"{g['params']:,}")
+    w, m = plan["weights"], plan["memory"]
+    table.add_row("total", f"adapter {plan['adapter_bytes'] / 2**20:.1f} MiB on disk (fp32)", f"{plan['trainable_params']:,}")
+    table.add_row("base weights", f"{w['nf4_params']:,} params NF4, {w['full_precision_params']:,} full precision", "")
+    peak = f"~{m['peak_gib']:.1f} GiB estimated for {m['tokens_per_micro_batch']} tokens per micro-batch"
+    if measured_peak_gib is not None:
+        peak += f" (measured {measured_peak_gib:.1f} GiB)"
+    table.add_row("peak GPU memory", peak, "")
+    return table

@@ -1,0 +1,95 @@
+"""`dsft experts profile|plan`: where the task's tokens are routed, and which experts a recipe adapts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsft.cli._common import RecipeOpt, SetOpt, errors_exit_2
+
+app = typer.Typer(help="Routing profile and expert targeting plan.", no_args_is_help=True)
+
+ReprofileOpt = Annotated[bool, typer.Option("--reprofile", help="Profile again even if a matching profile is cached.")]
+
+
+def _prepare(recipe: Path, set_: list[str] | None):
+    from dsft.config import load_recipe
+    from dsft.train.sft import preflight
+
+    return preflight(load_recipe(recipe, set_ or [], check_files=True), force=False, check_output=False)
+
+
+def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN001, ANN202 - lazy types
+    """(profile, its directory, whether it was computed now). The model is loaded only when needed."""
+    from dsft.models.load import load_model, model_identity
+    from dsft.moe.profile import read_profile
+    from dsft.train.run_dir import data_sha256
+    from dsft.train.targeting import ROUTING_DIR, ensure_profile, profile_key
+
+    recipe = prepared.recipe
+    identity = model_identity(prepared.model_path, recipe.model.path)
+    key = profile_key(recipe, identity, data_sha256(recipe), samples, count)
+    directory = Path(recipe.output_dir) / ROUTING_DIR
+    cached = None if reprofile else read_profile(directory, key)
+    if cached is not None:
+        return cached, directory, False
+    model = load_model(recipe.model, prepared.model_path)
+    result, _ = ensure_profile(model, recipe, prepared.train, prepared.tokenizer.pad_token_id, key, directory,
+                               samples, count, reprofile=True)
+    return result, directory, True
+
+
+@app.command("profile")
+@errors_exit_2
+def profile(
+    recipe: RecipeOpt,
+    samples: Annotated[int | None, typer.Option(help="Training rows to profile (default: the recipe's, else 1000).")] = None,
+    all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Count every real token, not only those the loss is on.")] = False,
+    reprofile: ReprofileOpt = False,
+    set_: SetOpt = None,
+) -> None:
+    """Profile the base model's routing on the recipe's training data; writes RUN/routing/."""
+    from rich.console import Console
+
+    from dsft.moe.profile import summary_table
+
+    prepared = _prepare(recipe, set_)
+    spec = prepared.recipe.adapter.routed_experts
+    count = "all" if all_tokens else spec.count
+    result, directory, computed = _profile(prepared, samples or spec.samples, count, reprofile)
+    console = Console()
+    console.print(summary_table(result))
+    state = "written" if computed else "cached (use --reprofile to recompute)"
+    console.print(f"{directory}/profile.json, profile.csv, heatmap.png: {state}")
+
+
+@app.command("plan")
+@errors_exit_2
+def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None) -> None:
+    """Show which modules and experts the recipe adapts, with parameter counts and memory; writes RUN/plan.json."""
+    from rich.console import Console
+
+    from dsft.adapters.plan import plan_table
+    from dsft.train.targeting import policy_selection, write_plan
+
+    prepared = _prepare(recipe, set_)
+    selection = prepared.selection
+    if selection is None:
+        spec = prepared.recipe.adapter.routed_experts
+        result, _, _ = _profile(prepared, spec.samples, spec.count, reprofile)
+        selection = policy_selection(prepared.recipe, result)
+    run = Path(prepared.recipe.output_dir)
+    result = write_plan(run, prepared.recipe, prepared.config, selection)
+    Console().print(plan_table(result, _measured_peak(run)))
+    typer.echo(f"{run / 'plan.json'}")
+
+
+def _measured_peak(run: Path) -> float | None:
+    import json
+
+    try:
+        return json.loads((run / "run.json").read_text())["summary"]["peak_gpu_gib"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,72 @@
+"""Expert targeting for a run: profile the training data's routing (cached in RUN/routing), apply the
+recipe's policy, and write the plan. Shared by `dsft sft` and `dsft experts`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dsft.adapters.plan import build_plan
+from dsft.adapters.selection import select_by_policy
+from dsft.config.schema import Recipe
+from dsft.moe import profile as routing_profile
+
+ROUTING_DIR = "routing"
+
+
+def sample_rows(tokens: dict[str, list[list[int]]], samples: int, seed: int) -> dict[str, list[list[int]]]:
+    """A seeded sample of `samples` rows (all rows when there are fewer), in their original order."""
+    n = len(tokens["input_ids"])
+    keep = sorted(random.Random(seed).sample(range(n), samples)) if samples < n else list(range(n))
+    return {k: [v[i] for i in keep] for k, v in tokens.items()}
+
+
+def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, str], samples: int, count: str) -> str:
+    return routing_profile.profile_key({
+        "model": identity["config_sha256"], "data": sorted(data_sha.values()), "samples": samples, "count": count,
+        "seed": recipe.training.seed, "max_length": recipe.data.max_length, "template": recipe.data.chat_template,
+        "format": recipe.data.format, "version": routing_profile.VERSION,
+    })
+
+
+def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list[int]]], pad_id: int, key: str,
+                   directory: Path, samples: int, count: str, reprofile: bool = False) -> tuple[dict[str, Any], bool]:
+    """The cached profile when its key matches, else a new one written to `directory`. Returns
+    (profile, computed)."""
+    if not reprofile:
+        cached = routing_profile.read_profile(directory, key)
+        if cached is not None:
+            return cached, False
+    sample = sample_rows(tokens, samples, recipe.training.seed)
+    stats = routing_profile.collect(model, sample, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
+                                    pad_id=pad_id)
+    from dsft.moe.routing import routers, unwrap
+
+    top_k = unwrap(next(iter(routers(model).values()))).top_k
+    counted = next(iter(stats.values())).tokens
+    meta = {"key": key, "rows": len(sample["input_ids"]), "tokens_counted": counted, "count": count}
+    profile = routing_profile.summarize(stats, top_k, meta)
+    routing_profile.write_profile(directory, profile)
+    return profile, True
+
+
+def policy_selection(recipe: Recipe, profile: dict[str, Any]) -> dict[int, list[int]]:
+    return select_by_policy(recipe.adapter.routed_experts, profile)
+
+
+def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
+    plan = build_plan(recipe, cfg, selection)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    return plan
+
+
+def check_plan(plan: dict[str, Any], actual: dict[str, int]) -> None:
+    """The plan is computed from config.json; the adapter from the live model. They must agree."""
+    planned = {g: v["params"] for g, v in plan["groups"].items()}
+    if planned != {g: n for g, n in actual.items() if n}:
+        raise RuntimeError(f"targeting plan {planned} does not match the adapter {actual}")
