@@ -77,8 +77,9 @@ class _ExpertStage:
 
 class StreamLoader:
     def __init__(self, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
-                 attn_implementation: str) -> None:
+                 attn_implementation: str, num_layers: int | None = None) -> None:
         self.path, self.dtype, self.quantized, self.device = path, dtype, quantized, device
+        self.layer_limit = num_layers
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
         self.stages: dict[str, _ExpertStage] = {}
@@ -96,6 +97,8 @@ class StreamLoader:
                 raise DsftError(f"{self.path}/config.json: quantization_config {quant.get('quant_method')!r} is not supported; use a bf16 or FP8 block-scaled checkpoint")
             self.fp8_block = tuple(quant.get("weight_block_size", (128, 128)))
             del config.quantization_config
+        if self.layer_limit:  # a prefix of the layers (merge verification of big checkpoints)
+            config.num_hidden_layers = min(self.layer_limit, config.num_hidden_layers)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation=self.attn_implementation)
         if self.quantized:
@@ -197,5 +200,5 @@ class StreamLoader:
 
 
 def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
-                   attn_implementation: str = "sdpa") -> nn.Module:
-    return StreamLoader(path, dtype, quantized, device, attn_implementation).load()
+                   attn_implementation: str = "sdpa", num_layers: int | None = None) -> nn.Module:
+    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers).load()

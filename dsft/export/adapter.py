@@ -1,0 +1,137 @@
+"""An adapter read back as per-tensor changes to the base checkpoint, in the checkpoint's own names.
+
+- PEFT LoRA on nn.Linear `M`: `M.weight += s * B @ A`, s = alpha / r (rank/alpha patterns honoured).
+- A router trained whole (`modules_to_save`): `M.weight` replaced.
+- Expert LoRA / full experts on `P = model.layers.N.mlp.experts`: per selected expert e, onto the
+  per-expert keys `P.e.gate_proj.weight`, `P.e.up_proj.weight`, `P.e.down_proj.weight`, or onto rows
+  e of the fused `P.gate_up_proj` / `P.down_proj`, whichever layout the base uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from dsft.adapters.metadata import read_metadata
+from dsft.errors import DsftError
+
+PREFIX = "base_model.model."
+PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+FUSED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+@dataclass
+class Experts:
+    ids: list[int]
+    tensors: dict[str, torch.Tensor]  # lora_gate_up_A ... or lora_full_gate_up / lora_full_down
+    scale: float
+
+    @property
+    def full(self) -> bool:
+        return "lora_full_gate_up" in self.tensors
+
+
+@dataclass
+class Adapter:
+    linear: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # base key -> A, B, s
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: dict[str, Experts] = field(default_factory=dict)  # experts module -> its adapter
+    nbytes: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def touches(self, key: str) -> bool:
+        if key in self.linear or key in self.replace:
+            return True
+        m = PER_EXPERT.match(key) or FUSED.match(key)
+        if not m or m.group("module") not in self.experts:
+            return False
+        return "expert" not in m.groupdict() or int(m.group("expert")) in self.experts[m.group("module")].ids
+
+    def targets(self) -> list[str]:
+        return [*self.linear, *self.replace]
+
+
+def _scale(module: str, rank: int, config: dict[str, Any]) -> float:
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(pattern, module) or re.match(rf"(.*\.)?{pattern}$", module):
+            alpha = value
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: Path) -> Adapter:
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise DsftError(f"--adapter {adapter_dir}: no adapter_config.json / adapter_model.safetensors (safetensors only)")
+    config = json.loads(config_path.read_text())
+    weights = load_file(weights_path)
+    meta = read_metadata(adapter_dir)
+    adapter = Adapter(nbytes=sum(t.numel() * t.element_size() for t in weights.values()), meta=meta)
+    routed = meta.get("routed_experts", {})
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        name = key.removeprefix(PREFIX)
+        if ".lora_" not in name:
+            if name.endswith(".weight"):  # a module trained whole (the router); its buffers are unchanged
+                adapter.replace[name] = tensor
+            continue
+        module, _, part = name.partition(".lora_")
+        by_module.setdefault(module, {})["lora_" + part] = tensor
+    for module, parts in by_module.items():
+        if module.endswith(".mlp.experts"):
+            layer = module.split(".layers.")[1].split(".")[0]
+            ids = routed.get("experts", {}).get(layer)
+            if ids is None:
+                raise DsftError(f"--adapter {adapter_dir}: expert weights for layer {layer} but no expert list in dsft_adapter.json")
+            scale = routed.get("alpha", 1.0) / routed.get("r", 1)
+            adapter.experts[module] = Experts(ids, parts, scale)
+        elif "lora_A.weight" in parts and "lora_B.weight" in parts:
+            a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+            adapter.linear[module + ".weight"] = (a, b, _scale(module, a.shape[0], config))
+        else:
+            raise DsftError(f"--adapter {adapter_dir}: {module} has LoRA weights dsft cannot merge: {sorted(parts)}")
+    return adapter
+
+
+def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """The merged value of base tensor `key` in fp32 (delta computed in fp32, rounded once by the caller)."""
+    w = base.float().clone() if base.dtype == torch.float32 else base.float()
+    if key in adapter.replace:
+        return adapter.replace[key].float().clone()
+    if key in adapter.linear:
+        a, b, s = adapter.linear[key]
+        return w.add_(s * (b.float() @ a.float()))
+    m = PER_EXPERT.match(key) or FUSED.match(key)
+    ex = adapter.experts[m.group("module")]
+    if "expert" in m.groupdict():
+        i = ex.ids.index(int(m.group("expert")))
+        return _expert_part(w, ex, i, m.group("proj"))
+    for i, e in enumerate(ex.ids):
+        if m.group("proj") == "gate_up_proj":
+            inter = w.shape[1] // 2
+            _expert_part(w[e, :inter], ex, i, "gate_proj")
+            _expert_part(w[e, inter:], ex, i, "up_proj")
+        else:
+            _expert_part(w[e], ex, i, "down_proj")
+    return w
+
+
+def _expert_part(w: torch.Tensor, ex: Experts, i: int, proj: str) -> torch.Tensor:
+    """Update one expert's gate_proj / up_proj / down_proj weight `w` in place and return it."""
+    t = ex.tensors
+    if proj == "down_proj":
+        new = t["lora_full_down"][i] if ex.full else None
+        delta = None if ex.full else ex.scale * (t["lora_down_B"][i].float() @ t["lora_down_A"][i].float())
+    else:
+        inter = w.shape[0]
+        rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+        new = t["lora_full_gate_up"][i][rows] if ex.full else None
+        delta = None if ex.full else ex.scale * (t["lora_gate_up_B"][i][rows].float() @ t["lora_gate_up_A"][i].float())
+    return w.copy_(new.float()) if new is not None else w.add_(delta)

@@ -1,0 +1,269 @@
+"""`dsft merge`: write base + adapter as a checkpoint in the base's own layout, shard by shard.
+
+Built from the ORIGINAL base checkpoint (never from dequantized NF4). Each output shard has the base
+shard's tensor names, shapes, dtypes and order; tensors the adapter does not touch are copied byte for
+byte, touched ones are merged in fp32 and rounded once to their dtype. A shard is streamed tensor by
+tensor, so memory stays near the adapter plus a few tensors whatever the model's size. FP8
+block-scaled bases are written in bf16 (default) or re-quantized with the same block scheme (`fp8`).
+Everything goes to a temporary directory renamed to `--out` at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.errors import DsftError
+from dsft.export.adapter import Adapter, merged, read_adapter
+from dsft.export.safetensors_io import (
+    DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
+)
+from dsft.models.stream import SCALE_SUFFIX, dequantize_fp8, shard_files
+
+IDENTITY = ("model_type", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
+            "n_shared_experts", "first_k_dense_replace", "vocab_size")
+WEIGHT_FILES = ("model.safetensors.index.json",)
+FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+@dataclass
+class Source:
+    adapter_dir: Path
+    base: Path
+    run: Path | None
+    recipe: dict[str, Any] | None
+
+
+def resolve(adapter_arg: Path, base: Path | None) -> Source:
+    """`--adapter` may be a run directory (RUN/adapter inside) or an adapter directory; the base is
+    `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter."""
+    import yaml
+
+    from dsft.models.load import resolve_model_path
+
+    if (adapter_arg / "adapter" / "adapter_config.json").is_file():
+        run, adapter_dir = adapter_arg, adapter_arg / "adapter"
+    elif (adapter_arg / "adapter_config.json").is_file():
+        adapter_dir = adapter_arg
+        run = adapter_arg.parent if (adapter_arg.parent / "recipe.yaml").is_file() else None
+    else:
+        raise DsftError(f"--adapter {adapter_arg}: neither a dsft run directory nor an adapter directory (no adapter_config.json)")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if run else None
+    if base is None:
+        if recipe:
+            base = resolve_model_path(recipe["model"]["path"])
+        else:
+            name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not name or not Path(name).is_dir():
+                raise DsftError(f"--adapter {adapter_arg}: no run recipe names the base model; pass --base /path/to/checkpoint")
+            base = Path(name)
+    return Source(adapter_dir, Path(base), run, recipe)
+
+
+def _shards(base: Path) -> list[Path]:
+    if not (base / "config.json").is_file():
+        raise DsftError(f"--base {base}: no config.json; point it at the checkpoint the run trained on")
+    shards = shard_files(base)
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise DsftError(f"--base {base}: missing shards {', '.join(missing)}; re-download the checkpoint")
+    return shards
+
+
+def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dict[str, Any]]:
+    """Base identity and every adapter target against the base's headers, before anything is written."""
+    config = json.loads((source.base / "config.json").read_text())
+    recorded = adapter.meta.get("base_model", {})
+    wrong = [f"{k} {config.get(k)!r} (adapter: {recorded[k]!r})" for k in IDENTITY
+             if k in recorded and recorded[k] is not None and config.get(k) != recorded[k]]
+    if wrong:
+        raise DsftError(f"--base {source.base} is not the model this adapter was trained on: {'; '.join(wrong)}")
+    headers = {shard.name: read_header(shard)[0] for shard in shards}
+    keys = {k: h[k] for h in headers.values() for k in h if k != "__metadata__"}
+    missing = [k for k in adapter.targets() if k not in keys]
+    missing += [m for m in adapter.experts if not any(k.startswith(m + ".") for k in keys)]
+    if missing:
+        raise DsftError(f"--base {source.base} has no tensor {missing[0]} (and {len(missing) - 1} more) that the adapter "
+                        "changes: the adapter is for another architecture or checkpoint")
+    for key, (a, b, _) in adapter.linear.items():
+        if list(keys[key]["shape"]) != [b.shape[0], a.shape[1]]:
+            raise DsftError(f"--base {source.base}: {key} is {keys[key]['shape']}, the adapter expects "
+                            f"{[b.shape[0], a.shape[1]]}: another architecture or size")
+    return headers
+
+
+def _quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-scaled e4m3 with one fp32 scale (the dequantization multiplier) per block."""
+    rows, cols = w.shape
+    grid = torch.zeros((rows + block[0] - 1) // block[0], (cols + block[1] - 1) // block[1])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            tile = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
+            grid[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+    scale = grid.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (w / scale).to(torch.float8_e4m3fn), grid
+
+
+class ShardWriter:
+    def __init__(self, adapter: Adapter, dtype: str, fp8_block: tuple[int, int] | None, meter: ByteMeter) -> None:
+        self.adapter, self.dtype, self.block, self.meter = adapter, dtype, fp8_block, meter
+        self.touched = 0
+
+    def plan(self, header: dict[str, Any]) -> list[tuple[str, str, list[int], str]]:
+        """(name, output dtype, shape, action) per tensor in file order; action is copy, merge,
+        dequant (FP8 -> bf16, merged if touched), requant (FP8 re-quantized) or scale (its new scales)."""
+        out = []
+        for name, e in iter_entries(header):
+            weight = name.removesuffix(SCALE_SUFFIX)
+            if name.endswith(SCALE_SUFFIX):
+                if self.dtype == "fp8" and self.adapter.touches(weight):
+                    out.append((name, e["dtype"], e["shape"], "scale"))
+                elif self.dtype != "fp8":
+                    continue
+                else:
+                    out.append((name, e["dtype"], e["shape"], "copy"))
+            elif e["dtype"] in FP8:
+                if self.dtype == "fp8":
+                    out.append((name, e["dtype"], e["shape"], "requant" if self.adapter.touches(name) else "copy"))
+                else:
+                    out.append((name, "BF16", e["shape"], "dequant"))
+            else:
+                out.append((name, e["dtype"], e["shape"], "merge" if self.adapter.touches(name) else "copy"))
+        return out
+
+    def write(self, src: Path, dst: Path) -> str:
+        header, data_start = read_header(src)
+        plan = self.plan(header)
+        raw, sizes = build_header([(n, d, s) for n, d, s, _ in plan], header.get("__metadata__"))
+        digest = hashlib.sha256(raw)
+        requantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with src.open("rb") as fi, dst.open("wb") as fo:
+            fo.write(raw)
+            for (name, dtype, _, action), size in zip(plan, sizes):
+                entry = header[name]
+                if action == "copy":
+                    start, end = entry["data_offsets"]
+                    copy_bytes(fi, fo, data_start + start, end - start, self.meter, digest)
+                    continue
+                tensor = self._compute(name, action, header, data_start, fi, requantized)
+                data = tensor_bytes(tensor.to(DTYPES[dtype]))
+                assert len(data) == size, name
+                self.meter.hold(len(data))
+                fo.write(data)
+                digest.update(data)
+                self.meter.release(len(data))
+        return digest.hexdigest()
+
+    def _compute(self, name: str, action: str, header: dict[str, Any], data_start: int, fi: Any,
+                 requantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if action == "scale":
+            weight = name.removesuffix(SCALE_SUFFIX)
+            if weight not in requantized:
+                requantized[weight] = self._requant(weight, header, data_start, fi)
+            return requantized[weight][1]
+        if action == "requant":
+            if name not in requantized:
+                requantized[name] = self._requant(name, header, data_start, fi)
+            return requantized[name][0]
+        base = self._read(fi, header[name], data_start)
+        if action == "dequant":
+            base = dequantize_fp8(base, self._read(fi, header[name + SCALE_SUFFIX], data_start), self.block)
+        if not self.adapter.touches(name):
+            return base
+        self.touched += 1
+        result = merged(name, base, self.adapter)
+        self.meter.hold(result.numel() * 4)
+        self.meter.release(result.numel() * 4)
+        return result
+
+    def _read(self, fi: Any, entry: dict[str, Any], data_start: int) -> torch.Tensor:
+        t = read_tensor(fi, entry, data_start)
+        self.meter.hold(t.numel() * t.element_size())
+        self.meter.release(t.numel() * t.element_size())
+        return t
+
+    def _requant(self, weight: str, header: dict[str, Any], data_start: int, fi: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        base = dequantize_fp8(self._read(fi, header[weight], data_start),
+                              self._read(fi, header[weight + SCALE_SUFFIX], data_start), self.block)
+        self.touched += 1
+        return _quantize_fp8(merged(weight, base, self.adapter), self.block)
+
+
+def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
+    quant = config.get("quantization_config") or {}
+    return tuple(quant.get("weight_block_size", (128, 128))) if quant.get("quant_method") == "fp8" else None
+
+
+def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", meter: ByteMeter | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
+    from rich.progress import track
+
+    import dsft
+
+    if out.exists() and not force:
+        raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+    adapter = read_adapter(source.adapter_dir)
+    shards = _shards(source.base)
+    headers = check(source, adapter, shards)
+    config = json.loads((source.base / "config.json").read_text())
+    block = _fp8_block(config)
+    if dtype == "fp8" and block is None:
+        raise DsftError(f"--dtype fp8: {source.base} is not an FP8 block-scaled checkpoint; leave --dtype at bf16")
+    meter = meter or ByteMeter()
+    meter.hold(adapter.nbytes)
+    writer = ShardWriter(adapter, dtype, block, meter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.dsft-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        digests = {s.name: writer.write(s, tmp / s.name) for s in track(shards, description="merging shards",
+                                                                      disable=not progress)}
+        _write_side_files(source, tmp, headers, writer, config, block is not None and dtype != "fp8")
+        record = {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
+                  "adapter": str(source.adapter_dir.resolve()), "run": str(source.run.resolve()) if source.run else None,
+                  "dtype": dtype if block else "base", "touched_tensors": writer.touched,
+                  "routed_experts": adapter.meta.get("routed_experts"), "shards_sha256": digests}
+        (tmp / "dsft-merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, Any]], writer: ShardWriter,
+                      config: dict[str, Any], to_bf16: bool) -> None:
+    """config (without FP8 quantization when writing bf16), index, generation config, tokenizer and the
+    checkpoint's other files; the run's chat template when it trained with its own."""
+    for f in source.base.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (*WEIGHT_FILES, "config.json"):
+            shutil.copy2(f, tmp / f.name)
+    if to_bf16:
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = source.base / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        weight_map, total = {}, 0
+        for shard, header in headers.items():
+            for name, dtype, shape, _ in writer.plan(header):
+                weight_map[name] = shard
+                total += DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        data.setdefault("metadata", {})["total_size"] = total
+        (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")
+    template = (source.recipe or {}).get("data", {}).get("chat_template")
+    if template and (source.adapter_dir / "chat_template.jinja").is_file():
+        shutil.copy2(source.adapter_dir / "chat_template.jinja", tmp / "chat_template.jinja")
