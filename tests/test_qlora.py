@@ -63,7 +63,8 @@ def test_training_step_touches_only_selected_experts(quantization: str) -> None:
     frozen = {n: t.clone() for n, t in (*peft_model.named_parameters(), *peft_model.named_buffers()) if "lora_" not in n}
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert sorted(n.split("experts.")[1] for n in trainable) == [
-        "lora_down_A.default", "lora_down_B.default", "lora_gate_up_A.default", "lora_gate_up_B.default"]
+        "lora_down_A.default.weight", "lora_down_B.default.weight", "lora_gate_up_A.default.weight",
+        "lora_gate_up_B.default.weight"]
     assert all(p.shape[0] == 2 and p.dtype == torch.float32 for p in trainable.values())
     for p in trainable.values():  # B starts at zero: give it values so every factor gets a gradient
         torch.nn.init.normal_(p, std=0.1)
@@ -121,9 +122,9 @@ def test_expert_lora_disable_and_named_adapters() -> None:
         torch.testing.assert_close(layer(x, idx, w), base)
         for name in ExpertLoraLayer.adapter_layer_names:
             if "ref" in getattr(layer, name):
-                getattr(layer, name)["ref"].data.copy_(getattr(layer, name)["default"].data)
+                getattr(layer, name)["ref"].weight.data.copy_(getattr(layer, name)["default"].weight.data)
         torch.testing.assert_close(layer(x, idx, w), adapted)
-        getattr(layer, "lora_down_B")["ref"].data.mul_(2)
+        getattr(layer, "lora_down_B")["ref"].weight.data.mul_(2)
         assert not torch.allclose(layer(x, idx, w), adapted)
         peft_model.set_adapter("default")
         torch.testing.assert_close(layer(x, idx, w), adapted)
@@ -137,10 +138,10 @@ def test_subset_recipe_trains_and_saves_exactly_those_experts(make_recipe, cli, 
     adapter = tmp_path / "run/adapter"
     weights = load_file(adapter / "adapter_model.safetensors")
     expert_keys = sorted(k for k in weights if ".mlp.experts." in k)
-    assert expert_keys == [f"base_model.model.model.layers.1.mlp.experts.lora_{p}" for p in
+    assert expert_keys == [f"base_model.model.model.layers.1.mlp.experts.lora_{p}.weight" for p in
                            ("down_A", "down_B", "gate_up_A", "gate_up_B")]
     assert all(weights[k].shape[0] == 2 and weights[k].dtype == torch.float32 for k in expert_keys)
-    assert weights["base_model.model.model.layers.1.mlp.experts.lora_down_B"].abs().sum() > 0
+    assert weights["base_model.model.model.layers.1.mlp.experts.lora_down_B.weight"].abs().sum() > 0
     meta = json.loads((adapter / "dsft_adapter.json").read_text())
     assert meta["routed_experts"]["experts"] == {"1": [0, 3]}
     assert meta["base_model"]["model_type"] == "deepseek_v3"
@@ -148,7 +149,7 @@ def test_subset_recipe_trains_and_saves_exactly_those_experts(make_recipe, cli, 
     reloaded = load_lora(_load(quantization="nf4"), str(adapter))
     layer = reloaded.base_model.model.model.layers[1].mlp.experts
     assert isinstance(layer, ExpertLoraLayer) and layer.lora_experts["default"] == [0, 3]
-    torch.testing.assert_close(layer.lora_down_B["default"].detach(), weights[expert_keys[1]])
+    torch.testing.assert_close(layer.lora_down_B["default"].weight.detach(), weights[expert_keys[1]])
     assert not isinstance(reloaded.base_model.model.model.layers[2].mlp.experts, ExpertLoraLayer)
 
 

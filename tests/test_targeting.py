@@ -139,7 +139,7 @@ def test_sft_with_gate_score_policy_adapts_exactly_the_planned_experts(biased_v3
     assert meta["routed_experts"]["experts"] == plan["groups"]["routed_experts"]["experts"]
     weights = load_file(run / "adapter/adapter_model.safetensors")
     for layer in (1, 2):
-        b = weights[f"base_model.model.model.layers.{layer}.mlp.experts.lora_down_B"]
+        b = weights[f"base_model.model.model.layers.{layer}.mlp.experts.lora_down_B.weight"]
         assert b.shape[0] == 2 and (b.abs().sum(dim=(1, 2)) > 0).all()  # both planned experts were trained
     assert sum(t.numel() for t in weights.values()) == plan["trainable_params"]
     for name in ("routing/profile.json", "routing/heatmap.png", "routing/after/profile.json", "routing/heatmap_diff.png"):
@@ -205,7 +205,7 @@ def test_full_mode_trains_only_the_selected_experts_whole(tmp_path: Path) -> Non
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, before)  # starts as the base
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert sorted(n.split("experts.")[1] for n in trainable) == ["lora_full_down.default", "lora_full_gate_up.default"]
+    assert sorted(n.split("experts.")[1] for n in trainable) == ["lora_full_down.default.weight", "lora_full_gate_up.default.weight"]
     start = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer = torch.optim.SGD(trainable.values(), lr=1.0)
     peft_model(ids, labels=ids).loss.backward()
@@ -216,9 +216,9 @@ def test_full_mode_trains_only_the_selected_experts_whole(tmp_path: Path) -> Non
     other = torch.tensor([[1, 2]] * 10)
     with torch.no_grad():
         torch.testing.assert_close(layer(x, other, torch.ones(10, 2)), layer.get_base_layer()(x, other, torch.ones(10, 2)))
-        new = layer.lora_full_gate_up["default"][1]
+        new = layer.lora_full_gate_up["default"].weight[1]
         torch.testing.assert_close(layer(x, torch.tensor([[3, 1]] * 10), torch.tensor([[1.0, 0.0]] * 10)),
-                                   _expert(x, new, layer.lora_full_down["default"][1], layer.get_base_layer().act_fn))
+                                   _expert(x, new, layer.lora_full_down["default"].weight[1], layer.get_base_layer().act_fn))
 
 
 def _expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:

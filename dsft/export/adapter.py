@@ -83,7 +83,8 @@ def read_adapter(adapter_dir: Path) -> Adapter:
                 adapter.replace[name] = tensor
             continue
         module, _, part = name.partition(".lora_")
-        by_module.setdefault(module, {})["lora_" + part] = tensor
+        by_module.setdefault(module, {})["lora_" + part.removesuffix(".weight") if module.endswith(".mlp.experts")
+                                         else "lora_" + part] = tensor
     for module, parts in by_module.items():
         if module.endswith(".mlp.experts"):
             layer = module.split(".layers.")[1].split(".")[0]

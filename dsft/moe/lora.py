@@ -31,6 +31,15 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class Weight(nn.Module):
+    """One adapter tensor as `.weight` of a module, as PEFT stores LoRA: parameter names then read
+    `...lora_gate_up_A.<adapter>.weight`, which PEFT's save/load and TRL's "ref" copy expect."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+
 def _expand(t: torch.Tensor, index: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[n, a, b] for the selected experts -> [E, a, b] with zeros elsewhere (differentiable)."""
     if t.shape[0] == num_experts:
@@ -48,12 +57,12 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
                  **kwargs: Any) -> None:
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
-        self.lora_gate_up_A = nn.ParameterDict()
-        self.lora_gate_up_B = nn.ParameterDict()
-        self.lora_down_A = nn.ParameterDict()
-        self.lora_down_B = nn.ParameterDict()
-        self.lora_full_gate_up = nn.ParameterDict()
-        self.lora_full_down = nn.ParameterDict()
+        self.lora_gate_up_A = nn.ModuleDict()
+        self.lora_gate_up_B = nn.ModuleDict()
+        self.lora_down_A = nn.ModuleDict()
+        self.lora_down_B = nn.ModuleDict()
+        self.lora_full_gate_up = nn.ModuleDict()
+        self.lora_full_down = nn.ModuleDict()
         self.lora_experts: dict[str, list[int]] = {}
         self._index: dict[str, torch.Tensor] = {}
         self._active_adapter = adapter_name
@@ -69,8 +78,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         device = _device_of(base)
         index = torch.tensor(experts, dtype=torch.long, device=device)
         if getattr(base, MODE_ATTR, "lora") == "full":  # fp32 masters of the selected experts' whole weights
-            self.lora_full_gate_up[adapter_name] = nn.Parameter(base.gate_up_weight().detach()[index].float())
-            self.lora_full_down[adapter_name] = nn.Parameter(base.down_weight().detach()[index].float())
+            self.lora_full_gate_up[adapter_name] = Weight(base.gate_up_weight().detach()[index].float())
+            self.lora_full_down[adapter_name] = Weight(base.down_weight().detach()[index].float())
             self._register(adapter_name, r, lora_alpha, config, experts, index)
             return
         shapes = {"lora_gate_up_A": (n, r, hidden), "lora_gate_up_B": (n, 2 * inter, r),
@@ -79,7 +88,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             weight = torch.zeros(shape, dtype=torch.float32, device=device)
             if name.endswith("_A"):  # PEFT's default LoRA init: A kaiming-uniform per expert, B zero
                 nn.init.kaiming_uniform_(weight.view(-1, shape[-1]), a=math.sqrt(5))
-            getattr(self, name)[adapter_name] = nn.Parameter(weight)
+            getattr(self, name)[adapter_name] = Weight(weight)
         self._register(adapter_name, r, lora_alpha, config, experts, index)
 
     def _register(self, adapter_name: str, r: int, lora_alpha: float, config: Any, experts: list[int],
@@ -98,14 +107,14 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def delta(self, adapter_name: str) -> ExpertDelta:
         num = self.get_base_layer().num_experts
-        index = self._index_on(adapter_name, self.lora_gate_up_A[adapter_name])
-        get = lambda name: _expand(getattr(self, name)[adapter_name], index, num)  # noqa: E731
+        index = self._index_on(adapter_name, self.lora_gate_up_A[adapter_name].weight)
+        get = lambda name: _expand(getattr(self, name)[adapter_name].weight, index, num)  # noqa: E731
         return ExpertDelta(get("lora_gate_up_A"), get("lora_gate_up_B"), get("lora_down_A"), get("lora_down_B"),
                            self.scaling[adapter_name])
 
     def replacement(self, adapter_name: str) -> ExpertReplacement:
-        gate_up = self.lora_full_gate_up[adapter_name]
-        return ExpertReplacement(self._index_on(adapter_name, gate_up), gate_up, self.lora_full_down[adapter_name])
+        gate_up = self.lora_full_gate_up[adapter_name].weight
+        return ExpertReplacement(self._index_on(adapter_name, gate_up), gate_up, self.lora_full_down[adapter_name].weight)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
