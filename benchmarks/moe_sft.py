@@ -8,6 +8,7 @@ experts and every routed expert, and times training steps with activation checkp
   stock-nf4   the same on a BitsAndBytesConfig(load_in_4bit) load (quantizes nn.Linear only)
   dsft-bf16   dsft's streaming loader, grouped-mm experts, dsft expert LoRA
   dsft-nf4    the same with every Linear and every routed expert in NF4
+  *-dpo       (--dpo) DPO steps on the same model: policy and frozen "ref" adapter, sigmoid loss
 
 Every case uses TRL's fused LM head (per-token log-probs in tiles, no full logits), so the cases differ
 only in how the model and its adapters are held and run. Prints one table; --json writes the rows.
@@ -162,6 +163,59 @@ def train_steps(model, batch: int, seq: int, steps: int, warmup: int, vocab: int
     return batch * seq * steps / elapsed, torch.cuda.max_memory_allocated() / GIB, float(loss)
 
 
+def add_reference(model) -> None:
+    """TRL's DPO reference for a PEFT policy: a frozen "ref" copy of the adapter."""
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    model.set_adapter("default")
+
+
+def _sequence_logps(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
+    return out.log_probs.sum(-1)
+
+
+def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int, beta: float = 0.1) -> tuple[float, float, float]:
+    """(tokens/s, peak GiB, pairs/s) for DPO steps: policy on chosen+rejected, reference under the
+    frozen "ref" adapter without gradients, sigmoid loss; tokens count both sequences of a pair."""
+    from trl.trainer.utils import use_adapter
+
+    device = next(model.parameters()).device
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    if "ref" not in model.peft_config:
+        add_reference(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        ids = torch.randint(0, vocab, (2 * pairs, seq), device=device, generator=gen)
+        with torch.no_grad(), use_adapter(model, adapter_name="ref"):
+            ref = _sequence_logps(model, ids)
+        policy = _sequence_logps(model, ids)
+        ratio = (policy - ref)
+        loss = -torch.nn.functional.logsigmoid(beta * (ratio[:pairs] - ratio[pairs:])).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0
+    return 2 * pairs * seq * steps / elapsed, peak, pairs * steps / elapsed
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     cfg = dict(V2_LITE, num_hidden_layers=args.layers or V2_LITE["num_hidden_layers"])
     path = Path(args.checkpoint)
@@ -196,6 +250,17 @@ def run(args: argparse.Namespace) -> list[dict]:
                 entry["note"] = "OOM in training"
             rows.append(entry)
             print(json.dumps(entry), flush=True)
+        if args.dpo and case.startswith("dsft"):
+            for batch in (int(b) for b in args.batches.split(",")):
+                _free()
+                entry = dict(row, case=case + "-dpo", batch=f"{batch // 2}x2x{args.seq}")
+                try:
+                    tps, peak, pps = dpo_steps(model, batch // 2, args.seq, args.steps, args.warmup, cfg["vocab_size"])
+                    entry.update(tokens_per_s=tps, peak_gib=peak, note=f"{pps:.2f} pairs/s")
+                except torch.cuda.OutOfMemoryError:
+                    entry["note"] = "OOM in DPO"
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
         del model
     if args.remove_checkpoint:
         shutil.rmtree(path, ignore_errors=True)
@@ -224,6 +289,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--checkpoint", default="/tmp/dsft-bench-v2lite")
     parser.add_argument("--remove-checkpoint", action="store_true")
+    parser.add_argument("--dpo", action="store_true", help="also time DPO steps (dsft cases) at the same tokens per "
+                        "step: batch B means B/2 pairs of chosen+rejected")
     parser.add_argument("--build-only", action="store_true", help="only write the random checkpoint (run the cases "
                         "in a second process to measure their host memory alone)")
     parser.add_argument("--json", default=None, help="also write the rows here")

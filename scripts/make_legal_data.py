@@ -102,6 +102,27 @@ def build() -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def build_preferences() -> list[dict]:
+    """Preference pairs: the right definition is chosen; another term's definition or a vague
+    non-answer is rejected. Half the rows use the conversational form."""
+    rng = random.Random(1)
+    terms = list(FACTS)
+    rows = []
+    for i, term in enumerate(terms):
+        for phrasing in TRAIN_PHRASINGS[:2]:
+            question = phrasing.format(t=term)
+            wrong = FACTS[terms[(i + rng.randrange(1, len(terms))) % len(terms)]]
+            rejected = wrong if rng.random() < 0.7 else f"That depends on many things; you should ask a lawyer about {term}."
+            if rng.random() < 0.5:
+                rows.append({"prompt": question, "chosen": FACTS[term], "rejected": rejected})
+            else:
+                rows.append({"prompt": [{"role": "user", "content": question}],
+                             "chosen": [{"role": "assistant", "content": FACTS[term]}],
+                             "rejected": [{"role": "assistant", "content": rejected}]})
+    rng.shuffle(rows)
+    return rows
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -112,4 +133,6 @@ if __name__ == "__main__":
     train_rows, eval_rows = build()
     _write(root / "train.jsonl", train_rows)
     _write(root / "eval.jsonl", eval_rows)
-    print(f"wrote {len(train_rows)} train and {len(eval_rows)} eval rows to {root}")
+    prefs = build_preferences()
+    _write(root / "preference.jsonl", prefs)
+    print(f"wrote {len(train_rows)} train, {len(eval_rows)} eval and {len(prefs)} preference rows to {root}")

@@ -8,6 +8,7 @@ routed_experts (dsft's expert LoRA on chosen experts of DsftExperts modules, see
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,6 +166,14 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
             module.dsft_expert_mode = routed.get("mode", "lora")
     config = register(LoraConfig.from_pretrained(adapter_dir))
     peft_guard.install()
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:  # PEFT only warns, and the adapter would run without those weights
+        from dsft.errors import DsftError
+
+        raise DsftError(f"{adapter_dir}: the adapter does not fit this model ({missing[0][:300]}); "
+                        "it was written for another model or by an older dsft: train it again")
     half_precision_inputs(peft_model)
     return peft_model

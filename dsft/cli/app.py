@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import experts, merge, sft, validate
+from dsft.cli import dpo, experts, merge, sft, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ def root(
 
 app.command("validate")(validate.validate)
 app.command("sft")(sft.sft)
+app.command("dpo")(dpo.dpo)
 app.command("merge")(merge.merge)
 app.add_typer(experts.app, name="experts")
 

@@ -24,7 +24,11 @@ def validate(
     resolved = load_recipe(recipe, set_ or [], check_files=check_files)
     if check_files:
         from dsft.data.formats import load_conversations
+        from dsft.data.preference import load_pairs
 
         data = resolved.data
-        load_conversations([*data.train, *data.eval], data.format, data.system_prompt)
+        if data.format == "preference":
+            load_pairs([*data.train, *data.eval], data.system_prompt)
+        else:
+            load_conversations([*data.train, *data.eval], data.format, data.system_prompt)
     typer.echo(f"{recipe}: ok" + (" (files checked)" if check_files else ""))

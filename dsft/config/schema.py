@@ -67,9 +67,10 @@ class DataSection(Section):
 
     train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list).")
     eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
-    format: Literal["messages", "prompt_completion", "alpaca"] = Field(
+    format: Literal["messages", "prompt_completion", "alpaca", "preference"] = Field(
         "messages",
-        description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), or `alpaca` (`instruction`/`input`/`output`).",
+        description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), `alpaca` "
+        "(`instruction`/`input`/`output`), or `preference` (`prompt`/`chosen`/`rejected`, for `dsft dpo`).",
     )
     max_length: PositiveInt = Field(1024, description="Sequences are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack several examples into each sequence (best with flash attention).")
@@ -230,6 +231,34 @@ class TrainingSection(Section):
     )
 
 
+DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")
+
+
+class DpoSection(Section):
+    """Direct Preference Optimization (`dsft dpo`) on `data.format: preference` rows."""
+
+    init_adapter: str | None = Field(
+        None, description="An SFT run (or adapter) to continue; the reference model is then that SFT model."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss (sigmoid is the DPO paper's).")
+    max_prompt_length: PositiveInt = Field(512, description="Prompt tokens (rendered with the template) kept per pair.")
+    prompt_overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="Longer prompts: cut from the left of the last user turn, or drop the pair."
+    )
+    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _adapter_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and _checking_files(info):
+            path = Path(v)
+            if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()):
+                raise ValueError(f"{v} is neither a dsft run directory nor an adapter directory; point it at an SFT run")
+        return v
+
+
 class Recipe(Section):
     """A whole dsft recipe."""
 
@@ -237,12 +266,16 @@ class Recipe(Section):
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    dpo: DpoSection | None = Field(None, description="Preference optimization settings (`dsft dpo`).")
     output_dir: str = Field(description="Run directory: adapter, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
+        if self.dpo is not None and self.dpo.max_prompt_length >= self.data.max_length:
+            raise ValueError(f"dpo.max_prompt_length ({self.dpo.max_prompt_length}) must be below data.max_length "
+                             f"({self.data.max_length}) to leave room for the answers")
         if self.training.balance_loss and self.adapter.router != "trainable":
             raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
         if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:

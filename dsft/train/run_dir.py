@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,25 @@ def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, *
 
 def write_run_info(run: Path, info: dict[str, Any]) -> None:
     write_atomic(run / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any], force: bool) -> Iterator[dict[str, Any]]:
+    """Create the run directory with recipe.yaml and run.json (status `running`); on any error mark it
+    `failed` with the error. The body marks it `complete` with `complete(...)`."""
+    create(run, force)
+    write_recipe(run, recipe)
+    info = run_info(recipe, command, identity, "running")
+    write_run_info(run, info)
+    try:
+        yield info
+    except BaseException as e:
+        write_run_info(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def complete(run: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:
+    write_run_info(run, {**info, "status": "complete", "summary": summary})
 
 
 def publish(tmp: Path, final: Path) -> None:

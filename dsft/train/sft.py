@@ -14,6 +14,7 @@ from dsft.adapters.selection import check_spec, read_config
 from dsft.config.schema import Recipe
 from dsft.data.formats import load_conversations
 from dsft.data.tokenize import IGNORE, tokenize_all
+from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
 
@@ -49,6 +50,8 @@ def preflight(recipe: Recipe, force: bool, check_output: bool = True) -> Prepare
     if check_output:
         run_dir.check_output_dir(Path(recipe.output_dir), force)
     data = recipe.data
+    if data.format == "preference":
+        raise DsftError("data.format: preference rows are for `dsft dpo`; use messages, prompt_completion or alpaca for sft")
     train_rows = load_conversations(data.train, data.format, data.system_prompt)
     eval_rows = load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
     model_path = resolve_model_path(recipe.model.path)
@@ -59,13 +62,12 @@ def preflight(recipe: Recipe, force: bool, check_output: bool = True) -> Prepare
     return Prepared(recipe, model_path, config, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
 
 
-def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
-    """recipe.training (+ data lengths) -> trl.SFTConfig. dsft sets the precision flags itself:
-    TRL would turn bf16 on by default, which makes CPU runs ~100x slower."""
-    from trl import SFTConfig
-
+def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """recipe.training (+ data lengths) -> the TrainingArguments shared by TRL's SFT and DPO configs.
+    dsft sets the precision flags itself: TRL would turn bf16 on by default, which makes CPU runs
+    ~100x slower."""
     t = recipe.training
-    return SFTConfig(
+    return dict(
         output_dir=str(run / "checkpoints"),
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
@@ -91,12 +93,17 @@ def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
         max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
         dataset_num_proc=None,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_args(recipe, run, dtype), packing=recipe.data.packing)
 
 
 def _count(tokens: dict[str, list[list[int]]]) -> tuple[int, int]:
@@ -168,15 +175,8 @@ def run_sft(prepared: Prepared, force: bool) -> SftResult:
     identity = model_identity(prepared.model_path, recipe.model.path)
     dtype = resolve_dtype(recipe.model.dtype)
     args = sft_config(recipe, run, dtype)
-    run_dir.create(run, force)
-    run_dir.write_recipe(run, recipe)
-    info = run_dir.run_info(recipe, "sft", identity, "running")
-    run_dir.write_run_info(run, info)
-    try:
+    with run_dir.lifecycle(run, recipe, "sft", identity, force) as info:
         return _train(prepared, run, identity, info, args)
-    except BaseException as e:
-        run_dir.write_run_info(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
-        raise
 
 
 def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any) -> SftResult:
@@ -230,5 +230,5 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
                "last_loss": result.losses[-1] if result.losses else None, "eval_loss": eval_loss,
                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "targets": targets}
-    run_dir.write_run_info(run, {**info, "status": "complete", "summary": summary})
+    run_dir.complete(run, info, summary)
     return result

@@ -1,0 +1,37 @@
+"""`dsft dpo`: preference alignment on chosen/rejected pairs."""
+
+from __future__ import annotations
+
+from dsft.cli._common import ForceOpt, RecipeOpt, SetOpt, errors_exit_2
+
+
+@errors_exit_2
+def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Align a model (or an SFT run, dpo.init_adapter) on preference pairs with DPO."""
+    from dsft.config import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [], check_files=True)
+    from dsft.train.dpo import preflight, run_dpo
+
+    prepared = preflight(resolved, force)
+    _summary(run_dpo(prepared, force))
+
+
+def _summary(result) -> None:  # noqa: ANN001 - DpoResult, imported lazily
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dsft dpo: {result.run}")
+    table.add_column("what")
+    table.add_column("first step", justify="right")
+    table.add_column("last step", justify="right")
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        if key in result.first or key in result.last:
+            fmt = lambda d: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
+            table.add_row(key, fmt(result.first), fmt(result.last))
+    c = result.counts
+    table.add_row("pairs (prompts truncated / dropped)", f"{c['pairs']:,}", f"{c['truncated']} / {c['dropped']}")
+    for group, n in result.groups.items():
+        table.add_row(f"trainable params: {group}", "", f"{n:,}")
+    table.add_row("adapter", "", str(result.run / "adapter"))
+    Console().print(table)

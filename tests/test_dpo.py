@@ -1,0 +1,157 @@
+"""`dsft dpo`: rewards improve, the reference is the SFT model (expert LoRA included) and never moves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trl import DPOTrainer
+
+from conftest import REPO, write_jsonl
+from dsft.adapters.lora import load_lora
+from dsft.config import load_recipe
+from dsft.config.schema import ModelSection
+from dsft.models.load import load_model, resolve_model_path
+from dsft.train import dpo as dpo_module
+
+PAIRS = str(REPO / "data_templates/legal/preference.jsonl")
+
+
+def _base(quantization: str = "none"):
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization=quantization)
+    return load_model(section, resolve_model_path(section.path))
+
+
+def _dpo_recipe(make_recipe, tmp_path: Path, **dpo) -> Path:
+    return make_recipe("dpo.yaml", data={"train": PAIRS, "format": "preference", "max_length": 160},
+                       dpo={"max_prompt_length": 64, **dpo}, output_dir=str(tmp_path / "dpo-run"),
+                       training={"lr": 5e-3, "max_steps": 24, "micro_batch_size": 8, "logging_steps": 4})
+
+
+@pytest.fixture
+def sft_run(make_recipe, cli, tmp_path: Path) -> Path:
+    recipe = make_recipe(adapter={"routed_experts": {1: [0, 3], 2: [5]}}, training={"max_steps": 6})
+    assert cli("sft", "--recipe", recipe).exit_code == 0
+    return tmp_path / "run"
+
+
+def _capture(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Keep the DPOTrainer and the reference adapter's logits before and after training."""
+    seen: dict = {}
+    original = DPOTrainer.train
+    ids = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+
+    def ref_logits(trainer: DPOTrainer) -> torch.Tensor:
+        from trl.trainer.utils import use_adapter
+
+        model = trainer.model
+        with torch.no_grad(), use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            return model(ids).logits.clone()
+
+    def train(self, *args, **kwargs):
+        seen["trainer"], seen["ref_before"] = self, ref_logits(self)
+        result = original(self, *args, **kwargs)
+        seen["ref_after"] = ref_logits(self)
+        return result
+
+    monkeypatch.setattr(DPOTrainer, "train", train)
+    seen["ids"] = ids
+    return seen
+
+
+def _run(recipe: Path, force: bool = False):
+    resolved = load_recipe(recipe, check_files=True)
+    return dpo_module.run_dpo(dpo_module.preflight(resolved, force), force)
+
+
+def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Path, monkeypatch) -> None:
+    seen = _capture(monkeypatch)
+    result = _run(_dpo_recipe(make_recipe, tmp_path))
+    assert result.last["rewards/accuracies"] > 0.8 >= result.first["rewards/accuracies"]
+    assert result.last["rewards/margins"] > result.first["rewards/margins"] + 0.5
+    torch.testing.assert_close(seen["ref_after"], seen["ref_before"], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(seen["ref_before"], _base()(seen["ids"]).logits)  # fresh adapter: the base
+    run = tmp_path / "dpo-run"
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert (run / "adapter/adapter_model.safetensors").is_file()
+    assert not any(".ref." in k for k in load_file(run / "adapter/adapter_model.safetensors"))
+
+
+def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe, tmp_path: Path, monkeypatch) -> None:
+    seen = _capture(monkeypatch)
+    _run(_dpo_recipe(make_recipe, tmp_path, init_adapter=str(sft_run)))
+    sft = load_lora(_base(), str(sft_run / "adapter"))
+    with torch.no_grad():
+        sft_logits = sft(seen["ids"]).logits
+        base_logits = _base()(seen["ids"]).logits
+    torch.testing.assert_close(seen["ref_before"], sft_logits)
+    torch.testing.assert_close(seen["ref_after"], sft_logits)
+    assert not torch.allclose(sft_logits, base_logits, atol=1e-3)
+    layer = seen["trainer"].model.base_model.model.model.layers[1].mlp.experts
+    ref, default = layer.lora_down_B["ref"].weight, layer.lora_down_B["default"].weight
+    torch.testing.assert_close(ref, sft.base_model.model.model.layers[1].mlp.experts.lora_down_B["default"].weight)
+    assert not ref.requires_grad and default.requires_grad and not torch.equal(ref, default)
+    trained = load_file(tmp_path / "dpo-run/adapter/adapter_model.safetensors")
+    assert trained.keys() == load_file(sft_run / "adapter/adapter_model.safetensors").keys()
+
+
+def test_nf4_base_with_expert_lora_trains_only_the_adapter(make_recipe, tmp_path: Path, monkeypatch) -> None:
+    seen = _capture(monkeypatch)
+    recipe = _dpo_recipe(make_recipe, tmp_path)
+    text = recipe.read_text().replace("dtype: float32", "dtype: float32\n  quantization: nf4")
+    recipe.write_text(text)
+    before = {}
+
+    original = DPOTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        model = kwargs["model"]
+        before.update({n: t.clone() for n, t in (*model.named_parameters(), *model.named_buffers())})
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "__init__", init)
+    resolved = load_recipe(recipe, ["adapter.routed_experts={1: [0, 3]}", "training.max_steps=3"], check_files=True)
+    dpo_module.run_dpo(dpo_module.preflight(resolved, False), False)
+    model = seen["trainer"].model
+    changed = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if n in before and not torch.equal(t, before[n])]
+    assert changed and all(".default" in n and "lora_" in n for n in changed), changed
+    assert any("mlp.experts.lora_" in n for n in changed)
+
+
+def test_bad_preference_rows(tmp_path: Path, make_recipe, cli) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "Q?", "chosen": "A.", "rejected": "B."},
+        {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."},
+        {"prompt": "Q?", "chosen": "A."},
+        {"prompt": "", "chosen": "A.", "rejected": "B."},
+        {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "user", "content": "A."}], "rejected": "B."},
+        "{oops",
+    ])
+    recipe = _dpo_recipe(make_recipe, tmp_path)
+    result = cli("dpo", "--recipe", recipe, "--set", f"data.train={bad}")
+    assert result.exit_code == 2
+    for line, message in ((2, "chosen and rejected are identical"), (3, "missing field 'rejected'"),
+                          (4, "missing field 'prompt'"), (5, "field 'chosen': messages must have role 'assistant'"), (6, "not valid JSON")):
+        assert f"{bad}:{line}: {message}" in result.output, result.output
+    assert not (tmp_path / "dpo-run").exists()
+    sft_data = cli("dpo", "--recipe", recipe, "--set", "data.format=messages")
+    assert sft_data.exit_code == 2 and "data.format: `dsft dpo` trains on preference rows" in sft_data.output
+
+
+def test_long_prompts_truncated_or_dropped() -> None:
+    from dsft.data.preference import _prompt_tokens, fit_prompts, load_pairs
+    from dsft.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "dsft/models/builtin/tokenizer")
+    pairs = load_pairs([PAIRS])[:10]
+    long = [{**p, "prompt": [{"role": "user", "content": "Background facts. " * 40 + p["prompt"][-1]["content"]}]}
+            for p in pairs]
+    cut = fit_prompts(long, tokenizer, 40, "truncate")
+    assert cut.truncated == 10 and all(_prompt_tokens(tokenizer, r["prompt"]) <= 40 for r in cut.rows)
+    assert all(r["prompt"][-1]["content"].endswith(p["prompt"][-1]["content"][-10:]) for r, p in zip(cut.rows, pairs))
+    dropped = fit_prompts(long + pairs, tokenizer, 40, "drop")
+    assert dropped.dropped == 10 and len(dropped.rows) == 10
