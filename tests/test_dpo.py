@@ -79,6 +79,8 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     assert (run / "adapter/adapter_model.safetensors").is_file()
     assert not any(".ref." in k for k in load_file(run / "adapter/adapter_model.safetensors"))
+    assert json.loads((run / "plan.json").read_text())["trainable_params"] == sum(
+        t.numel() for t in load_file(run / "adapter/adapter_model.safetensors").values())
 
 
 def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe, tmp_path: Path, monkeypatch) -> None:

@@ -109,8 +109,16 @@ def _policy(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: di
         if "routed_experts" in meta:
             targets["routed_experts"] = [f"model.layers.{layer}.mlp.experts" for layer in meta["routed_experts"]["experts"]]
         return model, targets, meta
+    from rich.console import Console
+
+    from dsft.adapters.plan import plan_table
+    from dsft.train.targeting import check_plan, write_plan
+
     selection = target_experts(prepared.base, base, run, identity, info["data_sha256"])
+    plan = write_plan(run, recipe, prepared.base.config, selection)
+    Console().print(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
+    check_plan(plan, group_params(model, targets))
     return model, targets, None
 
 
