@@ -22,6 +22,9 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.lr=1e-4 (repeatable).", show_default=False),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its latest complete checkpoint.")]
+ResumeFromOpt = Annotated[str | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.",
+                                                   show_default=False)]
 
 
 def offline() -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from dsft.cli._common import ForceOpt, RecipeOpt, SetOpt, errors_exit_2
+from dsft.cli._common import ForceOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2
 
 
 @errors_exit_2
-def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
+        resume_from: ResumeFromOpt = None) -> None:
     """Align a model (or an SFT run, dpo.init_adapter) on preference pairs with DPO."""
     from dsft.config import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     from dsft.train.dpo import preflight, run_dpo
+    from dsft.train.sft import resume_point
 
-    prepared = preflight(resolved, force)
-    _summary(run_dpo(prepared, force))
+    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
+    _summary(run_dpo(prepared, force, resume_point(resolved, resume, resume_from)))
 
 
 def _summary(result) -> None:  # noqa: ANN001 - DpoResult, imported lazily

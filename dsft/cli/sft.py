@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from dsft.cli._common import ForceOpt, RecipeOpt, SetOpt, errors_exit_2
+from dsft.cli._common import ForceOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2
 
 
 @errors_exit_2
-def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
+def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
+        resume_from: ResumeFromOpt = None) -> None:
     """Train a LoRA adapter on the recipe's data; writes adapter, recipe, run.json and metrics."""
     from dsft.config import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
-    from dsft.train.sft import preflight, run_sft
+    from dsft.train.sft import preflight, resume_point, run_sft
 
-    prepared = preflight(resolved, force)
-    result = run_sft(prepared, force)
+    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
+    result = run_sft(prepared, force, resume_point(resolved, resume, resume_from))
     _summary(result)
 
 

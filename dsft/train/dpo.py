@@ -60,10 +60,10 @@ def _check_init_adapter(adapter: Path, config: dict[str, Any]) -> None:
         raise DsftError(f"dpo.init_adapter: {adapter} was trained on another model than model.path: {'; '.join(wrong)}")
 
 
-def preflight(recipe: Recipe, force: bool) -> PreparedDpo:
+def preflight(recipe: Recipe, force: bool, resume: bool = False) -> PreparedDpo:
     """Everything checked before the run directory exists: output dir, every pair, prompt lengths,
     the SFT adapter's base."""
-    run_dir.check_output_dir(Path(recipe.output_dir), force)
+    run_dir.check_output_dir(Path(recipe.output_dir), force, resume)
     if recipe.data.format != "preference":
         raise DsftError("data.format: `dsft dpo` trains on preference rows (prompt, chosen, rejected); set preference")
     dpo = recipe.dpo or DpoSection()
@@ -127,21 +127,24 @@ def _rewards(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: r[k] for r in rows for k in keys if k in r}
 
 
-def run_dpo(prepared: PreparedDpo, force: bool) -> DpoResult:
+def run_dpo(prepared: PreparedDpo, force: bool, checkpoint: Path | None = None) -> DpoResult:
     recipe = prepared.base.recipe
     run = Path(recipe.output_dir)
     identity = model_identity(prepared.base.model_path, recipe.model.path)
     args = dpo_config(recipe, prepared.dpo, run, resolve_dtype(recipe.model.dtype))
-    with run_dir.lifecycle(run, recipe, "dpo", identity, force) as info:
-        return _train(prepared, run, identity, info, args)
+    with run_dir.lifecycle(run, recipe, "dpo", identity, force, checkpoint) as info:
+        return _train(prepared, run, identity, info, args, checkpoint)
 
 
-def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any) -> DpoResult:
+def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any,
+           checkpoint: Path | None = None) -> DpoResult:
     from datasets import Dataset
     from trl import DPOTrainer
 
     from dsft.adapters.metadata import build_metadata, write_metadata
+    from dsft.train import resume
     from dsft.train.callbacks import JsonlMetrics
+    from dsft.train.resume import trim_metrics
 
     recipe = prepared.base.recipe
     torch.manual_seed(recipe.training.seed)
@@ -156,7 +159,9 @@ def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dic
         callbacks=[metrics],
     )
     fp32_adapter(trainer.model)
-    trainer.train()
+    if checkpoint is not None:
+        trim_metrics(run / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+    resume.train(trainer, run, "dpo", checkpoint)
     tmp = run / ".adapter.tmp"
     trainer.model.save_pretrained(tmp, selected_adapters=["default"])
     prepared.base.tokenizer.save_pretrained(tmp)

@@ -26,14 +26,19 @@ PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "acc
 CACHE_ENTRIES = {"routing", "plan.json"}  # written by `dsft experts` before a run; kept by --force
 
 
-def check_output_dir(path: Path, force: bool) -> None:
-    """Preflight: a run directory that holds anything but dsft's cache is only replaced with --force."""
+def check_output_dir(path: Path, force: bool, resume: bool = False) -> None:
+    """Preflight: a run directory that holds anything but dsft's cache is only replaced with --force
+    (or continued with --resume, checked by dsft.train.resume)."""
     if path.exists() and not path.is_dir():
         raise DsftError(f"output_dir: {path} is a file; choose a directory path")
+    if resume:
+        return
     if path.is_dir() and any(p.name not in CACHE_ENTRIES for p in path.iterdir()) and not force:
         status = read_status(path)
         what = f"a {status} run" if status else "files"
-        raise DsftError(f"output_dir: {path} already holds {what}; pass --force to replace it or choose another output_dir")
+        hint = "pass --resume to continue it, --force to replace it," if status in ("running", "interrupted", "failed") \
+            else "pass --force to replace it"
+        raise DsftError(f"output_dir: {path} already holds {what}; {hint} or choose another output_dir")
 
 
 def read_status(path: Path) -> str | None:
@@ -124,15 +129,25 @@ def write_run_info(run: Path, info: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any], force: bool) -> Iterator[dict[str, Any]]:
-    """Create the run directory with recipe.yaml and run.json (status `running`); on any error mark it
-    `failed` with the error. The body marks it `complete` with `complete(...)`."""
-    create(run, force)
-    write_recipe(run, recipe)
+def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any], force: bool,
+              resumed_from: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Create the run directory with recipe.yaml and run.json (status `running`), or reopen it to
+    resume; on a signal mark it `interrupted`, on any other error `failed`. The body marks it
+    `complete` with `complete(...)`."""
+    from dsft.train.resume import RunInterrupted
+
+    if resumed_from is None:
+        create(run, force)
+        write_recipe(run, recipe)
     info = run_info(recipe, command, identity, "running")
+    if resumed_from is not None:
+        info["resumed_from"] = str(resumed_from)
     write_run_info(run, info)
     try:
         yield info
+    except RunInterrupted as e:
+        write_run_info(run, {**info, "status": "interrupted", "error": e.lines[0]})
+        raise
     except BaseException as e:
         write_run_info(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise

@@ -45,10 +45,10 @@ class SftResult:
     eval_loss: float | None = None
 
 
-def preflight(recipe: Recipe, force: bool, check_output: bool = True) -> Prepared:
+def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:
     """Check the output dir, every data row and the expert selection, and tokenize; creates nothing."""
     if check_output:
-        run_dir.check_output_dir(Path(recipe.output_dir), force)
+        run_dir.check_output_dir(Path(recipe.output_dir), force, resume)
     data = recipe.data
     if data.format == "preference":
         raise DsftError("data.format: preference rows are for `dsft dpo`; use messages, prompt_completion or alpaca for sft")
@@ -169,24 +169,36 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> Non
     Console().print(routing_profile.diff_table(before, after))
 
 
-def run_sft(prepared: Prepared, force: bool) -> SftResult:
+def resume_point(recipe: Recipe, resume: bool, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from (checked against the run and its recipe), or None."""
+    if not (resume or resume_from):
+        return None
+    from dsft.train.resume import prepare_resume
+
+    return prepare_resume(Path(recipe.output_dir), run_dir.resolved_recipe(recipe), resume_from)
+
+
+def run_sft(prepared: Prepared, force: bool, checkpoint: Path | None = None) -> SftResult:
     recipe = prepared.recipe
     run = Path(recipe.output_dir)
     identity = model_identity(prepared.model_path, recipe.model.path)
     dtype = resolve_dtype(recipe.model.dtype)
     args = sft_config(recipe, run, dtype)
-    with run_dir.lifecycle(run, recipe, "sft", identity, force) as info:
-        return _train(prepared, run, identity, info, args)
+    with run_dir.lifecycle(run, recipe, "sft", identity, force, checkpoint) as info:
+        return _train(prepared, run, identity, info, args, checkpoint)
 
 
-def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any) -> SftResult:
+def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any,
+           checkpoint: Path | None = None) -> SftResult:
     from datasets import Dataset
     from rich.console import Console
 
     from dsft.adapters.lora import attach_lora
     from dsft.adapters.metadata import build_metadata, write_metadata
     from dsft.adapters.plan import plan_table
+    from dsft.train import resume
     from dsft.train.callbacks import JsonlMetrics
+    from dsft.train.resume import trim_metrics
     from dsft.train.targeting import check_plan, write_plan
     from dsft.train.trainer import DsftSFTTrainer
 
@@ -209,7 +221,9 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
         balance=recipe.training,
     )
     fp32_adapter(trainer.model)
-    trainer.train()
+    if checkpoint is not None:
+        trim_metrics(run / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+    resume.train(trainer, run, "sft", checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval else None
 
     routing_report(trainer.model, prepared, run)

@@ -1,0 +1,151 @@
+"""Never lose a run: complete-checkpoint markers, resume, and a clean stop on SIGINT/SIGTERM.
+
+The Trainer writes `checkpoint-N` in place; it calls `on_save` once the checkpoint (adapter,
+optimizer, scheduler, RNG states, trainer state with the data position) is fully written, and dsft
+then writes `checkpoint-N/dsft-complete.json`. Resume uses the newest checkpoint with that marker, so a
+kill during a save never resumes from a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from dsft.errors import DsftError
+
+MARKER = "dsft-complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunInterrupted(DsftError):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, *lines: str) -> None:
+        super().__init__(*lines)
+        self.exit_code = 128 + signum
+
+
+class CheckpointMarker(TrainerCallback):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+            tmp = folder / f".{MARKER}.tmp"
+            tmp.write_text(json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
+            os.replace(tmp, folder / MARKER)
+
+
+class GracefulStop(TrainerCallback):
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. Second: exit at once
+    (the last complete checkpoint is untouched: only marked checkpoints are resumed from)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.step = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(signal again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step = state.global_step
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint: no completion marker, or files missing or of another size
+    than when it was completed (truncated or overwritten). None when it is intact."""
+    marker = checkpoint / MARKER
+    if not marker.is_file():
+        return "never completed"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable completion marker"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))),
+                   reverse=True)
+    for _, path in found:
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping {path}: {problem}; using an older checkpoint", file=sys.stderr)
+    return None
+
+
+def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None) -> Path:
+    """Check that `run` can be resumed with this recipe and return the checkpoint to resume from."""
+    status = json.loads((run / "run.json").read_text()).get("status") if (run / "run.json").is_file() else None
+    if status is None:
+        raise DsftError(f"--resume: {run} holds no dsft run to resume; start it without --resume")
+    if status == "complete":
+        raise DsftError(f"--resume: the run in {run} is already complete; pass --force to train it again")
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
+                     for k in set(saved[s]) | set(recipe_data.get(s, {})) if saved[s].get(k) != recipe_data.get(s, {}).get(k))
+    if changed:
+        raise DsftError(f"--resume: the recipe changed since the run started ({', '.join(changed[:5])}); "
+                        "resume with the same recipe, or start again with --force")
+    if explicit:
+        problem = damage(Path(explicit))
+        if problem:
+            raise DsftError(f"--resume-from {explicit}: {problem}; pick another checkpoint or use --resume")
+        return Path(explicit)
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    if checkpoint is None:
+        raise DsftError(f"--resume: no complete checkpoint in {run / 'checkpoints'}; start again with --force")
+    step = int(checkpoint.name.split("-")[1])
+    for later in (run / "checkpoints").glob("checkpoint-*"):  # damaged or half-written: trained again
+        m = _CHECKPOINT.match(later.name)
+        if m and int(m.group(1)) > step:
+            shutil.rmtree(later, ignore_errors=True)
+    return checkpoint
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop logged rows after `step`: the resumed run logs them again."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> None:
+    """trainer.train with completion markers and graceful stop; raises RunInterrupted after a signal."""
+    stop = GracefulStop()
+    trainer.add_callback(CheckpointMarker())
+    trainer.add_callback(stop)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.signum is not None:
+        raise RunInterrupted(stop.signum, f"interrupted at step {stop.step}: checkpoint saved in {run / 'checkpoints'}",
+                             f"resume with the same command plus --resume (dsft {command} --recipe RECIPE --resume)")

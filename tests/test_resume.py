@@ -1,0 +1,125 @@
+"""Never lose a run: kill -9 and --resume, SIGTERM, damaged checkpoints, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsft.train.resume import MARKER, latest_checkpoint
+
+STEPS = 40
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _recipe(make_recipe, name: str, out: Path) -> Path:
+    return make_recipe(name, rows=32, output_dir=str(out), adapter={"routed_experts": {1: [0, 3]}},
+                       training={"max_steps": STEPS, "save_steps": 5, "logging_steps": 1, "micro_batch_size": 4,
+                                 "scheduler": "cosine", "warmup_ratio": 0.1})
+
+
+def _start(recipe: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dsft", "sft", "--recipe", str(recipe)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        markers = list((run / "checkpoints").glob(f"checkpoint-*/{MARKER}"))
+        if any(int(m.parent.name.split("-")[1]) >= min_step for m in markers):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before a checkpoint: {proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail("no checkpoint in time")
+
+
+def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Path) -> None:
+    whole = _recipe(make_recipe, "whole.yaml", tmp_path / "whole")
+    assert cli("sft", "--recipe", whole).exit_code == 0
+    killed_recipe = _recipe(make_recipe, "killed.yaml", tmp_path / "killed")
+    proc = _start(killed_recipe)
+    _wait_for_checkpoint(tmp_path / "killed", proc, min_step=10)
+    proc.kill()
+    proc.wait()
+    assert json.loads((tmp_path / "killed/run.json").read_text())["status"] == "running"
+    refused = cli("sft", "--recipe", killed_recipe)
+    assert refused.exit_code == 2 and "pass --resume to continue it" in refused.output
+    resumed = cli("sft", "--recipe", killed_recipe, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    info = json.loads((tmp_path / "killed/run.json").read_text())
+    assert info["status"] == "complete" and "checkpoint-" in info["resumed_from"]
+    start = int(Path(info["resumed_from"]).name.split("-")[1])
+    assert start >= 10
+    whole_losses, resumed_losses = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+    assert sorted(resumed_losses) == sorted(whole_losses)
+    for step in range(start + 1, STEPS + 1):
+        assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-4, abs=1e-6), step
+
+
+def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> None:
+    from dsft.adapters.lora import load_lora
+    from dsft.config.schema import ModelSection
+    from dsft.models.load import load_model, resolve_model_path
+
+    recipe = _recipe(make_recipe, "term.yaml", tmp_path / "term")
+    proc = _start(recipe)
+    _wait_for_checkpoint(tmp_path / "term", proc, min_step=5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "SIGTERM: stopping after this step" in out and "resume with the same command plus --resume" in out
+    info = json.loads((tmp_path / "term/run.json").read_text())
+    assert info["status"] == "interrupted"
+    last = latest_checkpoint(tmp_path / "term/checkpoints")
+    assert last is not None and int(last.name.split("-")[1]) < STEPS
+    base = load_model(ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32"),
+                      resolve_model_path("builtin:tiny-deepseek-v3"))
+    assert not (tmp_path / "term/adapter").exists()  # no final adapter from an interrupted run
+    (last / "dsft_adapter.json").write_text(json.dumps({"routed_experts": {"experts": {"1": [0, 3]}}}))
+    load_lora(base, str(last))
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous(make_recipe, cli, tmp_path: Path) -> None:
+    recipe = _recipe(make_recipe, "dmg.yaml", tmp_path / "dmg")
+    proc = _start(recipe)
+    _wait_for_checkpoint(tmp_path / "dmg", proc, min_step=10)
+    proc.kill()
+    proc.wait()
+    checkpoints = sorted((tmp_path / "dmg/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    newest = [c for c in checkpoints if (c / MARKER).is_file()][-1]
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = cli("sft", "--recipe", recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipping {newest}: adapter_model.safetensors is missing or truncated" in result.output
+    info = json.loads((tmp_path / "dmg/run.json").read_text())
+    assert int(Path(info["resumed_from"]).name.split("-")[1]) < int(newest.name.split("-")[1])
+
+
+def test_resume_refusals(make_recipe, cli, tmp_path: Path) -> None:
+    recipe = make_recipe(training={"max_steps": 2})
+    assert "holds no dsft run to resume" in cli("sft", "--recipe", recipe, "--resume").output
+    assert cli("sft", "--recipe", recipe).exit_code == 0
+    done = cli("sft", "--recipe", recipe, "--resume")
+    assert done.exit_code == 2 and "already complete; pass --force" in done.output
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    (tmp_path / "run/run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    changed = cli("sft", "--recipe", recipe, "--resume", "--set", "training.lr=0.5")
+    assert changed.exit_code == 2 and "the recipe changed since the run started (training.lr)" in changed.output
+    import shutil
+
+    shutil.rmtree(tmp_path / "run/checkpoints")
+    none = cli("sft", "--recipe", recipe, "--resume")
+    assert none.exit_code == 2 and "no complete checkpoint" in none.output
