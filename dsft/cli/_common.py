@@ -22,6 +22,8 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.lr=1e-4 (repeatable).", show_default=False),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+ProcessesOpt = Annotated[int, typer.Option("--num-processes", min=1,
+                                           help="Train on N processes (GPUs) through `accelerate launch`.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its latest complete checkpoint.")]
 ResumeFromOpt = Annotated[str | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.",
                                                    show_default=False)]
@@ -36,6 +38,29 @@ def offline() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def relaunch(num_processes: int) -> None:
+    """Run this same command under `accelerate launch` on `num_processes` processes (DDP; the
+    accelerate configs in recipes/accelerate/ cover FSDP and DeepSpeed), then exit with its code."""
+    if num_processes <= 1 or "RANK" in os.environ:
+        return
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    # --multi_gpu starts N ranks through torchrun with or without GPUs (accelerate's --cpu starts one);
+    # without CUDA dsft's Trainer arguments pick DDP over gloo (dsft.train.sft.cpu_args).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    raise typer.Exit(subprocess.call([*launch, "-m", "dsft", *args]))
 
 
 def errors_exit_2(fn: F) -> F:

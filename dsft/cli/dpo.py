@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dsft.cli._common import ForceOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2
+from dsft.cli._common import (
+    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, relaunch,
+)
 
 
 @errors_exit_2
 def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
-        resume_from: ResumeFromOpt = None) -> None:
+        resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
     """Align a model (or an SFT run, dpo.init_adapter) on preference pairs with DPO."""
     from dsft.config import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
+    relaunch(num_processes)
     from dsft.train.dpo import preflight, run_dpo
     from dsft.train.sft import resume_point
 
@@ -20,6 +23,10 @@ def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume:
 
 
 def _summary(result) -> None:  # noqa: ANN001 - DpoResult, imported lazily
+    from dsft.train.dist import is_main
+
+    if not is_main():
+        return
     from rich.console import Console
     from rich.table import Table
 

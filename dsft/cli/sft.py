@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dsft.cli._common import ForceOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2
+from dsft.cli._common import (
+    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, relaunch,
+)
 
 
 @errors_exit_2
 def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
-        resume_from: ResumeFromOpt = None) -> None:
+        resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
     """Train a LoRA adapter on the recipe's data; writes adapter, recipe, run.json and metrics."""
     from dsft.config import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
+    relaunch(num_processes)
     from dsft.train.sft import preflight, resume_point, run_sft
 
     prepared = preflight(resolved, force, resume=resume or bool(resume_from))
@@ -20,6 +23,10 @@ def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume:
 
 
 def _summary(result) -> None:  # noqa: ANN001 - SftResult, imported lazily
+    from dsft.train.dist import is_main
+
+    if not is_main():
+        return
     from rich.console import Console
     from rich.table import Table
 

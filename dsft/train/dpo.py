@@ -21,6 +21,7 @@ from dsft.data.tokenize import tokenize_all
 from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
+from dsft.train.dist import is_main
 from dsft.train.sft import Prepared, fp32_adapter, group_params, target_experts, trainer_args
 
 
@@ -116,7 +117,8 @@ def _policy(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: di
 
     selection = target_experts(prepared.base, base, run, identity, info["data_sha256"])
     plan = write_plan(run, recipe, prepared.base.config, selection)
-    Console().print(plan_table(plan))
+    if is_main():
+        Console().print(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
     check_plan(plan, group_params(model, targets))
     return model, targets, None
@@ -162,13 +164,15 @@ def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dic
     if checkpoint is not None:
         trim_metrics(run / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
     resume.train(trainer, run, "dpo", checkpoint)
-    tmp = run / ".adapter.tmp"
-    trainer.model.save_pretrained(tmp, selected_adapters=["default"])
-    prepared.base.tokenizer.save_pretrained(tmp)
-    meta = init_meta or build_metadata(trainer.model, recipe.adapter, targets, identity)
-    write_metadata(tmp, {**meta, "dpo": {"init_adapter": str(prepared.init_adapter) if prepared.init_adapter else None,
-                                         "beta": prepared.dpo.beta, "loss_type": prepared.dpo.loss_type}})
-    run_dir.publish(tmp, run / "adapter")
+    if is_main():
+        tmp = run / ".adapter.tmp"
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+        prepared.base.tokenizer.save_pretrained(tmp)
+        meta = init_meta or build_metadata(trainer.model, recipe.adapter, targets, identity)
+        dpo_meta = {"init_adapter": str(prepared.init_adapter) if prepared.init_adapter else None,
+                    "beta": prepared.dpo.beta, "loss_type": prepared.dpo.loss_type}
+        write_metadata(tmp, {**meta, "dpo": dpo_meta})
+        run_dir.publish(tmp, run / "adapter")
     logged = [r for r in metrics.rows if "rewards/accuracies" in r]
     groups = {g: n for g, n in group_params(trainer.model, targets).items() if n}
     result = DpoResult(run, groups, len(prepared.train), _rewards(logged[:1]), _rewards(logged[-1:]), prepared.counts)

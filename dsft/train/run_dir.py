@@ -19,6 +19,7 @@ import yaml
 
 from dsft.config.schema import BUILTIN_PREFIX, Recipe
 from dsft.errors import DsftError
+from dsft.train.dist import is_main
 
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -31,7 +32,7 @@ def check_output_dir(path: Path, force: bool, resume: bool = False) -> None:
     (or continued with --resume, checked by dsft.train.resume)."""
     if path.exists() and not path.is_dir():
         raise DsftError(f"output_dir: {path} is a file; choose a directory path")
-    if resume:
+    if resume or not is_main():  # other ranks would see the directory the main rank just created
         return
     if path.is_dir() and any(p.name not in CACHE_ENTRIES for p in path.iterdir()) and not force:
         status = read_status(path)
@@ -136,10 +137,13 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
     `complete` with `complete(...)`."""
     from dsft.train.resume import RunInterrupted
 
+    info = run_info(recipe, command, identity, "running")
+    if not is_main():
+        yield info
+        return
     if resumed_from is None:
         create(run, force)
         write_recipe(run, recipe)
-    info = run_info(recipe, command, identity, "running")
     if resumed_from is not None:
         info["resumed_from"] = str(resumed_from)
     write_run_info(run, info)
@@ -154,11 +158,14 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
 
 
 def complete(run: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:
-    write_run_info(run, {**info, "status": "complete", "summary": summary})
+    if is_main():
+        write_run_info(run, {**info, "status": "complete", "summary": summary})
 
 
 def publish(tmp: Path, final: Path) -> None:
     """Move a finished artifact directory into place in one rename."""
+    if not is_main():
+        return
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from dsft.data.tokenize import IGNORE, tokenize_all
 from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
+from dsft.train.dist import is_main
 
 
 @dataclass
@@ -62,6 +64,16 @@ def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bo
     return Prepared(recipe, model_path, config, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
 
 
+def cpu_args() -> dict[str, Any]:
+    """Without CUDA: one process runs on the CPU; several (accelerate launch --cpu) use DDP over gloo,
+    which `use_cpu=True` would switch off."""
+    if torch.cuda.is_available():
+        return {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"ddp_backend": "gloo"}
+    return {"use_cpu": True}
+
+
 def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any]:
     """recipe.training (+ data lengths) -> the TrainingArguments shared by TRL's SFT and DPO configs.
     dsft sets the precision flags itself: TRL would turn bf16 on by default, which makes CPU runs
@@ -91,12 +103,14 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
         eval_steps=t.eval_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
+        **cpu_args(),
         max_length=recipe.data.max_length,
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
         dataset_num_proc=None,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        average_tokens_across_devices=True,  # the loss of N processes equals one process's at the same global batch
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -164,6 +178,8 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> Non
                                     pad_id=prepared.tokenizer.pad_token_id)
     meta = {k: before[k] for k in ("key", "rows", "count")} | {"tokens_counted": next(iter(stats.values())).tokens}
     after = routing_profile.summarize(stats, before["top_k"], meta)
+    if not is_main():
+        return
     routing_profile.write_profile(directory / "after", after, "routing with the adapter")
     routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before)
     Console().print(routing_profile.diff_table(before, after))
@@ -207,7 +223,8 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
     base = load_model(recipe.model, prepared.model_path)
     selection = target_experts(prepared, base, run, identity, info["data_sha256"])
     plan = write_plan(run, recipe, prepared.config, selection)
-    Console().print(plan_table(plan))
+    if is_main():
+        Console().print(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
     check_plan(plan, group_params(model, targets))
     metrics = JsonlMetrics(run / "metrics.jsonl")
@@ -228,11 +245,12 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
 
     routing_report(trainer.model, prepared, run)
 
-    tmp = run / ".adapter.tmp"
-    trainer.model.save_pretrained(tmp)
-    prepared.tokenizer.save_pretrained(tmp)
-    write_metadata(tmp, build_metadata(trainer.model, recipe.adapter, targets, identity))
-    run_dir.publish(tmp, run / "adapter")
+    if is_main():
+        tmp = run / ".adapter.tmp"
+        trainer.model.save_pretrained(tmp)
+        prepared.tokenizer.save_pretrained(tmp)
+        write_metadata(tmp, build_metadata(trainer.model, recipe.adapter, targets, identity))
+        run_dir.publish(tmp, run / "adapter")
 
     groups = group_params(trainer.model, targets)
     total_tokens, loss_tokens = _count(prepared.train)

@@ -14,6 +14,7 @@ from dsft.adapters.plan import build_plan
 from dsft.adapters.selection import select_by_policy
 from dsft.config.schema import Recipe
 from dsft.moe import profile as routing_profile
+from dsft.train.dist import is_main
 
 ROUTING_DIR = "routing"
 
@@ -50,7 +51,8 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list
     counted = next(iter(stats.values())).tokens
     meta = {"key": key, "rows": len(sample["input_ids"]), "tokens_counted": counted, "count": count}
     profile = routing_profile.summarize(stats, top_k, meta)
-    routing_profile.write_profile(directory, profile)
+    if is_main():
+        routing_profile.write_profile(directory, profile)
     return profile, True
 
 
@@ -60,8 +62,9 @@ def policy_selection(recipe: Recipe, profile: dict[str, Any]) -> dict[int, list[
 
 def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
     plan = build_plan(recipe, cfg, selection)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    if is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return plan
 
 
