@@ -65,13 +65,11 @@ def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bo
 
 
 def cpu_args() -> dict[str, Any]:
-    """Without CUDA: one process runs on the CPU; several (accelerate launch --cpu) use DDP over gloo,
-    which `use_cpu=True` would switch off."""
+    """Without CUDA: the CPU, and for several processes DDP over gloo. Both flags are needed: without
+    `use_cpu` the Trainer runs every rank unwrapped (no gradient all-reduce), each on its own shard."""
     if torch.cuda.is_available():
         return {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return {"ddp_backend": "gloo"}
-    return {"use_cpu": True}
+    return {"use_cpu": True, "ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {"use_cpu": True}
 
 
 def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any]:
