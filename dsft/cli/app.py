@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import dpo, experts, merge, sft, validate
+from dsft.cli import dpo, eval, experts, merge, sft, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command("validate")(validate.validate)
 app.command("sft")(sft.sft)
 app.command("dpo")(dpo.dpo)
 app.command("merge")(merge.merge)
+app.command("eval")(eval.eval_)
 app.add_typer(experts.app, name="experts")
 
 

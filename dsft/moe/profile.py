@@ -24,7 +24,7 @@ from dsft.moe.routing import LayerStats, RoutingRecorder
 VERSION = 1
 
 
-def _batches(tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int):
+def batches(tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int):
     ids, labels = tokens["input_ids"], tokens["labels"]
     for start in range(0, len(ids), batch_size):
         chunk = range(start, min(start + batch_size, len(ids)))
@@ -59,7 +59,7 @@ def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens:
     model.eval()
     steps = math.ceil(len(tokens["input_ids"]) / batch_size)
     with recorder.installed(), autocast_for(model):
-        for input_ids, attention, label in track(_batches(tokens, batch_size, pad_id), total=steps,
+        for input_ids, attention, label in track(batches(tokens, batch_size, pad_id), total=steps,
                                                  description="profiling routing", disable=not progress):
             recorder.mask = attention.bool() if all_tokens else (attention.bool() & (label != IGNORE))
             model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)

@@ -1,0 +1,119 @@
+"""`dsft eval`: judge a run before deploying it.
+
+Held-out loss and perplexity of the base and of base + adapter on the same assistant tokens, a few
+greedy answers to held-out prompts, and the routing drift (how much of each layer's expert load the
+adapter moved). Reads the run's recipe; writes RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dsft.config.schema import ModelSection
+from dsft.data.formats import Messages, load_conversations
+from dsft.data.tokenize import IGNORE, tokenize_all
+from dsft.errors import DsftError
+
+
+def _run_parts(run: Path) -> tuple[dict[str, Any], Path]:
+    if not (run / "recipe.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
+        raise DsftError(f"--adapter {run}: not a finished dsft run (needs recipe.yaml and adapter/)")
+    return yaml.safe_load((run / "recipe.yaml").read_text()), run / "adapter"
+
+
+def _conversations(recipe: dict[str, Any], data: str | None) -> list[Messages]:
+    d = recipe["data"]
+    files = [data] if data else (d.get("eval") or d.get("train"))
+    if d["format"] == "preference":
+        from dsft.data.preference import load_pairs
+
+        return [p["prompt"] + p["chosen"] for p in load_pairs(files)]
+    return load_conversations(files, d["format"], d.get("system_prompt"))
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy per assistant token."""
+    from dsft.models.load import autocast_for
+    from dsft.moe.profile import batches
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids, attention, labels in batches(tokens, batch_size, pad_id):
+        with autocast_for(model):
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+        shifted = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += float(loss)
+        count += int((shifted != IGNORE).sum())
+    if not count:
+        raise DsftError("eval data has no assistant tokens to score")
+    return total / count
+
+
+@torch.no_grad()
+def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], count: int,
+            max_new_tokens: int) -> list[dict[str, str]]:
+    from dsft.models.load import autocast_for
+
+    device = next(model.parameters()).device
+    out = []
+    for messages in conversations[:count]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+        with autocast_for(model):
+            generated = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out.append({"prompt": messages[last - 1]["content"], "reference": messages[last]["content"],
+                    "answer": tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)})
+    return out
+
+
+def evaluate(run: Path, data: str | None = None, samples: int = 256, generations: int = 3,
+             max_new_tokens: int = 48) -> dict[str, Any]:
+    from dsft.adapters.lora import load_lora
+    from dsft.models.load import load_model, load_tokenizer, resolve_model_path
+    from dsft.moe import profile as routing_profile
+
+    recipe, adapter_dir = _run_parts(run)
+    section = ModelSection(**recipe["model"])
+    model_path = resolve_model_path(section.path)
+    tokenizer = load_tokenizer(adapter_dir)
+    conversations = _conversations(recipe, data)[:samples]
+    tokens = tokenize_all(tokenizer, conversations, None, True)
+    model = load_lora(load_model(section, model_path), str(adapter_dir))
+    model.eval()
+    batch = recipe.get("training", {}).get("micro_batch_size", 4)
+    pad = tokenizer.pad_token_id
+    with model.disable_adapter():
+        base_loss = mean_loss(model, tokens, batch, pad)
+        base_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
+    adapter_loss = mean_loss(model, tokens, batch, pad)
+    adapter_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
+    first = next(iter(base_routes.values()))
+    top_k = round(float(first.counts.sum()) / max(first.tokens, 1))  # every counted token picks top_k experts
+    before = routing_profile.summarize(base_routes, top_k, {})
+    after = routing_profile.summarize(adapter_routes, top_k, {})
+    drift = {layer: 0.5 * sum(abs(a - b) for a, b in zip(after["layers"][layer]["token_share"],
+                                                           before["layers"][layer]["token_share"])) / top_k
+             for layer in before["layers"]}
+    report = {
+        "data": data or (recipe["data"].get("eval") or recipe["data"]["train"]),
+        "examples": len(conversations),
+        "base": {"loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
+        "adapter": {"loss": adapter_loss, "perplexity": math.exp(min(adapter_loss, 50))},
+        "routing_drift": drift,
+        "answers": answers(model, tokenizer, conversations, generations, max_new_tokens),
+    }
+    tmp = run / ".eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run / "eval.json")
+    return report

@@ -1,0 +1,50 @@
+"""`dsft eval` on a tiny trained run, and the recipe reference covering every schema key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from conftest import REPO
+
+
+def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli, tmp_path: Path) -> None:
+    recipe = make_recipe(training={"max_steps": 30, "micro_batch_size": 8, "lr": 5e-3},
+                         data={"train": str(REPO / "data_templates/legal/train.jsonl"),
+                               "eval": str(REPO / "data_templates/legal/eval.jsonl")})
+    assert cli("sft", "--recipe", recipe).exit_code == 0
+    result = cli("eval", "--adapter", tmp_path / "run", "--generations", 2, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run/eval.json").read_text())
+    assert report["examples"] == 57 and report["data"][0].endswith("eval.jsonl")
+    assert report["adapter"]["loss"] < report["base"]["loss"] - 0.5
+    assert set(report["routing_drift"]) == {"1", "2"} and len(report["answers"]) == 2
+    assert "dsft eval:" in result.output and "routing drift" in result.output
+
+
+def test_eval_refuses_an_unfinished_run(tmp_path: Path, cli) -> None:
+    result = cli("eval", "--adapter", tmp_path)
+    assert result.exit_code == 2 and "not a finished dsft run" in result.output
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        inner = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else inner
+        if sub is not None and name not in ("attention", "shared_experts", "dense_mlp"):
+            out += _keys(sub, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_recipe_reference_documents_every_key() -> None:
+    from dsft.config.schema import Recipe
+
+    doc = (REPO / "docs/recipes.md").read_text()
+    missing = [k for k in _keys(Recipe) if f"`{k.split('.')[-1]}`" not in doc and f"`{k.split('.', 1)[-1]}`" not in doc]
+    assert not missing, f"docs/recipes.md does not document {missing}"
