@@ -48,3 +48,9 @@ def test_recipe_reference_documents_every_key() -> None:
     doc = (REPO / "docs/recipes.md").read_text()
     missing = [k for k in _keys(Recipe) if f"`{k.split('.')[-1]}`" not in doc and f"`{k.split('.', 1)[-1]}`" not in doc]
     assert not missing, f"docs/recipes.md does not document {missing}"
+
+
+def test_chat_answers_with_the_adapter(make_recipe, cli, tmp_path: Path) -> None:
+    assert cli("sft", "--recipe", make_recipe(training={"max_steps": 2})).exit_code == 0
+    result = cli("chat", "--adapter", tmp_path / "run", "--prompt", "What is a lease?", "--max-new-tokens", 6)
+    assert result.exit_code == 0, result.output

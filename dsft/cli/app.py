@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import dpo, eval, experts, merge, sft, validate
+from dsft.cli import chat, dpo, eval, experts, merge, sft, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ app.command("sft")(sft.sft)
 app.command("dpo")(dpo.dpo)
 app.command("merge")(merge.merge)
 app.command("eval")(eval.eval_)
+app.command("chat")(chat.chat)
 app.add_typer(experts.app, name="experts")
 
 

@@ -21,7 +21,7 @@ from dsft.data.tokenize import IGNORE, tokenize_all
 from dsft.errors import DsftError
 
 
-def _run_parts(run: Path) -> tuple[dict[str, Any], Path]:
+def run_parts(run: Path) -> tuple[dict[str, Any], Path]:
     if not (run / "recipe.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise DsftError(f"--adapter {run}: not a finished dsft run (needs recipe.yaml and adapter/)")
     return yaml.safe_load((run / "recipe.yaml").read_text()), run / "adapter"
@@ -83,7 +83,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     from dsft.models.load import load_model, load_tokenizer, resolve_model_path
     from dsft.moe import profile as routing_profile
 
-    recipe, adapter_dir = _run_parts(run)
+    recipe, adapter_dir = run_parts(run)
     section = ModelSection(**recipe["model"])
     model_path = resolve_model_path(section.path)
     tokenizer = load_tokenizer(adapter_dir)

@@ -1,0 +1,55 @@
+"""`dsft chat`: talk to base + adapter before merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsft.cli._common import errors_exit_2
+
+
+@errors_exit_2
+def chat(
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
+    prompt: Annotated[str | None, typer.Option(help="One question; without it, read questions from the terminal.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 256,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+) -> None:
+    """Answer with the run's adapter, streaming tokens, in the run's chat template (empty line or Ctrl-D ends)."""
+    import torch
+    from transformers import TextStreamer
+
+    from dsft.adapters.lora import load_lora
+    from dsft.config.schema import ModelSection
+    from dsft.models.load import autocast_for, load_model, load_tokenizer, resolve_model_path
+    from dsft.train.evaluate import run_parts
+
+    recipe, adapter_dir = run_parts(adapter)
+    section = ModelSection(**recipe["model"])
+    tokenizer = load_tokenizer(adapter_dir)
+    model = load_lora(load_model(section, resolve_model_path(section.path)), str(adapter_dir))
+    model.eval()
+    history = [{"role": "system", "content": system}] if system else []
+    questions = [prompt] if prompt is not None else _ask()
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    for question in questions:
+        history.append({"role": "user", "content": question})
+        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
+        with torch.no_grad(), autocast_for(model):
+            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+
+
+def _ask():
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return
+        if not line:
+            return
+        yield line
