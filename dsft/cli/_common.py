@@ -63,6 +63,26 @@ def relaunch(num_processes: int) -> None:
     raise typer.Exit(subprocess.call([*launch, "-m", "dsft", *args]))
 
 
+def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, resume: bool, resume_from: str | None,
+                 num_processes: int) -> Any:
+    """The shared body of `dsft sft` and `dsft dpo`: check the recipe, re-launch on N processes if
+    asked, preflight (nothing is created when it fails), train or resume."""
+    from dsft.config import load_recipe
+
+    resolved = load_recipe(recipe, set_ or [], check_files=True)
+    relaunch(num_processes)
+    from dsft.train.sft import resume_point
+
+    if kind == "sft":
+        from dsft.train.sft import preflight
+        from dsft.train.sft import run_sft as run
+    else:
+        from dsft.train.dpo import preflight
+        from dsft.train.dpo import run_dpo as run
+    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
+    return run(prepared, force, resume_point(resolved, resume, resume_from))
+
+
 def errors_exit_2(fn: F) -> F:
     """Report DsftError as one line per problem on stderr and exit 2; tracebacks only with DSFT_DEBUG=1."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsft.cli._common import (
-    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, relaunch,
+    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, run_training,
 )
 
 
@@ -11,15 +11,7 @@ from dsft.cli._common import (
 def dpo(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
         resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
     """Align a model (or an SFT run, dpo.init_adapter) on preference pairs with DPO."""
-    from dsft.config import load_recipe
-
-    resolved = load_recipe(recipe, set_ or [], check_files=True)
-    relaunch(num_processes)
-    from dsft.train.dpo import preflight, run_dpo
-    from dsft.train.sft import resume_point
-
-    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
-    _summary(run_dpo(prepared, force, resume_point(resolved, resume, resume_from)))
+    _summary(run_training("dpo", recipe, set_, force, resume, resume_from, num_processes))
 
 
 def _summary(result) -> None:  # noqa: ANN001 - DpoResult, imported lazily

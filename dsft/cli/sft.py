@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsft.cli._common import (
-    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, relaunch,
+    ForceOpt, ProcessesOpt, RecipeOpt, ResumeFromOpt, ResumeOpt, SetOpt, errors_exit_2, run_training,
 )
 
 
@@ -11,15 +11,7 @@ from dsft.cli._common import (
 def sft(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
         resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
     """Train a LoRA adapter on the recipe's data; writes adapter, recipe, run.json and metrics."""
-    from dsft.config import load_recipe
-
-    resolved = load_recipe(recipe, set_ or [], check_files=True)
-    relaunch(num_processes)
-    from dsft.train.sft import preflight, resume_point, run_sft
-
-    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
-    result = run_sft(prepared, force, resume_point(resolved, resume, resume_from))
-    _summary(result)
+    _summary(run_training("sft", recipe, set_, force, resume, resume_from, num_processes))
 
 
 def _summary(result) -> None:  # noqa: ANN001 - SftResult, imported lazily
