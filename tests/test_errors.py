@@ -174,6 +174,17 @@ def test_bad_input(case: str, changes: Any, command: str, expected: str, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
 
 
+def test_too_little_disk_for_checkpoints(make_recipe, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+    result = cli("sft", "--recipe", make_recipe())
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "needs about" in errors[0] and "GiB free" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_case_is_documented() -> None:
     text = (REPO / "docs/errors.md").read_text()
     missing = [case for case, *_ in CASES if f"`{case}`" not in text]

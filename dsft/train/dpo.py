@@ -22,7 +22,7 @@ from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
 from dsft.train.dist import is_main
-from dsft.train.sft import Prepared, fp32_adapter, group_params, target_experts, trainer_args
+from dsft.train.sft import Prepared, check_disk_for, fp32_adapter, group_params, target_experts, trainer_args
 
 
 @dataclass
@@ -77,6 +77,8 @@ def preflight(recipe: Recipe, force: bool, resume: bool = False) -> PreparedDpo:
     if init is not None:
         _check_init_adapter(init, config)
     selection = {} if init is not None else check_spec(recipe.adapter.routed_experts, config)
+    if init is None:
+        check_disk_for(recipe, config, selection)
     tokenizer = load_tokenizer(model_path, data.chat_template)
     fitted = fit_prompts(pairs, tokenizer, dpo.max_prompt_length, dpo.prompt_overflow)
     if not fitted.rows:

@@ -42,6 +42,20 @@ def check_output_dir(path: Path, force: bool, resume: bool = False) -> None:
         raise DsftError(f"output_dir: {path} already holds {what}; {hint} or choose another output_dir")
 
 
+CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
+
+
+def check_disk(path: Path, trainable_params: int) -> None:
+    """Preflight: room for the kept checkpoints (fp32 weights and two Adam moments each, while a new one
+    is written next to them) and the final adapter."""
+    needed = trainable_params * (12 * (CHECKPOINTS_KEPT + 1) + 4)
+    probe = next((p for p in (path, *path.resolve().parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DsftError(f"output_dir: {path} needs about {needed / 2**30:.1f} GiB free for checkpoints and the adapter, "
+                        f"{probe} has {free / 2**30:.1f} GiB; free space or choose another output_dir")
+
+
 def read_status(path: Path) -> str | None:
     try:
         return json.loads((path / "run.json").read_text()).get("status")

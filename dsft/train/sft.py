@@ -59,6 +59,7 @@ def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bo
     model_path = resolve_model_path(recipe.model.path)
     config = read_config(model_path)
     selection = check_spec(recipe.adapter.routed_experts, config)
+    check_disk_for(recipe, config, selection)
     tokenizer = load_tokenizer(model_path, data.chat_template)
     tok = lambda rows: tokenize_all(tokenizer, rows, None, data.assistant_only_loss)  # noqa: E731
     return Prepared(recipe, model_path, config, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
@@ -110,6 +111,16 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
         average_tokens_across_devices=True,  # the loss of N processes equals one process's at the same global batch
         ddp_find_unused_parameters=False,
     )
+
+
+def check_disk_for(recipe: Recipe, config: dict[str, Any], selection: dict[int, list[int] | None] | None) -> None:
+    """Room for this recipe's checkpoints; a policy's selection is not known yet, so count every expert."""
+    from dsft.adapters.plan import build_plan
+    from dsft.adapters.selection import moe_layout
+
+    if selection is None:
+        selection = dict.fromkeys(moe_layout(config)[0])
+    run_dir.check_disk(Path(recipe.output_dir), build_plan(recipe, config, selection)["trainable_params"])
 
 
 def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
