@@ -15,6 +15,8 @@ from torch import nn
 from dsft.config.schema import AdapterSection
 
 FILENAME = "dsft_adapter.json"
+IDENTITY = ("model_type", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
+            "n_shared_experts", "first_k_dense_replace", "vocab_size")
 FORMAT_VERSION = 1
 
 
@@ -42,6 +44,13 @@ def build_metadata(model: nn.Module, adapter: AdapterSection, targets: dict[str,
 
 def write_metadata(adapter_dir: Path, meta: dict[str, Any]) -> None:
     (adapter_dir / FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def identity_mismatches(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """How a base config.json differs from the base an adapter recorded (architecture and shapes)."""
+    recorded = meta.get("base_model", {})
+    return [f"{k} {config.get(k)!r} (adapter: {recorded[k]!r})" for k in IDENTITY
+            if recorded.get(k) is not None and config.get(k) != recorded[k]]
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from pydantic import (
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-deepseek-v3", "tiny-deepseek-v2")
-PLACEHOLDER_PREFIX = "/path/to/"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]

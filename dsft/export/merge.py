@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from dsft.adapters.metadata import identity_mismatches
 from dsft.errors import DsftError
 from dsft.export.adapter import Adapter, merged, read_adapter
 from dsft.export.safetensors_io import (
@@ -27,8 +28,6 @@ from dsft.export.safetensors_io import (
 )
 from dsft.models.stream import SCALE_SUFFIX, dequantize_fp8, shard_files
 
-IDENTITY = ("model_type", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
-            "n_shared_experts", "first_k_dense_replace", "vocab_size")
 WEIGHT_FILES = ("model.safetensors.index.json",)
 FP8 = ("F8_E4M3", "F8_E5M2")
 
@@ -80,9 +79,7 @@ def _shards(base: Path) -> list[Path]:
 def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dict[str, Any]]:
     """Base identity and every adapter target against the base's headers, before anything is written."""
     config = json.loads((source.base / "config.json").read_text())
-    recorded = adapter.meta.get("base_model", {})
-    wrong = [f"{k} {config.get(k)!r} (adapter: {recorded[k]!r})" for k in IDENTITY
-             if k in recorded and recorded[k] is not None and config.get(k) != recorded[k]]
+    wrong = identity_mismatches(config, adapter.meta)
     if wrong:
         raise DsftError(f"--base {source.base} is not the model this adapter was trained on: {'; '.join(wrong)}")
     headers = {shard.name: read_header(shard)[0] for shard in shards}

@@ -145,6 +145,15 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
     plt.close(fig)
 
 
+def load_moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Per layer, the share of the expert load that moved: total variation between the two load
+    distributions (token share / top_k), in [0, 1]."""
+    k = before["top_k"]
+    return {layer: 0.5 * sum(abs(a - b) for a, b in zip(after["layers"][layer]["token_share"], d["token_share"],
+                                                         strict=True)) / k
+            for layer, d in before["layers"].items()}
+
+
 def diff_table(before: dict[str, Any], after: dict[str, Any], top: int = 3):
     """Per layer: how much of the load moved (total variation between the two load distributions, in
     [0, 1]) and which experts gained and lost the most token share."""
@@ -153,11 +162,11 @@ def diff_table(before: dict[str, Any], after: dict[str, Any], top: int = 3):
     table = Table(title="routing change after training (token share, after - before)")
     for col in ("layer", "load moved", f"top {top} gains", f"top {top} losses"):
         table.add_column(col)
-    k = before["top_k"]
+    moved_by_layer = load_moved(before, after)
     for layer in sorted(before["layers"], key=int):
         b, a = before["layers"][layer]["token_share"], after["layers"][layer]["token_share"]
-        delta = [x - y for x, y in zip(a, b)]
-        moved = 0.5 * sum(abs(d) for d in delta) / k
+        delta = [x - y for x, y in zip(a, b, strict=True)]
+        moved = moved_by_layer[layer]
         order = sorted(range(len(delta)), key=lambda e: (-delta[e], e))
         gains = ", ".join(f"{e}:{delta[e]:+.3f}" for e in order[:top] if delta[e] > 0)
         losses = ", ".join(f"{e}:{delta[e]:+.3f}" for e in reversed(order[-top:]) if delta[e] < 0)

@@ -32,6 +32,11 @@ def routers(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(found.items()))
 
 
+def top_k(model: nn.Module) -> int:
+    """Experts each token is routed to, read from the first router."""
+    return unwrap(next(iter(routers(model).values()))).top_k
+
+
 @dataclass
 class LayerStats:
     """Running sums for one layer over the counted tokens."""

@@ -51,12 +51,9 @@ def _adapter_dir(path: str) -> Path:
 
 
 def _check_init_adapter(adapter: Path, config: dict[str, Any]) -> None:
-    from dsft.adapters.metadata import read_metadata
-    from dsft.export.merge import IDENTITY
+    from dsft.adapters.metadata import identity_mismatches, read_metadata
 
-    recorded = read_metadata(adapter).get("base_model", {})
-    wrong = [f"{k} {config.get(k)!r} (adapter: {recorded[k]!r})" for k in IDENTITY
-             if recorded.get(k) is not None and config.get(k) != recorded[k]]
+    wrong = identity_mismatches(config, read_metadata(adapter))
     if wrong:
         raise DsftError(f"dpo.init_adapter: {adapter} was trained on another model than model.path: {'; '.join(wrong)}")
 

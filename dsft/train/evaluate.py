@@ -82,6 +82,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer, resolve_model_path
     from dsft.moe import profile as routing_profile
+    from dsft.moe.routing import top_k
 
     recipe, adapter_dir = run_parts(run)
     section = ModelSection(**recipe["model"])
@@ -98,13 +99,9 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
         base_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
     adapter_loss = mean_loss(model, tokens, batch, pad)
     adapter_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
-    first = next(iter(base_routes.values()))
-    top_k = round(float(first.counts.sum()) / max(first.tokens, 1))  # every counted token picks top_k experts
-    before = routing_profile.summarize(base_routes, top_k, {})
-    after = routing_profile.summarize(adapter_routes, top_k, {})
-    drift = {layer: 0.5 * sum(abs(a - b) for a, b in zip(after["layers"][layer]["token_share"],
-                                                           before["layers"][layer]["token_share"])) / top_k
-             for layer in before["layers"]}
+    k = top_k(model)
+    drift = routing_profile.load_moved(routing_profile.summarize(base_routes, k, {}),
+                                       routing_profile.summarize(adapter_routes, k, {}))
     report = {
         "data": data or (recipe["data"].get("eval") or recipe["data"]["train"]),
         "examples": len(conversations),

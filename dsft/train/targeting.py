@@ -45,12 +45,11 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list
     sample = sample_rows(tokens, samples, recipe.training.seed)
     stats = routing_profile.collect(model, sample, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
                                     pad_id=pad_id)
-    from dsft.moe.routing import routers, unwrap
+    from dsft.moe.routing import top_k
 
-    top_k = unwrap(next(iter(routers(model).values()))).top_k
     counted = next(iter(stats.values())).tokens
     meta = {"key": key, "rows": len(sample["input_ids"]), "tokens_counted": counted, "count": count}
-    profile = routing_profile.summarize(stats, top_k, meta)
+    profile = routing_profile.summarize(stats, top_k(model), meta)
     if is_main():
         routing_profile.write_profile(directory, profile)
     return profile, True
