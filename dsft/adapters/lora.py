@@ -17,6 +17,7 @@ from torch import nn
 
 from dsft.adapters import peft_guard
 from dsft.config.schema import AdapterSection
+from dsft.models.fused import fuse
 from dsft.moe.experts import DsftExperts, layer_of
 
 GROUPS = ("attention", "shared_experts", "dense_mlp", "routed_experts")
@@ -142,6 +143,7 @@ def attach_lora(model: nn.Module, adapter: AdapterSection,
     trained_routers = router_names(model) if adapter.router == "trainable" else None
     peft_model = get_peft_model(model, lora_config(adapter, targets, trained_routers))
     half_precision_inputs(peft_model)
+    fuse(peft_model)
     wanted = sorted(n for group in targets.values() for n in group)
     got = sorted(lora_modules(peft_model))
     if wanted != got:
@@ -176,4 +178,5 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
         raise DsftError(f"{adapter_dir}: the adapter does not fit this model ({missing[0][:300]}); "
                         "it was written for another model or by an older dsft: train it again")
     half_precision_inputs(peft_model)
+    fuse(peft_model)
     return peft_model

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsft.models.fused import is_silu, silu_mul
 from dsft.moe.grouped import frozen_linear, grouped_mm
 from dsft.moe.nf4 import PackedNF4
 
@@ -39,6 +40,25 @@ class ExpertReplacement:
     index: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+
+
+class GatherRows(torch.autograd.Function):
+    """x[order // k]: each token's row once per routed expert, in expert-sorted order.
+
+    Backward un-sorts with a permutation copy and sums each token's k rows, where autograd's indexing
+    backward would accumulate with atomic adds."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        full = grad.new_empty(grad.shape).index_copy_(0, order, grad)
+        return full.view(-1, ctx.k, grad.shape[-1]).sum(1), None, None
 
 
 def replaced(x: torch.Tensor, base: torch.Tensor, new: torch.Tensor, index: torch.Tensor,
@@ -97,12 +117,11 @@ class DsftExperts(nn.Module):
         num_top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        token = order // num_top_k
         # scatter_add, not bincount: bincount reads the max id back to the host, a sync in every layer
         counts = torch.zeros(self.num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
 
-        x = hidden_states[token].to(self.compute_dtype)
+        x = GatherRows.apply(hidden_states, order, num_top_k).to(self.compute_dtype)
         gate_up = frozen_linear(x, offs, self.gate_up_weight)
         for d in deltas:
             gate_up = gate_up + low_rank(x, d.gate_up_A, d.gate_up_B, offs, d.scale)
@@ -111,7 +130,8 @@ class DsftExperts(nn.Module):
             gate_up = gate_up.index_add(0, sel, replaced(x, self.gate_up_weight(), r.gate_up, r.index, sel, sub_offs))
         gate, up = gate_up.chunk(2, dim=-1)
         # The router's weight scales h, not the output: down_proj is linear, and h is the narrower tensor.
-        h = self.act_fn(gate) * up * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
+        weight = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
+        h = silu_mul(gate, up, weight) if is_silu(self.act_fn) else self.act_fn(gate) * up * weight
         out = frozen_linear(h, offs, self.down_weight)
         for d in deltas:
             out = out + low_rank(h, d.down_A, d.down_B, offs, d.scale)
