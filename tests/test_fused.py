@@ -88,3 +88,52 @@ def test_gather_rows_backward_equals_indexing() -> None:
     (ref,) = torch.autograd.grad(x[order // k], x, grad)
     torch.testing.assert_close(GatherRows.apply(x, order, k), x[order // k])
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.fixture
+def compile_on_cpu(monkeypatch):
+    """The CUDA compile path, run through dynamo on CPU tensors (eager backend: guards and recompiles
+    behave as on a GPU, without inductor's compile time)."""
+    from dsft.models import fused
+
+    monkeypatch.setattr(fused, "_wants_compile", lambda t: True)
+    monkeypatch.setattr(fused, "_BACKEND", "eager")
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_broken", set())
+    torch._dynamo.reset()
+    yield fused
+    torch._dynamo.reset()
+
+
+def test_compiled_kernels_survive_many_shapes_dtypes_and_grad_modes(compile_on_cpu) -> None:
+    """One run calls these with many token counts, dtypes and grad modes; with `fullgraph=True` the
+    ninth variant hit dynamo's recompile limit as a hard error (seen on an H100)."""
+    fused = compile_on_cpu
+    for dtype in (torch.float32, torch.bfloat16):
+        for grad in (True, False):
+            for scaled in (True, False):
+                for n in (3, 17, 40, 41):
+                    gate = torch.randn(n, 8, dtype=dtype, requires_grad=grad)
+                    up, scale = torch.randn(n, 8, dtype=dtype), torch.rand(n, 1, dtype=dtype)
+                    with torch.set_grad_enabled(grad):
+                        out = fused.silu_mul(gate, up, scale if scaled else None)
+                        norm = fused.rms_norm(gate, torch.rand(8, dtype=dtype), 1e-6)
+                    ref = torch.nn.functional.silu(gate) * up * (scale if scaled else 1)
+                    torch.testing.assert_close(out, ref.to(dtype))
+                    assert norm.shape == gate.shape and norm.requires_grad == grad
+    assert set(fused._compiled) == {fused._silu_mul, fused._rms_norm} and not fused._broken
+
+
+def test_compile_failure_falls_back_to_eager(compile_on_cpu, monkeypatch, caplog) -> None:
+    fused = compile_on_cpu
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(fused, "_BACKEND", failing_backend)
+    gate, up = torch.randn(5, 8), torch.randn(5, 8)
+    with caplog.at_level("WARNING", logger="dsft.models.fused"):
+        out = fused.silu_mul(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
+    assert fused._silu_mul in fused._broken and "running it eagerly" in caplog.text
+    torch.testing.assert_close(fused.silu_mul(gate, up), out)

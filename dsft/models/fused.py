@@ -15,6 +15,7 @@ compiled kernels off.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from types import MethodType
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _compiled: dict[Callable, Callable] = {}
+_broken: set[Callable] = set()
+_BACKEND = "inductor"
+log = logging.getLogger(__name__)
 
 
 def _compile_enabled() -> bool:
@@ -35,14 +39,36 @@ def _compile_enabled() -> bool:
     return has_triton()
 
 
+def _wants_compile(t: torch.Tensor) -> bool:
+    return t.is_cuda and _compile_enabled()
+
+
+def _is_compile_error(err: Exception) -> bool:
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+    return isinstance(err, (TorchDynamoException, FailOnRecompileLimitHit))
+
+
 def _on_gpu(fn: Callable) -> Callable:
-    """`fn` compiled into fused kernels for CUDA tensors (once, lazily); the eager `fn` anywhere else."""
+    """`fn` compiled into fused kernels for CUDA tensors (once, lazily); the eager `fn` anywhere else.
+
+    Compiled with dynamic shapes and without `fullgraph`: one training run calls these with many token
+    counts, dtypes and grad modes (training, eval, DPO's reference pass), and `fullgraph=True` turns
+    dynamo's recompile limit into a hard error. Should compiling fail at all, `fn` runs eagerly from then on.
+    """
 
     def run(first: torch.Tensor, *args: Any) -> torch.Tensor:
-        if first.is_cuda and _compile_enabled():
+        if fn not in _broken and _wants_compile(first):
             if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn, fullgraph=True)
-            return _compiled[fn](first, *args)
+                _compiled[fn] = torch.compile(fn, dynamic=True, backend=_BACKEND)
+            try:
+                return _compiled[fn](first, *args)
+            except Exception as err:
+                if not _is_compile_error(err):
+                    raise
+                _broken.add(fn)
+                log.warning("torch.compile failed for %s, running it eagerly: %s",
+                            fn.__name__, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return fn(first, *args)
 
     run.__doc__ = fn.__doc__
