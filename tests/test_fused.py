@@ -10,7 +10,7 @@ from dsft.adapters.lora import attach_lora
 from dsft.config.schema import AdapterSection, ModelSection
 from dsft.models.fused import fuse
 from dsft.models.load import load_model, resolve_model_path
-from dsft.moe.experts import GatherRows
+from dsft.moe.experts import GatherRows, expert_modules, layer_of
 
 
 def _unfuse(model: nn.Module) -> None:
@@ -22,7 +22,7 @@ def _lora_model(name: str, dropout: float = 0.0, quantization: str = "none"):
     section = ModelSection(path=f"builtin:{name}", dtype="float32", quantization=quantization)
     model = load_model(section, resolve_model_path(section.path))
     adapter = AdapterSection(r=4, alpha=8, dropout=dropout, routed_experts="all")
-    model = attach_lora(model, adapter)[0]
+    model = attach_lora(model, adapter, {layer_of(n): None for n in expert_modules(model)})[0]
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:

@@ -193,7 +193,7 @@ class StreamLoader:
             import bitsandbytes as bnb
 
             param = bnb.nn.Params4bit(tensor.to(self.dtype), requires_grad=False, quant_type="nf4",
-                                      blocksize=64, compress_statistics=True)
+                                      blocksize=64, compress_statistics=True, module=module)
             module.weight = param.to(self.device)
             return
         module._parameters[child] = nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False)

@@ -1,5 +1,9 @@
 """Fused expert weights stored as packed NF4 (bitsandbytes, blocksize 64, double quant).
 
+The packed codes are a frozen uint8 parameter, so FSDP2 shards them across ranks like any weight and
+all-gathers them around each layer's forward and backward; the small block scales (quant_state, about
+3% of the codes) stay whole on every rank.
+
 A fused tensor [E, out, in] is quantized in one call. Its 64-element blocks never straddle two
 experts (each expert's slice is a whole number of blocks), so every expert keeps its own 4-bit codes
 and block scales; double quantization then packs 256 block scales at a time.
@@ -33,7 +37,9 @@ class PackedNF4(nn.Module):
             raise ValueError(f"expert weight {tuple(weight.shape)} is not a whole number of {BLOCKSIZE}-element blocks per expert")
         packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
                                            quant_type="nf4", quant_storage=torch.uint8)
-        self.register_buffer("packed", packed, persistent=False)
+        # A frozen parameter, not a buffer: FSDP2 shards parameters only (a buffer would stay whole on
+        # every rank). It is rebuilt from the base checkpoint, so state dicts leave it out.
+        self.packed = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
         self.quant_state.dtype = dtype
         self.shape = weight.shape
@@ -43,6 +49,12 @@ class PackedNF4(nn.Module):
         super()._apply(fn, recurse)
         self.quant_state.to(self.packed.device)
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - nn.Module's signature
+        state_dict.pop(prefix + "packed", None)
 
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf

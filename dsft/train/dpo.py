@@ -21,7 +21,7 @@ from dsft.data.tokenize import tokenize_all
 from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
-from dsft.train.dist import is_main
+from dsft.train.dist import full_trainable_state, is_main
 from dsft.train.sft import Prepared, check_disk_for, fp32_adapter, group_params, target_experts, trainer_args
 
 
@@ -163,9 +163,10 @@ def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dic
     if checkpoint is not None:
         trim_metrics(run / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
     resume.train(trainer, run, "dpo", checkpoint)
+    state = full_trainable_state(trainer.model)
     if is_main():
         tmp = run / ".adapter.tmp"
-        trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state)
         prepared.base.tokenizer.save_pretrained(tmp)
         meta = init_meta or build_metadata(trainer.model, recipe.adapter, targets, identity)
         dpo_meta = {"init_adapter": str(prepared.init_adapter) if prepared.init_adapter else None,

@@ -18,7 +18,7 @@ from dsft.data.tokenize import IGNORE, tokenize_all
 from dsft.errors import DsftError
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
-from dsft.train.dist import is_main
+from dsft.train.dist import full_trainable_state, is_main
 
 
 @dataclass
@@ -254,9 +254,10 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
 
     routing_report(trainer.model, prepared, run)
 
+    state = full_trainable_state(trainer.model)
     if is_main():
         tmp = run / ".adapter.tmp"
-        trainer.model.save_pretrained(tmp)
+        trainer.model.save_pretrained(tmp, state_dict=state)
         prepared.tokenizer.save_pretrained(tmp)
         write_metadata(tmp, build_metadata(trainer.model, recipe.adapter, targets, identity))
         run_dir.publish(tmp, run / "adapter")

@@ -7,12 +7,14 @@ real DeepSeek checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import dsft
@@ -85,8 +87,27 @@ def builtin_path(name: str) -> Path:
         raise KeyError(name)
     target = cache_root() / "builtin" / f"{name}-{_fingerprint(name)}"
     if not (target / "config.json").is_file():
-        _materialise(name, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
+            if not (target / "config.json").is_file():
+                _materialise(name, target)
     return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time (an advisory file lock; a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _materialise(name: str, target: Path) -> None:
@@ -101,6 +122,9 @@ def _materialise(name: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # transformers writes only on rank 0 of a process group
+            raise RuntimeError(f"built-in model {name}: resolve it before torch.distributed is initialised "
+                               "(dsft does so in its preflight)")
         AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp)
         GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(tmp)
         try:
