@@ -1,5 +1,6 @@
-"""One rank of tests/test_fsdp.py (run by torchrun over gloo): dsft's NF4 model with expert LoRA,
-sharded with FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer, then the root)."""
+"""One rank of tests/test_fsdp.py (run by torchrun over gloo): dsft's NF4 model with expert LoRA, its
+expert codes sharded either by FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer,
+then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
-def build() -> nn.Module:
-    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
+def build(shard_experts: bool = False) -> nn.Module:
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4",
+                           shard_experts=shard_experts)
     base = load_model(section, resolve_model_path(section.path))
     every_expert = {layer_of(n): None for n in expert_modules(base)}
     model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"), every_expert)[0]
@@ -40,7 +42,7 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     return logits.detach(), float(loss)
 
 
-def main(out: str) -> None:
+def main(mode: str, out: str) -> None:
     resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -49,18 +51,25 @@ def main(out: str) -> None:
     ref_logits, _ = step(reference, ids)
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
 
-    model = build()
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = build(shard_experts=mode == "codes")
     experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
-    packed = [m.gate_up_nf4.packed for m in experts] + [m.down_nf4.packed for m in experts]
-    mine = slice(2 * rank, 2 * rank + 2)
+    codes = [m.gate_up_nf4 for m in experts] + [m.down_nf4 for m in experts]
+    if mode == "fsdp2":
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        sharded = all(isinstance(c.packed, DTensor) for c in codes)
+        local = sum(c.packed.to_local().numel() for c in codes)
+        mine = slice(2 * rank, 2 * rank + 2)  # FSDP2 averages the ranks' gradients, as DDP does
+    else:
+        sharded = all(c.sharded and not list(c.parameters()) for c in codes)
+        local = sum(c.stored.numel() for c in codes)
+        mine = slice(None)  # no gradient sync here: each rank takes the whole batch
     logits, _ = step(model, ids[mine])
-    gathered = full_trainable_state(model)
+    gathered = full_trainable_state(model) or {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     report = {
-        "packed_sharded": all(isinstance(p, DTensor) for p in packed),
-        "packed_local_fraction": sum(p.to_local().numel() for p in packed) / sum(p.numel() for p in packed),
+        "packed_sharded": sharded,
+        "packed_local_fraction": local / sum(c.packed_shape.numel() for c in codes),
         "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
         "missing": sorted(set(expected) - set(gathered)),
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
@@ -73,4 +82,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -1,5 +1,7 @@
-"""Two processes (DDP over gloo on CPU) through `dsft sft --num-processes 2` give the single-process
-result at the same global batch, and only the main rank writes the run."""
+"""Two processes (DDP over gloo on CPU) give the single-process result at the same global batch, and
+only the main rank writes the run: through `dsft sft --num-processes 2`, and through the shipped
+multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml, shrunk to one machine) with the
+NF4 expert codes sharded across the ranks (`model.shard_experts`)."""
 
 from __future__ import annotations
 
@@ -8,24 +10,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 
-def test_two_processes_match_one(make_recipe, tmp_path: Path) -> None:
-    common = {"adapter": {"routed_experts": {1: [0, 3]}}}
+REPO = Path(__file__).resolve().parent.parent
+MULTINODE = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/multinode-ddp.yaml"),
+             "--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+
+
+@pytest.mark.parametrize("model", [{}, {"quantization": "nf4", "shard_experts": True}], ids=["fp32", "nf4-sharded"])
+def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> None:
+    common = {"adapter": {"routed_experts": {1: [0, 3]}}, **({"model": model} if model else {})}
     one = make_recipe("one.yaml", rows=16, output_dir=str(tmp_path / "one"), **common,
                       training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2})
     two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
                       training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2})
     outputs = {}
-    for name, recipe, extra in (("one", one, []), ("two", two, ["--num-processes", "2"])):
-        done = subprocess.run([sys.executable, "-m", "dsft", "sft", "--recipe", str(recipe), *extra],
+    two_procs = ([*MULTINODE, "-m", "dsft", "sft"], []) if model else (["-m", "dsft", "sft"], ["--num-processes", "2"])
+    for name, recipe, (launch, extra) in (("one", one, (["-m", "dsft", "sft"], [])), ("two", two, two_procs)):
+        done = subprocess.run([sys.executable, *launch, "--recipe", str(recipe), *extra],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         outputs[name] = done.stdout
     assert outputs["two"].count("dsft sft:") == 1  # one summary: the main rank's
-    assert json.loads((tmp_path / "two/run.json").read_text())["status"] == "complete"
+    info = json.loads((tmp_path / "two/run.json").read_text())
+    assert info["status"] == "complete" and info["summary"]["processes"] == 2
+    assert info["summary"]["expert_codes"] == ("sharded" if model else None)
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
     assert single.keys() == double.keys() and any("experts.lora_" in k for k in single)

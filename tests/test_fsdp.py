@@ -1,6 +1,6 @@
-"""FSDP2 shards dsft's NF4 expert storage: two gloo processes on CPU (tests/fsdp_worker.py) train one
-step of the NF4 tiny model with LoRA on attention, shared and every routed expert, sharded as
-accelerate's FSDP2 TRANSFORMER_BASED_WRAP does, and match one unsharded process."""
+"""dsft's NF4 expert storage shards across processes: two gloo processes on CPU (tests/fsdp_worker.py)
+train one step of the NF4 tiny model with LoRA on attention, shared and every routed expert, and match
+one unsharded process."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dsft.config.schema import ModelSection
@@ -16,10 +17,13 @@ from dsft.models.load import load_model, resolve_model_path
 from dsft.moe.experts import DsftExperts
 
 
-def test_fsdp2_shards_nf4_experts_and_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["fsdp2", "codes"])
+def test_sharded_nf4_experts_match_one_process(mode: str, tmp_path: Path) -> None:
+    """`fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`: `model.shard_experts` splits them
+    at load time and each layer gathers its codes when it runs (forward and backward)."""
     out = tmp_path / "report.json"
     worker = Path(__file__).with_name("fsdp_worker.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(out)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), mode, str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())

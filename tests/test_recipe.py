@@ -120,3 +120,14 @@ def test_help_is_fast_and_does_not_import_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'\n"
             "assert time.perf_counter() - start < 3, 'help is slow'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "recipes/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(config: Path) -> None:
+    """accelerate reads each config; precision is left to the recipe (model.dtype), and the header says
+    how to launch it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.mixed_precision == "no" and loaded.num_processes >= 2
+    assert "accelerate launch --config_file recipes/accelerate/" + config.name in config.read_text()

@@ -34,7 +34,8 @@ def _lora(shape: tuple[int, int], r: int) -> int:
     return r * (shape[0] + shape[1])
 
 
-def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
+def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None],
+               processes: int = 1) -> dict[str, Any]:
     adapter = recipe.adapter
     moe_layers, num_experts = moe_layout(cfg)
     dense_layers = [i for i in range(cfg["num_hidden_layers"]) if i not in moe_layers]
@@ -62,7 +63,8 @@ def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[in
         groups["router"] = {"modules": len(moe_layers), "params": num_experts * h * len(moe_layers)}
     trainable = sum(g["params"] for g in groups.values())
     return {"groups": groups, "trainable_params": trainable, "adapter_bytes": 4 * trainable,
-            "weights": weight_bytes(recipe, cfg, moe_layers, num_experts), "memory": memory_estimate(recipe, cfg, trainable)}
+            "weights": weight_bytes(recipe, cfg, moe_layers, num_experts),
+            "memory": memory_estimate(recipe, cfg, trainable, processes)}
 
 
 def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num_experts: int) -> dict[str, Any]:
@@ -78,15 +80,17 @@ def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num
     full = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + num_experts * h * len(moe_layers)
     half = 2 if recipe.model.dtype != "float32" else 4
     if recipe.model.quantization == "nf4":
-        return {"nf4_params": linear + experts, "full_precision_params": full,
+        return {"nf4_params": linear + experts, "full_precision_params": full, "expert_params": experts,
                 "bytes": int((linear + experts) * NF4_BYTES + full * half)}
     return {"nf4_params": 0, "full_precision_params": linear + experts + full, "bytes": (linear + experts + full) * half}
 
 
-def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int) -> dict[str, float]:
-    """Peak GPU memory, estimated: weights + 16 B per trainable parameter + activations. With
+def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, processes: int = 1) -> dict[str, float]:
+    """Peak GPU memory per GPU, estimated: weights + 16 B per trainable parameter + activations. With
     activation checkpointing a token keeps each layer's input and, for the layer being recomputed,
-    its attention and top-k expert activations; without it, those of every layer."""
+    its attention and top-k expert activations; without it, those of every layer. NF4 experts add one
+    layer's dequantized experts (a reused buffer); with `model.shard_experts` on N processes each GPU
+    holds 1/N of the expert codes plus one gathered layer."""
     gib = 2**30
     h, layers, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_experts_per_tok") or 0
     inter, heads = cfg["moe_intermediate_size"], cfg["num_attention_heads"]
@@ -94,7 +98,14 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int) -> dict
     layer_tokens = 1.2 * 2 * (k * (2 * h + 3 * inter) + attn)
     per_token = 2 * h * layers + layer_tokens if recipe.training.activation_checkpointing else layer_tokens * layers
     tokens = recipe.training.micro_batch_size * recipe.data.max_length
-    weights = weight_bytes(recipe, cfg, *moe_layout(cfg))["bytes"]
+    moe_layers, num_experts = moe_layout(cfg)
+    held = weight_bytes(recipe, cfg, moe_layers, num_experts)
+    weights = held["bytes"]
+    if recipe.model.quantization == "nf4" and moe_layers:
+        layer = held["expert_params"] / len(moe_layers)
+        weights += layer * (2 if recipe.model.dtype != "float32" else 4)
+        if recipe.model.shard_experts and processes > 1:
+            weights -= held["expert_params"] * NF4_BYTES * (1 - 1 / processes) - layer / 2
     total = weights + ADAM_BYTES * trainable + per_token * tokens + 1.0 * gib
     return {"weights_gib": weights / gib, "adapter_training_gib": ADAM_BYTES * trainable / gib,
             "activations_gib": per_token * tokens / gib, "peak_gib": total / gib, "tokens_per_micro_batch": tokens}

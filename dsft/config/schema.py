@@ -45,6 +45,10 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
+    shard_experts: bool = Field(
+        False, description="With `nf4` on several processes: each rank keeps 1/N of the routed experts' NF4 codes "
+        "and gathers a layer's codes when it runs, for models whose experts do not fit one GPU (DeepSeek-V3)."
+    )
 
     @field_validator("path")
     @classmethod
@@ -59,6 +63,13 @@ class ModelSection(Section):
 
             check_model_dir(Path(v))
         return v
+
+    @model_validator(mode="after")
+    def _shard_needs_nf4(self) -> "ModelSection":
+        if self.shard_experts and self.quantization != "nf4":
+            raise ValueError("shard_experts needs quantization: nf4 (for a bf16 base, shard with FSDP2: "
+                             "recipes/accelerate/fsdp2.yaml)")
+        return self
 
 
 class DataSection(Section):

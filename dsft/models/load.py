@@ -61,11 +61,19 @@ def device() -> torch.device:
 
 
 def load_model(section: ModelSection, path: Path) -> torch.nn.Module:
-    """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`)."""
+    """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`; their codes
+    split across the ranks of a multi-process run with `shard_experts`)."""
     from dsft.models.stream import load_streaming
 
     return load_streaming(path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
-                          section.attn_implementation)
+                          section.attn_implementation, shard_experts=section.shard_experts and world_size() > 1)
+
+
+def world_size() -> int:
+    """Processes in this run's process group (1 outside `accelerate launch` / torchrun)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def model_identity(path: Path, model_path: str) -> dict[str, Any]:

@@ -69,16 +69,17 @@ class _ExpertStage:
         target.copy_(tensor)
         self.missing.discard((expert, proj))
 
-    def build(self, quantized: bool, dtype: torch.dtype) -> DsftExperts:
-        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype)
+    def build(self, quantized: bool, dtype: torch.dtype, sharded: bool = False) -> DsftExperts:
+        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype, sharded)
         del self.gate_up, self.down
         return module
 
 
 class StreamLoader:
     def __init__(self, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
-                 attn_implementation: str, num_layers: int | None = None) -> None:
+                 attn_implementation: str, num_layers: int | None = None, shard_experts: bool = False) -> None:
         self.path, self.dtype, self.quantized, self.device = path, dtype, quantized, device
+        self.shard_experts = shard_experts
         self.layer_limit = num_layers
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
@@ -175,7 +176,7 @@ class StreamLoader:
             stage.add(m.group("proj"), read().to(self.device, self.dtype), expert)
             if not stage.missing:
                 parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype))
+                setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype, self.shard_experts))
             return True
         if key not in names:
             return False
@@ -200,5 +201,6 @@ class StreamLoader:
 
 
 def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
-                   attn_implementation: str = "sdpa", num_layers: int | None = None) -> nn.Module:
-    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers).load()
+                   attn_implementation: str = "sdpa", num_layers: int | None = None,
+                   shard_experts: bool = False) -> nn.Module:
+    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers, shard_experts).load()

@@ -79,7 +79,7 @@ class DsftExperts(nn.Module):
     """Routed experts with frozen weights held as parameters (`quantized=False`) or packed NF4."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, sharded: bool = False) -> None:
         super().__init__()
         dtype = dtype or gate_up.dtype
         self.num_experts, two_i, self.hidden_dim = gate_up.shape
@@ -88,8 +88,8 @@ class DsftExperts(nn.Module):
         self.quantized = quantized
         self.compute_dtype = dtype
         if quantized:
-            self.gate_up_nf4 = PackedNF4(gate_up, dtype)
-            self.down_nf4 = PackedNF4(down, dtype)
+            self.gate_up_nf4 = PackedNF4(gate_up, dtype, sharded)
+            self.down_nf4 = PackedNF4(down, dtype, sharded)
         else:
             self.gate_up_proj = nn.Parameter(gate_up.to(dtype), requires_grad=False)
             self.down_proj = nn.Parameter(down.to(dtype), requires_grad=False)
@@ -104,7 +104,7 @@ class DsftExperts(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A tensor on the experts' device (PEFT places adapter weights next to `weight`)."""
-        return self.gate_up_nf4.packed if self.quantized else self.gate_up_proj
+        return self.gate_up_nf4.stored if self.quantized else self.gate_up_proj
 
     def gate_up_weight(self) -> torch.Tensor:
         return self.gate_up_nf4.dequantize() if self.quantized else self.gate_up_proj

@@ -16,7 +16,7 @@ from dsft.config.schema import Recipe
 from dsft.data.formats import load_conversations
 from dsft.data.tokenize import IGNORE, tokenize_all
 from dsft.errors import DsftError
-from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
+from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path, world_size
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
 
@@ -147,6 +147,15 @@ def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[
     return counts
 
 
+def expert_codes_layout(model: torch.nn.Module) -> str | None:
+    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts; None
+    without NF4 experts."""
+    from dsft.moe.nf4 import PackedNF4
+
+    stores = [m for m in model.modules() if isinstance(m, PackedNF4)]
+    return None if not stores else "sharded" if all(m.sharded for m in stores) else "whole"
+
+
 def fp32_adapter(model: torch.nn.Module) -> None:
     """Keep trainable weights in fp32: TRL casts them to bf16 on 4-bit models, and a trainable
     router is copied in the base dtype."""
@@ -271,6 +280,7 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None, "eval_loss": eval_loss,
                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "processes": world_size(), "expert_codes": expert_codes_layout(trainer.model),
                "targets": targets}
     run_dir.complete(run, info, summary)
     return result

@@ -60,7 +60,9 @@ def policy_selection(recipe: Recipe, profile: dict[str, Any]) -> dict[int, list[
 
 
 def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
-    plan = build_plan(recipe, cfg, selection)
+    from dsft.models.load import world_size
+
+    plan = build_plan(recipe, cfg, selection, world_size())
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
