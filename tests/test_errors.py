@@ -61,6 +61,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("zero-batch", {"training": {"micro_batch_size": 0}}, "validate", "training.micro_batch_size: must be > 0"),
     ("missing-path", {"model": {"path": None}}, "validate", "model.path: required; add it"),
     ("bad-quantization", {"model": {"quantization": "int3"}}, "validate", "model.quantization: must be one of"),
+    ("shard-without-nf4", {"model": {"shard_experts": True}}, "validate", "model.shard_experts: needs model.quantization: nf4"),
     ("unknown-builtin", {"model": {"path": "builtin:nope"}}, "validate", "model.path: unknown built-in model 'nope'"),
     ("bad-format", {"data": {"format": "sharegpt"}}, "validate", "data.format: must be one of"),
     ("routed-bad-form", {"adapter": {"routed_experts": "some"}}, "validate", "adapter.routed_experts.experts: must be none, all"),

@@ -64,12 +64,12 @@ class ModelSection(Section):
             check_model_dir(Path(v))
         return v
 
-    @model_validator(mode="after")
-    def _shard_needs_nf4(self) -> "ModelSection":
-        if self.shard_experts and self.quantization != "nf4":
-            raise ValueError("shard_experts needs quantization: nf4 (for a bf16 base, shard with FSDP2: "
-                             "recipes/accelerate/fsdp2.yaml)")
-        return self
+    @field_validator("shard_experts")
+    @classmethod
+    def _shard_needs_nf4(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("quantization") != "nf4":
+            raise ValueError("needs model.quantization: nf4 (for a bf16 base, shard with FSDP2: recipes/accelerate/fsdp2.yaml)")
+        return v
 
 
 class DataSection(Section):
