@@ -51,6 +51,10 @@ def test_nf4_quantizes_every_routed_expert_and_linear() -> None:
     for layer in model.model.layers[1:]:
         assert layer.mlp.gate.weight.dtype == torch.float32
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    from dsft.train.sft import model_params
+
+    unquantized = _load()
+    assert model_params(model) == model_params(unquantized) == sum(p.numel() for p in unquantized.parameters())
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])

@@ -147,6 +147,25 @@ def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[
     return counts
 
 
+def model_params(model: torch.nn.Module) -> int:
+    """Parameters of the model as trained, counting 4-bit weights by their shape (bitsandbytes packs
+    two per byte; dsft's expert codes are not parameters when sharded)."""
+    from dsft.moe.nf4 import PackedNF4
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, PackedNF4):
+            total += module.shape.numel()
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            state = getattr(p, "quant_state", None)
+            total += state.shape.numel() if state is not None else p.numel()
+    return total
+
+
 def expert_codes_layout(model: torch.nn.Module) -> str | None:
     """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts; None
     without NF4 experts."""
@@ -274,7 +293,7 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
     groups = group_params(trainer.model, targets)
     total_tokens, loss_tokens = _count(prepared.train)
     trainable = sum(groups.values())
-    result = SftResult(run, groups, trainable, sum(p.numel() for p in trainer.model.parameters()),
+    result = SftResult(run, groups, trainable, model_params(trainer.model),
                        total_tokens, loss_tokens, plan, metrics.losses(), eval_loss)
     summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
                "first_loss": result.losses[0] if result.losses else None,
