@@ -127,7 +127,9 @@ class StreamLoader:
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if key + SCALE_SUFFIX not in keys or self.fp8_block is None:
                 raise DsftError(f"{self.path}: FP8 tensor {key} has no {key}{SCALE_SUFFIX} in the same shard")
-            tensor = dequantize_fp8(tensor, handle.get_tensor(key + SCALE_SUFFIX), self.fp8_block)
+            # on the target device: dequantizing 650B FP8 weights (DeepSeek-V3) on the host takes far longer
+            tensor = dequantize_fp8(tensor.to(self.device), handle.get_tensor(key + SCALE_SUFFIX).to(self.device),
+                                    self.fp8_block)
         return tensor
 
     def load(self) -> nn.Module:

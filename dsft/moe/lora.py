@@ -26,6 +26,8 @@ MODE_ATTR = "dsft_expert_mode"  # "lora" (default) or "full"
 
 
 def _device_of(module: nn.Module) -> torch.device:
+    if isinstance(module, DsftExperts):  # sharded NF4 codes are neither parameters nor buffers
+        return module.weight.device
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
