@@ -6,6 +6,7 @@ NF4 expert codes sharded across the ranks (`model.shard_experts`)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,39 @@ def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> No
     assert single.keys() == double.keys() and any("experts.lora_" in k for k in single)
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-3, atol=1e-4)  # reduction order
+
+
+def test_fsdp2_matches_one_process_and_resumes(make_recipe, tmp_path: Path) -> None:
+    """The shipped recipes/accelerate/fsdp2.yaml on 2 CPU processes (tests/fsdp_launch.py keeps
+    accelerate's FSDP plugin on without GPUs): NF4 codes and the adapter sharded by FSDP2, the adapter
+    gathered for saving equals one process's; after losing everything past the first checkpoint,
+    `--resume` reloads the sharded adapter and optimizer and ends where the uninterrupted run did."""
+    common = {"model": {"quantization": "nf4"}, "adapter": {"routed_experts": {1: [0, 3]}}}
+    one = make_recipe("one.yaml", rows=16, output_dir=str(tmp_path / "one"), **common,
+                      training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, "save_steps": 2})
+    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
+                      training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2})
+    fsdp = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
+            "--num_processes", "2", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run("-m", "dsft", "sft", "--recipe", str(one))
+    run(*fsdp, "--recipe", str(two))
+    single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
+    sharded = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    assert single.keys() == sharded.keys() and any("experts.lora_" in k for k in single)
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-3, atol=1e-4)
+
+    shutil.rmtree(tmp_path / "two/checkpoints/checkpoint-4")
+    shutil.rmtree(tmp_path / "two/adapter")
+    info = json.loads((tmp_path / "two/run.json").read_text())
+    info["status"] = "running"
+    (tmp_path / "two/run.json").write_text(json.dumps(info))
+    run(*fsdp, "--recipe", str(two), "--resume")
+    resumed = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    for key in sharded:
+        torch.testing.assert_close(resumed[key], sharded[key], rtol=0, atol=1e-6)

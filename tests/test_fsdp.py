@@ -33,14 +33,16 @@ def test_sharded_nf4_experts_match_one_process(mode: str, tmp_path: Path) -> Non
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 
 
-def test_nf4_codes_stay_out_of_state_dicts() -> None:
-    """The codes are a parameter (so FSDP2 shards them) but are rebuilt from the base checkpoint:
-    adapter and Trainer checkpoints never carry them, and strict loading does not ask for them."""
+def test_nf4_codes_are_a_frozen_parameter() -> None:
+    """A parameter, so FSDP2 shards them and torch.distributed.checkpoint finds every parameter in the
+    state dict; frozen, so adapter files and the Trainer's adapter-only FSDP checkpoints leave them out."""
     section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
     model = load_model(section, resolve_model_path(section.path))
     experts = next(m for m in model.modules() if isinstance(m, DsftExperts))
-    assert isinstance(experts.gate_up_nf4.packed, torch.nn.Parameter) and not experts.gate_up_nf4.packed.requires_grad
-    assert not any(k.endswith("packed") for k in model.state_dict())
+    codes = experts.gate_up_nf4.packed
+    assert isinstance(codes, torch.nn.Parameter) and codes.dtype == torch.uint8 and not codes.requires_grad
+    state = experts.state_dict()
+    assert torch.equal(state["gate_up_nf4.packed"], codes)
     before = experts.gate_up_nf4.dequantize().clone()
-    experts.load_state_dict(experts.state_dict(), strict=True)
+    experts.load_state_dict(state, strict=True)
     assert torch.equal(experts.gate_up_nf4.dequantize(), before)

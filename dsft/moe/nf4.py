@@ -75,7 +75,7 @@ class PackedNF4(nn.Module):
             del packed
         else:
             # A frozen parameter, not a buffer: FSDP2 shards parameters only (a buffer would stay whole
-            # on every rank). It is rebuilt from the base checkpoint, so state dicts leave it out.
+            # on every rank). Frozen, so adapter files and adapter-only checkpoints leave it out.
             self.packed = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
         self.quant_state.dtype = dtype
@@ -104,12 +104,6 @@ class PackedNF4(nn.Module):
         full = reusable_buffer(torch.Size([local.numel() * dist.get_world_size()]), torch.uint8, local.device)
         dist.all_gather_into_tensor(full, local, group=codes_group())
         return full[:self.packed_shape.numel()].view(self.packed_shape)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
-        pass
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):  # noqa: ANN001 - nn.Module's signature
-        state_dict.pop(prefix + "packed", None)
 
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf

@@ -140,7 +140,7 @@ def run_dpo(prepared: PreparedDpo, force: bool, checkpoint: Path | None = None) 
 def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any,
            checkpoint: Path | None = None) -> DpoResult:
     from datasets import Dataset
-    from trl import DPOTrainer
+    from dsft.train.trainer import DsftDPOTrainer
 
     from dsft.adapters.metadata import build_metadata, write_metadata
     from dsft.train import resume
@@ -151,7 +151,7 @@ def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dic
     torch.manual_seed(recipe.training.seed)
     model, targets, init_meta = _policy(prepared, run, identity, info)
     metrics = JsonlMetrics(run / "metrics.jsonl")
-    trainer = DPOTrainer(
+    trainer = DsftDPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(prepared.train),

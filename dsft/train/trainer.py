@@ -1,15 +1,37 @@
-"""TRL's SFTTrainer plus what DeepSeek MoE training needs from it: the model's own balance loss."""
+"""TRL's trainers plus what DeepSeek MoE training needs from them: the model's own balance loss (SFT),
+and resuming an adapter under FSDP2 (SFT and DPO)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from dsft.config.schema import TrainingSection
 
 
-class DsftSFTTrainer(SFTTrainer):
+class FsdpAdapterResume:
+    """Under FSDP2 the Trainer reloads a checkpoint's model through torch.distributed.checkpoint from
+    the FSDP model file, which also holds bitsandbytes' 4-bit quant-state entries that the loader then
+    rejects (KeyError). The checkpoint's adapter_model.safetensors holds the same trainable weights:
+    load those into the sharded parameters instead. The optimizer and scheduler still come from the
+    Trainer's own files."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from dsft.train.dist import load_full_trainable_state
+
+        load_full_trainable_state(self.model, Path(resume_from_checkpoint) / "adapter_model.safetensors")
+        return None
+
+
+class DsftDPOTrainer(FsdpAdapterResume, DPOTrainer):
+    pass
+
+
+class DsftSFTTrainer(FsdpAdapterResume, SFTTrainer):
     def __init__(self, *args: Any, balance: TrainingSection | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.balance = None
