@@ -20,9 +20,8 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
-def build(shard_experts: bool = False) -> nn.Module:
-    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4",
-                           shard_experts=shard_experts)
+def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3") -> nn.Module:
+    section = ModelSection(path=path, dtype="float32", quantization="nf4", shard_experts=shard_experts)
     base = load_model(section, resolve_model_path(section.path))
     every_expert = {layer_of(n): None for n in expert_modules(base)}
     model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"), every_expert)[0]
@@ -42,16 +41,16 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     return logits.detach(), float(loss)
 
 
-def main(mode: str, out: str) -> None:
+def main(mode: str, out: str, path: str = "builtin:tiny-deepseek-v3") -> None:
     resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(1))
-    reference = build()
+    reference = build(path=path)
     ref_logits, _ = step(reference, ids)
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
 
-    model = build(shard_experts=mode == "codes")
+    model = build(shard_experts=mode == "codes", path=path)
     experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
     codes = [m.gate_up_nf4 for m in experts] + [m.down_nf4 for m in experts]
     if mode == "fsdp2":
@@ -82,4 +81,4 @@ def main(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

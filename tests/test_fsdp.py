@@ -5,6 +5,7 @@ one unsharded process."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +18,36 @@ from dsft.models.load import load_model, resolve_model_path
 from dsft.moe.experts import DsftExperts
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "codes"])
-def test_sharded_nf4_experts_match_one_process(mode: str, tmp_path: Path) -> None:
-    """`fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`: `model.shard_experts` splits them
-    at load time and each layer gathers its codes when it runs (forward and backward)."""
+def _fused_checkpoint(tmp: Path) -> Path:
+    """The tiny V3 saved in transformers' fused expert layout (mlp.experts.gate_up_proj)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src, dst = resolve_model_path("builtin:tiny-deepseek-v3"), tmp / "fused"
+    shutil.copytree(src, dst)
+    state = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
+def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, tmp_path: Path) -> None:
+    """`fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`: `model.shard_experts` has each
+    rank read and quantize only its half of every layer's experts (from DeepSeek's per-expert layout or
+    transformers' fused one) and gather the layer's codes when it runs (forward and backward)."""
     out = tmp_path / "report.json"
     worker = Path(__file__).with_name("fsdp_worker.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), mode, str(out)],
+    path = [str(_fused_checkpoint(tmp_path))] if layout == "fused" else []
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), mode,
+                           str(out), *path],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
     assert report["logits_max_diff"] < 1e-4
+    if mode == "codes":  # quantized in halves, bit-identical to quantizing each layer whole
+        assert report["logits_max_diff"] == 0.0
     assert report["missing"] == [] and report["expert_lora_params"] > 0
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 

@@ -48,29 +48,38 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
 
 
 class _ExpertStage:
-    """One layer's routed experts, filled expert by expert, then turned into DsftExperts."""
+    """One layer's routed experts, filled expert by expert, then turned into DsftExperts. With sharded
+    codes it holds (and its loader reads) only this rank's experts."""
 
-    def __init__(self, template: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, template: nn.Module, device: torch.device, dtype: torch.dtype, sharded: bool) -> None:
+        from dsft.moe.nf4 import expert_range
+
         e, two_i, h = template.gate_up_proj.shape
         self.act_fn = template.act_fn
-        self.num_experts, self.inter = e, two_i // 2
-        self.gate_up = torch.empty(e, two_i, h, device=device, dtype=dtype)
-        self.down = torch.empty(e, h, self.inter, device=device, dtype=dtype)
-        self.missing = {(i, p) for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
+        self.num_experts, self.inter, self.sharded = e, two_i // 2, sharded
+        self.lo, self.hi, _ = expert_range(e) if sharded else (0, e, e)
+        self.gate_up = torch.empty(self.hi - self.lo, two_i, h, device=device, dtype=dtype)
+        self.down = torch.empty(self.hi - self.lo, h, self.inter, device=device, dtype=dtype)
+        self.missing = {(i, p) for i in range(self.lo, self.hi) for p in ("gate_proj", "up_proj", "down_proj")}
+
+    def wants(self, expert: int | None) -> bool:
+        return expert is None or self.lo <= expert < self.hi
 
     def add(self, proj: str, tensor: torch.Tensor, expert: int | None = None) -> None:
         if expert is None:  # fused tensor
-            (self.gate_up if proj == "gate_up_proj" else self.down).copy_(tensor)
+            (self.gate_up if proj == "gate_up_proj" else self.down).copy_(tensor[self.lo:self.hi])
             parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
-            self.missing -= {(i, p) for i in range(self.num_experts) for p in parts}
+            self.missing -= {(i, p) for i in range(self.lo, self.hi) for p in parts}
             return
         rows = {"gate_proj": slice(0, self.inter), "up_proj": slice(self.inter, 2 * self.inter)}
-        target = self.down[expert] if proj == "down_proj" else self.gate_up[expert, rows[proj]]
+        local = expert - self.lo
+        target = self.down[local] if proj == "down_proj" else self.gate_up[local, rows[proj]]
         target.copy_(tensor)
         self.missing.discard((expert, proj))
 
-    def build(self, quantized: bool, dtype: torch.dtype, sharded: bool = False) -> DsftExperts:
-        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype, sharded)
+    def build(self, quantized: bool, dtype: torch.dtype) -> DsftExperts:
+        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype,
+                             self.num_experts if self.sharded else None)
         del self.gate_up, self.down
         return module
 
@@ -84,6 +93,7 @@ class StreamLoader:
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
         self.stages: dict[str, _ExpertStage] = {}
+        self.built: set[str] = set()
         self.skipped = 0
 
     def skeleton(self) -> nn.Module:
@@ -171,14 +181,19 @@ class StreamLoader:
         m = PER_EXPERT.match(key) or FUSED.match(key)
         if m and m.group("module") not in names:
             module_name = m.group("module")
+            if module_name in self.built:  # this rank's experts of that layer are all in
+                return True
             stage = self.stages.get(module_name)
             if stage is None:
-                stage = self.stages[module_name] = _ExpertStage(model.get_submodule(module_name), self.device, self.dtype)
+                stage = self.stages[module_name] = _ExpertStage(model.get_submodule(module_name), self.device,
+                                                                self.dtype, self.shard_experts)
             expert = int(m.group("expert")) if "expert" in m.groupdict() else None
-            stage.add(m.group("proj"), read().to(self.device, self.dtype), expert)
+            if stage.wants(expert):  # another rank's expert is never read
+                stage.add(m.group("proj"), read().to(self.device, self.dtype), expert)
             if not stage.missing:
                 parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype, self.shard_experts))
+                setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype))
+                self.built.add(module_name)
             return True
         if key not in names:
             return False

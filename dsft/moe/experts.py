@@ -79,17 +79,20 @@ class DsftExperts(nn.Module):
     """Routed experts with frozen weights held as parameters (`quantized=False`) or packed NF4."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
-                 dtype: torch.dtype | None = None, sharded: bool = False) -> None:
+                 dtype: torch.dtype | None = None, num_experts: int | None = None) -> None:
+        """`num_experts` given: NF4 codes sharded across ranks, and `gate_up`/`down` hold only this
+        rank's experts (dsft.moe.nf4.expert_range)."""
         super().__init__()
         dtype = dtype or gate_up.dtype
-        self.num_experts, two_i, self.hidden_dim = gate_up.shape
+        _, two_i, self.hidden_dim = gate_up.shape
+        self.num_experts = num_experts or gate_up.shape[0]
         self.intermediate_dim = two_i // 2
         self.act_fn = act_fn
         self.quantized = quantized
         self.compute_dtype = dtype
         if quantized:
-            self.gate_up_nf4 = PackedNF4(gate_up, dtype, sharded)
-            self.down_nf4 = PackedNF4(down, dtype, sharded)
+            self.gate_up_nf4 = PackedNF4(gate_up, dtype, num_experts)
+            self.down_nf4 = PackedNF4(down, dtype, num_experts)
         else:
             self.gate_up_proj = nn.Parameter(gate_up.to(dtype), requires_grad=False)
             self.down_proj = nn.Parameter(down.to(dtype), requires_grad=False)
