@@ -54,10 +54,12 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, tmp_path:
 
 def test_nf4_codes_are_a_frozen_parameter() -> None:
     """A parameter, so FSDP2 shards them and torch.distributed.checkpoint finds every parameter in the
-    state dict; frozen, so adapter files and the Trainer's adapter-only FSDP checkpoints leave them out."""
+    state dict; frozen, so adapter files and the Trainer's adapter-only FSDP checkpoints leave them out.
+    Not a buffer: DDP broadcasts every buffer from rank 0 before each forward."""
     section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
     model = load_model(section, resolve_model_path(section.path))
     experts = next(m for m in model.modules() if isinstance(m, DsftExperts))
+    assert sum(b.numel() for b in model.buffers()) < 100  # rotary tables and correction biases only
     codes = experts.gate_up_nf4.packed
     assert isinstance(codes, torch.nn.Parameter) and codes.dtype == torch.uint8 and not codes.requires_grad
     state = experts.state_dict()
