@@ -30,6 +30,23 @@ def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DSFT_CACHE"] = str(tmp_path_factory.mktemp("dsft-cache"))
 
 
+def fused_checkpoint(tmp: Path) -> Path:
+    """The tiny V3 saved in transformers' fused expert layout (mlp.experts.gate_up_proj)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dsft.config.schema import ModelSection
+    from dsft.models.load import load_model, resolve_model_path
+
+    src, dst = resolve_model_path("builtin:tiny-deepseek-v3"), tmp / "fused"
+    shutil.copytree(src, dst)
+    base = load_model(ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32"), src)
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def legal_rows(n: int) -> list[dict]:
     lines = (REPO / "data_templates/legal/train.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines[:n]]

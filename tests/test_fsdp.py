@@ -5,7 +5,6 @@ one unsharded process."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fused_checkpoint
+
 from dsft.config.schema import ModelSection
 from dsft.models.load import load_model, resolve_model_path
 from dsft.moe.experts import DsftExperts
-
-
-def _fused_checkpoint(tmp: Path) -> Path:
-    """The tiny V3 saved in transformers' fused expert layout (mlp.experts.gate_up_proj)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    src, dst = resolve_model_path("builtin:tiny-deepseek-v3"), tmp / "fused"
-    shutil.copytree(src, dst)
-    state = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
-    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
-    save_file({k: v.contiguous() for k, v in state.items()}, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 @pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
@@ -38,7 +26,7 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, tmp_path:
     transformers' fused one) and gather the layer's codes when it runs (forward and backward)."""
     out = tmp_path / "report.json"
     worker = Path(__file__).with_name("fsdp_worker.py")
-    path = [str(_fused_checkpoint(tmp_path))] if layout == "fused" else []
+    path = [str(fused_checkpoint(tmp_path))] if layout == "fused" else []
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), mode,
                            str(out), *path],
                           capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import REPO, fused_checkpoint
 from dsft.adapters.lora import attach_lora, load_lora
 from dsft.adapters.metadata import build_metadata, write_metadata
 from dsft.config.schema import AdapterSection, ModelSection
@@ -88,17 +88,8 @@ def test_merge_per_expert_layout_exactly(tmp_path: Path) -> None:
             assert b.get_tensor(key).numpy().tobytes() == m.get_tensor(key).numpy().tobytes()
 
 
-def _fused_copy(tmp: Path) -> Path:
-    """The tiny V3 saved in transformers' fused expert layout (mlp.experts.gate_up_proj)."""
-    src, dst = resolve_model_path("builtin:tiny-deepseek-v3"), tmp / "fused"
-    shutil.copytree(src, dst)
-    state = {k: v.contiguous() for k, v in _base("builtin:tiny-deepseek-v3").state_dict().items()}
-    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def test_merge_fused_layout(tmp_path: Path) -> None:
-    fused = _fused_copy(tmp_path)
+    fused = fused_checkpoint(tmp_path)
     assert "model.layers.1.mlp.experts.gate_up_proj" in _tensors(fused)
     run = make_run(tmp_path, fused)
     merge(resolve(run, None), tmp_path / "merged", progress=False)

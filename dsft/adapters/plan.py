@@ -67,6 +67,11 @@ def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[in
             "memory": memory_estimate(recipe, cfg, trainable, processes)}
 
 
+def compute_bytes(recipe: Recipe) -> int:
+    """Bytes per weight held in the compute dtype (`auto` counts as bfloat16, as on a GPU)."""
+    return 4 if recipe.model.dtype == "float32" else 2
+
+
 def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num_experts: int) -> dict[str, Any]:
     """How the frozen base is held: NF4 (every Linear but the router and lm_head, every routed expert)
     or the compute dtype, in bytes."""
@@ -78,7 +83,7 @@ def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num
     linear += sum(a * b for a, b in shapes["dense_mlp"].values()) * dense_layers
     experts = 3 * h * cfg["moe_intermediate_size"] * num_experts * len(moe_layers)
     full = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + num_experts * h * len(moe_layers)
-    half = 2 if recipe.model.dtype != "float32" else 4
+    half = compute_bytes(recipe)
     if recipe.model.quantization == "nf4":
         return {"nf4_params": linear + experts, "full_precision_params": full, "expert_params": experts,
                 "bytes": int((linear + experts) * NF4_BYTES + full * half)}
@@ -103,7 +108,7 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     weights = held["bytes"]
     if recipe.model.quantization == "nf4" and moe_layers:
         layer = held["expert_params"] / len(moe_layers)
-        weights += layer * (2 if recipe.model.dtype != "float32" else 4)
+        weights += layer * compute_bytes(recipe)
         if recipe.model.shard_experts and processes > 1:
             weights -= held["expert_params"] * NF4_BYTES * (1 - 1 / processes) - layer / 2
     total = weights + ADAM_BYTES * trainable + per_token * tokens + 1.0 * gib

@@ -93,7 +93,6 @@ class StreamLoader:
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
         self.stages: dict[str, _ExpertStage] = {}
-        self.built: set[str] = set()
         self.skipped = 0
 
     def skeleton(self) -> nn.Module:
@@ -181,7 +180,7 @@ class StreamLoader:
         m = PER_EXPERT.match(key) or FUSED.match(key)
         if m and m.group("module") not in names:
             module_name = m.group("module")
-            if module_name in self.built:  # this rank's experts of that layer are all in
+            if isinstance(model.get_submodule(module_name), DsftExperts):  # this rank's experts are all in
                 return True
             stage = self.stages.get(module_name)
             if stage is None:
@@ -193,7 +192,6 @@ class StreamLoader:
             if not stage.missing:
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype))
-                self.built.add(module_name)
             return True
         if key not in names:
             return False

@@ -140,12 +140,12 @@ def run_dpo(prepared: PreparedDpo, force: bool, checkpoint: Path | None = None) 
 def _train(prepared: PreparedDpo, run: Path, identity: dict[str, Any], info: dict[str, Any], args: Any,
            checkpoint: Path | None = None) -> DpoResult:
     from datasets import Dataset
-    from dsft.train.trainer import DsftDPOTrainer
 
     from dsft.adapters.metadata import build_metadata, write_metadata
     from dsft.train import resume
     from dsft.train.callbacks import JsonlMetrics
     from dsft.train.resume import trim_metrics
+    from dsft.train.trainer import DsftDPOTrainer
 
     recipe = prepared.base.recipe
     torch.manual_seed(recipe.training.seed)
