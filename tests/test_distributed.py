@@ -21,6 +21,16 @@ MULTINODE = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "re
              "--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
 
 
+def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Equal up to reduction order. Adam moves an element whose gradient is near zero by up to lr per
+    step whatever its size, so rounding can shift a single element by a fraction of one step (lr 1e-2):
+    each element within a tenth of a step, and on average far closer than that."""
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
+    diff = torch.cat([(got[k] - expected[k]).abs().flatten() for k in expected])
+    assert diff.mean() < 1e-6, f"mean |difference| {diff.mean():.2e}"
+
+
 @pytest.mark.parametrize("model", [{}, {"quantization": "nf4", "shard_experts": True}], ids=["fp32", "nf4-sharded"])
 def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> None:
     common = {"adapter": {"routed_experts": {1: [0, 3]}}, **({"model": model} if model else {})}
@@ -42,8 +52,7 @@ def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> No
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
     assert single.keys() == double.keys() and any("experts.lora_" in k for k in single)
-    for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=1e-3, atol=1e-4)  # reduction order
+    assert_same_training(double, single)
 
 
 def test_fsdp2_matches_one_process_and_resumes(make_recipe, tmp_path: Path) -> None:
@@ -68,8 +77,7 @@ def test_fsdp2_matches_one_process_and_resumes(make_recipe, tmp_path: Path) -> N
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     sharded = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
     assert single.keys() == sharded.keys() and any("experts.lora_" in k for k in single)
-    for key in single:
-        torch.testing.assert_close(sharded[key], single[key], rtol=1e-3, atol=1e-4)
+    assert_same_training(sharded, single)
 
     shutil.rmtree(tmp_path / "two/checkpoints/checkpoint-4")
     shutil.rmtree(tmp_path / "two/adapter")
