@@ -15,6 +15,7 @@ only in how the model and its adapters are held and run. Prints one table; --jso
 
     python benchmarks/moe_sft.py                       # all cases, 2x2048 and 8x2048
     python benchmarks/moe_sft.py --cases dsft-nf4 --batches 8 --layers 8
+    python benchmarks/moe_sft.py --smoke --batches 2 --seq 64   # tiny shapes: checks the script (CPU too)
 """
 
 from __future__ import annotations
@@ -38,9 +39,33 @@ V2_LITE = dict(
     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", routed_scaling_factor=1.0,
     max_position_embeddings=8192, tie_word_embeddings=False,
 )
+SMOKE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+    num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+    qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy", routed_scaling_factor=1.0,
+    max_position_embeddings=256, tie_word_embeddings=False,
+)
 ATTENTION = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100 SXM (the H200's is the same)
 GIB = 2**30
+# Where cases run: CUDA in bf16; `--smoke` without a GPU runs on CPU in fp32 (bf16 matmuls are ~100x slower there).
+DEVICE = torch.device("cuda", 0)
+DTYPE = torch.bfloat16
+
+
+def _cuda() -> bool:
+    return DEVICE.type == "cuda"
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def _gib(stat) -> float | None:
+    """A CUDA memory statistic in GiB; None on CPU, which has no allocator statistics."""
+    return stat() / GIB if _cuda() else None
 
 
 def active_flops_per_token(cfg: dict, seq: int) -> float:
@@ -63,8 +88,9 @@ def build_checkpoint(cfg: dict, path: Path) -> float:
 
     start = time.perf_counter()
     config = AutoConfig.for_model("deepseek_v2", **cfg)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPE)
     model.save_pretrained(path, max_shard_size="4GB")
     del model
     _free()
@@ -73,8 +99,9 @@ def build_checkpoint(cfg: dict, path: Path) -> float:
 
 def _free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if _cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _rss_gib() -> float:
@@ -118,8 +145,8 @@ def load_case(case: str, path: Path, cfg: dict):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16) if case == "stock-nf4" else None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                   bnb_4bit_compute_dtype=DTYPE) if case == "stock-nf4" else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE, device_map={"": DEVICE},
                                                      quantization_config=quant)
         add_fused_lm_head(model)
         config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION + ["shared_experts.gate_proj",
@@ -131,36 +158,46 @@ def load_case(case: str, path: Path, cfg: dict):
     from dsft.config.schema import AdapterSection
     from dsft.models.stream import load_streaming
 
-    model = load_streaming(path, torch.bfloat16, case == "dsft-nf4", torch.device("cuda", 0))
+    model = load_streaming(path, DTYPE, case == "dsft-nf4", DEVICE)
     add_fused_lm_head(model)
     adapter = AdapterSection(r=16, alpha=32, dense_mlp=False, routed_experts="all")
     return attach_lora(model, adapter, dict.fromkeys(_moe_layers(cfg)))[0]
 
 
-def train_steps(model, batch: int, seq: int, steps: int, warmup: int, vocab: int) -> tuple[float, float, float]:
-    """(tokens/s, peak GiB, last loss) over `steps` timed optimizer steps after `warmup` ones."""
+def _optimizer(model) -> torch.optim.Optimizer:
+    """Fused AdamW, the Trainer's default (`optim: adamw_torch_fused`), so the step costs what `dsft sft` pays."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+
+def _autocast():
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=_cuda())  # as the Trainer runs with bf16=True
+
+
+def train_steps(model, batch: int, seq: int, steps: int, warmup: int, vocab: int) -> tuple[float, float | None, float]:
+    """(tokens/s, peak GiB, last loss) over `steps` timed optimizer steps after `warmup` ones; the loss
+    is the last step's, computed before its update."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    optimizer = _optimizer(model)
+    _free()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     loss = torch.zeros(())
+    start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
-            torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
-        ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as the Trainer runs with bf16=True
+        ids = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=gen)
+        with _autocast():
             out = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
         loss = -out.log_probs.sum() / out.label_mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - start
-    return batch * seq * steps / elapsed, torch.cuda.max_memory_allocated() / GIB, float(loss)
+    return batch * seq * steps / elapsed, _gib(torch.cuda.max_memory_allocated), float(loss.detach())
 
 
 def add_reference(model) -> None:
@@ -173,34 +210,31 @@ def add_reference(model) -> None:
 
 
 def _sequence_logps(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+    with _autocast():
         out = model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
     return out.log_probs.sum(-1)
 
 
-def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int, beta: float = 0.1) -> tuple[float, float, float]:
+def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int,
+              beta: float = 0.1) -> tuple[float, float | None, float]:
     """(tokens/s, peak GiB, pairs/s) for DPO steps: policy on chosen+rejected, reference under the
     frozen "ref" adapter without gradients, sigmoid loss; tokens count both sequences of a pair."""
     from trl.trainer.utils import use_adapter
 
-    device = next(model.parameters()).device
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     if "ref" not in model.peft_config:
         add_reference(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator(device=device).manual_seed(0)
+    optimizer = _optimizer(model)
+    _free()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     start = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync()
             start = time.perf_counter()
-        ids = torch.randint(0, vocab, (2 * pairs, seq), device=device, generator=gen)
+        ids = torch.randint(0, vocab, (2 * pairs, seq), device=DEVICE, generator=gen)
         with torch.no_grad(), use_adapter(model, adapter_name="ref"):
             ref = _sequence_logps(model, ids)
         policy = _sequence_logps(model, ids)
@@ -209,15 +243,14 @@ def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else 0.0
-    return 2 * pairs * seq * steps / elapsed, peak, pairs * steps / elapsed
+    return 2 * pairs * seq * steps / elapsed, _gib(torch.cuda.max_memory_allocated), pairs * steps / elapsed
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    cfg = dict(V2_LITE, num_hidden_layers=args.layers or V2_LITE["num_hidden_layers"])
+    shapes = SMOKE if args.smoke else V2_LITE
+    cfg = dict(shapes, num_hidden_layers=args.layers or shapes["num_hidden_layers"])
     path = Path(args.checkpoint)
     rows: list[dict] = []
     if not (path / "config.json").is_file():
@@ -232,9 +265,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             start = time.perf_counter()
             with HostPeak() as host:
                 model = load_case(case, path, cfg)
-                torch.cuda.synchronize()
-            row.update(load_s=time.perf_counter() - start, load_peak_gib=torch.cuda.max_memory_allocated() / GIB,
-                       resident_gib=torch.cuda.memory_allocated() / GIB, host_load_gib=host.gib)
+                _sync()
+            row.update(load_s=time.perf_counter() - start, load_peak_gib=_gib(torch.cuda.max_memory_allocated),
+                       resident_gib=_gib(torch.cuda.memory_allocated), host_load_gib=host.gib)
         except torch.cuda.OutOfMemoryError:
             rows.append({**row, "note": "OOM while loading"})
             print(rows[-1], flush=True)
@@ -244,8 +277,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             entry = dict(row, batch=f"{batch}x{args.seq}")
             try:
                 tps, peak, loss = train_steps(model, batch, args.seq, args.steps, args.warmup, cfg["vocab_size"])
-                entry.update(tokens_per_s=tps, peak_gib=peak, loss=loss,
-                             mfu=tps * active_flops_per_token(cfg, args.seq) / H100_BF16_PEAK)
+                entry.update(tokens_per_s=tps, peak_gib=peak, loss=loss)
+                if _cuda():
+                    entry["mfu"] = tps * active_flops_per_token(cfg, args.seq) / H100_BF16_PEAK
             except torch.cuda.OutOfMemoryError:
                 entry["note"] = "OOM in training"
             rows.append(entry)
@@ -268,12 +302,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':<11} {'batch':<7} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6} {'load s':>7} {'load peak':>9} "
+    head = (f"{'case':<13} {'batch':<8} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6} {'load s':>7} {'load peak':>9} "
             f"{'resident':>9} {'host load':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        fmt = lambda k, f: format(r[k], f) if k in r else "-"  # noqa: E731
-        lines.append(f"{r['case']:<11} {r.get('batch', '-'):<7} {fmt('tokens_per_s', ',.0f'):>9} {fmt('peak_gib', '.1f'):>9} "
+        fmt = lambda k, f: format(r[k], f) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"{r['case']:<13} {r.get('batch', '-'):<8} {fmt('tokens_per_s', ',.0f'):>9} {fmt('peak_gib', '.1f'):>9} "
                      f"{fmt('mfu', '.1%'):>6} {fmt('load_s', '.1f'):>7} {fmt('load_peak_gib', '.1f'):>9} "
                      f"{fmt('resident_gib', '.1f'):>9} {fmt('host_load_gib', '.1f'):>9}  {r.get('note', '')}")
     return "\n".join(lines)
@@ -287,21 +321,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    parser.add_argument("--checkpoint", default="/tmp/dsft-bench-v2lite")
+    parser.add_argument("--checkpoint", default=None, help="where the random checkpoint is built and read "
+                        "(default /tmp/dsft-bench-v2lite, or /tmp/dsft-bench-smoke with --smoke)")
     parser.add_argument("--remove-checkpoint", action="store_true")
     parser.add_argument("--dpo", action="store_true", help="also time DPO steps (dsft cases) at the same tokens per "
                         "step: batch B means B/2 pairs of chosen+rejected")
     parser.add_argument("--build-only", action="store_true", help="only write the random checkpoint (run the cases "
                         "in a second process to measure their host memory alone)")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--smoke", action="store_true", help="tiny DeepSeek-V2 shapes instead of V2-Lite's, on CPU "
+                        "(fp32) when there is no GPU: checks that the script runs, measures nothing worth quoting")
     args = parser.parse_args()
+    global DEVICE, DTYPE
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/moe_sft.py needs a CUDA GPU")
+        if not args.smoke:
+            raise SystemExit("benchmarks/moe_sft.py needs a CUDA GPU (--smoke runs tiny shapes on CPU)")
+        DEVICE, DTYPE = torch.device("cpu"), torch.float32
+    args.checkpoint = args.checkpoint or ("/tmp/dsft-bench-smoke" if args.smoke else "/tmp/dsft-bench-v2lite")
     rows = run(args)
     if args.build_only:
         return
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, process peak RSS {peak_rss:.1f} GiB; "
+    where = torch.cuda.get_device_name() if _cuda() else "CPU (fp32)"
+    print(f"\n{where}, torch {torch.__version__}, process peak RSS {peak_rss:.1f} GiB; "
           "GiB columns are GPU memory except 'host load' (host RSS growth while loading)")
     print(table(rows))
     if args.json:
