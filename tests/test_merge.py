@@ -17,6 +17,7 @@ from conftest import REPO, fused_checkpoint
 from dsft.adapters.lora import attach_lora, load_lora
 from dsft.adapters.metadata import build_metadata, write_metadata
 from dsft.config.schema import AdapterSection, ModelSection
+from dsft.errors import DsftError
 from dsft.export.merge import merge, resolve
 from dsft.export.safetensors_io import ByteMeter
 from dsft.models.load import load_model, model_identity, resolve_model_path
@@ -117,11 +118,7 @@ def test_merge_from_an_nf4_run_uses_the_original_weights(make_recipe, cli, tmp_p
 
 
 def test_merge_memory_follows_the_largest_shard(tmp_path: Path) -> None:
-    sharded = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-deepseek-v3")).save_pretrained(
-        sharded, max_shard_size="48KB")
-    for f in resolve_model_path("builtin:tiny-deepseek-v3").glob("tokenizer*"):
-        shutil.copy(f, sharded / f.name)
+    sharded = _sharded_base(tmp_path)
     shards = shard_files(sharded)
     assert len(shards) >= 8
     run = make_run(tmp_path, sharded)
@@ -136,20 +133,83 @@ def test_merge_memory_follows_the_largest_shard(tmp_path: Path) -> None:
     assert set(index["weight_map"]) == set(_tensors(sharded))
 
 
-def test_interrupted_merge_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _sharded_base(tmp_path: Path) -> Path:
+    """The tiny model saved as many small shards, with its tokenizer."""
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-deepseek-v3")).save_pretrained(
+        sharded, max_shard_size="48KB")
+    for f in resolve_model_path("builtin:tiny-deepseek-v3").glob("tokenizer*"):
+        shutil.copy(f, sharded / f.name)
+    return sharded
+
+
+def _merge_interrupted(run: Path, out: Path, after: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ctrl-C as the merge starts shard `after` + 1; returns the names of the shards it began."""
     from dsft.export import merge as merge_module
 
+    original, began = merge_module.ShardWriter.write, []
+
+    def write_or_stop(self, src, dst):
+        began.append(src.name)
+        if len(began) > after:
+            raise KeyboardInterrupt
+        return original(self, src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merge_module.ShardWriter, "write", write_or_stop)
+        with pytest.raises(KeyboardInterrupt):
+            merge(resolve(run, None), out, progress=False)
+    return began
+
+
+def test_interrupted_merge_continues_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after three shards leaves no --out; the same merge again writes only the other shards
+    (a half-written one from a kill -9 included) and ends with the uninterrupted merge's bytes."""
+    from dsft.export import merge as merge_module
+
+    sharded = _sharded_base(tmp_path)
+    run = make_run(tmp_path, sharded)
+    names = [s.name for s in shard_files(sharded)]
+    whole = merge(resolve(run, None), tmp_path / "whole", progress=False)
+    assert _merge_interrupted(run, tmp_path / "merged", 3, monkeypatch) == names[:4]
+    partial = tmp_path / ".merged.dsft-partial"
+    assert not (tmp_path / "merged").exists()
+    assert sorted(p.name for p in partial.glob("*.safetensors")) == sorted(names[:3])
+    (partial / f"{names[3]}.part").write_bytes(b"cut short by kill -9")
+
+    original, written = merge_module.ShardWriter.write, []
+    monkeypatch.setattr(merge_module.ShardWriter, "write", lambda self, src, dst: written.append(src.name) or original(self, src, dst))
+    record = merge(resolve(run, None), tmp_path / "merged", progress=False)
+    assert written == names[3:]
+    assert record["shards_sha256"] == whole["shards_sha256"]
+    assert record["touched_tensors"] == whole["touched_tensors"]
+    assert not partial.exists()
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    _check_merged(run, sharded, tmp_path / "merged", rtol=1e-5)
+
+
+def test_unfinished_merge_of_another_adapter_is_discarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sharded = _sharded_base(tmp_path)
+    run, other = make_run(tmp_path, sharded), make_run(tmp_path, sharded, seed=1)
+    _merge_interrupted(run, tmp_path / "merged", 4, monkeypatch)
+    record = merge(resolve(other, None), tmp_path / "merged", progress=False)
+    assert record["adapter"] == str((other / "adapter").resolve())
+    fresh = merge(resolve(other, None), tmp_path / "fresh", progress=False)
+    assert record["shards_sha256"] == fresh["shards_sha256"]
+    _check_merged(other, sharded, tmp_path / "merged", rtol=1e-5)
+
+
+def test_two_merges_into_one_out_are_refused(tmp_path: Path) -> None:
+    import fcntl
+
     run = make_run(tmp_path, "builtin:tiny-deepseek-v3")
-    original = merge_module.ShardWriter.write
-
-    def write_then_die(self, src, dst):
-        original(self, src, dst)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(merge_module.ShardWriter, "write", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        merge(resolve(run, None), tmp_path / "merged", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-0"]
+    partial = tmp_path / ".merged.dsft-partial"
+    partial.mkdir()
+    with open(partial / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DsftError, match="another dsft merge is writing it"):
+            merge(resolve(run, None), tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
 
 
 def test_merge_errors_exit_2(tmp_path: Path, cli) -> None:

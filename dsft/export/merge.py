@@ -5,14 +5,14 @@ shard's tensor names, shapes, dtypes and order; tensors the adapter does not tou
 byte, touched ones are merged in fp32 and rounded once to their dtype. A shard is streamed tensor by
 tensor, so memory stays near the adapter plus a few tensors whatever the model's size. FP8
 block-scaled bases are written in bf16 (default) or re-quantized with the same block scheme (`fp8`).
-Everything goes to a temporary directory renamed to `--out` at the end.
+Everything goes to a hidden directory next to `--out`, renamed to it at the end; an interrupted merge
+keeps its finished shards there and the same command continues it (dsft.export.partial).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from dsft.adapters.metadata import identity_mismatches
 from dsft.errors import DsftError
 from dsft.export.adapter import Adapter, merged, read_adapter
+from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
@@ -201,6 +202,7 @@ def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
 def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", meter: ByteMeter | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
+    from rich.console import Console
     from rich.progress import track
 
     import dsft
@@ -217,25 +219,32 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
     meter = meter or ByteMeter()
     meter.hold(adapter.nbytes)
     writer = ShardWriter(adapter, dtype, block, meter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.dsft-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        digests = {s.name: writer.write(s, tmp / s.name) for s in track(shards, description="merging shards",
-                                                                      disable=not progress)}
-        _write_side_files(source, tmp, headers, writer, config, block is not None and dtype != "fp8")
+    inputs = [*shards, *(f for f in source.adapter_dir.iterdir() if f.is_file())]
+    key = fingerprint(inputs, dtype=dtype, dsft_version=dsft.__version__)
+    console = Console(stderr=True, quiet=not progress)
+    with PartialOutput(out, key) as partial:
+        if partial.done:
+            console.print(f"continuing an interrupted merge into {out}: {len(partial.done)} of {len(shards)} shards "
+                          "already written")
+        try:
+            for shard in track(shards, description="merging shards", disable=not progress):
+                if shard.name not in partial.done:
+                    before = writer.touched
+                    digest = writer.write(shard, partial.part(shard.name))
+                    partial.record(shard.name, sha256=digest, touched=writer.touched - before)
+        except BaseException:
+            console.print(f"merge stopped after {len(partial.done)} of {len(shards)} shards; run the same command "
+                          "again to continue")
+            raise
+        _write_side_files(source, partial.dir, headers, writer, config, block is not None and dtype != "fp8")
         record = {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
                   "adapter": str(source.adapter_dir.resolve()), "run": str(source.run.resolve()) if source.run else None,
-                  "dtype": dtype if block else "base", "touched_tensors": writer.touched,
-                  "routed_experts": adapter.meta.get("routed_experts"), "shards_sha256": digests}
-        (tmp / "dsft-merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                  "dtype": dtype if block else "base",
+                  "touched_tensors": sum(d["touched"] for d in partial.done.values()),
+                  "routed_experts": adapter.meta.get("routed_experts"),
+                  "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
+        (partial.dir / "dsft-merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        partial.finish()
     return record
 
 
