@@ -33,12 +33,14 @@ class PartialOutput:
         self.done: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> "PartialOutput":
-        import fcntl
-
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.dir / LOCK, "w")
         try:
+            import fcntl  # POSIX; elsewhere merges go unlocked
+
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
         except BlockingIOError:
             self._lock.close()
             raise DsftError(f"--out {self.out}: another dsft merge is writing it; wait for that one or choose another --out")
