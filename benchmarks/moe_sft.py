@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import os
+import resource
 import shutil
 import threading
 import time

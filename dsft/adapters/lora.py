@@ -1,7 +1,8 @@
 """Turn `recipe.adapter` into exact LoRA targets and a PEFT LoraConfig.
 
 Targets are full module paths found by walking the model, grouped as the recipe names them:
-attention (MLA projections), shared_experts, dense_mlp (the MLP of the first dense layers), and
+attention (MLA or q/k/v/o projections), shared_experts (DeepSeek's `shared_experts`, Qwen2-MoE's
+`shared_expert`), dense_mlp (the MLP of the dense layers), and
 routed_experts (dsft's expert LoRA on chosen experts of DsftExperts modules, see dsft.moe.lora).
 """
 
@@ -21,12 +22,12 @@ from dsft.models.fused import fuse
 from dsft.moe.experts import DsftExperts, layer_of
 
 GROUPS = ("attention", "shared_experts", "dense_mlp", "routed_experts")
-ATTENTION_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+ATTENTION_LEAVES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj")
 MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
 _LAYER = r"(?:^|\.)layers\.\d+\."
 _PATTERNS = {
     "attention": re.compile(_LAYER + r"self_attn\.(" + "|".join(ATTENTION_LEAVES) + r")$"),
-    "shared_experts": re.compile(_LAYER + r"mlp\.shared_experts\.(" + "|".join(MLP_LEAVES) + r")$"),
+    "shared_experts": re.compile(_LAYER + r"mlp\.shared_experts?\.(" + "|".join(MLP_LEAVES) + r")$"),
     "dense_mlp": re.compile(_LAYER + r"mlp\.(" + "|".join(MLP_LEAVES) + r")$"),
 }
 

@@ -13,10 +13,9 @@ from typing import Any
 from torch import nn
 
 from dsft.config.schema import AdapterSection
+from dsft.models.arch import IDENTITY
 
 FILENAME = "dsft_adapter.json"
-IDENTITY = ("model_type", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
-            "n_shared_experts", "first_k_dense_replace", "vocab_size")
 FORMAT_VERSION = 1
 
 

@@ -9,25 +9,19 @@ from typing import Any
 
 from dsft.adapters.selection import moe_layout
 from dsft.config.schema import Recipe
+from dsft.models import arch
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales, fp32 scale per 256 blocks
 ADAM_BYTES = 16  # fp32 master + grad + two Adam moments
 
 
 def module_shapes(cfg: dict[str, Any]) -> dict[str, dict[str, tuple[int, int]]]:
-    """(in, out) of the linear layers of each group, per layer, for DeepSeek-V2/V3 configs."""
-    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
-    attn = {"kv_a_proj_with_mqa": (h, cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]),
-            "kv_b_proj": (cfg["kv_lora_rank"], heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"])),
-            "o_proj": (heads * cfg["v_head_dim"], h)}
-    if cfg.get("q_lora_rank"):
-        attn.update(q_a_proj=(h, cfg["q_lora_rank"]), q_b_proj=(cfg["q_lora_rank"], heads * qk))
-    else:
-        attn.update(q_proj=(h, heads * qk))
+    """(in, out) of the linear layers of each group, per layer."""
+    h = cfg["hidden_size"]
     mlp = lambda i: {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # noqa: E731
-    shared = cfg["moe_intermediate_size"] * (cfg.get("n_shared_experts") or 0)
-    return {"attention": attn, "shared_experts": mlp(shared) if shared else {}, "dense_mlp": mlp(cfg["intermediate_size"])}
+    shared = arch.shared_intermediate(cfg)
+    return {"attention": arch.attention_shapes(cfg), "shared_experts": mlp(shared) if shared else {},
+            "dense_mlp": mlp(cfg["intermediate_size"])}
 
 
 def _lora(shape: tuple[int, int], r: int) -> int:
@@ -50,7 +44,7 @@ def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[in
         per_layer = sum(_lora(s, r) for s in shapes[group].values())
         groups[group] = {"r": r, "alpha": spec.alpha or adapter.alpha, "modules": len(shapes[group]) * len(layers),
                          "layers": list(layers), "params": per_layer * len(layers)}
-    h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    h, inter = cfg["hidden_size"], arch.expert_intermediate(cfg)
     routed = adapter.routed_experts
     if selection:
         r = routed.r or adapter.r
@@ -81,7 +75,7 @@ def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num
     linear = sum(a * b for a, b in shapes["attention"].values()) * cfg["num_hidden_layers"]
     linear += sum(a * b for a, b in shapes["shared_experts"].values()) * len(moe_layers)
     linear += sum(a * b for a, b in shapes["dense_mlp"].values()) * dense_layers
-    experts = 3 * h * cfg["moe_intermediate_size"] * num_experts * len(moe_layers)
+    experts = 3 * h * arch.expert_intermediate(cfg) * num_experts * len(moe_layers)
     full = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + num_experts * h * len(moe_layers)
     half = compute_bytes(recipe)
     if recipe.model.quantization == "nf4":
@@ -98,8 +92,7 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     holds 1/N of the expert codes plus one gathered layer."""
     gib = 2**30
     h, layers, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_experts_per_tok") or 0
-    inter, heads = cfg["moe_intermediate_size"], cfg["num_attention_heads"]
-    attn = heads * 2 * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
+    inter, attn = arch.expert_intermediate(cfg), arch.attention_width(cfg)
     layer_tokens = 1.2 * 2 * (k * (2 * h + 3 * inter) + attn)
     per_token = 2 * h * layers + layer_tokens if recipe.training.activation_checkpointing else layer_tokens * layers
     tokens = recipe.training.micro_batch_size * recipe.data.max_length

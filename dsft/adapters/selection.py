@@ -9,19 +9,14 @@ from typing import Any
 
 from dsft.config.schema import RoutedExperts
 from dsft.errors import DsftError
+from dsft.models import arch
 
 KEY = "adapter.routed_experts"
 
 
 def moe_layout(config: dict[str, Any]) -> tuple[list[int], int]:
     """(indices of the layers with routed experts, experts per layer) from a config.json dict."""
-    layers = config["num_hidden_layers"]
-    experts = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts")
-    if not experts:
-        return [], 0
-    first_dense = config.get("first_k_dense_replace", 0) or 0
-    step = config.get("moe_layer_freq", 1) or 1
-    return [i for i in range(first_dense, layers) if (i - first_dense) % step == 0], int(experts)
+    return arch.moe_layers(config), arch.num_experts(config)
 
 
 def read_config(model_path: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+from dsft.models.arch import SUPPORTED
 
 
 def _json(path: Path) -> dict:
@@ -26,8 +26,8 @@ def check_model_dir(path: Path) -> None:
     if not config_path.is_file():
         raise ValueError(f"{path} has no config.json; point model.path at a transformers checkpoint directory")
     model_type = _json(config_path).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; use one of {', '.join(SUPPORTED)}")
     problems = _shard_problems(path) + _tokenizer_problems(path)
     if problems:
         raise ValueError("; ".join(problems))

@@ -19,8 +19,10 @@ from pydantic import (
     model_validator,
 )
 
+from dsft.models.builtin import CONFIGS
+
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-deepseek-v3", "tiny-deepseek-v2")
+BUILTIN_MODELS = tuple(CONFIGS)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -237,7 +239,7 @@ class TrainingSection(Section):
     eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (needs data.eval); default: at the end only.")
     balance_loss: bool = Field(False, description="Add the model's own load-balance loss (needs adapter.router: trainable).")
     balance_loss_alpha: float | None = Field(
-        None, gt=0, description="Weight of the balance loss; defaults to the checkpoint's aux_loss_alpha (0.001 if absent)."
+        None, gt=0, description="Weight of the balance loss; defaults to the checkpoint's aux_loss_alpha or router_aux_loss_coef (0.001 if absent)."
     )
 
 

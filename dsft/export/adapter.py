@@ -5,6 +5,8 @@
 - Expert LoRA / full experts on `P = model.layers.N.mlp.experts`: per selected expert e, onto the
   per-expert keys `P.e.gate_proj.weight`, `P.e.up_proj.weight`, `P.e.down_proj.weight`, or onto rows
   e of the fused `P.gate_up_proj` / `P.down_proj`, whichever layout the base uses.
+- Checkpoint keys are read in the model's names (`dsft.models.arch.canonical`: Mixtral's
+  `block_sparse_moe.experts.E.w1` is `mlp.experts.E.gate_proj`), so older layouts merge in place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from dsft.adapters.metadata import read_metadata
 from dsft.errors import DsftError
+from dsft.models.arch import canonical
 
 PREFIX = "base_model.model."
 PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -47,6 +50,7 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def touches(self, key: str) -> bool:
+        key = canonical(key)
         if key in self.linear or key in self.replace:
             return True
         m = PER_EXPERT.match(key) or FUSED.match(key)
@@ -103,6 +107,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
 
 def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
     """The merged value of base tensor `key` in fp32 (delta computed in fp32, rounded once by the caller)."""
+    key = canonical(key)
     w = base.float().clone() if base.dtype == torch.float32 else base.float()
     if key in adapter.replace:
         return adapter.replace[key].float().clone()

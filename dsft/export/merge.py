@@ -27,6 +27,7 @@ from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
+from dsft.models.arch import canonical
 from dsft.models.stream import SCALE_SUFFIX, dequantize_fp8, shard_files
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -84,7 +85,7 @@ def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dic
     if wrong:
         raise DsftError(f"--base {source.base} is not the model this adapter was trained on: {'; '.join(wrong)}")
     headers = {shard.name: read_header(shard)[0] for shard in shards}
-    keys = {k: h[k] for h in headers.values() for k in h if k != "__metadata__"}
+    keys = {canonical(k): h[k] for h in headers.values() for k in h if k != "__metadata__"}
     missing = [k for k in adapter.targets() if k not in keys]
     missing += [m for m in adapter.experts if not any(k.startswith(m + ".") for k in keys)]
     if missing:

@@ -15,6 +15,7 @@ import torch
 
 from dsft.export.merge import Source
 from dsft.export.safetensors_io import read_header, read_tensor
+from dsft.models.arch import canonical
 from dsft.models.stream import shard_files
 from dsft.moe.routing import routers
 
@@ -90,7 +91,7 @@ def _tensor_index(path: Path) -> dict[str, tuple[Path, dict[str, Any], int]]:
     index = {}
     for shard in shard_files(path):
         header, start = read_header(shard)
-        index.update({k: (shard, v, start) for k, v in header.items() if k != "__metadata__"})
+        index.update({canonical(k): (shard, v, start) for k, v in header.items() if k != "__metadata__"})
     return index
 
 

@@ -83,7 +83,8 @@ def model_identity(path: Path, model_path: str) -> dict[str, Any]:
 
     raw = (path / "config.json").read_bytes()
     cfg = json.loads(raw)
-    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "n_routed_experts",
-            "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "vocab_size")
+    from dsft.models.arch import IDENTITY
+
+    keys = ("architectures", *IDENTITY)
     return {"path": model_path, "resolved_path": str(path.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
             **{k: cfg.get(k) for k in keys}}

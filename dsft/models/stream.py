@@ -2,7 +2,8 @@
 their final device and form, one at a time.
 
 - The model skeleton is built on the meta device (buffers real), with transformers' native class.
-- Routed experts, per-expert (`mlp.experts.E.gate_proj.weight`, DeepSeek's layout) or fused
+- Routed experts, per-expert (`mlp.experts.E.gate_proj.weight`, DeepSeek's and Qwen's layout; Mixtral's
+  `block_sparse_moe.experts.E.w1.weight` names are mapped, dsft.models.arch.canonical) or fused
   (`mlp.experts.gate_up_proj`), are assembled one layer at a time in a staging buffer on the target
   device and then become a DsftExperts module (NF4 or plain), so peak memory while loading is the
   final footprint plus about one layer's experts.
@@ -23,13 +24,14 @@ import torch
 from torch import nn
 
 from dsft.errors import DsftError
+from dsft.models.arch import canonical
 from dsft.moe.experts import DsftExperts
 
 PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 FUSED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"
-NOT_QUANTIZED = ("lm_head", "mlp.gate")
+NOT_QUANTIZED = ("lm_head", "mlp.gate", "mlp.shared_expert_gate")  # routers and gates stay exact
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -159,7 +161,7 @@ class StreamLoader:
                     if layer and int(layer.group(1)) >= self.num_layers:
                         self.skipped += 1
                         continue
-                    if not self._route(model, key, lambda k=key: self._tensor(handle, k, keys), names):
+                    if not self._route(model, canonical(key), lambda k=key: self._tensor(handle, k, keys), names):
                         unexpected.append(key)
         missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         missing += [f"{name}: experts {sorted(stage.missing)[:4]}..." for name, stage in self.stages.items()]

@@ -5,8 +5,10 @@ For each MoE layer, with N experts, top-k K, a token's affinities s over the exp
 f_i = N / (K T) * (tokens selecting expert i), P_i = mean over tokens of s_i, the loss is
 alpha * sum_i f_i P_i, summed over layers:
 - DeepSeek-V2: expert-level, over all tokens of the micro-batch, s = softmax(router logits);
-- DeepSeek-V3: sequence-wise, per sequence then averaged, s = sigmoid(logits) normalised to sum 1.
-Padding tokens do not count.
+- DeepSeek-V3: sequence-wise, per sequence then averaged, s = sigmoid(logits) normalised to sum 1;
+- Qwen-MoE, Mixtral: as DeepSeek-V2 (transformers' `load_balancing_loss_func` is the same sum, averaged
+  over layers instead of summed; the recipe's alpha absorbs the difference).
+Padding tokens do not count. dsft computes it for every family and switches TRL's own aux loss off.
 """
 
 from __future__ import annotations
@@ -69,5 +71,6 @@ class BalanceLoss:
 
 def for_model(model: nn.Module, alpha: float | None) -> BalanceLoss:
     config = model.config
-    alpha = alpha if alpha is not None else float(getattr(config, "aux_loss_alpha", None) or 0.001)
+    default = getattr(config, "aux_loss_alpha", None) or getattr(config, "router_aux_loss_coef", None) or 0.001
+    alpha = alpha if alpha is not None else float(default)
     return BalanceLoss(model, alpha, sequence_wise=config.model_type == "deepseek_v3")

@@ -110,6 +110,9 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
         disable_tqdm=False,
         average_tokens_across_devices=True,  # the loss of N processes equals one process's at the same global batch
         ddp_find_unused_parameters=False,
+        # The balance loss is dsft's (training.balance_loss, dsft.moe.balance) for every family; TRL would
+        # otherwise add Qwen-MoE's / Mixtral's router aux loss unasked.
+        router_aux_loss_coef=0.0,
     )
 
 

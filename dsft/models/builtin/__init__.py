@@ -65,6 +65,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False,
     },
 }
+# Other transformers MoE families at the same size: grouped-query attention, 8 experts top-2. Qwen's layer 0
+# is dense (`mlp_only_layers`) and Qwen2-MoE adds a gated shared expert; Mixtral's layers are all sparse
+# and its checkpoint keeps the older `block_sparse_moe.experts.E.w1` names.
+_GQA: dict[str, Any] = {
+    key: _COMMON[key] for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                                  "pad_token_id", "tie_word_embeddings", "initializer_range", "num_experts_per_tok")
+}
+_GQA["num_key_value_heads"] = 2
+_QWEN = {**_GQA, "moe_intermediate_size": 32, "num_experts": 8, "mlp_only_layers": [0], "norm_topk_prob": True}
+CONFIGS.update({
+    "tiny-qwen3-moe": {**_QWEN, "model_type": "qwen3_moe", "head_dim": 16},
+    "tiny-qwen2-moe": {**_QWEN, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 32},
+    "tiny-mixtral": {**_GQA, "model_type": "mixtral", "intermediate_size": 32, "num_local_experts": 8},
+})
 SEED = 0
 
 
