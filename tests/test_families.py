@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import REPO
 from dsft.config.schema import ModelSection
 from dsft.models import arch
 from dsft.models.load import load_model, resolve_model_path
@@ -116,3 +117,22 @@ def test_balance_loss_only_when_the_recipe_asks(make_recipe, cli, tmp_path: Path
     assert not any("aux_loss" in r or "balance_loss" in r for r in logs["plain"])
     assert any(r.get("balance_loss", 0) > 0 for r in logs["balanced"])
     assert not any("aux_loss" in r for r in logs["balanced"])
+
+
+def test_dpo_on_an_nf4_qwen2_moe(make_recipe, cli, tmp_path: Path) -> None:
+    """DPO with expert LoRA and the gated shared expert on an NF4 Qwen2-MoE: rewards separate, and the
+    adapter holds exactly the planned parameters."""
+    recipe = make_recipe("dpo.yaml", model={"path": "builtin:tiny-qwen2-moe", "quantization": "nf4"},
+                         data={"train": str(REPO / "data_templates/legal/preference.jsonl"), "format": "preference",
+                               "max_length": 160},
+                         adapter={"routed_experts": {1: [0, 3]}}, dpo={"max_prompt_length": 64},
+                         training={"lr": 5e-3, "max_steps": 16, "micro_batch_size": 8, "logging_steps": 4})
+    result = cli("dpo", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    logs = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    margins = [r["rewards/margins"] for r in logs if "rewards/margins" in r]
+    assert margins[-1] > margins[0] + 0.3
+    weights = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert any(".mlp.shared_expert." in k for k in weights) and not any(".ref." in k for k in weights)
+    plan = json.loads((tmp_path / "run/plan.json").read_text())
+    assert plan["trainable_params"] == sum(t.numel() for t in weights.values())
