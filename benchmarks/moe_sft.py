@@ -101,6 +101,11 @@ def _free() -> None:
     gc.collect()
     if _cuda():
         torch.cuda.empty_cache()
+    _reset_peak()
+
+
+def _reset_peak() -> None:
+    if _cuda():
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -180,7 +185,7 @@ def train_steps(model, batch: int, seq: int, steps: int, warmup: int, vocab: int
     model.enable_input_require_grads()
     model.train()
     optimizer = _optimizer(model)
-    _free()
+    _reset_peak()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     loss = torch.zeros(())
     start = time.perf_counter()
@@ -227,7 +232,7 @@ def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int,
     if "ref" not in model.peft_config:
         add_reference(model)
     optimizer = _optimizer(model)
-    _free()
+    _reset_peak()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     start = time.perf_counter()
     for step in range(warmup + steps):

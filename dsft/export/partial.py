@@ -22,7 +22,10 @@ LOCK = ".lock"
 
 def fingerprint(files: list[Path], **options: Any) -> dict[str, Any]:
     """What the output depends on: every input file's size and mtime, and the merge options."""
-    stats = {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(files)}
+    stats = {}
+    for f in sorted(files):
+        st = f.stat()
+        stats[str(f.resolve())] = [st.st_size, st.st_mtime_ns]
     return {"files": stats, **options}
 
 
