@@ -91,3 +91,23 @@ def cli():
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny SFT run (2 steps) on the built-in DeepSeek-V3, with expert LoRA."""
+    from typer.testing import CliRunner
+
+    from dsft.cli.app import app
+
+    root = tmp_path_factory.mktemp("finished")
+    train = write_jsonl(root / "train.jsonl", legal_rows(8))
+    recipe = {"model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+              "data": {"train": str(train), "max_length": 128},
+              "adapter": {"r": 4, "alpha": 8, "routed_experts": {1: [0, 3]}},
+              "training": {"max_steps": 2, "micro_batch_size": 4, "save_steps": 1000, "logging_steps": 1},
+              "output_dir": str(root / "run")}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["sft", "--recipe", str(root / "recipe.yaml")])
+    assert result.exit_code == 0, result.output
+    return root / "run"

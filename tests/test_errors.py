@@ -4,6 +4,7 @@ Every row here is listed in docs/errors.md."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, legal_rows, write_jsonl
+from test_bad_inputs import _snapshot, refused
 
 GOOD_PAIR = {"prompt": "Q?", "chosen": "A.", "rejected": "B."}
 
@@ -155,6 +157,9 @@ def _merge(base: dict, changes: dict) -> dict:
 
 @pytest.mark.parametrize("case, changes, command, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case: str, changes: Any, command: str, expected: str, tmp_path: Path, cli) -> None:
+    from dsft.models.load import resolve_model_path
+
+    resolve_model_path("builtin:tiny-deepseek-v3")  # the cache is materialised before the snapshot
     train = write_jsonl(tmp_path / "train.jsonl", legal_rows(4))
     recipe = {"model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
               "data": {"train": str(train), "max_length": 128}, "training": {"max_steps": 1},
@@ -166,13 +171,12 @@ def test_bad_input(case: str, changes: Any, command: str, expected: str, tmp_pat
         recipe["model"].pop("path")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    before = sorted(p.name for p in tmp_path.iterdir())
+    cache = Path(os.environ["DSFT_CACHE"])
+    before = _snapshot(tmp_path, cache)
     args = command.split()
     result = cli(args[0], *([path] if args[0] == "validate" else ["--recipe", path]), *args[1:])
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2, result.output
-    assert len(errors) == 1 and expected in errors[0], result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    refused(result, expected)
+    assert _snapshot(tmp_path, cache) == before  # nothing created, nothing changed
 
 
 def test_too_little_disk_for_checkpoints(make_recipe, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,7 +186,8 @@ def test_too_little_disk_for_checkpoints(make_recipe, cli, tmp_path: Path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
     result = cli("sft", "--recipe", make_recipe())
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(errors) == 1 and "needs about" in errors[0] and "GiB free" in errors[0]
+    assert result.exit_code == 2 and len(errors) == 1 and "needs about" in errors[0] and "KiB free" in errors[0]
+    assert "has 1000 B;" in errors[0]  # sizes in the unit that fits, not "0.0 GiB"
     assert not (tmp_path / "run").exists()
 
 

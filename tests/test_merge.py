@@ -43,7 +43,8 @@ def make_run(tmp: Path, base: Path | str, adapter: AdapterSection = ADAPTER, sel
     path = resolve_model_path(str(base))
     write_metadata(run / "adapter", build_metadata(peft_model, adapter, targets, model_identity(path, str(base))))
     recipe = {"model": {"path": str(base), "dtype": "float32", "quantization": "none"},
-              "data": {"train": [str(REPO / "data_templates/legal/eval.jsonl")], "format": "messages"}}
+              "data": {"train": [str(REPO / "data_templates/legal/eval.jsonl")], "format": "messages"},
+              "output_dir": str(run)}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return run
 

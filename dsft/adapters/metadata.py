@@ -53,5 +53,37 @@ def identity_mismatches(config: dict[str, Any], meta: dict[str, Any]) -> list[st
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
+    from dsft.outputs import read_json
+
     path = Path(adapter_dir) / FILENAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "the adapter is damaged: train it again or restore the file") if path.is_file() else {}
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(adapter_dir: Path, key: str = "--adapter") -> dict[str, Any]:
+    """Before PEFT or the merge reads an adapter directory: its config is a JSON mapping, its weights are
+    safetensors whose header parses and whose bytes are all there (pickle files are never unpickled), and
+    dsft_adapter.json, if any, is readable. Returns adapter_config.json."""
+    from dsft.config.files import safetensors_header
+    from dsft.errors import DsftError
+    from dsft.outputs import read_json
+
+    damaged = "the adapter is damaged: train it again or restore the file"
+    config = read_json(adapter_dir / "adapter_config.json", damaged)
+    if not isinstance(config.get("r"), int) and not config.get("rank_pattern"):
+        raise DsftError(f"{adapter_dir / 'adapter_config.json'}: no LoRA rank `r`; not a LoRA adapter config ({damaged})")
+    weights = adapter_dir / WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(p.name for p in adapter_dir.glob("*.bin"))
+        if pickles:
+            raise DsftError(f"{key} {adapter_dir}: holds only pickle weights ({', '.join(pickles)}); dsft never unpickles: "
+                            f"save the adapter as {WEIGHTS} (PEFT's default, safe_serialization=True)")
+        raise DsftError(f"{key} {adapter_dir}: no {WEIGHTS}; {damaged}")
+    try:
+        safetensors_header(weights)
+    except ValueError as e:
+        raise DsftError(f"{key}: {e}") from None
+    read_metadata(adapter_dir)
+    return config

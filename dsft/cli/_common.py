@@ -29,6 +29,12 @@ ResumeFromOpt = Annotated[str | None, typer.Option("--resume-from", help="Contin
                                                    show_default=False)]
 
 
+def at_least(option: str, value: int | None, low: int) -> None:
+    """An option's lower bound, reported as dsft's one line (not Click's usage box)."""
+    if value is not None and value < low:
+        raise DsftError(f"{option}: must be >= {low} (got {value})")
+
+
 def offline() -> None:
     """dsft never downloads weights, data or kernels: every hub client is told so before it is
     imported, and the libraries' deprecation chatter about their own internals is silenced."""
@@ -71,6 +77,7 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     relaunch(num_processes)
+    from dsft.train import run_dir
     from dsft.train.sft import resume_point
 
     if kind == "sft":
@@ -79,8 +86,14 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
     else:
         from dsft.train.dpo import preflight
         from dsft.train.dpo import run_dpo as run
-    prepared = preflight(resolved, force, resume=resume or bool(resume_from))
-    return run(prepared, force, resume_point(resolved, resume, resume_from))
+    resuming = resume or bool(resume_from)
+    prepared = preflight(resolved, force, resume=resuming)
+    resume_point(resolved, resume, resume_from, dry=True)  # refused before the lock creates anything
+    output = Path(resolved.output_dir)
+    with run_dir.lock(output):  # a second process on this output_dir stops here, naming this one's pid
+        # again under the lock: another process may have finished a run here since the preflight
+        run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved), locked=True)
+        return run(prepared, force, resume_point(resolved, resume, resume_from))
 
 
 def errors_exit_2(fn: F) -> F:
@@ -96,5 +109,13 @@ def errors_exit_2(fn: F) -> F:
             for line in e.lines:
                 typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a writer met a full disk, a read-only file system, a permission
+            from dsft.outputs import os_error
+
+            line = os_error(e)
+            if line is None or os.environ.get("DSFT_DEBUG"):
+                raise
+            typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

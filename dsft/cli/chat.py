@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import errors_exit_2
+from dsft.cli._common import at_least, errors_exit_2
 
 
 @errors_exit_2
@@ -16,20 +16,20 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="One question; without it, read questions from the terminal.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 256,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Chat with a failed or interrupted run's adapter.")] = False,
 ) -> None:
     """Answer with the run's adapter, streaming tokens, in the run's chat template (empty line or Ctrl-D ends)."""
     import torch
     from transformers import TextStreamer
 
     from dsft.adapters.lora import load_lora
-    from dsft.config.schema import ModelSection
-    from dsft.models.load import autocast_for, load_model, load_tokenizer, resolve_model_path
-    from dsft.train.evaluate import run_parts
+    from dsft.models.load import autocast_for, load_model, load_tokenizer
+    from dsft.train.evaluate import open_run
 
-    recipe, adapter_dir = run_parts(adapter)
-    section = ModelSection(**recipe["model"])
+    at_least("--max-new-tokens", max_new_tokens, 1)
+    recipe, adapter_dir, model_path = open_run(adapter, force, "chat with")
     tokenizer = load_tokenizer(adapter_dir)
-    model = load_lora(load_model(section, resolve_model_path(section.path)), str(adapter_dir))
+    model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
     history = [{"role": "system", "content": system}] if system else []
     questions = [prompt] if prompt is not None else _ask()

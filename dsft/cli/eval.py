@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import errors_exit_2
+from dsft.cli._common import at_least, errors_exit_2
 
 
 @errors_exit_2
@@ -17,6 +17,7 @@ def eval_(
     samples: Annotated[int, typer.Option(help="Examples scored.")] = 256,
     generations: Annotated[int, typer.Option(help="Prompts answered greedily.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per generated answer.")] = 48,
+    force: Annotated[bool, typer.Option("--force", help="Evaluate a failed or interrupted run's adapter.")] = False,
 ) -> None:
     """Score a run on held-out data (base vs adapter), show a few answers; writes RUN/eval.json."""
     from rich.console import Console
@@ -24,7 +25,10 @@ def eval_(
 
     from dsft.train.evaluate import evaluate
 
-    report = evaluate(adapter, data, samples, generations, max_new_tokens)
+    at_least("--samples", samples, 1)
+    at_least("--generations", generations, 0)
+    at_least("--max-new-tokens", max_new_tokens, 1)
+    report = evaluate(adapter, data, samples, generations, max_new_tokens, force)
     console = Console()
     table = Table(title=f"dsft eval: {adapter} ({report['examples']} examples)")
     for col in ("", "loss", "perplexity"):

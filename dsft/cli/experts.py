@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import RecipeOpt, SetOpt, errors_exit_2
+from dsft.cli._common import RecipeOpt, SetOpt, at_least, errors_exit_2
+from dsft.errors import DsftError
 
 app = typer.Typer(help="Routing profile and expert targeting plan.", no_args_is_help=True)
 
@@ -15,10 +16,20 @@ ReprofileOpt = Annotated[bool, typer.Option("--reprofile", help="Profile again e
 
 
 def _prepare(recipe: Path, set_: list[str] | None):
+    """The recipe checked as for `dsft sft`; the run directory, where the profile and plan go, may hold a run
+    (they are its cache) but may not be in use, be a file, or lie inside a checkpoint."""
     from dsft.config import load_recipe
+    from dsft.outputs import check_location, holder
+    from dsft.train.run_dir import run_inputs
     from dsft.train.sft import preflight
 
-    return preflight(load_recipe(recipe, set_ or [], check_files=True), force=False, check_output=False)
+    resolved = load_recipe(recipe, set_ or [], check_files=True)
+    output = Path(resolved.output_dir)
+    check_location(output, "output_dir", run_inputs(resolved))
+    pid = holder(output)
+    if pid is not None:
+        raise DsftError(f"output_dir: {output} is in use by a running dsft process (pid {pid}); wait for it to finish")
+    return preflight(resolved, force=False, check_output=False)
 
 
 def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN001, ANN202 - lazy types
@@ -55,6 +66,7 @@ def profile(
 
     from dsft.moe.profile import summary_table
 
+    at_least("--samples", samples, 1)
     prepared = _prepare(recipe, set_)
     spec = prepared.recipe.adapter.routed_experts
     count = "all" if all_tokens else spec.count

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from dsft.cli._common import ForceOpt, errors_exit_2
+from dsft.cli._common import at_least, errors_exit_2
 
 
 @errors_exit_2
@@ -18,15 +18,20 @@ def merge(
     dtype: Annotated[Literal["bf16", "fp8"], typer.Option(help="For FP8 block-scaled bases: write bf16, or re-quantize to FP8.")] = "bf16",
     verify: Annotated[bool, typer.Option("--verify", help="Compare with base + adapter; exit 1 beyond tolerance.")] = False,
     verify_layers: Annotated[int | None, typer.Option(help="Verify on the first N layers only (big checkpoints).")] = None,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a merged checkpoint dsft wrote at --out; merge a "
+                                        "failed or interrupted run's adapter.")] = False,
 ) -> None:
     """Merge a LoRA / expert adapter into the ORIGINAL base weights, shard by shard, and optionally verify."""
     from rich.console import Console
 
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
+    from dsft.train.run_dir import check_usable
 
+    at_least("--verify-layers", verify_layers, 1)
     source = resolve(adapter, base)
+    if source.run is not None:
+        check_usable(source.run, force, "merge")
     record = run_merge(source, out, force=force, dtype=dtype)
     console = Console()
     console.print(f"merged {record['touched_tensors']} tensors of {source.base} into {out} "

@@ -28,7 +28,11 @@ def _summary(result) -> None:  # noqa: ANN001 - SftResult, imported lazily
     for group, n in result.groups.items():
         table.add_row(f"trainable params: {group}", f"{n:,}")
     table.add_row("trainable / total params", f"{result.trainable:,} / {result.total:,}")
-    table.add_row("train tokens (on loss)", f"{result.train_tokens:,} ({result.loss_tokens:,})")
+    table.add_row("train tokens (on loss), after truncation", f"{result.train_tokens:,} ({result.loss_tokens:,})")
+    cut = result.truncation
+    if cut and cut["truncated"]:
+        table.add_row("rows cut to data.max_length (left without loss tokens)",
+                      f"{cut['truncated']:,} of {cut['rows']:,} ({cut['no_loss_tokens']:,})")
     if result.losses:
         table.add_row("loss first -> last", f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     if result.eval_loss is not None:

@@ -12,11 +12,32 @@ from dsft.config.schema import Recipe
 from dsft.errors import DsftError
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}; keep one of them",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: Path, what: str = "recipe file") -> dict[str, Any]:
     if not path.is_file():
-        raise DsftError(f"{path}: recipe file not found")
+        raise DsftError(f"{path}: {what} not found" if not path.exists() else f"{path}: not a file; give the {what}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DsftError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -26,8 +47,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides; values are parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """Apply `section.key=value` overrides in place; values are parsed as YAML (`1e-4`, `true`, `[a, b]`).
+    Returns each overridden dotted key with its `--set` item, to name it as the source of an error."""
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -39,21 +62,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise DsftError(f"--set {item!r}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-    return data
+        try:
+            node[leaf] = parse_yaml(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise DsftError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                            f"quote it (--set '{key}=\"...\"') or fix the brackets") from None
+        given[key] = item
+    return given
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None, check_files: bool = False) -> Recipe:
-    data = apply_overrides(read_yaml(path), overrides or [])
-    return validate_recipe(data, source=str(path), check_files=check_files)
+    data = read_yaml(path)
+    given = apply_overrides(data, overrides or [])
+    return validate_recipe(data, source=str(path), check_files=check_files, overrides=given)
 
 
-def validate_recipe(data: dict[str, Any], source: str, check_files: bool = False) -> Recipe:
+def validate_recipe(data: dict[str, Any], source: str, check_files: bool = False,
+                    overrides: dict[str, str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data, context={"check_files": check_files})
     except ValidationError as e:
-        lines = [f"{source}: {describe(err)}" for err in e.errors()]
+        lines = [f"{_source(err, source, overrides or {})}: {describe(err)}" for err in e.errors()]
         raise DsftError(*lines) from None
+
+
+def _source(err: dict[str, Any], source: str, overrides: dict[str, str]) -> str:
+    """The recipe file, or `--set KEY=VALUE` when the value at fault came from it."""
+    path = ".".join(str(p) for p in err["loc"])
+    for key, item in overrides.items():
+        if path == key or path.startswith(key + "."):
+            return f"--set {item}"
+    return source
+
+
+def load_run_recipe(run: Path) -> Recipe:
+    """A run's resolved recipe.yaml, read back through the schema (files are not re-checked)."""
+    path = run / "recipe.yaml"
+    if not path.is_file():
+        raise DsftError(f"{run}: no recipe.yaml; not a dsft run directory, or not a finished dsft run (point at the "
+                        "run's output_dir)")
+    return validate_recipe(read_yaml(path, "run recipe"), source=str(path))
 
 
 def _section_keys(loc: tuple) -> list[str]:
@@ -85,6 +133,8 @@ def describe(err: dict[str, Any]) -> str:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
         what = f"must be {op} {bound} (got {err['input']!r})"
+    elif kind == "finite_number":
+        what = f"must be a finite number (got {err['input']!r})"
     elif kind == "literal_error":
         what = f"must be one of {ctx['expected']} (got {err['input']!r})"
     elif kind.endswith(("_parsing", "_type")):

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -24,12 +25,13 @@ from dsft.models.builtin import CONFIGS
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = tuple(CONFIGS)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Strict: YAML's `true` or `.inf` is no count of anything (pydantic would take `true` as 1).
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def _checking_files(info: ValidationInfo) -> bool:
@@ -55,6 +57,8 @@ class ModelSection(Section):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str, info: ValidationInfo) -> str:
+        if not v.strip():
+            raise ValueError("empty; give a checkpoint directory or builtin:tiny-deepseek-v3")
         if v.startswith(BUILTIN_PREFIX):
             name = v[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_MODELS:
@@ -280,6 +284,13 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DpoSection | None = Field(None, description="Preference optimization settings (`dsft dpo`).")
     output_dir: str = Field(description="Run directory: adapter, resolved recipe, metrics, checkpoints.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty; give the run directory to write, e.g. runs/legal")
+        return v
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":

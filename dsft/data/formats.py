@@ -7,6 +7,7 @@ No torch, no tokenizer: this runs in preflight before anything heavy is loaded.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,22 +30,41 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix in (".jsonl", ".json"):
         yield from _jsonl(path)
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DsftError(f"{path}:{line}: {_not_utf8(e)}") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise DsftError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]}); "
+                            "re-export it or use JSONL") from None
+        for i, row in enumerate(rows, start=1):
             yield f"{path}:row {i}", row
     else:
         raise DsftError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8"
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{n}", RowError(_not_utf8(e))
+                continue
             if not line.strip():
                 continue
             try:

@@ -63,3 +63,31 @@ def tokenize_all(
 ) -> dict[str, list[list[int]]]:
     rows = [tokenize_conversation(tokenizer, m, template, assistant_only) for m in conversations]
     return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+
+
+def truncation(tokens: dict[str, list[list[int]]], max_length: int) -> dict[str, int]:
+    """What cutting every row to `max_length` tokens does: rows cut, rows left with no loss token (the
+    trainer drops or wastes them), loss tokens before and after, and the smallest max_length that keeps
+    a loss token in 95% of the rows. A label at position i is predicted from position i - 1, so a row
+    keeps its first loss token at any length above that token's position."""
+    rows = len(tokens["input_ids"])
+    truncated = sum(len(ids) > max_length for ids in tokens["input_ids"])
+    firsts, no_loss, before, after = [], 0, 0, 0
+    for labels in tokens["labels"]:
+        on_loss = [i for i, x in enumerate(labels) if x != IGNORE and i > 0]
+        before += len(on_loss)
+        kept = sum(1 for i in on_loss if i < max_length)
+        after += kept
+        no_loss += kept == 0
+        firsts.append(on_loss[0] + 1 if on_loss else 0)
+    firsts.sort()
+    needed = firsts[min(len(firsts) - 1, -(-95 * len(firsts) // 100) - 1)] if firsts else 0
+    return {"rows": rows, "truncated": truncated, "no_loss_tokens": no_loss, "loss_tokens_before": before,
+            "loss_tokens": after, "max_length_for_95pct": needed}
+
+
+def check_truncation(report: dict[str, int], max_length: int, key: str = "data.max_length") -> None:
+    """Stop when more than half the rows would lose every loss token to truncation."""
+    if report["no_loss_tokens"] * 2 > report["rows"]:
+        raise DsftError(f"{key} {max_length}: {report['no_loss_tokens']} of {report['rows']} rows lose every loss token "
+                        f"after truncation; set {key} to at least {report['max_length_for_95pct']} (keeps 95% of them)")

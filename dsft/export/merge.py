@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from dsft.export.safetensors_io import (
 )
 from dsft.models.arch import canonical
 from dsft.models.stream import SCALE_SUFFIX, dequantize_fp8, shard_files
+from dsft.outputs import check_location, human_size, nearest_existing
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -44,9 +46,11 @@ class Source:
 
 def resolve(adapter_arg: Path, base: Path | None) -> Source:
     """`--adapter` may be a run directory (RUN/adapter inside) or an adapter directory; the base is
-    `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter."""
-    import yaml
-
+    `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter.
+    The adapter's files and the base's config and shard headers are checked before anything is read."""
+    from dsft.adapters.metadata import check_adapter_dir
+    from dsft.config.files import model_dir_error
+    from dsft.config.load import load_run_recipe
     from dsft.models.load import resolve_model_path
 
     if (adapter_arg / "adapter" / "adapter_config.json").is_file():
@@ -54,36 +58,34 @@ def resolve(adapter_arg: Path, base: Path | None) -> Source:
     elif (adapter_arg / "adapter_config.json").is_file():
         adapter_dir = adapter_arg
         run = adapter_arg.parent if (adapter_arg.parent / "recipe.yaml").is_file() else None
+    elif not adapter_arg.exists():
+        raise DsftError(f"--adapter {adapter_arg}: no such directory; give a dsft run directory or an adapter directory")
     else:
         raise DsftError(f"--adapter {adapter_arg}: neither a dsft run directory nor an adapter directory (no adapter_config.json)")
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if run else None
+    config = check_adapter_dir(adapter_dir)
+    recipe = load_run_recipe(run).model_dump(mode="json") if run else None
+    key = "--base"
     if base is None:
         if recipe:
-            base = resolve_model_path(recipe["model"]["path"])
+            base, key = resolve_model_path(recipe["model"]["path"]), f"{run / 'recipe.yaml'}: model.path"
         else:
-            name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not name or not Path(name).is_dir():
+            name = config.get("base_model_name_or_path")
+            if not isinstance(name, str) or not Path(name).is_dir():
                 raise DsftError(f"--adapter {adapter_arg}: no run recipe names the base model; pass --base /path/to/checkpoint")
             base = Path(name)
+    model_dir_error(Path(base), key, tokenizer=False)
     return Source(adapter_dir, Path(base), run, recipe)
-
-
-def _shards(base: Path) -> list[Path]:
-    if not (base / "config.json").is_file():
-        raise DsftError(f"--base {base}: no config.json; point it at the checkpoint the run trained on")
-    shards = shard_files(base)
-    missing = [s.name for s in shards if not s.is_file()]
-    if missing:
-        raise DsftError(f"--base {base}: missing shards {', '.join(missing)}; re-download the checkpoint")
-    return shards
 
 
 def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dict[str, Any]]:
     """Base identity and every adapter target against the base's headers, before anything is written."""
+    from dsft.models.check import check_checkpoint
+
     config = json.loads((source.base / "config.json").read_text())
     wrong = identity_mismatches(config, adapter.meta)
     if wrong:
         raise DsftError(f"--base {source.base} is not the model this adapter was trained on: {'; '.join(wrong)}")
+    check_checkpoint(source.base, "--base")
     headers = {shard.name: read_header(shard)[0] for shard in shards}
     keys = {canonical(k): h[k] for h in headers.values() for k in h if k != "__metadata__"}
     missing = [k for k in adapter.targets() if k not in keys]
@@ -208,10 +210,9 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
 
     import dsft
 
-    if out.exists() and not force:
-        raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+    check_out(out, source, force)
     adapter = read_adapter(source.adapter_dir)
-    shards = _shards(source.base)
+    shards = shard_files(source.base)
     headers = check(source, adapter, shards)
     config = json.loads((source.base / "config.json").read_text())
     block = _fp8_block(config)
@@ -227,6 +228,8 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
         if partial.done:
             console.print(f"continuing an interrupted merge into {out}: {len(partial.done)} of {len(shards)} shards "
                           "already written")
+        todo = [s for s in shards if s.name not in partial.done]
+        check_free_space(out, sum(output_bytes(writer, headers[s.name]) for s in todo))
         try:
             for shard in track(shards, description="merging shards", disable=not progress):
                 if shard.name not in partial.done:
@@ -234,8 +237,12 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
                     digest = writer.write(shard, partial.part(shard.name))
                     partial.record(shard.name, sha256=digest, touched=writer.touched - before)
         except BaseException:
-            console.print(f"merge stopped after {len(partial.done)} of {len(shards)} shards; run the same command "
-                          "again to continue")
+            for shard in todo:  # the unfinished shard: only its finished neighbours are resume state
+                partial.part(shard.name).unlink(missing_ok=True)
+            kept = sum((partial.dir / n).stat().st_size for n in partial.done if (partial.dir / n).is_file())
+            console.print(f"merge stopped after {len(partial.done)} of {len(shards)} shards; the finished ones "
+                          f"({human_size(kept)}) are kept in {partial.dir}: run the same command again to continue, "
+                          "or delete that directory")
             raise
         _write_side_files(source, partial.dir, headers, writer, config, block is not None and dtype != "fp8")
         record = {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
@@ -244,9 +251,42 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
                   "touched_tensors": sum(d["touched"] for d in partial.done.values()),
                   "routed_experts": adapter.meta.get("routed_experts"),
                   "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
-        (partial.dir / "dsft-merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        (partial.dir / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         partial.finish()
     return record
+
+
+MERGE_RECORD = "dsft-merge.json"
+
+
+def check_out(out: Path, source: Source, force: bool) -> None:
+    """`--out` may not be or hold the base, the adapter or its run, nor lie inside a checkpoint; an
+    existing one is replaced only with --force and only when dsft's merge wrote it."""
+    inputs = {"run being merged (--adapter)": [source.run] if source.run else [],
+              "adapter (--adapter)": [source.adapter_dir], "base checkpoint": [source.base]}
+    check_location(out, "--out", inputs, replaceable=True)
+    if not out.exists():
+        return
+    if not force:
+        raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and MERGE_RECORD not in entries:
+        raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); --force replaces only "
+                        f"a merged checkpoint dsft wrote ({MERGE_RECORD}): choose another --out")
+
+
+def output_bytes(writer: "ShardWriter", header: dict[str, Any]) -> int:
+    return sum(DTYPES[dtype].itemsize * int(torch.Size(shape).numel()) for _, dtype, shape, _ in writer.plan(header))
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Room for the shards still to write, plus 2% and 16 MiB for headers and side files."""
+    needed = int(needed * 1.02) + 16 * 2**20
+    probe = nearest_existing(Path(os.path.abspath(out)).parent)
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DsftError(f"--out {out}: the merged checkpoint needs about {human_size(needed)} free, {probe} has "
+                        f"{human_size(free)}; free space or choose another --out")
 
 
 def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, Any]], writer: ShardWriter,

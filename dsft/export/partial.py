@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dsft.errors import DsftError
+from dsft.outputs import OutputLock
 
 PROGRESS = "dsft-merge-progress.json"
 LOCK = ".lock"
@@ -36,17 +36,8 @@ class PartialOutput:
         self.done: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> "PartialOutput":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / LOCK, "w")
-        try:
-            import fcntl  # POSIX; elsewhere merges go unlocked
-
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except BlockingIOError:
-            self._lock.close()
-            raise DsftError(f"--out {self.out}: another dsft merge is writing it; wait for that one or choose another --out")
+        self._lock = OutputLock(self.dir, "--out", LOCK, busy=f"--out {self.out}: another dsft merge is writing it; "
+                                "wait for that one or choose another --out").__enter__()
         state = self._read()
         if state.get("fingerprint") == self.key:
             self.done = {n: d for n, d in state["done"].items() if (self.dir / n).is_file()}
@@ -55,7 +46,7 @@ class PartialOutput:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.close()
+        self._lock.__exit__(*exc)
 
     def _read(self) -> dict[str, Any]:
         try:

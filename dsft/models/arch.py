@@ -95,3 +95,15 @@ def attention_width(cfg: dict[str, Any]) -> int:
     if not is_mla(cfg):
         return heads * 2 * 2 * head_dim(cfg)
     return heads * 2 * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"])
+
+
+def missing_config_keys(cfg: dict[str, Any]) -> list[str]:
+    """Keys dsft and transformers read for this architecture that config.json lacks (transformers would
+    fill them with its defaults, building another model than the checkpoint's)."""
+    keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    if num_experts(cfg):
+        keys.append("moe_intermediate_size" if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3", *QWEN)
+                    else "intermediate_size")
+    if is_mla(cfg):
+        keys += ["qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+    return [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]

@@ -46,14 +46,41 @@ def autocast_for(model: torch.nn.Module):
 
 
 def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
+    """The checkpoint's tokenizer (or an adapter's copy), with the recipe's chat template if given; a
+    tokenizer that cannot be read or a template that is not valid Jinja is one line naming the file."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    from dsft.errors import DsftError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types for damaged files
+        raise DsftError(f"{path}: the tokenizer files cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "re-download tokenizer.json / tokenizer_config.json") from None
     if chat_template_file:
-        tokenizer.chat_template = Path(chat_template_file).read_text(encoding="utf-8")
+        try:
+            tokenizer.chat_template = Path(chat_template_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DsftError(f"{chat_template_file}: not UTF-8 text; save the chat template as UTF-8") from None
+        check_template(tokenizer.chat_template, chat_template_file)
+    elif isinstance(tokenizer.chat_template, str):
+        check_template(tokenizer.chat_template, str(path / "chat template"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_template(text: str, where: str) -> None:
+    """Compile a chat template as transformers will render it (its sandboxed Jinja environment)."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from dsft.errors import DsftError
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as e:
+        raise DsftError(f"{where}:{e.lineno}: the chat template is not valid Jinja ({e.message}); fix the template") from None
 
 
 def device() -> torch.device:

@@ -91,10 +91,16 @@ def profile_key(parts: dict[str, Any]) -> str:
 
 
 def read_profile(directory: Path, key: str | None = None) -> dict[str, Any] | None:
+    """The cached profile (for `key`, when given); a damaged cache reads as none, and is computed again."""
     path = directory / "profile.json"
     if not path.is_file():
         return None
-    profile = json.loads(path.read_text())
+    try:
+        profile = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(profile, dict) or not {"key", "rows", "count", "top_k"} <= set(profile):
+        return None
     return profile if key is None or profile.get("key") == key else None
 
 

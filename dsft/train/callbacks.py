@@ -25,4 +25,22 @@ class JsonlMetrics(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
     def losses(self) -> list[float]:
-        return [r["loss"] for r in self.rows if "loss" in r]
+        """The training loss of every logged step of the run, its part before a resume included."""
+        rows = read_metrics(self.path)[0] if self.path.is_file() else self.rows
+        return [r["loss"] for r in rows if "loss" in r]
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """metrics.jsonl's rows, and how many lines were torn or not JSON (a kill during an append)."""
+    rows, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            torn += 1
+    return rows, torn

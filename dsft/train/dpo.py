@@ -19,6 +19,7 @@ from dsft.config.schema import DpoSection, Recipe
 from dsft.data.preference import fit_prompts, load_pairs
 from dsft.data.tokenize import tokenize_all
 from dsft.errors import DsftError
+from dsft.models.check import check_checkpoint
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
@@ -51,8 +52,9 @@ def _adapter_dir(path: str) -> Path:
 
 
 def _check_init_adapter(adapter: Path, config: dict[str, Any]) -> None:
-    from dsft.adapters.metadata import identity_mismatches, read_metadata
+    from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
 
+    check_adapter_dir(adapter, "dpo.init_adapter")
     wrong = identity_mismatches(config, read_metadata(adapter))
     if wrong:
         raise DsftError(f"dpo.init_adapter: {adapter} was trained on another model than model.path: {'; '.join(wrong)}")
@@ -61,7 +63,7 @@ def _check_init_adapter(adapter: Path, config: dict[str, Any]) -> None:
 def preflight(recipe: Recipe, force: bool, resume: bool = False) -> PreparedDpo:
     """Everything checked before the run directory exists: output dir, every pair, prompt lengths,
     the SFT adapter's base."""
-    run_dir.check_output_dir(Path(recipe.output_dir), force, resume)
+    run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
     if recipe.data.format != "preference":
         raise DsftError("data.format: `dsft dpo` trains on preference rows (prompt, chosen, rejected); set preference")
     dpo = recipe.dpo or DpoSection()
@@ -69,6 +71,7 @@ def preflight(recipe: Recipe, force: bool, resume: bool = False) -> PreparedDpo:
     pairs = load_pairs(data.train, data.system_prompt)
     eval_pairs = load_pairs(data.eval, data.system_prompt) if data.eval else None
     model_path = resolve_model_path(recipe.model.path)
+    check_checkpoint(model_path)
     config = read_config(model_path)
     init = _adapter_dir(dpo.init_adapter) if dpo.init_adapter else None
     if init is not None:

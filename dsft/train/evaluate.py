@@ -13,28 +13,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from dsft.config.schema import ModelSection
+from dsft.config.schema import Recipe
 from dsft.data.formats import Messages, load_conversations
 from dsft.data.tokenize import IGNORE, tokenize_all
 from dsft.errors import DsftError
 
 
-def run_parts(run: Path) -> tuple[dict[str, Any], Path]:
-    if not (run / "recipe.yaml").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
-        raise DsftError(f"--adapter {run}: not a finished dsft run (needs recipe.yaml and adapter/)")
-    return yaml.safe_load((run / "recipe.yaml").read_text()), run / "adapter"
+def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple[Recipe, Path, Path]:
+    """(recipe, adapter directory, base model path) of a finished run, every file checked before a model
+    is loaded: not while it trains, a failed or interrupted one only with --force, the adapter's files,
+    and the base it names is still the model the adapter was trained on."""
+    from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
+    from dsft.config.files import model_dir_error, read_model_config
+    from dsft.config.load import load_run_recipe
+    from dsft.models.check import check_checkpoint
+    from dsft.models.load import resolve_model_path
+    from dsft.train.run_dir import check_usable
+
+    if not run.is_dir():
+        raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft sft or dpo run")
+    recipe = load_run_recipe(run)
+    check_usable(run, force, command)
+    adapter_dir = run / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DsftError(f"--adapter {run}: the run has no adapter/ (it never finished); resume or train it first")
+    check_adapter_dir(adapter_dir)
+    model_path = resolve_model_path(recipe.model.path)
+    key = f"{run / 'recipe.yaml'}: model.path"
+    model_dir_error(model_path, key, tokenizer=False)
+    wrong = identity_mismatches(read_model_config(model_path), read_metadata(adapter_dir))
+    if wrong:
+        raise DsftError(f"{key}: {model_path} is not the model this adapter was trained on: {'; '.join(wrong)}; "
+                        "restore that checkpoint there")
+    check_checkpoint(model_path, key)
+    return recipe, adapter_dir, model_path
 
 
-def _conversations(recipe: dict[str, Any], data: str | None) -> list[Messages]:
-    d = recipe["data"]
-    files = [data] if data else (d.get("eval") or d.get("train"))
-    if d["format"] == "preference":
+def _conversations(recipe: Recipe, data: str | None) -> list[Messages]:
+    d = recipe.data
+    if data and not Path(data).is_file():
+        raise DsftError(f"--data {data}: file not found")
+    files = [data] if data else (d.eval or d.train)
+    if d.format == "preference":
         from dsft.data.preference import load_pairs
 
         return [p["prompt"] + p["chosen"] for p in load_pairs(files)]
-    return load_conversations(files, d["format"], d.get("system_prompt"))
+    return load_conversations(files, d.format, d.system_prompt)
 
 
 @torch.no_grad()
@@ -78,21 +103,22 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
 
 
 def evaluate(run: Path, data: str | None = None, samples: int = 256, generations: int = 3,
-             max_new_tokens: int = 48) -> dict[str, Any]:
+             max_new_tokens: int = 48, force: bool = False) -> dict[str, Any]:
     from dsft.adapters.lora import load_lora
-    from dsft.models.load import load_model, load_tokenizer, resolve_model_path
+    from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
     from dsft.moe.routing import top_k
 
-    recipe, adapter_dir = run_parts(run)
-    section = ModelSection(**recipe["model"])
-    model_path = resolve_model_path(section.path)
+    from dsft.outputs import check_writable
+
+    recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
+    check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)
     conversations = _conversations(recipe, data)[:samples]
     tokens = tokenize_all(tokenizer, conversations, None, True)
-    model = load_lora(load_model(section, model_path), str(adapter_dir))
+    model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
-    batch = recipe.get("training", {}).get("micro_batch_size", 4)
+    batch = recipe.training.micro_batch_size
     pad = tokenizer.pad_token_id
     with model.disable_adapter():
         base_loss = mean_loss(model, tokens, batch, pad)
@@ -103,7 +129,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     drift = routing_profile.load_moved(routing_profile.summarize(base_routes, k, {}),
                                        routing_profile.summarize(adapter_routes, k, {}))
     report = {
-        "data": data or (recipe["data"].get("eval") or recipe["data"]["train"]),
+        "data": data or (recipe.data.eval or recipe.data.train),
         "examples": len(conversations),
         "base": {"loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
         "adapter": {"loss": adapter_loss, "perplexity": math.exp(min(adapter_loss, 50))},

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import TrainerCallback
 
 from dsft.errors import DsftError
@@ -92,7 +91,7 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
+def latest_checkpoint(checkpoints: Path, quiet: bool = False) -> Path | None:
     """The newest intact checkpoint; damaged newer ones are reported and skipped."""
     found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))),
                    reverse=True)
@@ -100,20 +99,27 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
         problem = damage(path)
         if problem is None:
             return path
-        print(f"warning: skipping {path}: {problem}; using an older checkpoint", file=sys.stderr)
+        if not quiet:
+            print(f"warning: skipping {path}: {problem}; using an older checkpoint", file=sys.stderr)
     return None
 
 
-def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None) -> Path:
-    """Check that `run` can be resumed with this recipe and return the checkpoint to resume from."""
-    status = json.loads((run / "run.json").read_text()).get("status") if (run / "run.json").is_file() else None
+def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None, dry: bool = False) -> Path:
+    """Check that `run` can be resumed with this recipe and return the checkpoint to resume from; unless
+    `dry` (the preflight, which changes nothing), remove the damaged checkpoints after it."""
+    from dsft.config.load import read_yaml
+    from dsft.train.run_dir import read_run_json
+
+    status = read_run_json(run).get("status") if (run / "run.json").is_file() else None
     if status is None:
         raise DsftError(f"--resume: {run} holds no dsft run to resume; start it without --resume")
     if status == "complete":
         raise DsftError(f"--resume: the run in {run} is already complete; pass --force to train it again")
-    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    if not (run / "recipe.yaml").is_file():
+        raise DsftError(f"--resume: {run} has no recipe.yaml, so the run cannot be checked; start again with --force")
+    saved = read_yaml(run / "recipe.yaml", "run recipe")
     changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
-                     for k in set(saved[s]) | set(recipe_data.get(s, {})) if saved[s].get(k) != recipe_data.get(s, {}).get(k))
+                     for k in set(saved[s]) | set(recipe_data.get(s) or {}) if saved[s].get(k) != (recipe_data.get(s) or {}).get(k))
     if changed:
         raise DsftError(f"--resume: the recipe changed since the run started ({', '.join(changed[:5])}); "
                         "resume with the same recipe, or start again with --force")
@@ -122,11 +128,11 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None)
         if problem:
             raise DsftError(f"--resume-from {explicit}: {problem}; pick another checkpoint or use --resume")
         return Path(explicit)
-    checkpoint = latest_checkpoint(run / "checkpoints")
+    checkpoint = latest_checkpoint(run / "checkpoints", quiet=dry)
     if checkpoint is None:
         raise DsftError(f"--resume: no complete checkpoint in {run / 'checkpoints'}; start again with --force")
     step = int(checkpoint.name.split("-")[1])
-    for later in (run / "checkpoints").glob("checkpoint-*"):  # damaged or half-written: trained again
+    for later in [] if dry else (run / "checkpoints").glob("checkpoint-*"):  # damaged or half-written: trained again
         m = _CHECKPOINT.match(later.name)
         if m and int(m.group(1)) > step:
             shutil.rmtree(later, ignore_errors=True)
@@ -134,10 +140,16 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None)
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop logged rows after `step`: the resumed run logs them again."""
+    """Drop logged rows after `step` (the resumed run logs them again) and any torn line a kill left."""
+    from dsft.train.callbacks import read_metrics
+    from dsft.train.run_dir import write_atomic
+
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows, torn = read_metrics(path)
+        if torn:
+            print(f"warning: {path}: dropped {torn} torn or unreadable line(s) left by the interrupted run",
+                  file=sys.stderr)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
 def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> None:

@@ -19,27 +19,83 @@ import yaml
 
 from dsft.config.schema import BUILTIN_PREFIX, Recipe
 from dsft.errors import DsftError
+from dsft.outputs import LOCK_NAME, OutputLock, check_location, holder, human_size, nearest_existing, read_json
 from dsft.train.dist import is_main
 
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 
-CACHE_ENTRIES = {"routing", "plan.json"}  # written by `dsft experts` before a run; kept by --force
+CACHE_ENTRIES = {"routing", "plan.json", LOCK_NAME}  # written by `dsft experts` before a run; kept by --force
+# Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
+# replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
+RUN_ENTRIES = CACHE_ENTRIES | {"adapter", ".adapter.tmp", "checkpoints", "recipe.yaml", ".recipe.yaml.tmp", "run.json",
+                               ".run.json.tmp", "metrics.jsonl", "eval.json", ".eval.json.tmp", ".plan.json.tmp"}
+RESUMABLE = ("running", "interrupted", "failed")
 
 
-def check_output_dir(path: Path, force: bool, resume: bool = False) -> None:
-    """Preflight: a run directory that holds anything but dsft's cache is only replaced with --force
-    (or continued with --resume, checked by dsft.train.resume)."""
-    if path.exists() and not path.is_dir():
-        raise DsftError(f"output_dir: {path} is a file; choose a directory path")
-    if resume or not is_main():  # other ranks would see the directory the main rank just created
+def run_inputs(recipe: Recipe) -> dict[str, list[Path]]:
+    """The files a run reads, which its output_dir may never be, contain or replace."""
+    inputs: dict[str, list[Path]] = {"base model (model.path)": [], "data file": [Path(p) for p in
+                                                                          [*recipe.data.train, *recipe.data.eval]]}
+    if not recipe.model.path.startswith(BUILTIN_PREFIX):
+        inputs["base model (model.path)"].append(Path(recipe.model.path))
+    if recipe.data.chat_template:
+        inputs["chat template (data.chat_template)"] = [Path(recipe.data.chat_template)]
+    if recipe.dpo is not None and recipe.dpo.init_adapter:
+        inputs["initial adapter (dpo.init_adapter)"] = [Path(recipe.dpo.init_adapter)]
+    return inputs
+
+
+def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict[str, list[Path]] | None = None,
+                     locked: bool = False) -> None:
+    """Preflight: `path` may not be or hold an input, lie in a model checkpoint, or be in use; a run
+    directory that holds anything but dsft's cache is only replaced with --force (or continued with
+    --resume, checked by dsft.train.resume), and --force replaces only what dsft wrote. `locked`: this
+    process holds the run's lock already (the check again under it)."""
+    if resume and force:
+        raise DsftError("--resume and --force: choose one (--resume continues the run, --force starts it again)")
+    check_location(path, "output_dir", inputs)
+    if not is_main():  # other ranks would see the directory the main rank just created
         return
-    if path.is_dir() and any(p.name not in CACHE_ENTRIES for p in path.iterdir()) and not force:
-        status = read_status(path)
-        what = f"a {status} run" if status else "files"
-        hint = "pass --resume to continue it, --force to replace it," if status in ("running", "interrupted", "failed") \
-            else "pass --force to replace it"
-        raise DsftError(f"output_dir: {path} already holds {what}; {hint} or choose another output_dir")
+    pid = None if locked else holder(path)
+    if pid is not None:
+        raise DsftError(f"output_dir: {path} is in use by a running dsft process (pid {pid}); wait for it to finish, "
+                        "stop it, or choose another output_dir")
+    if resume or not path.is_dir():
+        return
+    entries = sorted(p.name for p in path.iterdir() if p.name not in CACHE_ENTRIES)
+    if not entries:
+        return
+    status = read_status(path)
+    foreign = [name for name in entries if name not in RUN_ENTRIES]
+    if status is None or foreign:
+        shown = ", ".join((foreign or entries)[:3])
+        raise DsftError(f"output_dir: {path} holds files dsft did not write ({shown}); dsft replaces only its own runs, "
+                        "even with --force: choose another output_dir")
+    if not force:
+        hint = "pass --resume to continue it, --force to replace it," if status in RESUMABLE else "pass --force to replace it"
+        raise DsftError(f"output_dir: {path} already holds a {status} run; {hint} or choose another output_dir")
+
+
+def lock(path: Path) -> contextlib.AbstractContextManager:
+    """One process per run directory (the main rank's); creates the directory."""
+    return OutputLock(path, "output_dir") if is_main() else contextlib.nullcontext()
+
+
+def check_usable(run: Path, force: bool, command: str) -> str | None:
+    """Before eval, chat or merge read a run: not while it trains (always refused); a failed or
+    interrupted run only with --force. Returns the run's status."""
+    pid = holder(run)
+    if pid is not None:
+        raise DsftError(f"--adapter {run}: the run is still training (dsft process {pid}); wait for it to finish or "
+                        "stop it first")
+    status = read_run_json(run).get("status") if (run / "run.json").is_file() else None
+    if status in RESUMABLE and not force:
+        state = "was stopped before it finished" if status == "running" else f"is {status}"
+        kind = read_run_json(run).get("command", "sft")
+        raise DsftError(f"--adapter {run}: the run {state}; resume it with `dsft {kind} --recipe {run / 'recipe.yaml'} "
+                        f"--resume`, or pass --force to {command} its adapter as it is")
+    return status
 
 
 CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
@@ -49,18 +105,24 @@ def check_disk(path: Path, trainable_params: int) -> None:
     """Preflight: room for the kept checkpoints (fp32 weights and two Adam moments each, while a new one
     is written next to them) and the final adapter."""
     needed = trainable_params * (12 * (CHECKPOINTS_KEPT + 1) + 4)
-    probe = next((p for p in (path, *path.resolve().parents) if p.exists()), Path("/"))
+    probe = nearest_existing(Path(os.path.abspath(path)))
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise DsftError(f"output_dir: {path} needs about {needed / 2**30:.1f} GiB free for checkpoints and the adapter, "
-                        f"{probe} has {free / 2**30:.1f} GiB; free space or choose another output_dir")
+        raise DsftError(f"output_dir: {path} needs about {human_size(needed)} free for checkpoints and the adapter, "
+                        f"{probe} has {human_size(free)}; free space or choose another output_dir")
+
+
+def read_run_json(run: Path) -> dict[str, Any]:
+    return read_json(run / "run.json", "the run directory is damaged: train it again with --force or restore run.json")
 
 
 def read_status(path: Path) -> str | None:
+    """The status dsft recorded, or None where there is no readable run.json of dsft's."""
     try:
-        return json.loads((path / "run.json").read_text()).get("status")
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return info.get("status") if isinstance(info, dict) else None
 
 
 def create(path: Path, force: bool) -> None:
@@ -68,7 +130,7 @@ def create(path: Path, force: bool) -> None:
     (profiles are keyed by model and data, so a stale one is never used)."""
     if force and path.is_dir():
         for entry in path.iterdir():
-            if entry.name != "routing":
+            if entry.name in RUN_ENTRIES and entry.name not in ("routing", LOCK_NAME):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
@@ -89,8 +151,12 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no empty temporary behind
+        raise
 
 
 def write_recipe(run: Path, recipe: Recipe) -> None:
@@ -164,11 +230,18 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
     try:
         yield info
     except RunInterrupted as e:
-        write_run_info(run, {**info, "status": "interrupted", "error": e.lines[0]})
+        _record_end(run, {**info, "status": "interrupted", "error": e.lines[0]})
         raise
     except BaseException as e:
-        write_run_info(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        _record_end(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
+
+
+def _record_end(run: Path, info: dict[str, Any]) -> None:
+    """Record how the run ended where the disk still lets us (a full disk may not); a run.json left
+    `running` with no process holding the lock reads as stopped all the same (check_usable)."""
+    with contextlib.suppress(OSError):
+        write_run_info(run, info)
 
 
 def complete(run: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:

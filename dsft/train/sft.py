@@ -14,8 +14,9 @@ import torch
 from dsft.adapters.selection import check_spec, read_config
 from dsft.config.schema import Recipe
 from dsft.data.formats import load_conversations
-from dsft.data.tokenize import IGNORE, tokenize_all
+from dsft.data.tokenize import IGNORE, check_truncation, tokenize_all, truncation
 from dsft.errors import DsftError
+from dsft.models.check import check_checkpoint
 from dsft.models.load import load_model, load_tokenizer, model_identity, resolve_dtype, resolve_model_path, world_size
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
@@ -32,6 +33,7 @@ class Prepared:
     tokenizer: Any
     train: dict[str, list[list[int]]]
     eval: dict[str, list[list[int]]] | None
+    truncation: dict[str, int] | None = None  # what data.max_length cuts (None when packing)
 
 
 @dataclass
@@ -45,24 +47,31 @@ class SftResult:
     plan: dict[str, Any]
     losses: list[float] = field(default_factory=list)
     eval_loss: float | None = None
+    truncation: dict[str, int] | None = None
 
 
 def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:
     """Check the output dir, every data row and the expert selection, and tokenize; creates nothing."""
     if check_output:
-        run_dir.check_output_dir(Path(recipe.output_dir), force, resume)
+        run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
     data = recipe.data
     if data.format == "preference":
         raise DsftError("data.format: preference rows are for `dsft dpo`; use messages, prompt_completion or alpaca for sft")
     train_rows = load_conversations(data.train, data.format, data.system_prompt)
     eval_rows = load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
     model_path = resolve_model_path(recipe.model.path)
+    check_checkpoint(model_path)
     config = read_config(model_path)
     selection = check_spec(recipe.adapter.routed_experts, config)
     check_disk_for(recipe, config, selection)
     tokenizer = load_tokenizer(model_path, data.chat_template)
     tok = lambda rows: tokenize_all(tokenizer, rows, None, data.assistant_only_loss)  # noqa: E731
-    return Prepared(recipe, model_path, config, selection, tokenizer, tok(train_rows), tok(eval_rows) if eval_rows else None)
+    train = tok(train_rows)
+    cut = None
+    if not data.packing:
+        cut = truncation(train, data.max_length)
+        check_truncation(cut, data.max_length)
+    return Prepared(recipe, model_path, config, selection, tokenizer, train, tok(eval_rows) if eval_rows else None, cut)
 
 
 def cpu_args() -> dict[str, Any]:
@@ -132,9 +141,11 @@ def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
     return SFTConfig(**trainer_args(recipe, run, dtype), packing=recipe.data.packing)
 
 
-def _count(tokens: dict[str, list[list[int]]]) -> tuple[int, int]:
-    total = sum(len(ids) for ids in tokens["input_ids"])
-    on_loss = sum(sum(1 for x in labels if x != IGNORE) for labels in tokens["labels"])
+def _count(tokens: dict[str, list[list[int]]], max_length: int | None) -> tuple[int, int]:
+    """Tokens and loss tokens the trainer sees (after truncation to `max_length`, None when packing)."""
+    cut = max_length or None
+    total = sum(len(ids[:cut]) for ids in tokens["input_ids"])
+    on_loss = sum(sum(1 for x in labels[1:cut] if x != IGNORE) for labels in tokens["labels"])
     return total, on_loss
 
 
@@ -225,13 +236,13 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> Non
     Console().print(routing_profile.diff_table(before, after))
 
 
-def resume_point(recipe: Recipe, resume: bool, resume_from: str | None) -> Path | None:
-    """The checkpoint to resume from (checked against the run and its recipe), or None."""
+def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: bool = False) -> Path | None:
+    """The checkpoint to resume from (checked against the run and its recipe), or None; `dry` only checks."""
     if not (resume or resume_from):
         return None
     from dsft.train.resume import prepare_resume
 
-    return prepare_resume(Path(recipe.output_dir), run_dir.resolved_recipe(recipe), resume_from)
+    return prepare_resume(Path(recipe.output_dir), run_dir.resolved_recipe(recipe), resume_from, dry)
 
 
 def run_sft(prepared: Prepared, force: bool, checkpoint: Path | None = None) -> SftResult:
@@ -294,14 +305,15 @@ def _train(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[s
         run_dir.publish(tmp, run / "adapter")
 
     groups = group_params(trainer.model, targets)
-    total_tokens, loss_tokens = _count(prepared.train)
+    total_tokens, loss_tokens = _count(prepared.train, None if recipe.data.packing else recipe.data.max_length)
     trainable = sum(groups.values())
     result = SftResult(run, groups, trainable, model_params(trainer.model),
-                       total_tokens, loss_tokens, plan, metrics.losses(), eval_loss)
+                       total_tokens, loss_tokens, plan, metrics.losses(), eval_loss, prepared.truncation)
     summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
                "first_loss": result.losses[0] if result.losses else None,
                "last_loss": result.losses[-1] if result.losses else None, "eval_loss": eval_loss,
                "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "truncation": prepared.truncation,
                "processes": world_size(), "expert_codes": expert_codes_layout(trainer.model),
                "targets": targets}
     run_dir.complete(run, info, summary)

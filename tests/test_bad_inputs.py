@@ -1,0 +1,486 @@
+"""Bad input in every command, table-driven and in-process: exit code 2, one `error:` line naming the
+file / row / key / option, no traceback, and the whole temporary root (inputs, output parents and
+DSFT_CACHE) byte for byte as it was. The overwrite cases (`--force` onto a base, a run, a user's
+directory) are here too: refused, nothing replaced. Every row is listed in docs/errors.md.
+
+The cases share one finished tiny run and the built-in checkpoint (session-scoped); a case copies
+what it damages into its own root.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO, legal_rows, write_jsonl
+
+PAIR = {"prompt": "Q?", "chosen": "A.", "rejected": "B."}
+
+
+# ---------------------------------------------------------------- shared inputs
+
+def _base_recipe(root: Path) -> dict[str, Any]:
+    train = root / "train.jsonl"
+    if not train.exists():
+        write_jsonl(train, legal_rows(4))
+    return {"model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+            "data": {"train": str(train), "max_length": 128}, "training": {"max_steps": 1},
+            "output_dir": str(root / "run")}
+
+
+def _deep(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _deep(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipe(root: Path, changes: dict | None = None, name: str = "recipe.yaml") -> Path:
+    path = root / name
+    path.write_text(yaml.safe_dump(_deep(_base_recipe(root), changes or {})))
+    return path
+
+
+def text_recipe(root: Path, text: str | bytes) -> Path:
+    _base_recipe(root)
+    path = root / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def sft(changes: dict | None = None, *extra: str) -> Callable[[Path], list]:
+    return lambda root: ["sft", "--recipe", recipe(root, changes), *extra]
+
+
+def pref(root: Path, rows: list | None = None, raw: bytes | None = None) -> dict:
+    path = root / "pairs.jsonl"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        write_jsonl(path, rows or [PAIR, PAIR])
+    return {"data": {"train": str(path), "format": "preference", "max_length": 256}}
+
+
+def ckpt(root: Path, name: str = "ckpt", model: str = "tiny-deepseek-v3") -> Path:
+    from dsft.models.load import resolve_model_path
+
+    dst = root / name
+    shutil.copytree(resolve_model_path(f"builtin:{model}"), dst)
+    return dst
+
+
+def edit_config(path: Path, drop: tuple[str, ...] = (), **values: Any) -> Path:
+    config = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in {**config, **values}.items() if k not in drop}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_weights(path: Path, change: Callable[[dict], None]) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def truncate(path: Path, by: int = 100) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[:-by])
+    return path
+
+
+def with_model(damage: Callable[[Path], Any], command: str = "sft") -> Callable[[Path], list]:
+    def setup(root: Path) -> list:
+        model = ckpt(root)
+        damage(model)
+        return [command, "--recipe", recipe(root, {"model": {"path": str(model)}})]
+    return setup
+
+
+def run_copy(root: Path, source: Path) -> Path:
+    """The finished run copied to ROOT/run, its recorded output_dir pointing at the copy."""
+    dst = root / "run"
+    shutil.copytree(source, dst)
+    data = yaml.safe_load((dst / "recipe.yaml").read_text())
+    (dst / "recipe.yaml").write_text(yaml.safe_dump({**data, "output_dir": str(dst)}, sort_keys=False))
+    return dst
+
+
+def with_run(damage: Callable[[Path, Path], Any], *command: str) -> Callable[[Path, Path], list]:
+    """A copy of the finished run, damaged, then `command` with the damage's extra args (and `--adapter RUN`
+    for the commands that read a run)."""
+    def setup(root: Path, source: Path) -> list:
+        run = run_copy(root, source)
+        extra = damage(run, root) or []
+        return [*command, *extra] if command[0] in ("sft", "dpo") else [*command, "--adapter", run, *extra]
+    setup.needs_run = True  # type: ignore[attr-defined]
+    return setup
+
+
+def status(value: str) -> Callable[[Path, Path], None]:
+    def damage(run: Path, root: Path) -> None:
+        info = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**info, "status": value}))
+    return damage
+
+
+def recipe_base(path_of: Callable[[Path], Path]) -> Callable[[Path, Path], None]:
+    """Point the run's recorded model.path at another directory."""
+    def damage(run: Path, root: Path) -> None:
+        data = yaml.safe_load((run / "recipe.yaml").read_text())
+        data["model"]["path"] = str(path_of(root))
+        (run / "recipe.yaml").write_text(yaml.safe_dump(data))
+    return damage
+
+
+def merge_into(out: Callable[[Path, Path], Path], *extra: str, base: Callable[[Path], Path] | None = None):
+    def setup(root: Path, source: Path) -> list:
+        run = run_copy(root, source)
+        args = ["merge", "--adapter", run, "--out", out(root, run), *extra]
+        return [*args, "--base", base(root)] if base else args
+    setup.needs_run = True  # type: ignore[attr-defined]
+    return setup
+
+
+def merge_damaged(damage: Callable[[Path, Path], Any]):
+    def setup(root: Path, source: Path) -> list:
+        run = run_copy(root, source)
+        extra = damage(run, root) or []
+        return ["merge", "--adapter", run, "--out", root / "merged", *extra]
+    setup.needs_run = True  # type: ignore[attr-defined]
+    return setup
+
+
+def deny(monkeypatch: pytest.MonkeyPatch, under: Path, code: int) -> None:
+    """Every write under `under` fails with `code` (CI runs as root: permission bits do not stop it)."""
+    under = Path(os.path.abspath(under))
+
+    def blocked(path: Any) -> bool:
+        try:
+            p = Path(os.path.abspath(os.fspath(path)))
+        except TypeError:
+            return False
+        return p == under or under in p.parents
+
+    def fail(path: Any) -> OSError:
+        return OSError(code, os.strerror(code), str(path))
+
+    real_mkdir, real_open, real_bopen, real_replace = os.mkdir, os.open, builtins.open, os.replace
+
+    def mkdir(path: Any, *a: Any, **k: Any) -> None:
+        if blocked(path):
+            raise fail(path)
+        real_mkdir(path, *a, **k)
+
+    def os_open(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and blocked(path):
+            raise fail(path)
+        return real_open(path, flags, *a, **k)
+
+    def b_open(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+        if any(c in mode for c in "wax+") and blocked(file):
+            raise fail(file)
+        return real_bopen(file, mode, *a, **k)
+
+    def replace(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        if blocked(dst):
+            raise fail(dst)
+        real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", b_open)
+    monkeypatch.setattr(io, "open", b_open)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def no_disk(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
+
+
+# ---------------------------------------------------------------- the table
+# (id, setup: root -> argv (or (root, finished run) -> argv), expected text in the one error line,
+#  optional patch: (monkeypatch, root) -> None applied before the command runs)
+
+TINY_V3_ATTN = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+
+CASES: list[tuple[str, Any, str, Any]] = [
+    # recipe files and --set
+    ("recipe-not-utf8", lambda r: ["validate", text_recipe(r, b"model:\n  path: \xff\n")], "recipe.yaml: not UTF-8 text", None),
+    ("recipe-duplicate-key", lambda r: ["validate", text_recipe(
+        r, f"model: {{path: 'builtin:tiny-deepseek-v3'}}\ndata: {{train: {r / 'train.jsonl'}}}\noutput_dir: {r / 'run'}\n"
+           "training:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")], "recipe.yaml:6: not valid YAML (duplicate key 'lr'", None),
+    ("recipe-not-found", lambda r: ["validate", r / "nope.yaml"], "nope.yaml: recipe file not found", None),
+    ("recipe-not-mapping", lambda r: ["validate", text_recipe(r, "- a\n- b\n")], "a recipe is a YAML mapping", None),
+    ("recipe-bad-yaml", lambda r: ["sft", "--recipe", text_recipe(r, "model: [\n")], "recipe.yaml:2: not valid YAML", None),
+    ("set-bad-yaml-list", sft(None, "--set", "data.train=[a.jsonl, b.jsonl"),
+     "--set 'data.train=[a.jsonl, b.jsonl': the value is not valid YAML", None),
+    ("set-bad-yaml-mapping", sft(None, "--set", "training.lr=a: b: c"), "--set 'training.lr=a: b: c': the value is not valid YAML", None),
+    ("set-no-equals", sft(None, "--set", "training.lr"), "--set 'training.lr': write it as section.key=value", None),
+    ("set-into-scalar", sft(None, "--set", "output_dir.x=1"), "--set 'output_dir.x=1': output_dir is not a section", None),
+    ("set-inf-int", sft(None, "--set", "training.max_steps=.inf"),
+     "--set training.max_steps=.inf: training.max_steps: must be an integer (got inf)", None),
+    ("set-empty-output-dir", sft(None, "--set", "output_dir="), "--set output_dir=: output_dir: empty; give the run directory", None),
+    ("lr-inf", lambda r: ["validate", recipe(r, {"training": {"lr": float("inf")}})], "training.lr: must be a finite number (got inf)", None),
+    ("epochs-nan", lambda r: ["validate", recipe(r, {"training": {"epochs": float("nan")}})], "training.epochs: must be a finite number", None),
+    ("beta-inf", lambda r: ["validate", recipe(r, {**pref(r), "dpo": {"beta": float("inf")}})], "dpo.beta: must be a finite number", None),
+    ("max-length-true", lambda r: ["validate", recipe(r, {"data": {"max_length": True}})], "data.max_length: must be an integer (got True)", None),
+    ("model-path-empty", lambda r: ["validate", recipe(r, {"model": {"path": " "}})], "model.path: empty; give a checkpoint directory", None),
+    ("chat-template-missing", lambda r: ["sft", "--recipe", recipe(r, {"data": {"chat_template": str(r / "nope.jinja")}})],
+     "data.chat_template: file not found", None),
+    ("eval-file-missing", lambda r: ["sft", "--recipe", recipe(r, {"data": {"eval": [str(r / "held.jsonl")]}})],
+     "data.eval: file not found", None),
+    # data files
+    ("jsonl-not-utf8", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(
+        r / "d.jsonl", json.dumps(legal_rows(1)[0]).encode() + b"\n{\"messages\": \"\xff\"}\n"))}})], "d.jsonl:2: not UTF-8 text", None),
+    ("csv-not-utf8", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "prompt_completion", "train": str(write(
+        r / "d.csv", b"prompt,completion\nQ?,A.\nQ\xe9?,B.\n"))}})], "d.csv:3: not UTF-8 text", None),
+    ("parquet-corrupt", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(r / "d.parquet", b"PAR1 not really"))}})],
+     "d.parquet: not a readable Parquet file", None),
+    ("chat-template-syntax", lambda r: ["sft", "--recipe", recipe(r, {"data": {"chat_template": str(write(
+        r / "tpl.jinja", "{% for m in messages %}\n{{ m.content }\n{% endfor %}"))}})], "tpl.jinja:2: the chat template is not valid Jinja", None),
+    ("chat-template-not-utf8", lambda r: ["sft", "--recipe", recipe(r, {"data": {"chat_template": str(write(r / "tpl.jinja", b"\xff{{ x }}"))}})],
+     "tpl.jinja: not UTF-8 text", None),
+    ("max-length-drops-rows", sft({"data": {"max_length": 8}}), "data.max_length 8: 4 of 4 rows lose every loss token", None),
+    ("pairs-not-utf8", lambda r: ["dpo", "--recipe", recipe(r, pref(r, raw=b'{"prompt": "\xff"}\n'))], "pairs.jsonl:1: not UTF-8 text", None),
+    # model directories
+    ("config-json-list", with_model(lambda m: write(m / "config.json", "[1, 2]")), "config.json must be a JSON object, got list", None),
+    ("config-not-json", with_model(lambda m: write(m / "config.json", "{oops")), "config.json is not readable JSON", None),
+    ("config-no-layers", with_model(lambda m: edit_config(m, drop=("num_hidden_layers",))), "config.json: missing num_hidden_layers", None),
+    ("index-json-list", with_model(lambda m: write(m / "model.safetensors.index.json", "[]")),
+     "model.safetensors.index.json must be a JSON object", None),
+    ("index-no-weight-map", with_model(lambda m: write(m / "model.safetensors.index.json", '{"metadata": {}}')),
+     "model.safetensors.index.json has no weight_map", None),
+    ("tokenizer-not-json", with_model(lambda m: write(m / "tokenizer.json", "garbage")), "tokenizer.json is not readable JSON", None),
+    ("tokenizer-unreadable", with_model(lambda m: write(m / "tokenizer.json", '{"model": {"type": "Nope"}}')),
+     "the tokenizer files cannot be read", None),
+    ("shard-truncated", with_model(lambda m: truncate(m / "model.safetensors")), "model.safetensors is truncated", None),
+    ("shard-not-safetensors", with_model(lambda m: write(m / "model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")),
+     "model.safetensors is not a safetensors file", None),
+    ("shard-transposed", with_model(lambda m: edit_weights(m, lambda t: t.__setitem__(TINY_V3_ATTN, t[TINY_V3_ATTN].T.contiguous()))),
+     f"{TINY_V3_ATTN} is [64, 40], config.json implies [40, 64]", None),
+    ("shard-int-dtype", with_model(lambda m: edit_weights(m, lambda t: t.__setitem__(
+        "model.norm.weight", t["model.norm.weight"].to(__import__("torch").int32)))),
+     "model.norm.weight is stored as I32, config.json implies a floating-point weight", None),
+    ("shard-missing-tensor", with_model(lambda m: edit_weights(m, lambda t: t.pop("model.norm.weight"))), "no tensor model.norm.weight", None),
+    ("shard-extra-tensor", with_model(lambda m: edit_weights(m, lambda t: t.__setitem__(
+        "model.extra.weight", __import__("torch").zeros(2)))), "tensor model.extra.weight is not part of this model", None),
+    ("shard-expert-index", with_model(lambda m: edit_weights(m, lambda t: t.__setitem__(
+        "model.layers.1.mlp.experts.8.gate_proj.weight", t.pop("model.layers.1.mlp.experts.7.gate_proj.weight")))),
+     "expert 8, but config.json gives 8 experts per layer", None),
+    ("model-pickle-only", with_model(lambda m: (m / "model.safetensors").rename(m / "pytorch_model.bin")),
+     "holds only pickle weights (pytorch_model.bin)", None),
+    ("quantization-unsupported", with_model(lambda m: edit_config(m, quantization_config={"quant_method": "gptq"})),
+     "quantization_config 'gptq' is not supported", None),
+    ("fp8-without-scale", with_model(lambda m: (edit_config(m, quantization_config={"quant_method": "fp8", "weight_block_size": [32, 32]}),
+                                                edit_weights(m, lambda t: t.__setitem__(TINY_V3_ATTN, t[TINY_V3_ATTN].to(
+                                                    __import__("torch").float8_e4m3fn))))),
+     f"{TINY_V3_ATTN} is FP8 without a {TINY_V3_ATTN}_scale_inv", None),
+    # output directories of sft / dpo: never an input, never a checkpoint, never a user's files
+    ("output-inside-model", lambda r: ["sft", "--recipe", recipe(r, {"model": {"path": str(ckpt(r))}, "output_dir": str(r / "ckpt/run")})],
+     "output_dir: " + "{root}/ckpt/run is inside the model checkpoint", None),
+    ("output-is-model-force", lambda r: ["sft", "--force", "--recipe", recipe(r, {"model": {"path": str(ckpt(r))}, "output_dir": str(r / "ckpt")})],
+     "is the base model (model.path); dsft never writes over its inputs", None),
+    ("output-contains-data-force", lambda r: ["sft", "--force", "--recipe", recipe(r, {"output_dir": str(r)})],
+     "contains the data file", None),
+    ("output-user-files-force", lambda r: (write(r / "mine/notes.txt", "my notes"), ["sft", "--force", "--recipe", recipe(
+        r, {"output_dir": str(r / "mine")})])[1], "holds files dsft did not write (notes.txt); dsft replaces only its own runs", None),
+    ("output-parent-is-file", lambda r: (write(r / "afile", "x"), ["sft", "--recipe", recipe(r, {"output_dir": str(r / "afile/run")})])[1],
+     "is a file, so", None),
+    ("output-readonly", lambda r: (os.mkdir(r / "ro"), ["sft", "--recipe", recipe(r, {"output_dir": str(r / "ro/run")})])[1],
+     "output_dir: cannot write in {root}/ro (Read-only file system)", lambda mp, r: deny(mp, r / "ro", errno.EROFS)),
+    ("output-permission-denied", lambda r: (os.mkdir(r / "ro"), ["dpo", "--recipe", recipe(r, {**pref(r), "output_dir": str(r / "ro/run")})])[1],
+     "output_dir: cannot write in {root}/ro (Permission denied)", lambda mp, r: deny(mp, r / "ro", errno.EACCES)),
+    ("resume-and-force", sft(None, "--resume", "--force"), "--resume and --force: choose one", None),
+    ("no-disk-for-checkpoints", sft(), "MiB free for checkpoints and the adapter, {root} has 1000 B", no_disk),
+    # runs read back by sft --resume
+    ("resume-run-json-garbage", with_run(lambda run, r: (write(run / "run.json", "{oops"), ["--recipe", recipe(
+        r, {"output_dir": str(run)}), "--resume"])[1], "sft"), "run.json: not valid JSON", None),
+    ("resume-recipe-missing", with_run(lambda run, r: ((run / "recipe.yaml").unlink(), status("interrupted")(run, r), ["--recipe", recipe(
+        r, {"output_dir": str(run)}), "--resume"])[2], "sft"), "has no recipe.yaml, so the run cannot be checked", None),
+    ("resume-recipe-garbage", with_run(lambda run, r: (write(run / "recipe.yaml", "model: [\n"), status("interrupted")(run, r), ["--recipe", recipe(
+        r, {"output_dir": str(run)}), "--resume"])[2], "sft"), "run/recipe.yaml:2: not valid YAML", None),
+    ("resume-no-checkpoint", with_run(lambda run, r: (status("interrupted")(run, r), shutil.rmtree(run / "checkpoints"), [
+        "--recipe", run / "recipe.yaml", "--resume"])[2], "sft"),
+     "no complete checkpoint in", None),
+    ("resume-from-incomplete", with_run(lambda run, r: (status("interrupted")(run, r), (r / "ck").mkdir(), [
+        "--recipe", run / "recipe.yaml", "--resume-from", r / "ck"])[2], "sft"), "never completed", None),
+    ("dpo-output-is-init-adapter", with_run(lambda run, r: ["--recipe", recipe(r, {**pref(r), "dpo": {"init_adapter": str(run), "max_prompt_length": 64},
+                                                                                   "output_dir": str(run)}), "--force"], "dpo"),
+     "is the initial adapter (dpo.init_adapter)", None),
+    ("dpo-init-adapter-garbage", with_run(lambda run, r: (write(run / "adapter/adapter_config.json", "{oops"), [
+        "--recipe", recipe(r, {**pref(r), "dpo": {"init_adapter": str(run), "max_prompt_length": 64},
+                               "output_dir": str(r / "dpo")})])[1], "dpo"),
+     "adapter/adapter_config.json: not valid JSON", None),
+    # dsft experts
+    ("experts-output-is-file", lambda r: (write(r / "afile", "x"), ["experts", "plan", "--recipe", recipe(r, {"output_dir": str(r / "afile")})])[1],
+     "output_dir: {root}/afile is a file", None),
+    ("experts-output-inside-model", lambda r: ["experts", "plan", "--recipe", recipe(
+        r, {"model": {"path": str(ckpt(r))}, "output_dir": str(r / "ckpt/plan")})], "is inside the model checkpoint", None),
+    ("experts-samples-zero", lambda r: ["experts", "profile", "--recipe", recipe(r), "--samples", "0"], "--samples: must be >= 1 (got 0)", None),
+    ("experts-bad-recipe", lambda r: ["experts", "plan", "--recipe", recipe(r, {"adapter": {"rank": 3}})], "adapter.rank: unknown key", None),
+    ("experts-readonly", lambda r: (os.mkdir(r / "ro"), ["experts", "profile", "--recipe", recipe(r, {"output_dir": str(r / "ro/run")})])[1],
+     "output_dir: cannot write in {root}/ro (Read-only file system)", lambda mp, r: deny(mp, r / "ro", errno.EROFS)),
+    # dsft eval
+    ("eval-run-missing", lambda r: ["eval", "--adapter", r / "nope"], "--adapter {root}/nope: no such run directory", None),
+    ("eval-not-a-run", lambda r: ["eval", "--adapter", r], "{root}: no recipe.yaml; not a dsft run directory", None),
+    ("eval-run-json-garbage", with_run(lambda run, r: write(run / "run.json", "{oops") and None, "eval"), "run/run.json: not valid JSON", None),
+    ("eval-run-json-list", with_run(lambda run, r: write(run / "run.json", "[]") and None, "eval"), "run.json: must be a JSON object", None),
+    ("eval-recipe-garbage", with_run(lambda run, r: write(run / "recipe.yaml", "model: [\n") and None, "eval"), "run/recipe.yaml:2: not valid YAML", None),
+    ("eval-recipe-schema", with_run(lambda run, r: write(run / "recipe.yaml", (run / "recipe.yaml").read_text() + "colour: blue\n") and None, "eval"),
+     "run/recipe.yaml: colour: unknown key", None),
+    ("eval-failed-run", with_run(status("failed"), "eval"), "the run is failed; resume it with `dsft sft --recipe", None),
+    ("eval-stopped-run", with_run(status("running"), "eval"), "the run was stopped before it finished", None),
+    ("eval-data-missing", with_run(lambda run, r: ["--data", r / "nope.jsonl"], "eval"), "--data {root}/nope.jsonl: file not found", None),
+    ("eval-data-bad-row", with_run(lambda run, r: ["--data", write(r / "held.jsonl", "{oops\n")], "eval"), "held.jsonl:1: not valid JSON", None),
+    ("eval-samples-negative", with_run(lambda run, r: ["--samples", "-1"], "eval"), "--samples: must be >= 1 (got -1)", None),
+    ("eval-generations-negative", with_run(lambda run, r: ["--generations", "-2"], "eval"), "--generations: must be >= 0 (got -2)", None),
+    ("eval-max-new-tokens-zero", with_run(lambda run, r: ["--max-new-tokens", "0"], "eval"), "--max-new-tokens: must be >= 1 (got 0)", None),
+    ("eval-adapter-config-garbage", with_run(lambda run, r: write(run / "adapter/adapter_config.json", "{oops") and None, "eval"),
+     "adapter/adapter_config.json: not valid JSON", None),
+    ("eval-adapter-truncated", with_run(lambda run, r: truncate(run / "adapter/adapter_model.safetensors") and None, "eval"),
+     "adapter_model.safetensors is truncated", None),
+    ("eval-adapter-pickle", with_run(lambda run, r: (run / "adapter/adapter_model.safetensors").rename(run / "adapter/adapter_model.bin") and None, "eval"),
+     "holds only pickle weights (adapter_model.bin); dsft never unpickles", None),
+    ("eval-dsft-adapter-json-garbage", with_run(lambda run, r: write(run / "adapter/dsft_adapter.json", "{oops") and None, "eval"),
+     "adapter/dsft_adapter.json: not valid JSON", None),
+    ("eval-no-adapter", with_run(lambda run, r: shutil.rmtree(run / "adapter"), "eval"), "the run has no adapter/", None),
+    ("eval-base-gone", with_run(recipe_base(lambda r: r / "gone"), "eval"), "recipe.yaml: model.path: model directory {root}/gone does not exist", None),
+    ("eval-base-other-model", with_run(recipe_base(lambda r: ckpt(r, "v2", "tiny-deepseek-v2")), "eval"),
+     "is not the model this adapter was trained on: model_type 'deepseek_v2'", None),
+    ("eval-base-damaged", with_run(recipe_base(lambda r: truncate(ckpt(r) / "model.safetensors").parent), "eval"),
+     "recipe.yaml: model.path: {root}/ckpt/model.safetensors is truncated", None),
+    ("eval-readonly-run", with_run(lambda run, r: None, "eval"), "--adapter: cannot write in {root}/run (Read-only file system)",
+     lambda mp, r: deny(mp, r / "run", errno.EROFS)),
+    # dsft chat
+    ("chat-run-missing", lambda r: ["chat", "--adapter", r / "nope", "--prompt", "hi"], "--adapter {root}/nope: no such run directory", None),
+    ("chat-max-new-tokens-negative", with_run(lambda run, r: ["--max-new-tokens", "-1"], "chat"), "--max-new-tokens: must be >= 1 (got -1)", None),
+    ("chat-stopped-run", with_run(status("running"), "chat"), "was stopped before it finished; resume it", None),
+    ("chat-interrupted-run", with_run(status("interrupted"), "chat"), "the run is interrupted; resume it", None),
+    ("chat-base-other-model", with_run(recipe_base(lambda r: ckpt(r, "v2", "tiny-deepseek-v2")), "chat"),
+     "is not the model this adapter was trained on", None),
+    ("chat-adapter-config-list", with_run(lambda run, r: write(run / "adapter/adapter_config.json", "[]") and None, "chat"),
+     "adapter_config.json: must be a JSON object", None),
+    ("chat-adapter-no-rank", with_run(lambda run, r: write(run / "adapter/adapter_config.json", "{}") and None, "chat"),
+     "no LoRA rank `r`", None),
+    ("chat-not-a-run", lambda r: ["chat", "--adapter", r], "no recipe.yaml; not a dsft run directory", None),
+    ("chat-tokenizer-garbage", with_run(lambda run, r: write(run / "adapter/tokenizer.json", "{oops") and None, "chat"),
+     "adapter: the tokenizer files cannot be read", None),
+    # dsft merge: never over its inputs or a user's directory
+    ("merge-out-is-base-force", merge_into(lambda r, run: r / "ckpt", "--force", base=lambda r: ckpt(r)),
+     "--out: {root}/ckpt is the base checkpoint; dsft never writes over its inputs", None),
+    ("merge-out-is-run-force", merge_into(lambda r, run: run, "--force"), "is the run being merged (--adapter)", None),
+    ("merge-out-is-adapter-force", merge_into(lambda r, run: run / "adapter", "--force"), "is the adapter (--adapter)", None),
+    ("merge-out-contains-base-force", merge_into(lambda r, run: r / "models", "--force", base=lambda r: ckpt(r, "models/ckpt")),
+     "contains the base checkpoint", None),
+    ("merge-out-inside-base", merge_into(lambda r, run: r / "ckpt/merged", base=lambda r: ckpt(r)), "is inside the model checkpoint", None),
+    ("merge-out-user-dir-force", merge_into(lambda r, run: write(r / "mine/a.txt", "mine").parent, "--force"),
+     "holds files dsft did not write (a.txt); --force replaces only a merged checkpoint dsft wrote", None),
+    ("merge-out-exists", merge_into(lambda r, run: write(r / "mine/a.txt", "mine").parent), "already exists; pass --force", None),
+    ("merge-out-is-file", merge_into(lambda r, run: write(r / "afile", "x"), "--force"), "--out: {root}/afile is a file", None),
+    ("merge-out-parent-is-file", merge_into(lambda r, run: write(r / "afile", "x") / "m"), "is a file, so", None),
+    ("merge-out-readonly", merge_into(lambda r, run: (os.mkdir(r / "ro"), r / "ro/merged")[1]),
+     "--out: cannot write in {root}/ro (Read-only file system)", lambda mp, r: deny(mp, r / "ro", errno.EROFS)),
+    ("merge-no-disk", merge_into(lambda r, run: r / "merged"), "the merged checkpoint needs about", no_disk),
+    ("merge-verify-layers-negative", merge_into(lambda r, run: r / "merged", "--verify", "--verify-layers", "-1"),
+     "--verify-layers: must be >= 1 (got -1)", None),
+    ("merge-adapter-missing", lambda r: ["merge", "--adapter", r / "nope", "--out", r / "merged"], "--adapter {root}/nope: no such directory", None),
+    ("merge-adapter-config-garbage", merge_damaged(lambda run, r: write(run / "adapter/adapter_config.json", "{oops") and None),
+     "adapter_config.json: not valid JSON", None),
+    ("merge-adapter-truncated", merge_damaged(lambda run, r: truncate(run / "adapter/adapter_model.safetensors") and None),
+     "adapter_model.safetensors is truncated", None),
+    ("merge-adapter-pickle", merge_damaged(lambda run, r: (run / "adapter/adapter_model.safetensors").rename(
+        run / "adapter/adapter_model.bin") and None), "holds only pickle weights", None),
+    ("merge-dsft-adapter-json-garbage", merge_damaged(lambda run, r: write(run / "adapter/dsft_adapter.json", "[1]") and None),
+     "dsft_adapter.json: must be a JSON object", None),
+    ("merge-run-recipe-garbage", merge_damaged(lambda run, r: write(run / "recipe.yaml", "a: [\n") and None), "recipe.yaml:2: not valid YAML", None),
+    ("merge-failed-run", merge_damaged(status("failed")), "the run is failed; resume it with", None),
+    ("merge-base-missing", merge_damaged(lambda run, r: ["--base", r / "nope"]), "--base: model directory {root}/nope does not exist", None),
+    ("merge-base-truncated", merge_damaged(lambda run, r: ["--base", truncate(ckpt(r) / "model.safetensors").parent]),
+     "--base: {root}/ckpt/model.safetensors is truncated", None),
+    ("merge-base-config-list", merge_damaged(lambda run, r: ["--base", write(ckpt(r) / "config.json", "[]").parent]),
+     "--base: {root}/ckpt/config.json must be a JSON object", None),
+    ("merge-base-index-list", merge_damaged(lambda run, r: ["--base", write(ckpt(r) / "model.safetensors.index.json", "[]").parent]),
+     "model.safetensors.index.json must be a JSON object", None),
+    ("merge-base-int-dtype", merge_damaged(lambda run, r: ["--base", edit_weights(ckpt(r), lambda t: t.__setitem__(
+        "model.norm.weight", t["model.norm.weight"].to(__import__("torch").int32)))]), "is stored as I32", None),
+    ("merge-base-other-model", merge_damaged(lambda run, r: ["--base", ckpt(r, "v2", "tiny-deepseek-v2")]),
+     "is not the model this adapter was trained on", None),
+]
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            key = str(p)
+            if p.is_symlink():
+                out[key] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[key] = "dir"
+            else:
+                out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def refused(result: Any, expected: str) -> None:
+    """Exit 2, no traceback, exactly one error line, and it says `expected`."""
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError)), result.output
+    assert len(errors) == 1 and expected in errors[0], result.output
+
+
+@pytest.mark.parametrize("case, setup, expected, patch", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case: str, setup: Any, expected: str, patch: Any, tmp_path: Path, cli, request: pytest.FixtureRequest,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsft.models.load import resolve_model_path
+
+    resolve_model_path("builtin:tiny-deepseek-v3")  # the cache is materialised before the snapshot
+    resolve_model_path("builtin:tiny-deepseek-v2")
+    root = tmp_path / "root"
+    root.mkdir()
+    if getattr(setup, "needs_run", False):
+        args = setup(root, request.getfixturevalue("finished_run"))
+    else:
+        args = setup(root)
+    cache = Path(os.environ["DSFT_CACHE"])
+    before = _snapshot(root, cache)
+    if patch is not None:
+        patch(monkeypatch, root)
+    result = cli(*args)
+    monkeypatch.undo()
+    refused(result, expected.replace("{root}", str(root)))
+    assert _snapshot(root, cache) == before, "the command changed files"
+
+
+def test_the_table_is_documented_and_large() -> None:
+    from test_errors import CASES as RECIPE_CASES
+
+    text = (REPO / "docs/errors.md").read_text()
+    missing = [case for case, *_ in CASES if f"`{case}`" not in text]
+    assert not missing, f"docs/errors.md lacks {missing}"
+    assert len(CASES) + len(RECIPE_CASES) >= 100
+    assert len({c[0] for c in CASES} | {c[0] for c in RECIPE_CASES}) == len(CASES) + len(RECIPE_CASES)
