@@ -89,10 +89,11 @@ def check_usable(run: Path, force: bool, command: str) -> str | None:
     if pid is not None:
         raise DsftError(f"--adapter {run}: the run is still training (dsft process {pid}); wait for it to finish or "
                         "stop it first")
-    status = read_run_json(run).get("status") if (run / "run.json").is_file() else None
+    info = read_run_json(run) if (run / "run.json").is_file() else {}
+    status = info.get("status")
     if status in RESUMABLE and not force:
         state = "was stopped before it finished" if status == "running" else f"is {status}"
-        kind = read_run_json(run).get("command", "sft")
+        kind = info.get("command", "sft")
         raise DsftError(f"--adapter {run}: the run {state}; resume it with `dsft {kind} --recipe {run / 'recipe.yaml'} "
                         f"--resume`, or pass --force to {command} its adapter as it is")
     return status
