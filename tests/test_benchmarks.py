@@ -34,3 +34,20 @@ def test_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
     for case in ("stock-nf4", "dsft-nf4"):
         assert math.isfinite(rows[case]["loss"])
         assert rows[case]["loss"] == pytest.approx(rows["stock-bf16"]["loss"], rel=1e-2)
+
+
+def test_merge_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
+    """benchmarks/merge.py --smoke builds bf16 and FP8 (V3 layout) checkpoints and times copy and merges."""
+    rows_file = tmp_path / "rows.json"
+    script = SCRIPT.parent / "merge.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(rows_file)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [(r["base"], r["case"]) for r in rows] == [("bf16", "copy"), ("bf16", "merge"), ("fp8", "copy"),
+                                                      ("fp8", "merge"), ("fp8", "merge-fp8")]
+    for r in rows:
+        assert r["seconds"] > 0 and r["mb"] > 1
+        if r["case"] != "copy":
+            assert r["rss"] > 0 and r["retention"] == pytest.approx(1.0, abs=0.01)
+    assert "x copy" in done.stdout and "peak RSS MB" in done.stdout

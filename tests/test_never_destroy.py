@@ -175,6 +175,7 @@ def _released_v3(tmp_path: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from dsft.models.fp8 import quantize
     from dsft.models.load import resolve_model_path
 
     src = resolve_model_path("builtin:tiny-deepseek-v3")
@@ -188,12 +189,13 @@ def _released_v3(tmp_path: Path) -> Path:
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
             t = torch.cat([t, torch.zeros(64, t.shape[1])])  # vocab padded past the tokenizer's 1024
         if t.dim() == 2 and key.endswith(("proj.weight", "proj_with_mqa.weight")):
-            grid = torch.ones(-(-t.shape[0] // block), -(-t.shape[1] // block))
-            out[key], out[key + "_scale_inv"] = t.to(torch.float8_e4m3fn), grid
+            out[key], out[key + "_scale_inv"] = quantize(t, (block, block))  # kv_a_proj_with_mqa: 40 rows, a partial tile
         else:
             out[key] = t.to(torch.bfloat16)
         if key.startswith(f"model.layers.{layers - 1}."):  # DeepSeek-V3's MTP layer, after the last
-            out[key.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = out[key].clone()
+            for k in (key, key + "_scale_inv"):
+                if k in out:
+                    out[k.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = out[k].clone()
     out[f"model.layers.{layers}.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
     weights = sorted(k for k in out if not k.endswith("_scale_inv"))  # a scale in its weight's shard, as released
     shards = {f"model-0000{i + 1}-of-00002.safetensors": [k for w in weights[i::2] for k in (w, w + "_scale_inv") if k in out]

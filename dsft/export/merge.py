@@ -28,8 +28,9 @@ from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
-from dsft.models.arch import canonical
-from dsft.models.stream import SCALE_SUFFIX, dequantize_fp8, shard_files
+from dsft.models.arch import canonical, missing_engine_keys
+from dsft.models.fp8 import dequantize, quantize
+from dsft.models.stream import FUSED, PER_EXPERT, SCALE_SUFFIX, shard_files
 from dsft.outputs import check_location, human_size, nearest_existing
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -100,22 +101,31 @@ def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dic
     return headers
 
 
-def _quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-scaled e4m3 with one fp32 scale (the dequantization multiplier) per block."""
-    rows, cols = w.shape
-    grid = torch.zeros((rows + block[0] - 1) // block[0], (cols + block[1] - 1) // block[1])
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            tile = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
-            grid[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
-    scale = grid.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (w / scale).to(torch.float8_e4m3fn), grid
-
-
 class ShardWriter:
-    def __init__(self, adapter: Adapter, dtype: str, fp8_block: tuple[int, int] | None, meter: ByteMeter) -> None:
+    """Writes one output shard per base shard. FP8 bases: with `dtype="bf16"` every FP8 weight is
+    dequantized (and merged where touched) to bf16; with `"fp8"` the unit of precision is one Linear, or one
+    layer's routed experts (transformers' FP8 experts and vLLM's FusedMoE quantize them together): an
+    untouched unit stays FP8 byte for byte with its scales, a touched unit is written in bf16 (declared
+    unquantized in config.json), or re-quantized to FP8 with `requantize`. Every touched tensor adds to
+    the retention sums: how much of the fine-tune's delta the written values carry."""
+
+    def __init__(self, adapter: Adapter, dtype: str, fp8_block: tuple[int, int] | None, meter: ByteMeter,
+                 requantize: bool = False) -> None:
         self.adapter, self.dtype, self.block, self.meter = adapter, dtype, fp8_block, meter
+        self.requantize = requantize
         self.touched = 0
+        self.dot = self.norm2 = 0.0
+
+    def unit(self, name: str) -> str:
+        """The unit of precision a weight belongs to: its Linear, or its layer's routed experts."""
+        key = canonical(name)
+        m = PER_EXPERT.match(key) or FUSED.match(key)
+        return m.group("module") if m else key.removesuffix(".weight")
+
+    def unit_touched(self, name: str) -> bool:
+        key = canonical(name)
+        m = PER_EXPERT.match(key) or FUSED.match(key)
+        return m.group("module") in self.adapter.experts if m else self.adapter.touches(name)
 
     def plan(self, header: dict[str, Any]) -> list[tuple[str, str, list[int], str]]:
         """(name, output dtype, shape, action) per tensor in file order; action is copy, merge,
@@ -124,20 +134,23 @@ class ShardWriter:
         for name, e in iter_entries(header):
             weight = name.removesuffix(SCALE_SUFFIX)
             if name.endswith(SCALE_SUFFIX):
-                if self.dtype == "fp8" and self.adapter.touches(weight):
-                    out.append((name, e["dtype"], e["shape"], "scale"))
-                elif self.dtype != "fp8":
-                    continue
-                else:
-                    out.append((name, e["dtype"], e["shape"], "copy"))
+                if self.dtype != "fp8" or (self.unit_touched(weight) and not self.requantize):
+                    continue  # its weight is written in bf16
+                out.append((name, e["dtype"], e["shape"], "scale" if self.adapter.touches(weight) else "copy"))
             elif e["dtype"] in FP8:
-                if self.dtype == "fp8":
-                    out.append((name, e["dtype"], e["shape"], "requant" if self.adapter.touches(name) else "copy"))
-                else:
+                if self.dtype != "fp8" or (self.unit_touched(name) and not self.requantize):
                     out.append((name, "BF16", e["shape"], "dequant"))
+                else:
+                    out.append((name, e["dtype"], e["shape"], "requant" if self.adapter.touches(name) else "copy"))
             else:
                 out.append((name, e["dtype"], e["shape"], "merge" if self.adapter.touches(name) else "copy"))
         return out
+
+    def bf16_units(self, header: dict[str, Any]) -> set[str]:
+        """Units of an FP8 output written in bf16 (config.json declares them unquantized)."""
+        if self.dtype != "fp8":
+            return set()
+        return {self.unit(n) for n, _, _, action in self.plan(header) if action == "dequant"}
 
     def write(self, src: Path, dst: Path) -> str:
         header, data_start = read_header(src)
@@ -153,7 +166,7 @@ class ShardWriter:
                     start, end = entry["data_offsets"]
                     copy_bytes(fi, fo, data_start + start, end - start, self.meter, digest)
                     continue
-                tensor = self._compute(name, action, header, data_start, fi, requantized)
+                tensor = self._compute(name, action, header, data_start, fi, requantized, DTYPES[dtype])
                 data = tensor_bytes(tensor.to(DTYPES[dtype]))
                 assert len(data) == size, name
                 self.meter.hold(len(data))
@@ -163,26 +176,28 @@ class ShardWriter:
         return digest.hexdigest()
 
     def _compute(self, name: str, action: str, header: dict[str, Any], data_start: int, fi: Any,
-                 requantized: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        if action == "scale":
+                 requantized: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+        if action in ("scale", "requant"):
             weight = name.removesuffix(SCALE_SUFFIX)
             if weight not in requantized:
                 requantized[weight] = self._requant(weight, header, data_start, fi)
-            return requantized[weight][1]
-        if action == "requant":
-            if name not in requantized:
-                requantized[name] = self._requant(name, header, data_start, fi)
-            return requantized[name][0]
+            return requantized[weight][1 if action == "scale" else 0]
         base = self._read(fi, header[name], data_start)
         if action == "dequant":
-            base = dequantize_fp8(base, self._read(fi, header[name + SCALE_SUFFIX], data_start), self.block)
+            base = dequantize(base, self._read(fi, header[name + SCALE_SUFFIX], data_start), self.block)
         if not self.adapter.touches(name):
             return base
         self.touched += 1
         result = merged(name, base, self.adapter)
+        self._retained(base, result, result.to(dtype).float())
         self.meter.hold(result.numel() * 4)
         self.meter.release(result.numel() * 4)
         return result
+
+    def _retained(self, base: torch.Tensor, result: torch.Tensor, written: torch.Tensor) -> None:
+        delta = result - base.float()
+        self.dot += float(((written - base.float()) * delta).sum())
+        self.norm2 += float((delta * delta).sum())
 
     def _read(self, fi: Any, entry: dict[str, Any], data_start: int) -> torch.Tensor:
         t = read_tensor(fi, entry, data_start)
@@ -191,10 +206,19 @@ class ShardWriter:
         return t
 
     def _requant(self, weight: str, header: dict[str, Any], data_start: int, fi: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        base = dequantize_fp8(self._read(fi, header[weight], data_start),
-                              self._read(fi, header[weight + SCALE_SUFFIX], data_start), self.block)
+        base = dequantize(self._read(fi, header[weight], data_start),
+                          self._read(fi, header[weight + SCALE_SUFFIX], data_start), self.block)
         self.touched += 1
-        return _quantize_fp8(merged(weight, base, self.adapter), self.block)
+        result = merged(weight, base, self.adapter)
+        q, grid = quantize(result, self.block)
+        self._retained(base, result, dequantize(q, grid, self.block))
+        return q, grid
+
+
+def retention(dot: float, norm2: float) -> float | None:
+    """The share of the fine-tune's delta the written weights carry, in the least-squares sense:
+    <written - base, delta> / |delta|^2 (1.0 when nothing is lost; rounding noise averages out)."""
+    return dot / norm2 if norm2 > 0 else None
 
 
 def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
@@ -203,7 +227,7 @@ def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", meter: ByteMeter | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, requantize: bool = False) -> dict[str, Any]:
     """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
     from rich.console import Console
     from rich.progress import track
@@ -218,11 +242,13 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
     block = _fp8_block(config)
     if dtype == "fp8" and block is None:
         raise DsftError(f"--dtype fp8: {source.base} is not an FP8 block-scaled checkpoint; leave --dtype at bf16")
+    if requantize and dtype != "fp8":
+        raise DsftError("--requantize: re-quantizes touched FP8 weights, so it needs --dtype fp8")
     meter = meter or ByteMeter()
     meter.hold(adapter.nbytes)
-    writer = ShardWriter(adapter, dtype, block, meter)
+    writer = ShardWriter(adapter, dtype, block, meter, requantize)
     inputs = [*shards, *(f for f in source.adapter_dir.iterdir() if f.is_file())]
-    key = fingerprint(inputs, dtype=dtype, dsft_version=dsft.__version__)
+    key = fingerprint(inputs, dtype=dtype, requantize=requantize, dsft_version=dsft.__version__)
     console = Console(stderr=True, quiet=not progress)
     with PartialOutput(out, key) as partial:
         if partial.done:
@@ -233,9 +259,10 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
         try:
             for shard in track(shards, description="merging shards", disable=not progress):
                 if shard.name not in partial.done:
-                    before = writer.touched
+                    before = (writer.touched, writer.dot, writer.norm2)
                     digest = writer.write(shard, partial.part(shard.name))
-                    partial.record(shard.name, sha256=digest, touched=writer.touched - before)
+                    partial.record(shard.name, sha256=digest, touched=writer.touched - before[0],
+                                   dot=writer.dot - before[1], norm2=writer.norm2 - before[2])
         except BaseException:
             for shard in todo:  # the unfinished shard: only its finished neighbours are resume state
                 partial.part(shard.name).unlink(missing_ok=True)
@@ -244,11 +271,22 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
                           f"({human_size(kept)}) are kept in {partial.dir}: run the same command again to continue, "
                           "or delete that directory")
             raise
-        _write_side_files(source, partial.dir, headers, writer, config, block is not None and dtype != "fp8")
+        bf16_units = sorted(set().union(*(writer.bf16_units(h) for h in headers.values())))
+        engine_gaps = missing_engine_keys(config)
+        if engine_gaps:
+            console.print(f"warning: {source.base}/config.json (copied to the merged model) lacks {', '.join(engine_gaps)}, "
+                          "which vLLM / llama.cpp read for this architecture: add them from the release's config.json")
+        _write_side_files(source, partial.dir, headers, writer, config, block is not None and dtype != "fp8", bf16_units)
+        done = partial.done.values()
         record = {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
                   "adapter": str(source.adapter_dir.resolve()), "run": str(source.run.resolve()) if source.run else None,
-                  "dtype": dtype if block else "base",
-                  "touched_tensors": sum(d["touched"] for d in partial.done.values()),
+                  "dtype": dtype if block else "base", "requantize": requantize,
+                  "touched_tensors": sum(d["touched"] for d in done),
+                  "retention": retention(sum(d.get("dot", 0.0) for d in done), sum(d.get("norm2", 0.0) for d in done)),
+                  "bf16_units": bf16_units if dtype == "fp8" else [],
+                  "size_bytes": {"base": sum(s.stat().st_size for s in shards),
+                                 "merged": sum((partial.dir / s.name).stat().st_size for s in shards)},
+                  "machine": machine(), "config_missing_engine_keys": engine_gaps,
                   "routed_experts": adapter.meta.get("routed_experts"),
                   "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
         (partial.dir / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -289,8 +327,15 @@ def check_free_space(out: Path, needed: int) -> None:
                         f"{human_size(free)}; free space or choose another --out")
 
 
+def machine() -> dict[str, str]:
+    """Where the merge ran: verify expects bit-equal tensors there (the same kernels round alike), 1 ulp elsewhere."""
+    import platform
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "torch": torch.__version__}
+
+
 def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, Any]], writer: ShardWriter,
-                      config: dict[str, Any], to_bf16: bool) -> None:
+                      config: dict[str, Any], to_bf16: bool, bf16_units: list[str]) -> None:
     """config (without FP8 quantization when writing bf16), index, generation config, tokenizer and the
     checkpoint's other files; the run's chat template when it trained with its own."""
     for f in source.base.iterdir():
@@ -299,6 +344,10 @@ def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, An
     if to_bf16:
         config.pop("quantization_config", None)
         config["torch_dtype"] = config["dtype"] = "bfloat16"
+    elif bf16_units:  # FP8 output: touched units are bf16; both keys, as transformers and vLLM read them
+        quant = config["quantization_config"]
+        for key in ("modules_to_not_convert", "ignored_layers"):
+            quant[key] = sorted(set(quant.get(key) or []) | set(bf16_units))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     index = source.base / "model.safetensors.index.json"
     if index.is_file():

@@ -107,3 +107,27 @@ def missing_config_keys(cfg: dict[str, Any]) -> list[str]:
     if is_mla(cfg):
         keys += ["qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
     return [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+
+
+# Config keys inference engines read for each architecture that transformers' own classes may leave out
+# (transformers ignores DeepSeek's `topk_method` / `scoring_func`; vLLM routes by them and looks up
+# `e_score_correction_bias` only under `noaux_tc`; llama.cpp's converter writes them into the GGUF and
+# routes with softmax without them). A merged config.json missing one is reported (docs/merge.md).
+ENGINE_KEYS: dict[str, tuple[str, ...]] = {
+    "deepseek_v2": ("topk_method", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+                    "first_k_dense_replace", "routed_scaling_factor", "kv_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim"),
+    "deepseek_v3": ("topk_method", "scoring_func", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                    "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+                    "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim"),
+    "qwen2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "norm_topk_prob"),
+    "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
+    "mixtral": ("num_local_experts", "num_experts_per_tok", "intermediate_size"),
+}
+
+
+def missing_engine_keys(cfg: dict[str, Any]) -> list[str]:
+    """ENGINE_KEYS of the config's architecture that it lacks."""
+    return [k for k in ENGINE_KEYS.get(cfg.get("model_type", ""), ()) if k not in cfg]

@@ -25,6 +25,7 @@ from torch import nn
 
 from dsft.errors import DsftError
 from dsft.models.arch import canonical
+from dsft.models.fp8 import dequantize
 from dsft.moe.experts import DsftExperts
 
 PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -42,11 +43,7 @@ def shard_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"]
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """FP8 weight [out, in] with one scale per [block0 x block1] tile -> float32."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * scale
+dequantize_fp8 = dequantize  # dsft.models.fp8: block-scaled FP8, edge tiles partial
 
 
 class _ExpertStage:

@@ -49,6 +49,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-deepseek-v3": {
         **_COMMON,
         "model_type": "deepseek_v3",
+        # routing keys as DeepSeek-V3 releases them: transformers ignores them, vLLM and llama.cpp read them
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
         "q_lora_rank": 48,
         "n_group": 2,
         "topk_group": 1,
@@ -61,6 +64,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "model_type": "deepseek_v2",
         "q_lora_rank": None,
         "topk_method": "greedy",
+        "scoring_func": "softmax",
         "routed_scaling_factor": 1.0,
         "norm_topk_prob": False,
     },
