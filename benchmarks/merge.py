@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -127,7 +126,7 @@ def adapter(dst: Path, cfg: dict, per_layer: int = 4) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from dsft.models.arch import IDENTITY, attention_shapes
+    from dsft.arch import IDENTITY, attention_shapes
 
     dst.mkdir(parents=True)
     gen = torch.Generator().manual_seed(1)
@@ -184,7 +183,9 @@ def child(base: str, adapter_dir: str, out: str, dtype: str) -> None:
     start = time.perf_counter()
     record = merge(Source(Path(adapter_dir), Path(base), None, None), Path(out), dtype=dtype, progress=False)
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage: ru_maxrss survives execve and would report the parent's memory at fork
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    rss = int(hwm.split()[1]) * 1024
     print(json.dumps({"seconds": seconds, "rss": rss, "touched": record["touched_tensors"],
                       "retention": record["retention"]}))
 

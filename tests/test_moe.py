@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from dsft.moe.experts import DsftExperts, ExpertDelta
 from dsft.moe.grouped import grouped_mm
-from dsft.moe.reference import reference_experts
+from moe_reference import reference_experts
 from dsft.models.load import resolve_model_path
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from dsft.adapters import peft_guard
 from dsft.config.schema import AdapterSection
-from dsft.models.fused import fuse
+from dsft.moe.fused import fuse
 from dsft.moe.experts import DsftExperts, layer_of
 
 GROUPS = ("attention", "shared_experts", "dense_mlp", "routed_experts")
@@ -86,12 +86,12 @@ def lora_config(adapter: AdapterSection, targets: dict[str, list[str]], modules_
     names = [n for group in targets.values() for n in group]
     rank_pattern, alpha_pattern = {}, {}
     for group, modules in targets.items():
-        spec = getattr(adapter, group)
+        r, alpha = adapter.rank_alpha(group)
         for name in modules:
-            if spec.r is not None and spec.r != adapter.r:
-                rank_pattern[f"^{re.escape(name)}$"] = spec.r
-            if spec.alpha is not None and spec.alpha != adapter.alpha:
-                alpha_pattern[f"^{re.escape(name)}$"] = spec.alpha
+            if r != adapter.r:
+                rank_pattern[f"^{re.escape(name)}$"] = r
+            if alpha != adapter.alpha:
+                alpha_pattern[f"^{re.escape(name)}$"] = alpha
     return register(LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,

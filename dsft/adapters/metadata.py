@@ -13,15 +13,15 @@ from typing import Any
 from torch import nn
 
 from dsft.config.schema import AdapterSection
-from dsft.models.arch import IDENTITY
+from dsft.arch import IDENTITY
 
 FILENAME = "dsft_adapter.json"
 FORMAT_VERSION = 1
 
 
 def _group_spec(adapter: AdapterSection, group: str) -> dict[str, Any]:
-    spec = getattr(adapter, group)
-    return {"r": spec.r or adapter.r, "alpha": spec.alpha or adapter.alpha}
+    r, alpha = adapter.rank_alpha(group)
+    return {"r": r, "alpha": alpha}
 
 
 def build_metadata(model: nn.Module, adapter: AdapterSection, targets: dict[str, list[str]],
@@ -39,6 +39,16 @@ def build_metadata(model: nn.Module, adapter: AdapterSection, targets: dict[str,
     if adapter.router == "trainable":
         meta["router"] = "trainable"
     return meta
+
+
+def recorded_targets(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """The modules an adapter's metadata says it trains, by group (as attach_lora returns them)."""
+    from dsft.arch import experts_module
+
+    targets = {g: v["modules"] for g, v in meta.get("groups", {}).items()}
+    if "routed_experts" in meta:
+        targets["routed_experts"] = [experts_module(int(layer)) for layer in meta["routed_experts"]["experts"]]
+    return targets
 
 
 def write_metadata(adapter_dir: Path, meta: dict[str, Any]) -> None:
@@ -66,7 +76,7 @@ def check_adapter_dir(adapter_dir: Path, key: str = "--adapter") -> dict[str, An
     """Before PEFT or the merge reads an adapter directory: its config is a JSON mapping, its weights are
     safetensors whose header parses and whose bytes are all there (pickle files are never unpickled), and
     dsft_adapter.json, if any, is readable. Returns adapter_config.json."""
-    from dsft.config.files import safetensors_header
+    from dsft.models.files import safetensors_header
     from dsft.errors import DsftError
     from dsft.outputs import read_json
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from dsft.adapters.selection import moe_layout
 from dsft.config.schema import Recipe
-from dsft.models import arch
+from dsft import arch
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit block scales, fp32 scale per 256 blocks
 ADAM_BYTES = 16  # fp32 master + grad + two Adam moments
@@ -40,17 +40,17 @@ def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[in
         spec = getattr(adapter, group)
         if not spec.enabled or not shapes[group] or not layers:
             continue
-        r = spec.r or adapter.r
+        r, alpha = adapter.rank_alpha(group)
         per_layer = sum(_lora(s, r) for s in shapes[group].values())
-        groups[group] = {"r": r, "alpha": spec.alpha or adapter.alpha, "modules": len(shapes[group]) * len(layers),
+        groups[group] = {"r": r, "alpha": alpha, "modules": len(shapes[group]) * len(layers),
                          "layers": list(layers), "params": per_layer * len(layers)}
     h, inter = cfg["hidden_size"], arch.expert_intermediate(cfg)
     routed = adapter.routed_experts
     if selection:
-        r = routed.r or adapter.r
+        r, alpha = adapter.rank_alpha("routed_experts")
         per_expert = 3 * h * inter if routed.mode == "full" else r * (h + 2 * inter) + r * (inter + h)
         experts = {str(layer): ids if ids is not None else list(range(num_experts)) for layer, ids in selection.items()}
-        groups["routed_experts"] = {"r": r, "alpha": routed.alpha or adapter.alpha, "mode": routed.mode,
+        groups["routed_experts"] = {"r": r, "alpha": alpha, "mode": routed.mode,
                                     "experts": experts, "params": per_expert * sum(len(v) for v in experts.values()),
                                     "selected": f"{sum(len(v) for v in experts.values())} of {num_experts * len(moe_layers)}"}
     if adapter.router == "trainable":

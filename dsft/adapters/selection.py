@@ -9,7 +9,7 @@ from typing import Any
 
 from dsft.config.schema import RoutedExperts
 from dsft.errors import DsftError
-from dsft.models import arch
+from dsft import arch
 
 KEY = "adapter.routed_experts"
 

@@ -71,29 +71,25 @@ def relaunch(num_processes: int) -> None:
 
 def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, resume: bool, resume_from: str | None,
                  num_processes: int) -> Any:
-    """The shared body of `dsft sft` and `dsft dpo`: check the recipe, re-launch on N processes if
-    asked, preflight (nothing is created when it fails), train or resume."""
+    """The body of every training command (`kind` is an objective's name, dsft.train.pipeline.OBJECTIVES):
+    check the recipe, re-launch on N processes if asked, preflight (nothing is created when it fails),
+    train or resume."""
     from dsft.config import load_recipe
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     relaunch(num_processes)
     from dsft.train import run_dir
-    from dsft.train.sft import resume_point
+    from dsft.train.pipeline import objective, preflight, resume_point, run
 
-    if kind == "sft":
-        from dsft.train.sft import preflight
-        from dsft.train.sft import run_sft as run
-    else:
-        from dsft.train.dpo import preflight
-        from dsft.train.dpo import run_dpo as run
+    goal = objective(kind)
     resuming = resume or bool(resume_from)
-    prepared = preflight(resolved, force, resume=resuming)
+    prepared = preflight(resolved, goal, force, resume=resuming)
     resume_point(resolved, resume, resume_from, dry=True)  # refused before the lock creates anything
     output = Path(resolved.output_dir)
     with run_dir.lock(output):  # a second process on this output_dir stops here, naming this one's pid
         # again under the lock: another process may have finished a run here since the preflight
         run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved), locked=True)
-        return run(prepared, force, resume_point(resolved, resume, resume_from))
+        return run(prepared, goal, force, resume_point(resolved, resume, resume_from))
 
 
 def errors_exit_2(fn: F) -> F:

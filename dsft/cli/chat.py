@@ -23,7 +23,8 @@ def chat(
     from transformers import TextStreamer
 
     from dsft.adapters.lora import load_lora
-    from dsft.models.load import autocast_for, load_model, load_tokenizer
+    from dsft.models.load import load_model, load_tokenizer
+    from dsft.moe.fused import autocast_for
     from dsft.train.evaluate import open_run
 
     at_least("--max-new-tokens", max_new_tokens, 1)

@@ -21,8 +21,7 @@ from pydantic import (
 )
 
 from dsft.models.builtin import CONFIGS
-
-BUILTIN_PREFIX = "builtin:"
+from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
 BUILTIN_MODELS = tuple(CONFIGS)
 
 # Strict: YAML's `true` or `.inf` is no count of anything (pydantic would take `true` as 1).
@@ -65,7 +64,7 @@ class ModelSection(Section):
                 raise ValueError(f"unknown built-in model {name!r}; use one of: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
             return v
         if _checking_files(info):
-            from dsft.config.files import check_model_dir
+            from dsft.models.files import check_model_dir
 
             check_model_dir(Path(v))
         return v
@@ -217,6 +216,12 @@ class AdapterSection(Section):
         "frozen", description="`trainable` trains the routers' weights (saved in the adapter); correction biases stay frozen."
     )
 
+    def rank_alpha(self, group: str) -> tuple[int, float]:
+        """A group's LoRA rank and alpha: its own where set, else the adapter's (training, plan, metadata
+        and merge all read them here)."""
+        spec = getattr(self, group)
+        return spec.r or self.r, spec.alpha or self.alpha
+
     @model_validator(mode="after")
     def _something_trains(self) -> "AdapterSection":
         if not any(getattr(self, g).enabled for g in ("attention", "shared_experts", "dense_mlp", "routed_experts")):
@@ -302,7 +307,7 @@ class Recipe(Section):
         if self.training.balance_loss and self.adapter.router != "trainable":
             raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
         if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
-            from dsft.config.files import has_chat_template
+            from dsft.models.files import has_chat_template
 
             path = Path(self.model.path)
             if path.is_dir() and not has_chat_template(path):

@@ -5,14 +5,13 @@
 - Expert LoRA / full experts on `P = model.layers.N.mlp.experts`: per selected expert e, onto the
   per-expert keys `P.e.gate_proj.weight`, `P.e.up_proj.weight`, `P.e.down_proj.weight`, or onto rows
   e of the fused `P.gate_up_proj` / `P.down_proj`, whichever layout the base uses.
-- Checkpoint keys are read in the model's names (`dsft.models.arch.canonical`: Mixtral's
+- Checkpoint keys are read in the model's names (`dsft.arch.canonical`: Mixtral's
   `block_sparse_moe.experts.E.w1` is `mlp.experts.E.gate_proj`), so older layouts merge in place.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,10 @@ from safetensors.torch import load_file
 
 from dsft.adapters.metadata import read_metadata
 from dsft.errors import DsftError
-from dsft.models.arch import canonical
+from dsft.arch import FUSED, PER_EXPERT, canonical, layer_index
+from dsft.moe.lora import lora_scale
 
 PREFIX = "base_model.model."
-PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-FUSED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
 @dataclass
@@ -67,7 +65,7 @@ def _scale(module: str, rank: int, config: dict[str, Any]) -> float:
     for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(pattern, module) or re.match(rf"(.*\.)?{pattern}$", module):
             alpha = value
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return lora_scale(rank, alpha, bool(config.get("use_rslora")))
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
@@ -91,11 +89,11 @@ def read_adapter(adapter_dir: Path) -> Adapter:
                                          else "lora_" + part] = tensor
     for module, parts in by_module.items():
         if module.endswith(".mlp.experts"):
-            layer = module.split(".layers.")[1].split(".")[0]
+            layer = str(layer_index(module))
             ids = routed.get("experts", {}).get(layer)
             if ids is None:
                 raise DsftError(f"--adapter {adapter_dir}: expert weights for layer {layer} but no expert list in dsft_adapter.json")
-            scale = routed.get("alpha", 1.0) / routed.get("r", 1)
+            scale = lora_scale(routed.get("r", 1), routed.get("alpha", 1.0), bool(config.get("use_rslora")))
             adapter.experts[module] = Experts(ids, parts, scale)
         elif "lora_A.weight" in parts and "lora_B.weight" in parts:
             a, b = parts["lora_A.weight"], parts["lora_B.weight"]

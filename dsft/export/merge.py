@@ -28,9 +28,10 @@ from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
-from dsft.models.arch import canonical, missing_engine_keys
+from dsft.arch import canonical, missing_engine_keys
 from dsft.models.fp8 import dequantize, quantize
-from dsft.models.stream import FUSED, PER_EXPERT, SCALE_SUFFIX, shard_files
+from dsft.arch import FUSED, PER_EXPERT
+from dsft.models.stream import SCALE_SUFFIX, shard_files
 from dsft.outputs import check_location, human_size, nearest_existing
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -50,7 +51,7 @@ def resolve(adapter_arg: Path, base: Path | None) -> Source:
     `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter.
     The adapter's files and the base's config and shard headers are checked before anything is read."""
     from dsft.adapters.metadata import check_adapter_dir
-    from dsft.config.files import model_dir_error
+    from dsft.models.files import model_dir_error
     from dsft.config.load import load_run_recipe
     from dsft.models.load import resolve_model_path
 

@@ -20,7 +20,7 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-CHUNK = 1 << 20
+CHUNK = 8 << 20
 
 
 class ByteMeter:
@@ -53,7 +53,9 @@ def tensors_in_order(header: dict[str, Any]) -> list[str]:
 def read_tensor(f: BinaryIO, entry: dict[str, Any], data_start: int) -> torch.Tensor:
     start, end = entry["data_offsets"]
     f.seek(data_start + start)
-    raw = bytearray(f.read(end - start))
+    raw = bytearray(end - start)
+    if f.readinto(raw) != len(raw):
+        raise OSError(f"{getattr(f, 'name', 'file')}: truncated at {entry}")
     flat = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]) if raw else torch.empty(0, dtype=DTYPES[entry["dtype"]])
     return flat.reshape(entry["shape"])
 
@@ -71,8 +73,9 @@ def copy_bytes(src: BinaryIO, dst: BinaryIO, start: int, length: int, meter: Byt
         length -= len(chunk)
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a buffer over its own storage (no copy), for file.write and hashlib."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def build_header(entries: list[tuple[str, str, list[int]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:

@@ -31,10 +31,11 @@ from torch import nn
 
 from dsft.export.merge import MERGE_RECORD, Source, machine
 from dsft.export.safetensors_io import DTYPES, read_header, read_tensor
-from dsft.models.arch import canonical
+from dsft.arch import canonical
 from dsft.models.fp8 import dequantize
 from dsft.models.fp8 import quantize as quantize_fp8
-from dsft.models.stream import FUSED, LAYER, PER_EXPERT, SCALE_SUFFIX, shard_files
+from dsft.arch import FUSED, LAYER, PER_EXPERT
+from dsft.models.stream import SCALE_SUFFIX, shard_files
 from dsft.moe.routing import routers
 
 FLOAT_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -69,16 +70,12 @@ def reference(source: Source) -> Reference:
 
     from dsft.adapters.lora import load_lora
     from dsft.models.stream import StreamLoader
-    from dsft.moe.experts import DsftExperts
+    from dsft.moe.experts import replace_experts
     from dsft.moe.lora import ExpertLoraLayer
 
     model = StreamLoader(source.base, torch.float32, False, torch.device("cpu"), "eager").skeleton()
     _hollow(model)
-    for name, module in list(model.named_modules()):
-        if name.endswith(".mlp.experts") and hasattr(module, "gate_up_proj"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    DsftExperts(module.gate_up_proj, module.down_proj, module.act_fn, False, torch.float32))
+    replace_experts(model, quantized=False, dtype=torch.float32)  # as the loader holds them: DsftExperts
     peft_model = load_lora(model, str(source.adapter_dir))
     ref = Reference()
     for name, module in peft_model.named_modules():

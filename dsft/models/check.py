@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsft.config.files import safetensors_header, shard_names
+from dsft.models.files import safetensors_header, shard_names
 from dsft.errors import DsftError
-from dsft.models.arch import canonical
-from dsft.models.stream import FUSED, LAYER, PER_EXPERT, SCALE_SUFFIX
+from dsft.arch import canonical
+from dsft.arch import FUSED, LAYER, PER_EXPERT
+from dsft.models.stream import SCALE_SUFFIX
 
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -115,7 +116,7 @@ def check_checkpoint(path: Path, key: str = "model.path") -> None:
     """Every shard's header against the model config.json builds; one line naming the first problem."""
     try:
         problems = _problems(path)
-    except ValueError as e:  # a header that does not parse (dsft.config.files)
+    except ValueError as e:  # a header that does not parse (dsft.models.files)
         raise DsftError(f"{key}: {e}") from None
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dsft.config.schema import BUILTIN_PREFIX, ModelSection
+from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,18 +31,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return DTYPES[name]
-
-
-def autocast_for(model: torch.nn.Module):
-    """Autocast to the base's half precision (LoRA masters are fp32 and dsft feeds them half-precision
-    inputs, see dsft.adapters.lora.half_precision_inputs); a no-op for fp32 bases."""
-    import contextlib
-
-    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=dtype)
 
 
 def load_tokenizer(path: Path, chat_template_file: str | None = None) -> Any:
@@ -87,9 +75,10 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(section: ModelSection, path: Path) -> torch.nn.Module:
+def load_model(section: Any, path: Path) -> torch.nn.Module:
     """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`; their codes
-    split across the ranks of a multi-process run with `shard_experts`)."""
+    split across the ranks of a multi-process run with `shard_experts`). `section` is the recipe's
+    ModelSection (dsft.config.schema; read by attribute, since models sit below config)."""
     from dsft.models.stream import load_streaming
 
     return load_streaming(path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
@@ -110,7 +99,7 @@ def model_identity(path: Path, model_path: str) -> dict[str, Any]:
 
     raw = (path / "config.json").read_bytes()
     cfg = json.loads(raw)
-    from dsft.models.arch import IDENTITY
+    from dsft.arch import IDENTITY
 
     keys = ("architectures", *IDENTITY)
     return {"path": model_path, "resolved_path": str(path.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),

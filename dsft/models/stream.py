@@ -3,7 +3,7 @@ their final device and form, one at a time.
 
 - The model skeleton is built on the meta device (buffers real), with transformers' native class.
 - Routed experts, per-expert (`mlp.experts.E.gate_proj.weight`, DeepSeek's and Qwen's layout; Mixtral's
-  `block_sparse_moe.experts.E.w1.weight` names are mapped, dsft.models.arch.canonical) or fused
+  `block_sparse_moe.experts.E.w1.weight` names are mapped, dsft.arch.canonical) or fused
   (`mlp.experts.gate_up_proj`), are assembled one layer at a time in a staging buffer on the target
   device and then become a DsftExperts module (NF4 or plain), so peak memory while loading is the
   final footprint plus about one layer's experts.
@@ -16,7 +16,6 @@ their final device and form, one at a time.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,10 @@ import torch
 from torch import nn
 
 from dsft.errors import DsftError
-from dsft.models.arch import canonical
+from dsft.arch import FUSED, LAYER, PER_EXPERT, canonical  # noqa: F401 - re-exported names
 from dsft.models.fp8 import dequantize
 from dsft.moe.experts import DsftExperts
 
-PER_EXPERT = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-FUSED = re.compile(r"^(?P<module>.+\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SCALE_SUFFIX = "_scale_inv"
 NOT_QUANTIZED = ("lm_head", "mlp.gate", "mlp.shared_expert_gate")  # routers and gates stay exact
 

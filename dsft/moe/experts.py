@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsft.models.fused import is_silu, silu_mul
+from dsft.moe.fused import is_silu, silu_mul
 from dsft.moe.grouped import frozen_linear, grouped_mm
 from dsft.moe.nf4 import PackedNF4
 
@@ -179,5 +179,6 @@ def replace_experts(model: nn.Module, quantized: bool, dtype: torch.dtype | None
 
 def layer_of(name: str) -> int:
     """The decoder layer index in a module name such as `model.layers.3.mlp.experts`."""
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1])
+    from dsft.arch import layer_index
+
+    return layer_index(name)

@@ -25,6 +25,12 @@ SELECTION_ATTR = "dsft_lora_experts"
 MODE_ATTR = "dsft_expert_mode"  # "lora" (default) or "full"
 
 
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    """LoRA's scale s in W + s B A: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's rule, for training
+    and merge alike)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 def _device_of(module: nn.Module) -> torch.device:
     if isinstance(module, DsftExperts):  # sharded NF4 codes are neither parameters nor buffers
         return module.weight.device
@@ -97,7 +103,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
                   index: torch.Tensor) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scale(r, lora_alpha, config.use_rslora)
         self.lora_experts[adapter_name] = experts
         self._index[adapter_name] = index
         self.set_adapter(self.active_adapters)

@@ -52,7 +52,7 @@ def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens:
         from dsft.errors import DsftError
 
         raise DsftError("model.path: this model has no routed experts to profile")
-    from dsft.models.load import autocast_for
+    from dsft.moe.fused import autocast_for
 
     device = next(p for p in model.parameters()).device
     was_training = model.training

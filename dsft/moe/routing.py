@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsft.arch import layer_index
+
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The router itself when PEFT wrapped it to train it (`modules_to_save`)."""
@@ -27,8 +29,7 @@ def routers(model: nn.Module) -> dict[int, nn.Module]:
     for name, module in model.named_modules():
         router = unwrap(module)
         if name.endswith("mlp.gate") and hasattr(router, "top_k") and hasattr(router, "weight"):
-            parts = name.split(".")
-            found[int(parts[parts.index("layers") + 1])] = module
+            found[layer_index(name)] = module
     return dict(sorted(found.items()))
 
 

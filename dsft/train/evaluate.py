@@ -25,7 +25,7 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     is loaded: not while it trains, a failed or interrupted one only with --force, the adapter's files,
     and the base it names is still the model the adapter was trained on."""
     from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
-    from dsft.config.files import model_dir_error, read_model_config
+    from dsft.models.files import model_dir_error, read_model_config
     from dsft.config.load import load_run_recipe
     from dsft.models.check import check_checkpoint
     from dsft.models.load import resolve_model_path
@@ -65,7 +65,7 @@ def _conversations(recipe: Recipe, data: str | None) -> list[Messages]:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int) -> float:
     """Mean cross-entropy per assistant token."""
-    from dsft.models.load import autocast_for
+    from dsft.moe.fused import autocast_for
     from dsft.moe.profile import batches
 
     device = next(model.parameters()).device
@@ -86,7 +86,7 @@ def mean_loss(model: torch.nn.Module, tokens: dict[str, list[list[int]]], batch_
 @torch.no_grad()
 def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], count: int,
             max_new_tokens: int) -> list[dict[str, str]]:
-    from dsft.models.load import autocast_for
+    from dsft.moe.fused import autocast_for
 
     device = next(model.parameters()).device
     out = []

@@ -101,6 +101,77 @@ def check_usable(run: Path, force: bool, command: str) -> str | None:
 
 CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
 
+# The layout of a run directory; every command reaches its files through these (or RunDir).
+ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
+
+
+def adapter_dir(run: Path) -> Path:
+    return Path(run) / ADAPTER
+
+
+def adapter_tmp(run: Path) -> Path:
+    return Path(run) / f".{ADAPTER}.tmp"
+
+
+def checkpoints(run: Path) -> Path:
+    return Path(run) / CHECKPOINTS
+
+
+def metrics(run: Path) -> Path:
+    return Path(run) / METRICS
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of a Trainer checkpoint directory (`checkpoint-N`)."""
+    return int(Path(checkpoint).name.split("-")[1])
+
+
+class RunDir:
+    """A dsft run directory: its paths, its recipe read back through the schema, run.json and status,
+    and the lock and ownership rules (check_output_dir / check_usable) that guard it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def adapter(self) -> Path:
+        return adapter_dir(self.path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return checkpoints(self.path)
+
+    @property
+    def metrics(self) -> Path:
+        return metrics(self.path)
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE
+
+    def is_run(self) -> bool:
+        return self.recipe_file.is_file()
+
+    def recipe(self) -> Recipe:
+        from dsft.config.load import load_run_recipe
+
+        return load_run_recipe(self.path)
+
+    def info(self) -> dict[str, Any]:
+        return read_run_json(self.path) if (self.path / RUN_JSON).is_file() else {}
+
+    def status(self) -> str | None:
+        return read_status(self.path)
+
+    def holder(self) -> int | None:
+        return holder(self.path)
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        return lock(self.path)
+
+    def check_usable(self, force: bool, command: str) -> str | None:
+        return check_usable(self.path, force, command)
+
 
 def check_disk(path: Path, trainable_params: int) -> None:
     """Preflight: room for the kept checkpoints (fp32 weights and two Adam moments each, while a new one
@@ -114,7 +185,7 @@ def check_disk(path: Path, trainable_params: int) -> None:
 
 
 def read_run_json(run: Path) -> dict[str, Any]:
-    return read_json(run / "run.json", "the run directory is damaged: train it again with --force or restore run.json")
+    return read_json(run / RUN_JSON, "the run directory is damaged: train it again with --force or restore run.json")
 
 
 def read_status(path: Path) -> str | None:
@@ -161,7 +232,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_recipe(run: Path, recipe: Recipe) -> None:
-    write_atomic(run / "recipe.yaml", yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
+    write_atomic(run / RECIPE, yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
 
 
 def _sha256(path: Path) -> str:
@@ -207,7 +278,7 @@ def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, *
 
 
 def write_run_info(run: Path, info: dict[str, Any]) -> None:
-    write_atomic(run / "run.json", json.dumps(info, indent=2) + "\n")
+    write_atomic(run / RUN_JSON, json.dumps(info, indent=2) + "\n")
 
 
 @contextlib.contextmanager

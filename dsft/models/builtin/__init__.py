@@ -20,6 +20,7 @@ from typing import Any
 import dsft
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+PREFIX = "builtin:"  # model.path of a built-in model: builtin:NAME
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 1024,

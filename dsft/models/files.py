@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import DsftError
-from dsft.models.arch import SUPPORTED, missing_config_keys
+from dsft.arch import SUPPORTED, missing_config_keys
 
 INDEX = "model.safetensors.index.json"
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header

@@ -1,0 +1,303 @@
+"""The one training spine every objective runs on.
+
+    preflight: output dir (ownership, lock holder) -> the objective's rows -> model files checked ->
+               base config -> SFT adapter to continue (if any) -> expert selection -> disk -> tokenizer ->
+               the objective's tokens.                        Creates nothing; every error is one line.
+    run:       run directory (lifecycle: recipe.yaml, run.json, status) -> seed -> load the base ->
+               choose experts (routing profile for a policy) -> plan -> attach adapters (or continue
+               one) -> the objective's trainer -> fp32 masters -> train (checkpoints, resume, signals)
+               -> the objective's evaluation -> save, publish the adapter -> summary -> complete.
+
+An objective (SFT and DPO here; `register` adds one, tests/test_architecture.py adds one from outside
+dsft/) supplies only what differs: its data checks and tokenization, its TRL config and trainer, what it
+adds to the adapter's metadata and its summary. The CLI looks objectives up by name in OBJECTIVES.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config.schema import Recipe
+from dsft.errors import DsftError
+from dsft.train import run_dir
+from dsft.train.dist import full_trainable_state, is_main
+
+# Built-in objectives, imported on first use so `dsft --help` stays torch-free.
+BUILTIN = {"sft": "dsft.train.sft", "dpo": "dsft.train.dpo"}
+OBJECTIVES: dict[str, "Objective"] = {}
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before the run directory exists."""
+
+    recipe: Recipe
+    model_path: Path
+    config: dict[str, Any]
+    selection: dict[int, list[int] | None] | None  # None: a policy decides after profiling
+    tokenizer: Any
+    train: dict[str, list[list[int]]]  # token ids and labels of the training rows (SFT: what trains; all: profiling)
+    eval: dict[str, list[list[int]]] | None
+    truncation: dict[str, int] | None = None  # what data.max_length cuts (None when packing)
+    init_adapter: Path | None = None  # an adapter the run continues (DPO's dpo.init_adapter)
+    data: dict[str, Any] = field(default_factory=dict)  # the objective's own prepared data
+
+
+class Objective:
+    """What an objective supplies to the spine. Subclass, set `name`, override, `register`."""
+
+    name = ""
+
+    def load_rows(self, recipe: Recipe) -> Any:
+        """Read and check every data row (before any model file is read)."""
+        raise NotImplementedError
+
+    def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
+        """An adapter to continue rather than a fresh one, checked against the base config."""
+        return None
+
+    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: Any) -> dict[str, Any]:
+        """Prepared's `train`, `eval`, `truncation` and `data` fields from the rows."""
+        raise NotImplementedError
+
+    def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def after_train(self, trainer: Any, prepared: Prepared, run: Path) -> dict[str, Any]:
+        """Work on the trained model before it is saved (SFT: held-out loss, routing change)."""
+        return {}
+
+    def adapter_metadata(self, prepared: Prepared) -> dict[str, Any]:
+        """Extra keys for the adapter's dsft_adapter.json."""
+        return {}
+
+    def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
+               targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
+        """(the result the command prints, run.json's summary)."""
+        raise NotImplementedError
+
+
+def register(objective: Objective) -> Objective:
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def objective(name: str) -> Objective:
+    if name not in OBJECTIVES and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    if name not in OBJECTIVES:
+        raise DsftError(f"unknown objective {name!r}; known: {', '.join(sorted({*OBJECTIVES, *BUILTIN}))}")
+    return OBJECTIVES[name]
+
+
+# ---------------------------------------------------------------- pieces the spine (and objectives) use
+
+def cpu_args() -> dict[str, Any]:
+    """Without CUDA: the CPU, and for several processes DDP over gloo. Both flags are needed: without
+    `use_cpu` the Trainer runs every rank unwrapped (no gradient all-reduce), each on its own shard."""
+    if torch.cuda.is_available():
+        return {}
+    return {"use_cpu": True, "ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {"use_cpu": True}
+
+
+def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """recipe.training (+ data lengths) -> the TrainingArguments shared by every objective's TRL config.
+    dsft sets the precision flags itself: TRL would turn bf16 on by default, which makes CPU runs
+    ~100x slower."""
+    import importlib.util
+
+    t = recipe.training
+    return dict(
+        output_dir=str(run_dir.checkpoints(run)),
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        # transformers 5.2x takes a float below 1 here as a ratio of the total steps (warmup_ratio is gone)
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.activation_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=run_dir.CHECKPOINTS_KEPT,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        **cpu_args(),
+        max_length=recipe.data.max_length,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        average_tokens_across_devices=True,  # the loss of N processes equals one process's at the same global batch
+        ddp_find_unused_parameters=False,
+        # The balance loss is dsft's (training.balance_loss, dsft.moe.balance) for every family; TRL would
+        # otherwise add Qwen-MoE's / Mixtral's router aux loss unasked.
+        router_aux_loss_coef=0.0,
+    )
+
+
+def check_disk_for(recipe: Recipe, config: dict[str, Any], selection: dict[int, list[int] | None] | None) -> None:
+    """Room for this recipe's checkpoints; a policy's selection is not known yet, so count every expert."""
+    from dsft.adapters.plan import build_plan
+    from dsft.adapters.selection import moe_layout
+
+    if selection is None:
+        selection = dict.fromkeys(moe_layout(config)[0])
+    run_dir.check_disk(Path(recipe.output_dir), build_plan(recipe, config, selection)["trainable_params"])
+
+
+def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[str, int]:
+    """Trainable parameters per module group (routers trained whole count as `router`)."""
+    owner = {name: group for group, names in targets.items() for name in names}
+    counts = dict.fromkeys(targets, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            module = name.removeprefix("base_model.model.").split(".lora_")[0]
+            group = "router" if ".modules_to_save." in name else owner.get(module, "other")
+            counts[group] = counts.get(group, 0) + param.numel()
+    return counts
+
+
+def fp32_adapter(model: torch.nn.Module) -> None:
+    """Keep trainable weights in fp32: TRL casts them to bf16 on 4-bit models, and a trainable
+    router is copied in the base dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identity: dict[str, Any],
+                   data_sha: dict[str, str]) -> dict[int, list[int] | None]:
+    """The static selection, or the policy applied to the (cached) routing profile."""
+    if prepared.selection is not None:
+        return prepared.selection
+    from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key
+
+    spec = prepared.recipe.adapter.routed_experts
+    key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
+    profile, _ = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
+                                run / ROUTING_DIR, spec.samples, spec.count)
+    return policy_selection(prepared.recipe, profile)
+
+
+def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: bool = False) -> Path | None:
+    """The checkpoint to resume from (checked against the run and its recipe), or None; `dry` only checks."""
+    if not (resume or resume_from):
+        return None
+    from dsft.train.resume import prepare_resume
+
+    return prepare_resume(Path(recipe.output_dir), run_dir.resolved_recipe(recipe), resume_from, dry)
+
+
+# ---------------------------------------------------------------- the spine
+
+def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:
+    """Check the output dir, every data row, the model files and the expert selection, and tokenize;
+    creates nothing."""
+    from dsft.adapters.selection import check_spec, read_config
+    from dsft.models.check import check_checkpoint
+    from dsft.models.load import load_tokenizer, resolve_model_path
+
+    if check_output:
+        run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
+    rows = goal.load_rows(recipe)
+    model_path = resolve_model_path(recipe.model.path)
+    check_checkpoint(model_path)
+    config = read_config(model_path)
+    init = goal.init_adapter(recipe, config)
+    selection = {} if init is not None else check_spec(recipe.adapter.routed_experts, config)
+    if init is None:
+        check_disk_for(recipe, config, selection)
+    tokenizer = load_tokenizer(model_path, recipe.data.chat_template)
+    return Prepared(recipe, model_path, config, selection, tokenizer, init_adapter=init,
+                    **goal.tokenize(recipe, tokenizer, rows))
+
+
+def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any]):
+    """The trainable model: an adapter continued (with its recorded targets), or a fresh one placed by
+    the plan. Returns (model, targets by group, the continued adapter's metadata or None, the plan)."""
+    from rich.console import Console
+
+    from dsft.adapters.lora import attach_lora, load_lora
+    from dsft.adapters.metadata import read_metadata, recorded_targets
+    from dsft.adapters.plan import plan_table
+    from dsft.models.load import load_model
+    from dsft.train.targeting import check_plan, write_plan
+
+    recipe = prepared.recipe
+    base = load_model(recipe.model, prepared.model_path)
+    if prepared.init_adapter is not None:
+        model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
+        meta = read_metadata(prepared.init_adapter)
+        return model, recorded_targets(meta), meta, None
+    selection = target_experts(prepared, base, run, identity, info["data_sha256"])
+    plan = write_plan(run, recipe, prepared.config, selection)
+    if is_main():
+        Console().print(plan_table(plan))
+    model, targets = attach_lora(base, recipe.adapter, selection)
+    check_plan(plan, group_params(model, targets))
+    return model, targets, None, plan
+
+
+def _save(trainer: Any, prepared: Prepared, run: Path, targets: dict[str, list[str]], identity: dict[str, Any],
+          init_meta: dict[str, Any] | None, extra_meta: dict[str, Any]) -> None:
+    """The trained adapter (TRL's frozen "ref" copy left out), tokenizer and dsft_adapter.json, written to
+    a temporary directory and renamed into place."""
+    from dsft.adapters.metadata import build_metadata, write_metadata
+
+    state = full_trainable_state(trainer.model)
+    if not is_main():
+        return
+    tmp = run_dir.adapter_tmp(run)
+    trainer.model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state)
+    prepared.tokenizer.save_pretrained(tmp)
+    meta = init_meta or build_metadata(trainer.model, prepared.recipe.adapter, targets, identity)
+    write_metadata(tmp, {**meta, **extra_meta})
+    run_dir.publish(tmp, run_dir.adapter_dir(run))
+
+
+def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | None = None) -> Any:
+    """Train `goal` on the prepared data into recipe.output_dir; returns the objective's result."""
+    from dsft.models.load import model_identity, resolve_dtype
+    from dsft.train import resume
+    from dsft.train.callbacks import JsonlMetrics
+    from dsft.train.resume import trim_metrics
+
+    recipe = prepared.recipe
+    out = Path(recipe.output_dir)
+    identity = model_identity(prepared.model_path, recipe.model.path)
+    args = goal.trl_config(recipe, prepared, out, resolve_dtype(recipe.model.dtype))
+    with run_dir.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info:
+        torch.manual_seed(recipe.training.seed)
+        model, targets, init_meta, plan = _policy(prepared, out, identity, info)
+        metrics = JsonlMetrics(run_dir.metrics(out))
+        trainer = goal.trainer(model, args, prepared, [metrics])
+        fp32_adapter(trainer.model)
+        if checkpoint is not None:
+            trim_metrics(run_dir.metrics(out), run_dir.checkpoint_step(checkpoint))
+        resume.train(trainer, out, goal.name, checkpoint)
+        extra = goal.after_train(trainer, prepared, out)
+        _save(trainer, prepared, out, targets, identity, init_meta, goal.adapter_metadata(prepared))
+        groups = group_params(trainer.model, targets)
+        result, summary = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
+        run_dir.complete(out, info, summary)
+        return result

@@ -1,0 +1,96 @@
+"""The package layers written in docs/architecture.md hold: no module imports from a higher layer (lazy
+imports inside functions included), and no two packages import each other."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "dsft"
+
+
+def layers() -> dict[str, int]:
+    """`Layers, lowest first: a, b | c | ...` from docs/architecture.md: package -> layer index."""
+    text = (REPO / "docs/architecture.md").read_text()
+    line = re.search(r"^Layers, lowest first: (.+)$", text, re.M).group(1).strip("`")
+    return {name.strip(): i for i, group in enumerate(line.split("|")) for name in group.split(",")}
+
+
+def package_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0].removesuffix(".py") if parts[0] != "__init__.py" else "dsft"
+
+
+def imports() -> list[tuple[str, str, str]]:
+    """(importing module, its package, imported dsft package) for every import anywhere in a module."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name == "dsft" or name.startswith("dsft."):
+                    target = name.split(".")[1] if "." in name else "dsft"
+                    found.append((str(path.relative_to(REPO)), package_of(path), target))
+    return found
+
+
+def test_no_import_from_a_higher_layer() -> None:
+    order = layers()
+    packages = {package_of(p) for p in PACKAGE.rglob("*.py")}
+    assert packages <= set(order), f"packages missing from docs/architecture.md: {packages - set(order)}"
+    upward = [f"{module} ({pkg}) imports dsft.{target}" for module, pkg, target in imports()
+              if target != pkg and order[target] > order[pkg]]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_no_cycle_between_packages() -> None:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for _, pkg, target in imports():
+        if target != pkg:
+            graph[pkg].add(target)
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a in graph.get(b, set()) and a < b)
+    assert not cycles, cycles
+
+
+def _sum_objective():
+    """SFT with the loss summed over the batch's loss tokens instead of averaged, registered from here."""
+    from dsft.train import pipeline
+    from dsft.train.sft import SFT
+    from dsft.train.trainer import DsftSFTTrainer
+
+    class SummedSFTTrainer(DsftSFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            tokens = (inputs["labels"][:, 1:] != -100).sum()
+            return (result[0] * tokens, result[1]) if return_outputs else result * tokens
+
+    class SummedSFT(SFT):
+        name = "sft-sum"
+
+        def trainer(self, model, args, prepared, callbacks):
+            from datasets import Dataset
+
+            return SummedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(prepared.train),
+                                    processing_class=prepared.tokenizer, callbacks=callbacks)
+
+    return pipeline.register(SummedSFT())
+
+
+def test_an_objective_from_outside_dsft_trains_through_the_cli_body(make_recipe, tmp_path: Path) -> None:
+    import json
+
+    from dsft.cli._common import run_training
+
+    goal = _sum_objective()
+    recipe = make_recipe(training={"max_steps": 2, "logging_steps": 1})
+    mean = run_training("sft", recipe, [f"output_dir={tmp_path / 'mean'}"], False, False, None, 1)
+    summed = run_training(goal.name, recipe, [f"output_dir={tmp_path / 'sum'}"], False, False, None, 1)
+    info = json.loads((tmp_path / "sum/run.json").read_text())
+    assert info["command"] == "sft-sum" and info["status"] == "complete"
+    assert (tmp_path / "sum/adapter/adapter_model.safetensors").is_file()
+    assert summed.losses[0] > 20 * mean.losses[0]  # the same first batch, its loss summed over ~170 tokens
