@@ -45,6 +45,18 @@ def expert_key(key: str) -> re.Match | None:
     return PER_EXPERT.match(key) or FUSED.match(key)
 
 
+def selects(key: str, names: set[str] | dict, experts: dict[str, list[int]]) -> bool:
+    """Whether checkpoint tensor `key` is one of `names` (model names) or belongs to a selected routed
+    expert (`experts`: experts module -> ids; a fused tensor belongs to every expert of its module)."""
+    key = canonical(key)
+    if key in names:
+        return True
+    m = expert_key(key)
+    if not m or m.group("module") not in experts:
+        return False
+    return "expert" not in m.groupdict() or int(m.group("expert")) in experts[m.group("module")]
+
+
 def canonical(key: str) -> str:
     """The model's name for a checkpoint tensor (Mixtral's `block_sparse_moe.*` names; others unchanged)."""
     if ".block_sparse_moe." not in key:

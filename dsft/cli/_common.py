@@ -92,6 +92,31 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
         return run(prepared, goal, force, resume_point(resolved, resume, resume_from))
 
 
+def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callable[[Any], list[tuple[str, ...]]]
+                     ) -> Callable[..., None]:
+    """A command training objective `kind` (`dsft sft`, `dsft dpo`, ...): the shared options, the shared
+    body, and on the main rank a table of `rows(result)` under `columns`."""
+
+    def command(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
+                resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
+        result = run_training(kind, recipe, set_, force, resume, resume_from, num_processes)
+        from dsft.train.dist import is_main
+
+        if is_main():
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=f"dsft {kind}: {result.run}")
+            for i, column in enumerate(columns):
+                table.add_column(column, justify="left" if i == 0 else "right")
+            for row in rows(result):
+                table.add_row(*row)
+            Console().print(table)
+
+    command.__doc__, command.__name__ = doc, kind
+    return errors_exit_2(command)
+
+
 def errors_exit_2(fn: F) -> F:
     """Report DsftError as one line per problem on stderr and exit 2; tracebacks only with DSFT_DEBUG=1."""
 

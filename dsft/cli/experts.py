@@ -99,9 +99,9 @@ def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None
 
 
 def _measured_peak(run: Path) -> float | None:
-    import json
+    from dsft.train.run_dir import RunDir
 
     try:
-        return json.loads((run / "run.json").read_text())["summary"]["peak_gpu_gib"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return RunDir(run).info()["summary"]["peak_gpu_gib"]
+    except (DsftError, KeyError, TypeError):
         return None

@@ -30,12 +30,12 @@ def merge(
 
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
-    from dsft.train.run_dir import check_usable
+    from dsft.train.run_dir import RunDir
 
     at_least("--verify-layers", verify_layers, 1)
     source = resolve(adapter, base)
     if source.run is not None:
-        check_usable(source.run, force, "merge")
+        RunDir(source.run).check_usable(force, "merge")
     record = run_merge(source, out, force=force, dtype=dtype, requantize=requantize)
     console = Console()
     console.print(f"merged {record['touched_tensors']} tensors of {source.base} into {out} "

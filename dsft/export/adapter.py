@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from dsft.adapters.metadata import read_metadata
 from dsft.errors import DsftError
-from dsft.arch import FUSED, PER_EXPERT, canonical, layer_index
+from dsft.arch import FUSED, PER_EXPERT, canonical, layer_index, selects
 from dsft.moe.lora import lora_scale
 
 PREFIX = "base_model.model."
@@ -48,13 +48,7 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def touches(self, key: str) -> bool:
-        key = canonical(key)
-        if key in self.linear or key in self.replace:
-            return True
-        m = PER_EXPERT.match(key) or FUSED.match(key)
-        if not m or m.group("module") not in self.experts:
-            return False
-        return "expert" not in m.groupdict() or int(m.group("expert")) in self.experts[m.group("module")].ids
+        return selects(key, self.linear.keys() | self.replace.keys(), {m: e.ids for m, e in self.experts.items()})
 
     def targets(self) -> list[str]:
         return [*self.linear, *self.replace]

@@ -31,7 +31,7 @@ from torch import nn
 
 from dsft.export.merge import MERGE_RECORD, Source, machine
 from dsft.export.safetensors_io import DTYPES, read_header, read_tensor
-from dsft.arch import canonical
+from dsft.arch import canonical, selects
 from dsft.models.fp8 import dequantize
 from dsft.models.fp8 import quantize as quantize_fp8
 from dsft.arch import FUSED, LAYER, PER_EXPERT
@@ -92,13 +92,7 @@ def reference(source: Source) -> Reference:
 
 
 def touches(ref: Reference, key: str) -> bool:
-    name = canonical(key)
-    if name in ref.replace or name in ref.linear:
-        return True
-    m = PER_EXPERT.match(name) or FUSED.match(name)
-    if not m or m.group("module") not in ref.experts:
-        return False
-    return "expert" not in m.groupdict() or int(m.group("expert")) in ref.experts[m.group("module")][0]
+    return selects(key, ref.linear.keys() | ref.replace.keys(), {m: v[0] for m, v in ref.experts.items()})
 
 
 def _expert_rows(proj: str, inter: int) -> slice:

@@ -25,22 +25,22 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     is loaded: not while it trains, a failed or interrupted one only with --force, the adapter's files,
     and the base it names is still the model the adapter was trained on."""
     from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
-    from dsft.models.files import model_dir_error, read_model_config
-    from dsft.config.load import load_run_recipe
     from dsft.models.check import check_checkpoint
+    from dsft.models.files import model_dir_error, read_model_config
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import check_usable
+    from dsft.train.run_dir import RunDir
 
     if not run.is_dir():
         raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft sft or dpo run")
-    recipe = load_run_recipe(run)
-    check_usable(run, force, command)
-    adapter_dir = run / "adapter"
+    rundir = RunDir(run)
+    recipe = rundir.recipe()
+    rundir.check_usable(force, command)
+    adapter_dir = rundir.adapter
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DsftError(f"--adapter {run}: the run has no adapter/ (it never finished); resume or train it first")
     check_adapter_dir(adapter_dir)
     model_path = resolve_model_path(recipe.model.path)
-    key = f"{run / 'recipe.yaml'}: model.path"
+    key = f"{rundir.recipe_file}: model.path"
     model_dir_error(model_path, key, tokenizer=False)
     wrong = identity_mismatches(read_model_config(model_path), read_metadata(adapter_dir))
     if wrong:

@@ -108,16 +108,17 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
     """Check that `run` can be resumed with this recipe and return the checkpoint to resume from; unless
     `dry` (the preflight, which changes nothing), remove the damaged checkpoints after it."""
     from dsft.config.load import read_yaml
-    from dsft.train.run_dir import read_run_json
+    from dsft.train.run_dir import RunDir
 
-    status = read_run_json(run).get("status") if (run / "run.json").is_file() else None
+    rundir = RunDir(run)
+    status = rundir.info().get("status")
     if status is None:
         raise DsftError(f"--resume: {run} holds no dsft run to resume; start it without --resume")
     if status == "complete":
         raise DsftError(f"--resume: the run in {run} is already complete; pass --force to train it again")
-    if not (run / "recipe.yaml").is_file():
+    if not rundir.is_run():
         raise DsftError(f"--resume: {run} has no recipe.yaml, so the run cannot be checked; start again with --force")
-    saved = read_yaml(run / "recipe.yaml", "run recipe")
+    saved = read_yaml(rundir.recipe_file, "run recipe")
     changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
                      for k in set(saved[s]) | set(recipe_data.get(s) or {}) if saved[s].get(k) != (recipe_data.get(s) or {}).get(k))
     if changed:
@@ -128,11 +129,11 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
         if problem:
             raise DsftError(f"--resume-from {explicit}: {problem}; pick another checkpoint or use --resume")
         return Path(explicit)
-    checkpoint = latest_checkpoint(run / "checkpoints", quiet=dry)
+    checkpoint = latest_checkpoint(rundir.checkpoints, quiet=dry)
     if checkpoint is None:
-        raise DsftError(f"--resume: no complete checkpoint in {run / 'checkpoints'}; start again with --force")
+        raise DsftError(f"--resume: no complete checkpoint in {rundir.checkpoints}; start again with --force")
     step = int(checkpoint.name.split("-")[1])
-    for later in [] if dry else (run / "checkpoints").glob("checkpoint-*"):  # damaged or half-written: trained again
+    for later in [] if dry else rundir.checkpoints.glob("checkpoint-*"):  # damaged or half-written: trained again
         m = _CHECKPOINT.match(later.name)
         if m and int(m.group(1)) > step:
             shutil.rmtree(later, ignore_errors=True)
