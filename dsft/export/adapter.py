@@ -105,7 +105,8 @@ def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
         return adapter.replace[key].float().clone()
     if key in adapter.linear:
         a, b, s = adapter.linear[key]
-        return w.add_(s * (b.float() @ a.float()))
+        delta = b.float() @ a.float()
+        return w.add_(delta.mul_(s))  # in place: s * (B A) without a third full-size buffer
     m = PER_EXPERT.match(key) or FUSED.match(key)
     ex = adapter.experts[m.group("module")]
     if "expert" in m.groupdict():

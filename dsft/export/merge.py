@@ -190,15 +190,14 @@ class ShardWriter:
             return base
         self.touched += 1
         result = merged(name, base, self.adapter)
-        self._retained(base, result, result.to(dtype).float())
+        self._retained(base, result, result.to(dtype))
         self.meter.hold(result.numel() * 4)
         self.meter.release(result.numel() * 4)
         return result
 
     def _retained(self, base: torch.Tensor, result: torch.Tensor, written: torch.Tensor) -> None:
-        delta = result - base.float()
-        self.dot += float(((written - base.float()) * delta).sum())
-        self.norm2 += float((delta * delta).sum())
+        dot, norm2 = retention_sums(base, result, written)
+        self.dot, self.norm2 = self.dot + dot, self.norm2 + norm2
 
     def _read(self, fi: Any, entry: dict[str, Any], data_start: int) -> torch.Tensor:
         t = read_tensor(fi, entry, data_start)
@@ -214,6 +213,19 @@ class ShardWriter:
         q, grid = quantize(result, self.block)
         self._retained(base, result, dequantize(q, grid, self.block))
         return q, grid
+
+
+def retention_sums(base: torch.Tensor, result: torch.Tensor, written: torch.Tensor, rows: int = 1024) -> tuple[float, float]:
+    """(<written - base, result - base>, |result - base|^2), a block of rows at a time so that no
+    full-size temporary is made (the largest V3 weights are 117M values)."""
+    dot = norm2 = 0.0
+    base, result, written = (t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in (base, result, written))
+    for i in range(0, base.shape[0], rows):
+        b = base[i:i + rows].float()
+        delta = result[i:i + rows].float() - b
+        dot += float(torch.dot((written[i:i + rows].float() - b).flatten(), delta.flatten()))
+        norm2 += float(torch.dot(delta.flatten(), delta.flatten()))
+    return dot, norm2
 
 
 def retention(dot: float, norm2: float) -> float | None:

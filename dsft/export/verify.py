@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsft.export.merge import MERGE_RECORD, Source, machine
+from dsft.export.merge import MERGE_RECORD, Source, machine, retention_sums
 from dsft.export.safetensors_io import DTYPES, read_header, read_tensor
 from dsft.arch import canonical, selects
 from dsft.models.fp8 import dequantize
@@ -263,9 +263,8 @@ def exact_check(source: Source, out: Path, record: dict[str, Any], ref: Referenc
                 value = want.to(stored)
                 report.note(key, got, value, limit)
                 written = got.float()
-            delta = want - w.float()
-            report.dot += float(((written - w.float()) * delta).sum())
-            report.norm2 += float((delta * delta).sum())
+            dot, norm2 = retention_sums(w, want, written)
+            report.dot, report.norm2 = report.dot + dot, report.norm2 + norm2
         if value is not None and floor is not None and _layer_ok(key, kept):
             _assign(floor, params, canonical(key), value.float() if value.dtype not in FP8 else dequantize(
                 value, merged.read(key + SCALE_SUFFIX), block))
