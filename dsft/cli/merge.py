@@ -70,7 +70,7 @@ def _print(console, report: dict) -> None:  # noqa: ANN001 - rich Console, impor
         table.add_row("fine-tune delta retained by the stored weights", f"{exact['retention']:.4f}")
     table.add_row("exact check", mark(exact["ok"]))
     table.add_row("mean |logit gap| merged vs adapter (fp32)",
-                  f"{logits['mean_abs']:.3g} (limit {logits['mean_limit']:.3g} = 2 x floor {logits['floor_mean_abs']:.3g})")
+                  f"{logits['mean_abs']:.3g} (limit {logits['mean_limit']:.3g}: 2 x floor {logits['floor_mean_abs']:.3g} + 1e-6 of the max)")
     table.add_row("max |logit gap| (information)", f"{logits['max_abs']:.3g} (floor {logits['floor_max_abs']:.3g})")
     table.add_row("tokens with the adapter's top-k experts", f"{logits['same_topk']:.2%} (floor {logits['floor_same_topk']:.2%})")
     if "nf4_adapter_vs_merged" in report:
