@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral")
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "llama", "qwen2")
+DENSE = ("llama", "qwen2")  # DeepSeek LLM 7B/67B and Coder (Llama layout), R1-Distill-Llama / -Qwen
 QWEN = ("qwen2_moe", "qwen3_moe")
 IDENTITY = ("model_type", "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts", "num_local_experts",
             "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "vocab_size")
@@ -135,6 +136,8 @@ def missing_config_keys(cfg: dict[str, Any]) -> list[str]:
     """Keys dsft and transformers read for this architecture that config.json lacks (transformers would
     fill them with its defaults, building another model than the checkpoint's)."""
     keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
+    if cfg.get("model_type") in DENSE:
+        keys.append("intermediate_size")
     if num_experts(cfg):
         keys.append("moe_intermediate_size" if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3", *QWEN)
                     else "intermediate_size")
@@ -159,6 +162,8 @@ ENGINE_KEYS: dict[str, tuple[str, ...]] = {
                   "norm_topk_prob"),
     "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"),
     "mixtral": ("num_local_experts", "num_experts_per_tok", "intermediate_size"),
+    "llama": ("num_key_value_heads", "intermediate_size", "rms_norm_eps", "rope_theta"),
+    "qwen2": ("num_key_value_heads", "intermediate_size", "rms_norm_eps", "rope_theta"),
 }
 
 

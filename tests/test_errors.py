@@ -122,8 +122,8 @@ CASES: list[tuple[str, Any, str, str]] = [
      "missing shards named by its index: model-00002-of-00007.safetensors"),
     ("model-no-tokenizer", lambda tmp: {"model": {"path": str(_model_dir(tmp, drop="tokenizer.json") and
                                                          _drop(tmp / "ckpt", "tokenizer_config.json"))}}, "sft", "has no tokenizer"),
-    ("model-unsupported-type", lambda tmp: {"model": {"path": str(_model_dir(tmp, config={"model_type": "llama"}))}}, "sft",
-     "model_type 'llama' is not supported"),
+    ("model-unsupported-type", lambda tmp: {"model": {"path": str(_model_dir(tmp, config={"model_type": "gpt_neox"}))}}, "sft",
+     "model_type 'gpt_neox' is not supported"),
     ("output-dir-is-file", lambda tmp: {"output_dir": str(_touch(tmp / "afile"))}, "sft", "output_dir: "),
     ("output-dir-complete-run", lambda tmp: {"output_dir": str(_finished_run(tmp))}, "sft",
      "already holds a complete run; pass --force"),

@@ -66,7 +66,7 @@ def plan_targets(model: nn.Module, adapter: AdapterSection,
                 module.dsft_lora_experts = selection[layer_of(name)]
                 module.dsft_expert_mode = adapter.routed_experts.mode
                 targets["routed_experts"].append(name)
-    return targets
+    return {g: names for g, names in targets.items() if names}  # a dense model has no shared experts
 
 
 def router_names(model: nn.Module) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dsft.config.schema import RoutedExperts
+from dsft.config.schema import AdapterSection, RoutedExperts
 from dsft.errors import DsftError
 from dsft import arch
 
@@ -21,6 +21,20 @@ def moe_layout(config: dict[str, Any]) -> tuple[list[int], int]:
 
 def read_config(model_path: Path) -> dict[str, Any]:
     return json.loads((model_path / "config.json").read_text())
+
+
+def check_groups(adapter: AdapterSection, config: dict[str, Any]) -> None:
+    """Groups the recipe asks for by name that this model does not have (a dense model: shared experts, a
+    trainable router). Defaults never fail: only keys given in the recipe file or with --set."""
+    errors = []
+    dense = not arch.moe_layers(config)
+    kind = config.get("model_type")
+    if "shared_experts" in adapter.model_fields_set and adapter.shared_experts.enabled and not arch.shared_intermediate(config):
+        errors.append(f"adapter.shared_experts: this {kind} model has no shared experts; remove the key")
+    if adapter.router == "trainable" and dense:
+        errors.append(f"adapter.router: this {kind} model has no router; remove the key")
+    if errors:
+        raise DsftError(*errors)
 
 
 def check_spec(spec: RoutedExperts, config: dict[str, Any]) -> dict[int, list[int] | None] | None:

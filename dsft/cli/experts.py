@@ -29,7 +29,13 @@ def _prepare(recipe: Path, set_: list[str] | None):
     pid = holder(output)
     if pid is not None:
         raise DsftError(f"output_dir: {output} is in use by a running dsft process (pid {pid}); wait for it to finish")
-    return preflight(resolved, force=False, check_output=False)
+    prepared = preflight(resolved, force=False, check_output=False)
+    from dsft import arch
+
+    if not arch.moe_layers(prepared.config):
+        raise DsftError(f"model.path: {resolved.model.path} is a dense {prepared.config.get('model_type')} model with no "
+                        "routed experts; `dsft experts` profiles and plans routed experts only (use `dsft sft`)")
+    return prepared
 
 
 def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN001, ANN202 - lazy types

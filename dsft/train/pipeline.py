@@ -213,7 +213,7 @@ def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: boo
 def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:
     """Check the output dir, every data row, the model files and the expert selection, and tokenize;
     creates nothing."""
-    from dsft.adapters.selection import check_spec, read_config
+    from dsft.adapters.selection import check_groups, check_spec, read_config
     from dsft.models.check import check_checkpoint
     from dsft.models.load import load_tokenizer, resolve_model_path
 
@@ -224,6 +224,8 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     check_checkpoint(model_path)
     config = read_config(model_path)
     init = goal.init_adapter(recipe, config)
+    if init is None:
+        check_groups(recipe.adapter, config)
     selection = {} if init is not None else check_spec(recipe.adapter.routed_experts, config)
     if init is None:
         check_disk_for(recipe, config, selection)

@@ -84,6 +84,10 @@ CONFIGS.update({
     "tiny-qwen3-moe": {**_QWEN, "model_type": "qwen3_moe", "head_dim": 16},
     "tiny-qwen2-moe": {**_QWEN, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 32},
     "tiny-mixtral": {**_GQA, "model_type": "mixtral", "intermediate_size": 32, "num_local_experts": 8},
+    # Dense DeepSeek models: DeepSeek LLM / Coder are Llama-layout (67B: grouped-query attention),
+    # R1-Distill-Qwen is Qwen2 (q/k/v biases).
+    "tiny-deepseek-llm": {**_GQA, "model_type": "llama", "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "tiny-r1-distill-qwen": {**_GQA, "model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
 })
 SEED = 0
 
