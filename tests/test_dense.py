@@ -149,3 +149,74 @@ def test_the_67b_recipe_fits_one_80gb_gpu_by_the_plan() -> None:
     peak = plan["memory"]["peak_gib"]
     stated = float(re.search(r"~(\d+) GiB peak", path.read_text()).group(1))
     assert abs(peak - stated) < 1 and peak < 80
+
+
+@pytest.mark.parametrize("template, opened", [("r1-distill.jinja", True), ("r1-distill-2501.jinja", False)])
+def test_r1_reasoning_is_trained_on_exactly_the_final_turn(template: str, opened: bool) -> None:
+    """R1-Distill's templates drop `...</think>` from every assistant turn. The final turn's reasoning and
+    answer are trained on as written, after the generation prompt (which in the newer revision already
+    opens `<think>\\n`, not repeated), with one BOS; earlier turns keep the template's rendering."""
+    from conftest import REPO
+    from dsft.data.tokenize import IGNORE, tokenize_conversation
+    from dsft.models.load import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path("builtin:tiny-r1-distill-qwen"), str(REPO / "data_templates/chat_templates" / template))
+    messages = [{"role": "user", "content": "What is a deed?"},
+                {"role": "assistant", "content": "<think>\nold reasoning\n</think>\n\nAn instrument."},
+                {"role": "user", "content": "And a lease?"},
+                {"role": "assistant", "content": "<think>\nA lease grants use.\n</think>\n\nA contract for use of land."}]
+    out = tokenize_conversation(tok, messages, None, True)
+    ids, labels = out["input_ids"], out["labels"]
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<｜Assistant｜><think>\n" if opened else "<｜Assistant｜>")
+    trained = ("" if opened else "<think>\n") + "A lease grants use.\n</think>\n\nA contract for use of land.<｜end▁of▁sentence｜>"
+    expected = tok(prompt + trained, add_special_tokens=False)["input_ids"]
+    assert ids == expected and tok.decode(ids).count("<｜begin▁of▁sentence｜>") == 1
+    rendered = messages[1]["content"].split("</think>")[-1]  # what the template keeps of the first turn
+    first_answer = tok(rendered + "<｜end▁of▁sentence｜>", add_special_tokens=False)["input_ids"]
+    final = tok(trained, add_special_tokens=False)["input_ids"]
+    on_loss = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert on_loss == first_answer + final  # token by token: the first answer as rendered, the final turn as written
+    assert "old reasoning" not in tok.decode(ids)  # history is rendered by the template, reasoning dropped
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+
+
+R1_DISTILL_QWEN_7B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+                      "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                      "intermediate_size": 18944, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+                      "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def test_the_r1_distill_recipe_states_its_plan_estimate() -> None:
+    import re
+
+    from conftest import REPO
+    from dsft.adapters.plan import build_plan
+    from dsft.config import load_recipe
+
+    path = REPO / "recipes/r1-distill-qwen-7b-medical.yaml"
+    plan = build_plan(load_recipe(path), R1_DISTILL_QWEN_7B, {})
+    stated = float(re.search(r"~(\d+) GiB peak", path.read_text()).group(1))
+    assert abs(plan["memory"]["peak_gib"] - stated) < 1 and plan["memory"]["peak_gib"] < 24
+
+
+def test_sft_on_r1_style_rows_trains_the_reasoning(make_recipe, cli, tmp_path: Path) -> None:
+    from conftest import REPO, write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"Is {d} a term of art?"},
+                          {"role": "assistant", "content": f"<think>\nRecall {d}.\n</think>\n\nYes, {d} is."}]}
+            for d in ("deed", "lease", "tort", "lien", "writ", "bond", "plea", "levy")]
+    train = write_jsonl(tmp_path / "r1.jsonl", rows)
+    recipe = make_recipe(model={"path": "builtin:tiny-r1-distill-qwen"},
+                         data={"train": str(train), "chat_template": str(REPO / "data_templates/chat_templates/r1-distill.jinja")},
+                         training={"max_steps": 10, "logging_steps": 1})
+    result = cli("sft", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run/run.json").read_text())["summary"]
+    # every loss token of a row: the reasoning and the answer (not only the answer the template keeps)
+    from dsft.models.load import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path("builtin:tiny-r1-distill-qwen"))
+    trained = sum(len(tok(f"Recall {d}.\n</think>\n\nYes, {d} is.<｜end▁of▁sentence｜>", add_special_tokens=False)["input_ids"])
+                  for d in ("deed", "lease", "tort", "lien", "writ", "bond", "plea", "levy"))
+    assert summary["loss_tokens"] == trained and summary["last_loss"] < summary["first_loss"]

@@ -9,6 +9,7 @@ conversation's prefixes are prefixes of its full render, which dsft checks.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dsft.data.formats import Messages
@@ -32,6 +33,12 @@ def assistant_spans(tokenizer: Any, messages: Messages, template: str | None = N
             continue
         before = _render(tokenizer, messages[:i], template, generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1], template)
+        if not through.startswith(before):
+            # R1-Distill's newer templates open `<think>\n` in the generation prompt but render a past turn
+            # without it: the turn starts where the two renders part, after the conversation before it.
+            shared = os.path.commonprefix([before, through])
+            if len(shared) >= len(_render(tokenizer, messages[:i], template)):
+                before = shared
         if not (through.startswith(before) and text.startswith(through)):
             raise DsftError(
                 "chat template: rendering a conversation's first turns does not give a prefix of the whole "
@@ -42,11 +49,42 @@ def assistant_spans(tokenizer: Any, messages: Messages, template: str | None = N
     return text, spans
 
 
+THINK_END = "</think>"
+
+
+def reasoning_turn(tokenizer: Any, messages: Messages, template: str | None = None) -> tuple[str, int] | None:
+    """For a final assistant turn with a reasoning trace that the template drops (DeepSeek-R1-Distill's
+    templates apply `content.split('</think>')[-1]` to every assistant turn, the last one included): the
+    training text and where the trained part starts. The text is the conversation so far rendered with the
+    generation prompt, then the raw reasoning, `</think>`, the answer and EOS; an opening `<think>` the
+    prompt already ends with (newer template revisions) is not repeated, and the rendered prompt's BOS is
+    the only one. None when the template keeps the turn as written."""
+    last = messages[-1]
+    if last["role"] != "assistant" or THINK_END not in last["content"]:
+        return None
+    if last["content"] in _render(tokenizer, messages, template):
+        return None
+    prompt = _render(tokenizer, messages[:-1], template, generation_prompt=True)
+    content = last["content"]
+    for opening in ("<think>\n", "<think>"):
+        if prompt.endswith(opening) and content.startswith(opening):
+            content = content[len(opening):]
+            break
+    return prompt + content + (tokenizer.eos_token or ""), len(prompt)
+
+
 def tokenize_conversation(
     tokenizer: Any, messages: Messages, template: str | None = None, assistant_only: bool = True
 ) -> dict[str, list[int]]:
-    """`input_ids` and `labels` (IGNORE outside assistant turns when `assistant_only`)."""
-    text, spans = assistant_spans(tokenizer, messages, template)
+    """`input_ids` and `labels` (IGNORE outside assistant turns when `assistant_only`). A final turn whose
+    reasoning the template would drop is trained on as written (`reasoning_turn`)."""
+    reasoning = reasoning_turn(tokenizer, messages, template)
+    if reasoning is not None:
+        text, start = reasoning
+        spans = assistant_spans(tokenizer, messages[:-1], template)[1] if len(messages) > 1 else []
+        spans = [*spans, (start, len(text))]
+    else:
+        text, spans = assistant_spans(tokenizer, messages, template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if not assistant_only:
