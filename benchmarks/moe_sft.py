@@ -9,6 +9,8 @@ experts and every routed expert, and times training steps with activation checkp
   dsft-bf16   dsft's streaming loader, grouped-mm experts, dsft expert LoRA
   dsft-nf4    the same with every Linear and every routed expert in NF4
   *-dpo       (--dpo) DPO steps on the same model: policy and frozen "ref" adapter, sigmoid loss
+  stock-dense-nf4 / dsft-dense-nf4   a dense DeepSeek LLM 7B-shaped model (Llama layout) in NF4 with LoRA on
+              q/k/v/o and gate/up/down: PEFT + bitsandbytes vs dsft's loader at the same settings (ratio printed)
 
 Every case uses TRL's fused LM head (per-token log-probs in tiles, no full logits), so the cases differ
 only in how the model and its adapters are held and run. Prints one table; --json writes the rows.
@@ -46,6 +48,14 @@ SMOKE = dict(
     qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy", routed_scaling_factor=1.0,
     max_position_embeddings=256, tie_word_embeddings=False,
 )
+DENSE_7B = dict(  # DeepSeek LLM 7B: Llama layout, multi-head attention
+    vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+)
+DENSE_SMOKE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   tie_word_embeddings=False)
+DENSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100 SXM (the H200's is the same)
 GIB = 2**30
@@ -83,11 +93,11 @@ def active_flops_per_token(cfg: dict, seq: int) -> float:
     return 4 * n + 4 * scores
 
 
-def build_checkpoint(cfg: dict, path: Path) -> float:
+def build_checkpoint(cfg: dict, path: Path, model_type: str = "deepseek_v2") -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start = time.perf_counter()
-    config = AutoConfig.for_model("deepseek_v2", **cfg)
+    config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPE)
@@ -150,10 +160,12 @@ def load_case(case: str, path: Path, cfg: dict):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=DTYPE) if case == "stock-nf4" else None
+                                   bnb_4bit_compute_dtype=DTYPE) if case.endswith("nf4") else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE, device_map={"": DEVICE},
                                                      quantization_config=quant)
         add_fused_lm_head(model)
+        if "dense" in case:
+            return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=DENSE_TARGETS))
         config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION + ["shared_experts.gate_proj",
                             "shared_experts.up_proj", "shared_experts.down_proj"],
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -163,8 +175,10 @@ def load_case(case: str, path: Path, cfg: dict):
     from dsft.config.schema import AdapterSection
     from dsft.models.stream import load_streaming
 
-    model = load_streaming(path, DTYPE, case == "dsft-nf4", DEVICE)
+    model = load_streaming(path, DTYPE, case.endswith("nf4"), DEVICE)
     add_fused_lm_head(model)
+    if "dense" in case:  # the same modules as the stock case: attention and the MLP of every layer
+        return attach_lora(model, AdapterSection(r=16, alpha=32), {})[0]
     adapter = AdapterSection(r=16, alpha=32, dense_mlp=False, routed_experts="all")
     return attach_lora(model, adapter, dict.fromkeys(_moe_layers(cfg)))[0]
 
@@ -256,20 +270,27 @@ def dpo_steps(model, pairs: int, seq: int, steps: int, warmup: int, vocab: int,
 def run(args: argparse.Namespace) -> list[dict]:
     shapes = SMOKE if args.smoke else V2_LITE
     cfg = dict(shapes, num_hidden_layers=args.layers or shapes["num_hidden_layers"])
-    path = Path(args.checkpoint)
+    dense_shapes = DENSE_SMOKE if args.smoke else DENSE_7B
+    dense_cfg = dict(dense_shapes, num_hidden_layers=args.layers or dense_shapes["num_hidden_layers"])
+    cases = args.cases.split(",")
+    paths = {"moe": Path(args.checkpoint), "dense": Path(args.checkpoint + "-dense")}
     rows: list[dict] = []
-    if not (path / "config.json").is_file():
-        print(f"building random checkpoint at {path} ...", flush=True)
-        print(f"  saved in {build_checkpoint(cfg, path):.1f}s", flush=True)
+    for family, family_cfg, model_type in (("moe", cfg, "deepseek_v2"), ("dense", dense_cfg, "llama")):
+        wanted = any(("dense" in c) == (family == "dense") for c in cases)
+        if wanted and not (paths[family] / "config.json").is_file():
+            print(f"building random checkpoint at {paths[family]} ...", flush=True)
+            print(f"  saved in {build_checkpoint(family_cfg, paths[family], model_type):.1f}s", flush=True)
     if args.build_only:
         return rows
-    for case in args.cases.split(","):
+    for case in cases:
+        dense = "dense" in case
+        path, cfg_case = (paths["dense"], dense_cfg) if dense else (paths["moe"], cfg)
         _free()
         row: dict = {"case": case}
         try:
             start = time.perf_counter()
             with HostPeak() as host:
-                model = load_case(case, path, cfg)
+                model = load_case(case, path, cfg_case)
                 _sync()
             row.update(load_s=time.perf_counter() - start, load_peak_gib=_gib(torch.cuda.max_memory_allocated),
                        resident_gib=_gib(torch.cuda.memory_allocated), host_load_gib=host.gib)
@@ -281,15 +302,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             _free()
             entry = dict(row, batch=f"{batch}x{args.seq}")
             try:
-                tps, peak, loss = train_steps(model, batch, args.seq, args.steps, args.warmup, cfg["vocab_size"])
+                tps, peak, loss = train_steps(model, batch, args.seq, args.steps, args.warmup, cfg_case["vocab_size"])
                 entry.update(tokens_per_s=tps, peak_gib=peak, loss=loss)
-                if _cuda():
+                if _cuda() and not dense:
                     entry["mfu"] = tps * active_flops_per_token(cfg, args.seq) / H100_BF16_PEAK
             except torch.cuda.OutOfMemoryError:
                 entry["note"] = "OOM in training"
             rows.append(entry)
             print(json.dumps(entry), flush=True)
-        if args.dpo and case.startswith("dsft"):
+        if args.dpo and case.startswith("dsft") and not dense:
             for batch in (int(b) for b in args.batches.split(",")):
                 _free()
                 entry = dict(row, case=case + "-dpo", batch=f"{batch // 2}x2x{args.seq}")
@@ -302,8 +323,20 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(json.dumps(entry), flush=True)
         del model
     if args.remove_checkpoint:
-        shutil.rmtree(path, ignore_errors=True)
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
     return rows
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """dsft's tokens/s over stock's, per case pair and batch, from the same run."""
+    speed = {(r["case"], r.get("batch")): r["tokens_per_s"] for r in rows if r.get("tokens_per_s")}
+    out = []
+    for (case, batch), tps in sorted(speed.items()):
+        stock = speed.get((case.replace("dsft-", "stock-", 1), batch)) if case.startswith("dsft-") else None
+        if stock:
+            out.append(f"{case} / {case.replace('dsft-', 'stock-', 1)} at {batch}: {tps / stock:.2f}x tokens/s")
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -351,6 +384,8 @@ def main() -> None:
     print(f"\n{where}, torch {torch.__version__}, process peak RSS {peak_rss:.1f} GiB; "
           "GiB columns are GPU memory except 'host load' (host RSS growth while loading)")
     print(table(rows))
+    for line in ratios(rows):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -51,3 +51,19 @@ def test_merge_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
         if r["case"] != "copy":
             assert r["rss"] > 0 and r["retention"] == pytest.approx(1.0, abs=0.01)
     assert "x copy" in done.stdout and "peak RSS MB" in done.stdout
+
+
+def test_benchmark_smoke_runs_the_dense_case(tmp_path: Path) -> None:
+    """The dense case (DeepSeek LLM layout, NF4, LoRA on attention and MLP): stock PEFT + bitsandbytes and
+    dsft at the same settings, with the ratio line; from a zero-initialised adapter both start at the
+    NF4 base's loss."""
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cases", "stock-dense-nf4,dsft-dense-nf4",
+                           "--batches", "2", "--seq", "64", "--steps", "1", "--warmup", "0",
+                           "--checkpoint", str(tmp_path / "ckpt"), "--json", str(rows_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["case"]: r for r in json.loads(rows_file.read_text())}
+    assert set(rows) == {"stock-dense-nf4", "dsft-dense-nf4"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["dsft-dense-nf4"]["loss"] == pytest.approx(rows["stock-dense-nf4"]["loss"], rel=1e-3)
+    assert "dsft-dense-nf4 / stock-dense-nf4 at 2x64:" in done.stdout

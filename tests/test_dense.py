@@ -24,6 +24,7 @@ LAYOUTS = {
     "llama-mha": ("tiny-deepseek-llm", {"num_key_value_heads": 4}),
     "llama-3.1-rope": ("tiny-deepseek-llm", {"rope_scaling": LLAMA31_ROPE}),
     "qwen2-biases": ("tiny-r1-distill-qwen", {}),
+    "qwen2-tied": ("tiny-r1-distill-qwen", {"tie_word_embeddings": True}),  # R1-Distill-Qwen-1.5B ties them
 }
 
 
@@ -65,11 +66,13 @@ def test_streaming_load_equals_transformers_and_nf4_covers_every_linear(layout: 
     nf4 = load_model(ModelSection(path=str(path), dtype="float32", quantization="nf4"), path)
     linear, full = _linear_names(nf4)
     assert full == ["lm_head"] and len(linear) == 3 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    if layout == "qwen2-tied":
+        assert nf4.lm_head.weight is nf4.model.embed_tokens.weight
     if layout == "qwen2-biases":
         assert nf4.model.layers[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-biases"])
+@pytest.mark.parametrize("layout", ["llama-gqa", "qwen2-biases", "qwen2-tied"])
 def test_sft_dpo_and_merge_on_a_dense_release(layout: str, make_recipe, cli, tmp_path: Path) -> None:
     from conftest import REPO
 
@@ -93,6 +96,11 @@ def test_sft_dpo_and_merge_on_a_dense_release(layout: str, make_recipe, cli, tmp
                       dpo={"max_prompt_length": 64, "init_adapter": str(run)}, training={"max_steps": 2},
                       output_dir=str(tmp_path / "dpo"))
     assert cli("dpo", "--recipe", dpo).exit_code == 0
+    evaluated = cli("eval", "--adapter", run, "--generations", 1, "--max-new-tokens", 4)
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["adapter"]["loss"] < report["base"]["loss"] and report["routing_drift"] == {}
+    assert cli("chat", "--adapter", run, "--prompt", "What is a deed?", "--max-new-tokens", 4).exit_code == 0
 
     merged = cli("merge", "--adapter", run, "--out", tmp_path / "merged", "--verify")
     assert merged.exit_code == 0, merged.output

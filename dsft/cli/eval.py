@@ -36,8 +36,9 @@ def eval_(
     for name in ("base", "adapter"):
         table.add_row(name, f"{report[name]['loss']:.3f}", f"{report[name]['perplexity']:.1f}")
     console.print(table)
-    drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in report["routing_drift"].items())
-    console.print(f"routing drift (share of each layer's expert load moved by the adapter): {drift}")
+    if report["routing_drift"]:
+        drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in report["routing_drift"].items())
+        console.print(f"routing drift (share of each layer's expert load moved by the adapter): {drift}")
     for a in report["answers"]:
         console.print(f"[bold]Q:[/bold] {a['prompt']}\n[bold]A:[/bold] {a['answer']}\n[dim]reference: {a['reference']}[/dim]")
     console.print(f"{adapter / 'eval.json'}")

@@ -32,6 +32,8 @@ def _expected(path: Path) -> tuple[dict[str, tuple[list[int], bool]], dict[str, 
 
     loader = StreamLoader(path, torch.float32, False, torch.device("cpu"), "eager")
     model = loader.skeleton()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # a tied checkpoint stores the embedding once, under its own name
     persistent = set(model.state_dict())
     expected: dict[str, tuple[list[int], bool]] = {}
     experts: dict[str, tuple[int, int, int]] = {}
@@ -49,6 +51,7 @@ def _expected(path: Path) -> tuple[dict[str, tuple[list[int], bool]], dict[str, 
 
 def _problems(path: Path) -> list[str]:
     expected, experts, num_layers, block = _expected(path)
+    tied = "lm_head.weight" not in expected
     seen: set[str] = set()
     expert_parts: dict[str, set[tuple[int | None, str]]] = {m: set() for m in experts}
     problems: list[str] = []
@@ -91,6 +94,8 @@ def _problems(path: Path) -> list[str]:
             elif name in expected:
                 want, floating = expected[name]
                 seen.add(name)
+            elif name == "lm_head.weight" and "model.embed_tokens.weight" in expected and tied:
+                want, floating = expected["model.embed_tokens.weight"]  # a tied copy some releases store too
             else:
                 unknown.append(key)
                 continue

@@ -125,7 +125,7 @@ def _shard_problems(path: Path) -> list[str]:
         pickles = sorted(p.name for p in path.glob("*.bin"))
         if pickles:
             return [f"{path} holds only pickle weights ({', '.join(pickles[:2])}); dsft loads safetensors only "
-                    "(never unpickles): convert them to safetensors first"]
+                    f"(never unpickles): convert them with `dsft convert --model {path} --out {path}-safetensors`"]
         return [f"{path} has no safetensors weights (model.safetensors or an index); dsft does not load pickle .bin files"]
     shards = shard_names(path)
     missing = [s for s in shards if not (path / s).is_file()]

@@ -156,6 +156,8 @@ class StreamLoader:
                         continue
                     if not self._route(model, canonical(key), lambda k=key: self._tensor(handle, k, keys), names):
                         unexpected.append(key)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # lm_head shares the loaded embedding (a tied checkpoint stores it once)
         missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         missing += [f"{name}: experts {sorted(stage.missing)[:4]}..." for name, stage in self.stages.items()]
         if missing or unexpected:

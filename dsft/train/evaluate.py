@@ -107,7 +107,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
-    from dsft.moe.routing import top_k
+    from dsft.moe.routing import routers, top_k
 
     from dsft.outputs import check_writable
 
@@ -120,14 +120,17 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     model.eval()
     batch = recipe.training.micro_batch_size
     pad = tokenizer.pad_token_id
+    moe = bool(routers(model))  # a dense model has no routing to drift
     with model.disable_adapter():
         base_loss = mean_loss(model, tokens, batch, pad)
-        base_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
+        base_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False) if moe else {}
     adapter_loss = mean_loss(model, tokens, batch, pad)
-    adapter_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
-    k = top_k(model)
-    drift = routing_profile.load_moved(routing_profile.summarize(base_routes, k, {}),
-                                       routing_profile.summarize(adapter_routes, k, {}))
+    drift = {}
+    if moe:
+        adapter_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
+        k = top_k(model)
+        drift = routing_profile.load_moved(routing_profile.summarize(base_routes, k, {}),
+                                           routing_profile.summarize(adapter_routes, k, {}))
     report = {
         "data": data or (recipe.data.eval or recipe.data.train),
         "examples": len(conversations),
