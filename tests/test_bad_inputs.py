@@ -161,6 +161,16 @@ def merge_into(out: Callable[[Path, Path], Path], *extra: str, base: Callable[[P
     return setup
 
 
+def export_into(out: Callable[[Path, Path], Path], *extra: str, damage: Callable[[Path, Path], Any] | None = None):
+    def setup(root: Path, source: Path) -> list:
+        run = run_copy(root, source)
+        if damage:
+            damage(run, root)
+        return ["export", "--adapter", run, "--out", out(root, run), *extra]
+    setup.needs_run = True  # type: ignore[attr-defined]
+    return setup
+
+
 def merge_damaged(damage: Callable[[Path, Path], Any]):
     def setup(root: Path, source: Path) -> list:
         run = run_copy(root, source)
@@ -430,6 +440,17 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "model.safetensors.index.json must be a JSON object", None),
     ("merge-base-int-dtype", merge_damaged(lambda run, r: ["--base", edit_weights(ckpt(r), lambda t: t.__setitem__(
         "model.norm.weight", t["model.norm.weight"].to(__import__("torch").int32)))]), "is stored as I32", None),
+    # dsft export --format vllm: the same rules as every writer
+    ("export-out-is-run-force", export_into(lambda r, run: run, "--force"), "is the run being exported (--adapter)", None),
+    ("export-out-user-dir-force", export_into(lambda r, run: write(r / "mine/a.txt", "mine").parent, "--force"),
+     "holds files dsft did not write (a.txt)", None),
+    ("export-out-exists", export_into(lambda r, run: write(r / "mine/a.txt", "mine").parent), "holds files dsft did not write", None),
+    ("export-out-inside-base", export_into(lambda r, run: __import__("dsft.models.load", fromlist=["x"]).resolve_model_path(
+        "builtin:tiny-deepseek-v3") / "vllm"), "is inside the model checkpoint", None),
+    ("export-failed-run", export_into(lambda r, run: r / "vllm", damage=status("failed")), "the run is failed; resume it with", None),
+    ("export-adapter-truncated", export_into(lambda r, run: r / "vllm", damage=lambda run, r: truncate(
+        run / "adapter/adapter_model.safetensors")), "adapter_model.safetensors is truncated", None),
+    ("export-bad-format", export_into(lambda r, run: r / "vllm", "--format", "tgi"), "--format: must be vllm (got 'tgi')", None),
     ("merge-base-other-model", merge_damaged(lambda run, r: ["--base", ckpt(r, "v2", "tiny-deepseek-v2")]),
      "is not the model this adapter was trained on", None),
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from dsft.cli._common import errors_exit_2
+from dsft.errors import DsftError
 
 
 @errors_exit_2
@@ -16,8 +17,8 @@ def export(
                                           show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported adapter (must not exist).",
                                       show_default=False)],
-    format: Annotated[Literal["vllm"], typer.Option("--format", help="vllm: `vllm serve BASE --enable-lora "
-                                                    "--lora-modules NAME=OUT`.")] = "vllm",
+    format: Annotated[str, typer.Option("--format", help="vllm: `vllm serve BASE --enable-lora "
+                                        "--lora-modules NAME=OUT`.")] = "vllm",
     base: Annotated[Path | None, typer.Option("--base", help="The base checkpoint; default: the run's recipe model.path.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an export dsft wrote at --out; export a failed or "
                                         "interrupted run's adapter.")] = False,
@@ -27,6 +28,8 @@ def export(
     from dsft.export.vllm import export_vllm
     from dsft.train.run_dir import RunDir
 
+    if format != "vllm":
+        raise DsftError(f"--format: must be vllm (got {format!r}); other servers load `dsft merge` output")
     source = resolve(adapter, base)
     if source.run is not None:
         RunDir(source.run).check_usable(force, "export")

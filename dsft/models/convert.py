@@ -59,9 +59,10 @@ def convert(src: Path, out: Path, force: bool = False) -> dict[str, Any]:
     if not shards:
         raise DsftError(f"--model {src}: no pytorch_model*.bin weights to convert")
     check_location(out, "--out", {"checkpoint (--model)": [src]}, replaceable=True)
-    if out.exists() and any(out.iterdir()):
-        if not (out / RECORD).is_file():
-            raise DsftError(f"--out {out} holds files dsft did not write; choose another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        if RECORD not in entries:
+            raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); choose another --out")
         if not force:
             raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
     tied = bool(read_json(src / "config.json").get("tie_word_embeddings", False))
