@@ -382,6 +382,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "is not the model this adapter was trained on: model_type 'deepseek_v2'", None),
     ("eval-base-damaged", with_run(recipe_base(lambda r: truncate(ckpt(r) / "model.safetensors").parent), "eval"),
      "recipe.yaml: model.path: {root}/ckpt/model.safetensors is truncated", None),
+    ("eval-no-held-out", with_run(lambda run, r: None, "eval"), "--data: the run has no held-out data", None),
     ("eval-readonly-run", with_run(lambda run, r: None, "eval"), "--adapter: cannot write in {root}/run (Read-only file system)",
      lambda mp, r: deny(mp, r / "run", errno.EROFS)),
     # dsft chat

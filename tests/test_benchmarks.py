@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_sft.py"
 CASES = ["stock-bf16", "stock-nf4", "dsft-bf16", "dsft-nf4"]
 

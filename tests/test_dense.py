@@ -96,10 +96,13 @@ def test_sft_dpo_and_merge_on_a_dense_release(layout: str, make_recipe, cli, tmp
                       dpo={"max_prompt_length": 64, "init_adapter": str(run)}, training={"max_steps": 2},
                       output_dir=str(tmp_path / "dpo"))
     assert cli("dpo", "--recipe", dpo).exit_code == 0
-    evaluated = cli("eval", "--adapter", run, "--generations", 1, "--max-new-tokens", 4)
+    refused = cli("eval", "--adapter", run)
+    assert refused.exit_code == 2 and "the run has no held-out data" in refused.output  # never training data silently
+    evaluated = cli("eval", "--adapter", run, "--on-train", "--generations", 1, "--max-new-tokens", 4)
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads((run / "eval.json").read_text())
     assert report["adapter"]["loss"] < report["base"]["loss"] and report["routing_drift"] == {}
+    assert report["data_kind"] == "training data" and "training data" in evaluated.output
     assert cli("chat", "--adapter", run, "--prompt", "What is a deed?", "--max-new-tokens", 4).exit_code == 0
 
     merged = cli("merge", "--adapter", run, "--out", tmp_path / "merged", "--verify")

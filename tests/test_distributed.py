@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
+
 
 REPO = Path(__file__).resolve().parent.parent
 MULTINODE = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/multinode-ddp.yaml"),

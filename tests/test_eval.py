@@ -50,7 +50,40 @@ def test_recipe_reference_documents_every_key() -> None:
     assert not missing, f"docs/recipes.md does not document {missing}"
 
 
-def test_chat_answers_with_the_adapter(make_recipe, cli, tmp_path: Path) -> None:
-    assert cli("sft", "--recipe", make_recipe(training={"max_steps": 2})).exit_code == 0
+def test_chat_answers_with_the_adapter(make_recipe, cli, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from dsft.adapters.lora import load_lora
+    from dsft.config.schema import ModelSection
+    from dsft.models.load import load_model, load_tokenizer, resolve_model_path
+
+    assert cli("sft", "--recipe", make_recipe(training={"max_steps": 20})).exit_code == 0
     result = cli("chat", "--adapter", tmp_path / "run", "--prompt", "What is a lease?", "--max-new-tokens", 6)
     assert result.exit_code == 0, result.output
+    assert result.output.startswith("you> What is a lease?\n") and result.output.endswith("\n")
+    # the answer is the adapter's: greedy decoding with the base alone says something else
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32")
+    tokenizer = load_tokenizer(tmp_path / "run/adapter")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is a lease?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    model = load_lora(load_model(section, resolve_model_path(section.path)), str(tmp_path / "run/adapter")).eval()
+    with torch.no_grad():
+        adapter = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        with model.disable_adapter():
+            base = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+    assert not torch.equal(adapter, base)
+    assert result.output.splitlines()[1].strip() == tokenizer.decode(adapter, skip_special_tokens=True).strip()
+
+
+def test_piped_chat_is_a_transcript(make_recipe, cli, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dsft.cli.app import app
+
+    assert cli("sft", "--recipe", make_recipe(training={"max_steps": 2})).exit_code == 0
+    result = CliRunner().invoke(app, ["chat", "--adapter", str(tmp_path / "run"), "--max-new-tokens", "3"],
+                                input="What is a deed?\n\nWhat is a lease?\n")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "you> What is a deed?" and "you> What is a lease?" in lines and result.output.endswith("\n")

@@ -18,6 +18,8 @@ from dsft.config.schema import ModelSection
 from dsft.models.load import load_model, resolve_model_path
 from dsft.moe.experts import DsftExperts
 
+pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
+
 
 @pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
 def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, tmp_path: Path) -> None:

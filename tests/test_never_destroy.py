@@ -52,6 +52,7 @@ def test_a_run_in_use_is_refused_naming_its_pid_and_freed_by_kill_9(finished_run
     assert check_usable(run, force=False, command="evaluate") == "complete"
 
 
+@pytest.mark.slow
 def test_two_sft_started_together_one_trains_the_other_is_refused(make_recipe, tmp_path: Path) -> None:
     """Before: both exited 0 and the run mixed them (one's recipe.yaml, the other's run.json argv)."""
     recipe = make_recipe(training={"max_steps": 15, "logging_steps": 1})

@@ -44,6 +44,7 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int, timeo
     pytest.fail("no checkpoint in time")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Path) -> None:
     whole = _recipe(make_recipe, "whole.yaml", tmp_path / "whole")
     assert cli("sft", "--recipe", whole).exit_code == 0
@@ -67,6 +68,7 @@ def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Pa
         assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-4, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> None:
     from dsft.adapters.lora import load_lora
     from dsft.config.schema import ModelSection
@@ -90,6 +92,7 @@ def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> Non
     load_lora(base, str(last))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_the_previous(make_recipe, cli, tmp_path: Path) -> None:
     recipe = _recipe(make_recipe, "dmg.yaml", tmp_path / "dmg")
     proc = _start(recipe)

@@ -85,7 +85,12 @@ def test_other_formats_and_v2_model_train(fmt: str, make_recipe, cli, tmp_path: 
     from conftest import REPO
 
     data = REPO / f"data_templates/examples/{fmt}.jsonl"
-    recipe = make_recipe(model={"path": "builtin:tiny-deepseek-v2"}, training={"max_steps": 2})
+    from safetensors.torch import load_file
+
+    recipe = make_recipe(model={"path": "builtin:tiny-deepseek-v2"}, training={"max_steps": 8, "logging_steps": 1})
     result = cli("sft", "--recipe", recipe, "--set", f"data.train={data}", "--set", f"data.format={fmt}")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run/run.json").read_text())["summary"]
+    assert summary["last_loss"] < summary["first_loss"] and summary["loss_tokens"] > 0  # the rows really trained
+    weights = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert all(weights[k].abs().sum() > 0 for k in weights if "lora_B" in k)  # every B moved off its zero init

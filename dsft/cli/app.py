@@ -43,4 +43,7 @@ app.add_typer(experts.app, name="experts")
 
 
 def main() -> None:
+    import os
+
+    os.environ["DSFT_HANDLE_SIGNALS"] = "1"  # dsft.train.resume: Ctrl-C / SIGTERM stop a run with a checkpoint
     app()

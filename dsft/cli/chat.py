@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,8 @@ from dsft.cli._common import at_least, errors_exit_2
 @errors_exit_2
 def chat(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
-    prompt: Annotated[str | None, typer.Option(help="One question; without it, read questions from the terminal.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A question (repeatable: a conversation); "
+                                                     "without it, questions are read from the terminal or a pipe.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 256,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Chat with a failed or interrupted run's adapter.")] = False,
@@ -33,23 +35,34 @@ def chat(
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
     history = [{"role": "system", "content": system}] if system else []
-    questions = [prompt] if prompt is not None else _ask()
+    piped = not sys.stdin.isatty()
+    questions = prompt if prompt else _ask(piped)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     for question in questions:
+        if prompt or piped:  # a transcript: the question, then its answer
+            typer.echo(f"you> {question}")
         history.append({"role": "user", "content": question})
         text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
         with torch.no_grad(), autocast_for(model):
             out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        # the streamer ends each answer with a newline
         history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
 
 
-def _ask():
+def _ask(piped: bool):
+    """Questions from a pipe (every non-empty line, to EOF) or the terminal (until an empty line or Ctrl-D)."""
+    if piped:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+        return
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
+            typer.echo("")
             return
         if not line:
             return

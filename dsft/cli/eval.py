@@ -13,11 +13,14 @@ from dsft.cli._common import at_least, errors_exit_2
 @errors_exit_2
 def eval_(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
-    data: Annotated[str | None, typer.Option(help="Held-out file in the run's data format; default: its data.eval.")] = None,
+    data: Annotated[str | None, typer.Option(help="Held-out file in the run's data format; default: its data.eval "
+                                             "(without one: exit 2, or --on-train).")] = None,
     samples: Annotated[int, typer.Option(help="Examples scored.")] = 256,
     generations: Annotated[int, typer.Option(help="Prompts answered greedily.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per generated answer.")] = 48,
     force: Annotated[bool, typer.Option("--force", help="Evaluate a failed or interrupted run's adapter.")] = False,
+    on_train: Annotated[bool, typer.Option("--on-train", help="Without held-out data: score the training data "
+                                           "(labelled so; not a held-out measure).")] = False,
 ) -> None:
     """Score a run on held-out data (base vs adapter), show a few answers; writes RUN/eval.json."""
     from rich.console import Console
@@ -28,9 +31,9 @@ def eval_(
     at_least("--samples", samples, 1)
     at_least("--generations", generations, 0)
     at_least("--max-new-tokens", max_new_tokens, 1)
-    report = evaluate(adapter, data, samples, generations, max_new_tokens, force)
+    report = evaluate(adapter, data, samples, generations, max_new_tokens, force, on_train)
     console = Console()
-    table = Table(title=f"dsft eval: {adapter} ({report['examples']} examples)")
+    table = Table(title=f"dsft eval: {adapter} ({report['examples']} examples, {report['data_kind']})")
     for col in ("", "loss", "perplexity"):
         table.add_column(col, justify="right" if col else "left")
     for name in ("base", "adapter"):

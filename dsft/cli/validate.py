@@ -12,7 +12,10 @@ from dsft.cli._common import SetOpt, errors_exit_2
 
 @errors_exit_2
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    recipe_arg: Annotated[Path | None, typer.Argument(metavar="RECIPE", help="Recipe YAML file (or --recipe).",
+                                                      show_default=False)] = None,
+    recipe_opt: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML file, as the other commands "
+                                                    "take it.", show_default=False)] = None,
     check_files: Annotated[
         bool, typer.Option("--check-files", help="Also check data files, model directory, config, shards and tokenizer.")
     ] = False,
@@ -20,6 +23,11 @@ def validate(
 ) -> None:
     """Check a recipe: every problem at once, with its key and the fix."""
     from dsft.config import load_recipe
+    from dsft.errors import DsftError
+
+    if (recipe_arg is None) == (recipe_opt is None):
+        raise DsftError("give the recipe once: `dsft validate RECIPE` or `dsft validate --recipe RECIPE`")
+    recipe = recipe_arg or recipe_opt
 
     resolved = load_recipe(recipe, set_ or [], check_files=check_files)
     if check_files:

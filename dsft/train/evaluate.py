@@ -50,10 +50,13 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     return recipe, adapter_dir, model_path
 
 
-def _conversations(recipe: Recipe, data: str | None) -> list[Messages]:
+def _conversations(recipe: Recipe, data: str | None, on_train: bool = False) -> list[Messages]:
     d = recipe.data
     if data and not Path(data).is_file():
         raise DsftError(f"--data {data}: file not found")
+    if not data and not d.eval and not on_train:
+        raise DsftError(f"--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
+                        "rows it did not train on, or --on-train to score its training data (not a held-out measure)")
     files = [data] if data else (d.eval or d.train)
     if d.format == "preference":
         from dsft.data.preference import load_pairs
@@ -103,7 +106,7 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
 
 
 def evaluate(run: Path, data: str | None = None, samples: int = 256, generations: int = 3,
-             max_new_tokens: int = 48, force: bool = False) -> dict[str, Any]:
+             max_new_tokens: int = 48, force: bool = False, on_train: bool = False) -> dict[str, Any]:
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
@@ -114,7 +117,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)
-    conversations = _conversations(recipe, data)[:samples]
+    conversations = _conversations(recipe, data, on_train)[:samples]
     tokens = tokenize_all(tokenizer, conversations, None, True)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
@@ -133,6 +136,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
                                            routing_profile.summarize(adapter_routes, k, {}))
     report = {
         "data": data or (recipe.data.eval or recipe.data.train),
+        "data_kind": "given" if data else "held-out" if recipe.data.eval else "training data",
         "examples": len(conversations),
         "base": {"loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
         "adapter": {"loss": adapter_loss, "perplexity": math.exp(min(adapter_loss, 50))},

@@ -22,6 +22,9 @@ from transformers import TrainerCallback
 from dsft.errors import DsftError
 
 MARKER = "dsft-complete.json"
+# Set by the `dsft` entry point (dsft.cli.app.main): only a dsft process takes over SIGINT / SIGTERM, not a
+# library caller or pytest (whose Ctrl-C must stop the session, not fail one test).
+SIGNALS_ENV = "DSFT_HANDLE_SIGNALS"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -60,6 +63,8 @@ class GracefulStop(TrainerCallback):
               "(signal again to stop at once)", file=sys.stderr, flush=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if os.environ.get(SIGNALS_ENV) != "1":
+            return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
