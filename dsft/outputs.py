@@ -15,9 +15,12 @@ No torch, no transformers: the lowest layer, next to dsft.errors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +195,21 @@ def os_error(e: OSError) -> str | None:
         return None
     where = e.filename or "output"
     return f"{where}: {hint}"
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden directory beside `out` to write into; renamed to `out` (replacing it: the caller checked
+    ownership) when the body succeeds, removed when it fails, so `out` is never half-written."""
+    tmp = out.parent / f".{out.name}.dsft-partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -20,7 +20,6 @@ export before it is renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from dsft import arch
 from dsft.errors import DsftError
 from dsft.export.adapter import Adapter, read_adapter
 from dsft.export.merge import Source
-from dsft.outputs import check_location
+from dsft.outputs import check_location, staged
 
 PREFIX = "base_model.model."
 EXPERT_LORA_2D = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe")
@@ -155,11 +154,7 @@ def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any
     adapter = read_adapter(source.adapter_dir)
     refuse_unservable(adapter, config)
     tensors, rank = vllm_tensors(adapter, config)
-    tmp = out.parent / f".{out.name}.dsft-partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(tensors, rank, str(source.base)), indent=2))
         for f in source.adapter_dir.iterdir():  # the tokenizer and chat template the run trained with
@@ -172,10 +167,4 @@ def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any
                   "base": str(source.base), "max_lora_rank": rank, "tensors": len(tensors),
                   "adapted_expert_layers": sorted(adapter.experts)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return record

@@ -11,13 +11,12 @@ renamed at the end; `--force` replaces only a directory an earlier `dsft convert
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dsft.errors import DsftError
-from dsft.outputs import check_location, read_json
+from dsft.outputs import check_location, read_json, staged
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 RECORD = "dsft-convert.json"
@@ -66,11 +65,7 @@ def convert(src: Path, out: Path, force: bool = False) -> dict[str, Any]:
         if not force:
             raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
     tied = bool(read_json(src / "config.json").get("tie_word_embeddings", False))
-    tmp = out.parent / f".{out.name}.dsft-partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         weight_map = _write_shards(shards, tmp, tied, save_file)
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".bin" and f.name != BIN_INDEX:
@@ -79,12 +74,6 @@ def convert(src: Path, out: Path, force: bool = False) -> dict[str, Any]:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         record = {"source": str(src.resolve()), "shards": sorted(set(weight_map.values())), "tensors": len(weight_map)}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return record
 
 
