@@ -109,6 +109,19 @@ def check_location(out: Path, key: str, inputs: dict[str, list[Path]] | None = N
     check_writable(out_abs, key)
 
 
+def check_replaceable(out: Path, record: str, what: str, force: bool) -> None:
+    """An existing, non-empty `out` is replaced only with --force, and only when dsft wrote it (`record`,
+    the file every dsft writer leaves in its output, is there)."""
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if record not in entries:
+        raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); --force replaces only "
+                        f"{what} dsft wrote ({record}): choose another --out")
+    if not force:
+        raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+
+
 class OutputLock:
     """An exclusive lock on DIR/.dsft.lock holding this process's pid; `key` names the output in the
     refusal (or `busy` is the refusal). Creates DIR (and its parents) if needed, and removes them again

@@ -22,6 +22,10 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.lr=1e-4 (repeatable).", show_default=False),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+AdapterOpt = Annotated[Path, typer.Option("--adapter", "-a", help="A dsft run directory, or an adapter directory.",
+                                          show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must not exist; --force replaces only "
+                                      "one dsft wrote).", show_default=False)]
 ProcessesOpt = Annotated[int, typer.Option("--num-processes", min=1,
                                            help="Train on N processes (GPUs) through `accelerate launch`.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its latest complete checkpoint.")]

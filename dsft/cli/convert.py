@@ -7,15 +7,14 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import errors_exit_2
+from dsft.cli._common import OutOpt, errors_exit_2
 
 
 @errors_exit_2
 def convert(
     model: Annotated[Path, typer.Option("--model", "-m", help="A checkpoint directory with pytorch_model*.bin weights.",
                                         show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the safetensors checkpoint (must not exist).",
-                                      show_default=False)],
+    out: OutOpt,
     force: Annotated[bool, typer.Option("--force", help="Replace a directory an earlier `dsft convert` wrote.")] = False,
 ) -> None:
     """Rewrite a `.bin`-only checkpoint as safetensors (torch.load weights_only: tensors only), shard by shard."""

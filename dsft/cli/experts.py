@@ -19,16 +19,14 @@ def _prepare(recipe: Path, set_: list[str] | None):
     """The recipe checked as for `dsft sft`; the run directory, where the profile and plan go, may hold a run
     (they are its cache) but may not be in use, be a file, or lie inside a checkpoint."""
     from dsft.config import load_recipe
-    from dsft.outputs import check_location, holder
-    from dsft.train.run_dir import run_inputs
+    from dsft.outputs import check_location
+    from dsft.train.run_dir import check_not_in_use, run_inputs
     from dsft.train.sft import preflight
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     output = Path(resolved.output_dir)
     check_location(output, "output_dir", run_inputs(resolved))
-    pid = holder(output)
-    if pid is not None:
-        raise DsftError(f"output_dir: {output} is in use by a running dsft process (pid {pid}); wait for it to finish")
+    check_not_in_use(output)
     prepared = preflight(resolved, force=False, check_output=False)
     from dsft import arch
 

@@ -7,16 +7,14 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import errors_exit_2
+from dsft.cli._common import AdapterOpt, OutOpt, errors_exit_2
 from dsft.errors import DsftError
 
 
 @errors_exit_2
 def export(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A dsft run directory, or an adapter directory.",
-                                          show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the exported adapter (must not exist).",
-                                      show_default=False)],
+    adapter: AdapterOpt,
+    out: OutOpt,
     format: Annotated[str, typer.Option("--format", help="vllm: `vllm serve BASE --enable-lora "
                                         "--lora-modules NAME=OUT`.")] = "vllm",
     base: Annotated[Path | None, typer.Option("--base", help="The base checkpoint; default: the run's recipe model.path.")] = None,

@@ -7,13 +7,13 @@ from typing import Annotated, Literal
 
 import typer
 
-from dsft.cli._common import at_least, errors_exit_2
+from dsft.cli._common import AdapterOpt, OutOpt, at_least, errors_exit_2
 
 
 @errors_exit_2
 def merge(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A dsft run directory, or an adapter directory.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged checkpoint (must not exist).", show_default=False)],
+    adapter: AdapterOpt,
+    out: OutOpt,
     base: Annotated[Path | None, typer.Option("--base", help="The base checkpoint; default: the run's recipe model.path.")] = None,
     dtype: Annotated[Literal["bf16", "fp8"], typer.Option(
         help="For FP8 block-scaled bases: write all bf16, or keep untouched weights FP8 byte for byte and write the "

@@ -32,7 +32,7 @@ from dsft.arch import canonical, missing_engine_keys
 from dsft.models.fp8 import dequantize, quantize
 from dsft.arch import FUSED, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
-from dsft.outputs import check_location, human_size, nearest_existing
+from dsft.outputs import check_location, check_replaceable, human_size, nearest_existing
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -320,10 +320,7 @@ def check_out(out: Path, source: Source, force: bool) -> None:
         return
     if not force:
         raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and MERGE_RECORD not in entries:
-        raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); --force replaces only "
-                        f"a merged checkpoint dsft wrote ({MERGE_RECORD}): choose another --out")
+    check_replaceable(out, MERGE_RECORD, "a merged checkpoint", force)
 
 
 def output_bytes(writer: "ShardWriter", header: dict[str, Any]) -> int:

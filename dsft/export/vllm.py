@@ -30,7 +30,7 @@ from dsft import arch
 from dsft.errors import DsftError
 from dsft.export.adapter import Adapter, read_adapter
 from dsft.export.merge import Source
-from dsft.outputs import check_location, staged
+from dsft.outputs import check_location, check_replaceable, staged
 
 PREFIX = "base_model.model."
 EXPERT_LORA_2D = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe")
@@ -143,13 +143,7 @@ def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any
     inputs = {"run being exported (--adapter)": [source.run] if source.run else [], "adapter (--adapter)": [source.adapter_dir],
               "base checkpoint": [source.base]}
     check_location(out, "--out", inputs)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries:
-        if RECORD not in entries:
-            raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); --force replaces only "
-                            f"an export dsft wrote ({RECORD}): choose another --out")
-        if not force:
-            raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+    check_replaceable(out, RECORD, "an export", force)
     config = json.loads((source.base / "config.json").read_text())
     adapter = read_adapter(source.adapter_dir)
     refuse_unservable(adapter, config)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import DsftError
-from dsft.outputs import check_location, read_json, staged
+from dsft.outputs import check_location, check_replaceable, read_json, staged
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 RECORD = "dsft-convert.json"
@@ -58,12 +58,7 @@ def convert(src: Path, out: Path, force: bool = False) -> dict[str, Any]:
     if not shards:
         raise DsftError(f"--model {src}: no pytorch_model*.bin weights to convert")
     check_location(out, "--out", {"checkpoint (--model)": [src]}, replaceable=True)
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries:
-        if RECORD not in entries:
-            raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); choose another --out")
-        if not force:
-            raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+    check_replaceable(out, RECORD, "a converted checkpoint", force)
     tied = bool(read_json(src / "config.json").get("tie_word_embeddings", False))
     with staged(out) as tmp:
         weight_map = _write_shards(shards, tmp, tied, save_file)

@@ -57,10 +57,8 @@ def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict
     check_location(path, "output_dir", inputs)
     if not is_main():  # other ranks would see the directory the main rank just created
         return
-    pid = None if locked else holder(path)
-    if pid is not None:
-        raise DsftError(f"output_dir: {path} is in use by a running dsft process (pid {pid}); wait for it to finish, "
-                        "stop it, or choose another output_dir")
+    if not locked:
+        check_not_in_use(path)
     if resume or not path.is_dir():
         return
     entries = sorted(p.name for p in path.iterdir() if p.name not in CACHE_ENTRIES)
@@ -75,6 +73,14 @@ def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict
     if not force:
         hint = "pass --resume to continue it, --force to replace it," if status in RESUMABLE else "pass --force to replace it"
         raise DsftError(f"output_dir: {path} already holds a {status} run; {hint} or choose another output_dir")
+
+
+def check_not_in_use(path: Path) -> None:
+    """No dsft process holds the run directory's lock (a run training there)."""
+    pid = holder(path)
+    if pid is not None:
+        raise DsftError(f"output_dir: {path} is in use by a running dsft process (pid {pid}); wait for it to finish, "
+                        "stop it, or choose another output_dir")
 
 
 def lock(path: Path) -> contextlib.AbstractContextManager:
