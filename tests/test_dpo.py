@@ -67,7 +67,7 @@ def _run(recipe: Path, force: bool = False):
     return dpo_module.run_dpo(dpo_module.preflight(resolved, force), force)
 
 
-def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Path, monkeypatch) -> None:
+def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Path, monkeypatch, cli) -> None:
     seen = _capture(monkeypatch)
     result = _run(_dpo_recipe(make_recipe, tmp_path))
     assert result.last["rewards/accuracies"] > 0.8 >= result.first["rewards/accuracies"]
@@ -81,6 +81,20 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
     assert not any(".ref." in k for k in load_file(run / "adapter/adapter_model.safetensors"))
     assert json.loads((run / "plan.json").read_text())["trainable_params"] == sum(
         t.numel() for t in load_file(run / "adapter/adapter_model.safetensors").values())
+
+    from dsft.train.callbacks import read_metrics
+    from dsft.train.curves import series
+
+    drawn = series(read_metrics(run / "metrics.jsonl")[0], "dpo")
+    assert drawn["reward accuracy"]["train"][1][-1] == result.last["rewards/accuracies"]
+    assert (run / "curves.png").is_file() and "reward margin (chosen - rejected)" in drawn
+    assert "reward accuracy, first -> last logged step" in (run / "README.md").read_text()
+    # a DPO run scored on SFT-format conversations, and on pairs
+    for data, rows in (("eval.jsonl", "conversations"), ("preference.jsonl", "pairs")):
+        scored = cli("eval", "--adapter", run, "--data", REPO / "data_templates/legal" / data, "--samples", 16,
+                     "--generations", 0)
+        assert scored.exit_code == 0, scored.output
+        assert json.loads((run / "eval.json").read_text())["rows"] == rows
 
 
 def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe, tmp_path: Path, monkeypatch) -> None:

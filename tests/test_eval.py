@@ -22,6 +22,39 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     assert report["adapter"]["loss"] < report["base"]["loss"] - 0.5
     assert set(report["routing_drift"]) == {"1", "2"} and len(report["answers"]) == 2
     assert "dsft eval:" in result.output and "routing drift" in result.output
+    assert "held-out data.eval" in result.output
+
+    # the figure: base and adapter per example, exactly the losses in eval.json
+    from dsft.train.evaluate import eval_figure
+
+    assert (tmp_path / "run/eval.png").read_bytes()[:4] == b"\x89PNG"
+    (ax,) = eval_figure(report).axes
+    order = sorted(range(57), key=lambda i: report["base"]["example_loss"][i])
+    drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert drawn == {name: [report[name]["example_loss"][i] for i in order] for name in ("base", "adapter")}
+    assert sum(report["adapter"]["example_loss"]) < sum(report["base"]["example_loss"])
+
+    # preference rows are scored as pairs, for an SFT run too: the chosen answer gains on the rejected one
+    pairs = cli("eval", "--adapter", tmp_path / "run", "--data", REPO / "data_templates/legal/preference.jsonl",
+                "--generations", 0)
+    assert pairs.exit_code == 0, pairs.output
+    scored = json.loads((tmp_path / "run/eval.json").read_text())
+    assert scored["rows"] == "pairs" and scored["examples"] == 114
+    base, adapted = scored["base"]["pairs"], scored["adapter"]["pairs"]
+    assert len(adapted["margins"]) == 114 and adapted["accuracy"] == sum(m > 0 for m in adapted["margins"]) / 114
+    assert adapted["margin"] > base["margin"] and adapted["accuracy"] > base["accuracy"]
+    assert "pair accuracy" in pairs.output and "mean margin" in pairs.output
+    titles = [a.get_title() for a in eval_figure(scored).axes]
+    assert titles == ["loss per example (lower is better)", "margin log p(chosen) - log p(rejected) per pair"]
+
+    # a file mixing the two kinds is refused, naming the row
+    rows = (REPO / "data_templates/legal/eval.jsonl").read_text().splitlines()[:3]
+    rows.append((REPO / "data_templates/legal/preference.jsonl").read_text().splitlines()[0])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(rows) + "\n")
+    refused = cli("eval", "--adapter", tmp_path / "run", "--data", mixed)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"{mixed}:4: a preference pair (chosen, rejected) in a file of conversations" in refused.output
 
 
 def test_eval_refuses_an_unfinished_run(tmp_path: Path, cli) -> None:

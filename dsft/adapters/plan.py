@@ -84,6 +84,11 @@ def weight_bytes(recipe: Recipe, cfg: dict[str, Any], moe_layers: list[int], num
     return {"nf4_params": 0, "full_precision_params": linear + experts + full, "bytes": (linear + experts + full) * half}
 
 
+CUDA_CONTEXT_GIB = 1.0  # the CUDA context and allocator slack on a GPU
+HOST_PROCESS_GIB = 0.6  # a CPU run's Python process beside the model: torch, transformers, TRL (peak RSS 0.60 GiB
+                        # measured for `dsft sft --recipe recipes/tiny-legal.yaml`, run.json summary.peak_host_gib)
+
+
 def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, processes: int = 1) -> dict[str, float]:
     """Peak GPU memory per GPU, estimated: weights + 16 B per trainable parameter + activations. With
     activation checkpointing a token keeps each layer's input and, for the layer being recomputed,
@@ -104,14 +109,21 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
         weights += layer * compute_bytes(recipe)
         if recipe.model.shard_experts and processes > 1:
             weights -= held["expert_params"] * NF4_BYTES * (1 - 1 / processes) - layer / 2
-    total = weights + ADAM_BYTES * trainable + per_token * tokens + 1.0 * gib
+    total = weights + ADAM_BYTES * trainable + per_token * tokens
     return {"weights_gib": weights / gib, "adapter_training_gib": ADAM_BYTES * trainable / gib,
-            "activations_gib": per_token * tokens / gib, "peak_gib": total / gib, "tokens_per_micro_batch": tokens}
+            "activations_gib": per_token * tokens / gib, "peak_gib": total / gib + CUDA_CONTEXT_GIB,
+            "host_gib": total / gib + HOST_PROCESS_GIB, "tokens_per_micro_batch": tokens}
 
 
-def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None):
+def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None, cuda: bool | None = None):
+    """The plan as a table; memory is the GPU's peak with CUDA (`cuda` None: this machine's), else the
+    host's (a CPU run)."""
     from rich.table import Table
 
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     table = Table(title="dsft targeting plan")
     for col in ("group", "what", "trainable params"):
         table.add_column(col, justify="right" if col == "trainable params" else "left")
@@ -128,8 +140,9 @@ def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None):
     w, m = plan["weights"], plan["memory"]
     table.add_row("total", f"adapter {plan['adapter_bytes'] / 2**20:.1f} MiB on disk (fp32)", f"{plan['trainable_params']:,}")
     table.add_row("base weights", f"{w['nf4_params']:,} params NF4, {w['full_precision_params']:,} full precision", "")
-    peak = f"~{m['peak_gib']:.1f} GiB estimated for {m['tokens_per_micro_batch']} tokens per micro-batch"
+    estimate = m["peak_gib"] if cuda or "host_gib" not in m else m["host_gib"]
+    peak = f"~{estimate:.1f} GiB estimated for {m['tokens_per_micro_batch']} tokens per micro-batch"
     if measured_peak_gib is not None:
         peak += f" (measured {measured_peak_gib:.1f} GiB)"
-    table.add_row("peak GPU memory", peak, "")
+    table.add_row("peak GPU memory" if cuda else "peak host memory (CPU run)", peak, "")
     return table

@@ -45,9 +45,27 @@ def offline() -> None:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def quiet_bars() -> None:
+    """No library progress bars (dsft shows its own, dsft.console): set for the libraries not yet imported,
+    switched off in those already imported."""
+    import sys
+
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def relaunch(num_processes: int) -> None:
@@ -107,15 +125,21 @@ def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callab
         from dsft.train.dist import is_main
 
         if is_main():
-            from rich.console import Console
             from rich.table import Table
+
+            from dsft.console import run_log, say, show
+            from dsft.train import run_dir
 
             table = Table(title=f"dsft {kind}: {result.run}")
             for i, column in enumerate(columns):
                 table.add_column(column, justify="left" if i == 0 else "right")
             for row in rows(result):
                 table.add_row(*row)
-            Console().print(table)
+            with run_log(run_dir.log(result.run)):
+                show(table)
+                say(f"adapter: {run_dir.adapter_dir(result.run)}")
+                say(f"model card, curves and log: {run_dir.card(result.run)}, {run_dir.curves(result.run)}, "
+                    f"{run_dir.log(result.run)}")
 
     command.__doc__, command.__name__ = doc, kind
     return errors_exit_2(command)

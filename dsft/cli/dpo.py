@@ -16,7 +16,6 @@ def _rows(result: Any) -> list[tuple[str, str, str]]:  # a DpoResult, imported l
     c = result.counts
     rows.append(("pairs (prompts truncated / dropped)", f"{c['pairs']:,}", f"{c['truncated']} / {c['dropped']}"))
     rows += [(f"trainable params: {group}", "", f"{n:,}") for group, n in result.groups.items()]
-    rows.append(("adapter", "", str(result.run / "adapter")))
     return rows
 
 

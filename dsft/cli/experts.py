@@ -66,8 +66,8 @@ def profile(
     set_: SetOpt = None,
 ) -> None:
     """Profile the base model's routing on the recipe's training data; writes RUN/routing/."""
-    from rich.console import Console
-
+    from dsft.console import console as dsft_console
+    from dsft.console import show
     from dsft.moe.profile import summary_table
 
     at_least("--samples", samples, 1)
@@ -75,8 +75,8 @@ def profile(
     spec = prepared.recipe.adapter.routed_experts
     count = "all" if all_tokens else spec.count
     result, directory, computed = _profile(prepared, samples or spec.samples, count, reprofile)
-    console = Console()
-    console.print(summary_table(result))
+    show(summary_table(result))
+    console = dsft_console()
     state = "written" if computed else "cached (use --reprofile to recompute)"
     console.print(f"{directory}/profile.json, profile.csv, heatmap.png: {state}")
 
@@ -85,20 +85,19 @@ def profile(
 @errors_exit_2
 def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None) -> None:
     """Show which modules and experts the recipe adapts, with parameter counts and memory; writes RUN/plan.json."""
-    from rich.console import Console
-
     from dsft.adapters.plan import plan_table
+    from dsft.console import show
     from dsft.train.targeting import policy_selection, write_plan
 
     prepared = _prepare(recipe, set_)
     selection = prepared.selection
     if selection is None:
         spec = prepared.recipe.adapter.routed_experts
-        result, _, _ = _profile(prepared, spec.samples, spec.count, reprofile)
-        selection = policy_selection(prepared.recipe, result)
+        result, directory, _ = _profile(prepared, spec.samples, spec.count, reprofile)
+        selection = policy_selection(prepared.recipe, result, directory)
     run = Path(prepared.recipe.output_dir)
     result = write_plan(run, prepared.recipe, prepared.config, selection)
-    Console().print(plan_table(result, _measured_peak(run)))
+    show(plan_table(result, _measured_peak(run)))
     typer.echo(f"{run / 'plan.json'}")
 
 
@@ -106,6 +105,9 @@ def _measured_peak(run: Path) -> float | None:
     from dsft.train.run_dir import RunDir
 
     try:
-        return RunDir(run).info()["summary"]["peak_gpu_gib"]
+        import torch
+
+        summary = RunDir(run).info()["summary"]
+        return summary["peak_gpu_gib"] if torch.cuda.is_available() else summary.get("peak_host_gib")
     except (DsftError, KeyError, TypeError):
         return None

@@ -26,8 +26,7 @@ def merge(
                                         "failed or interrupted run's adapter.")] = False,
 ) -> None:
     """Merge a LoRA / expert adapter into the ORIGINAL base weights, shard by shard, and optionally verify."""
-    from rich.console import Console
-
+    from dsft.console import console as dsft_console
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
     from dsft.train.run_dir import RunDir
@@ -37,7 +36,7 @@ def merge(
     if source.run is not None:
         RunDir(source.run).check_usable(force, "merge")
     record = run_merge(source, out, force=force, dtype=dtype, requantize=requantize)
-    console = Console()
+    console = dsft_console()
     console.print(f"merged {record['touched_tensors']} tensors of {source.base} into {out} "
                   f"({len(record['shards_sha256'])} shards, sha256 in dsft-merge.json)")
     if verify:
@@ -51,6 +50,8 @@ def merge(
 
 def _print(console, report: dict) -> None:  # noqa: ANN001 - rich Console, imported lazily
     from rich.table import Table
+
+    from dsft.console import show
 
     exact, logits = report["exact"], report["logits"]
     table = Table(title=f"merge verification ({report['prompts']} prompts, layers: {report['layers']})")
@@ -79,4 +80,4 @@ def _print(console, report: dict) -> None:  # noqa: ANN001 - rich Console, impor
                       f"max {nf4['max_abs']:.3g}, mean {nf4['mean_abs']:.3g}")
     table.add_row("logit check", mark(logits["ok"]))
     table.add_row("verdict", mark(report["ok"]))
-    console.print(table)
+    show(table)

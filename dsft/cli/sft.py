@@ -18,8 +18,11 @@ def _rows(result: Any) -> list[tuple[str, str]]:  # an SftResult, imported lazil
     if result.losses:
         rows.append(("loss first -> last", f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     if result.eval_loss is not None:
-        rows.append(("eval loss", f"{result.eval_loss:.3f}"))
-    rows.append(("adapter", str(result.run / "adapter")))
+        base = f"base {result.base_eval_loss:.3f} -> " if result.base_eval_loss is not None else ""
+        rows.append(("held-out loss (data.eval)", f"{base}{result.eval_loss:.3f}"))
+    if result.routing_change:
+        layer, moved = max(result.routing_change.items(), key=lambda kv: kv[1])
+        rows.append((f"routing change on {result.routing_rows:,} profiled training rows", f"L{layer}: {moved:.1%} of its load moved"))
     return rows
 
 

@@ -250,6 +250,10 @@ class TrainingSection(Section):
     balance_loss_alpha: float | None = Field(
         None, gt=0, description="Weight of the balance loss; defaults to the checkpoint's aux_loss_alpha or router_aux_loss_coef (0.001 if absent)."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers the trainer also logs to (written inside the run "
+        "directory; wandb offline unless WANDB_MODE is set)."
+    )
 
 
 DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",

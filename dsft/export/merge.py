@@ -242,8 +242,8 @@ def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
 def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", meter: ByteMeter | None = None,
           progress: bool = True, requantize: bool = False) -> dict[str, Any]:
     """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
-    from rich.console import Console
-    from rich.progress import track
+    from dsft.console import console as dsft_console
+    from dsft.console import track
 
     import dsft
 
@@ -262,7 +262,7 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
     writer = ShardWriter(adapter, dtype, block, meter, requantize)
     inputs = [*shards, *(f for f in source.adapter_dir.iterdir() if f.is_file())]
     key = fingerprint(inputs, dtype=dtype, requantize=requantize, dsft_version=dsft.__version__)
-    console = Console(stderr=True, quiet=not progress)
+    console = dsft_console(stderr=True, quiet=not progress)
     with PartialOutput(out, key) as partial:
         if partial.done:
             console.print(f"continuing an interrupted merge into {out}: {len(partial.done)} of {len(shards)} shards "
@@ -270,7 +270,7 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
         todo = [s for s in shards if s.name not in partial.done]
         check_free_space(out, sum(output_bytes(writer, headers[s.name]) for s in todo))
         try:
-            for shard in track(shards, description="merging shards", disable=not progress):
+            for shard in track(shards, description="merging shards", unit="shards", disable=not progress):
                 if shard.name not in partial.done:
                     before = (writer.touched, writer.dot, writer.norm2)
                     digest = writer.write(shard, partial.part(shard.name))

@@ -137,14 +137,14 @@ class StreamLoader:
         return tensor
 
     def load(self) -> nn.Module:
-        from rich.progress import track
+        from dsft.console import track
         from safetensors import safe_open
 
         model = self.skeleton()
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         unexpected: list[str] = []
         shards = shard_files(self.path)
-        for shard in track(shards, description="loading shards", disable=len(shards) < 2):
+        for shard in track(shards, description="loading shards", unit="shards", disable=len(shards) < 2):
             with safe_open(str(shard), framework="pt", device="cpu") as handle:
                 keys = set(handle.keys())
                 for key in sorted(keys):

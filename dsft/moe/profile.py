@@ -45,7 +45,7 @@ def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens:
             pad_id: int = 0, progress: bool = True) -> dict[int, LayerStats]:
     """Run `model` over tokenized rows and return each MoE layer's routing stats. Padding never counts;
     by default only the tokens the loss is on (labels != -100) do, with `all_tokens` every real token."""
-    from rich.progress import track
+    from dsft.console import track
 
     recorder = RoutingRecorder(model)
     if not recorder.routers:
@@ -60,7 +60,7 @@ def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens:
     steps = math.ceil(len(tokens["input_ids"]) / batch_size)
     with recorder.installed(), autocast_for(model):
         for input_ids, attention, label in track(batches(tokens, batch_size, pad_id), total=steps,
-                                                 description="profiling routing", disable=not progress):
+                                                 description="profiling routing", unit="batches", disable=not progress):
             recorder.mask = attention.bool() if all_tokens else (attention.bool() & (label != IGNORE))
             model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
     model.train(was_training)
@@ -125,8 +125,11 @@ def share_matrix(profile: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
     return layers, torch.tensor([profile["layers"][str(layer)]["token_share"] for layer in layers])
 
 
-def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str, Any] | None = None) -> None:
-    """Layers x experts image of token share (or of its change against `diff_from`)."""
+def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str, Any] | None = None,
+            selected: dict[Any, list[int] | None] | None = None) -> Any:
+    """Layers x experts image of token share (or of its change against `diff_from`); the experts in
+    `selected` ({layer: expert ids}, those that carry the adapter) are boxed. Returns the boxes drawn
+    as (layer, expert) pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,11 +147,23 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    boxed = []
+    if selected:
+        from matplotlib.patches import Rectangle
+
+        for row, layer in enumerate(layers):
+            ids = selected.get(str(layer), selected.get(layer)) if isinstance(selected, dict) else None
+            for expert in (range(share.shape[1]) if ids is None and (str(layer) in selected or layer in selected)
+                           else ids or []):
+                ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+                boxed.append((layer, expert))
+        title += " - boxed: experts with the adapter"
     ax.set_title(f"{title} ({profile.get('tokens_counted', '?')} tokens, top-{profile['top_k']})")
     fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return boxed
 
 
 def load_moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -160,12 +175,12 @@ def load_moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float
             for layer, d in before["layers"].items()}
 
 
-def diff_table(before: dict[str, Any], after: dict[str, Any], top: int = 3):
+def diff_table(before: dict[str, Any], after: dict[str, Any], data: str, top: int = 3):
     """Per layer: how much of the load moved (total variation between the two load distributions, in
-    [0, 1]) and which experts gained and lost the most token share."""
+    [0, 1]) and which experts gained and lost the most token share; `data` names what was routed."""
     from rich.table import Table
 
-    table = Table(title="routing change after training (token share, after - before)")
+    table = Table(title=f"routing change after training, on {data} (token share, after - before)")
     for col in ("layer", "load moved", f"top {top} gains", f"top {top} losses"):
         table.add_column(col)
     moved_by_layer = load_moved(before, after)

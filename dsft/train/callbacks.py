@@ -44,3 +44,63 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
         else:
             torn += 1
     return rows, torn
+
+
+# What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).
+SHOWN = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "lr", "rewards/accuracies": "reward acc",
+         "rewards/margins": "margin", "balance_loss": "balance", "grad_norm": "grad norm"}
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2e}" if isinstance(value, float) and value and abs(value) < 1e-2 else \
+        f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class ConsoleProgress(TrainerCallback):
+    """dsft's training display (the Trainer's tqdm bar and printed dicts are removed): one progress
+    phase over the optimizer steps with loss, lr, tokens/s and ETA, and a line per logged step."""
+
+    def __init__(self, description: str = "training") -> None:
+        self.description = description
+        self.phase = None
+        self.tokens: tuple[float, float] | None = None  # (num_tokens, time) at the last log
+        self.rate: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from dsft.console import Phase
+
+            self.phase = Phase(self.description, state.max_steps, "steps", completed=state.global_step).__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.phase is not None:
+            self.phase.update(completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.phase is None or not logs:
+            return
+        import time
+
+        if "num_tokens" in logs:
+            now, tokens = time.monotonic(), float(logs["num_tokens"])
+            if self.tokens is not None and now > self.tokens[1] and tokens > self.tokens[0]:
+                self.rate = (tokens - self.tokens[0]) / (now - self.tokens[1])
+            self.tokens = (tokens, now)
+        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
+        if "loss" in logs and self.rate is not None:
+            shown.append(f"tok/s {self.rate:,.0f}")
+        if not shown:
+            return
+        text = "  ".join(shown)
+        if "loss" in logs:  # the bar keeps the headline numbers; the line has them all
+            self.phase.update(completed=state.global_step,
+                              info="  ".join(x for x in shown if not x.startswith(("grad norm", "balance"))))
+        self.phase.note(f"step {state.global_step}/{state.max_steps}  {text}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.phase is not None:
+            phase, self.phase = self.phase, None
+            phase.__exit__(type(error) if error else None, error, None)

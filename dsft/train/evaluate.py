@@ -50,7 +50,52 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     return recipe, adapter_dir, model_path
 
 
-def _conversations(recipe: Recipe, data: str | None, on_train: bool = False) -> list[Messages]:
+PAIR_KEYS = ("chosen", "rejected")
+
+
+def row_kind(row: Any) -> str:
+    """`pairs` for a preference row (chosen / rejected), else `conversations`."""
+    return "pairs" if isinstance(row, dict) and all(k in row for k in PAIR_KEYS) else "conversations"
+
+
+def conversation_format(row: Any, fallback: str) -> str:
+    """The conversation format a row is written in (a DPO run's --data may be SFT-style)."""
+    if isinstance(row, dict):
+        if "messages" in row:
+            return "messages"
+        if "instruction" in row:
+            return "alpaca"
+        if "prompt" in row and "completion" in row:
+            return "prompt_completion"
+    return fallback if fallback != "preference" else "messages"
+
+
+def file_kind(files: list[str]) -> tuple[str, str | None]:
+    """(kind, the conversations' format) of the rows in `files`: every row a preference pair, or every
+    row a conversation; a mix is an error naming the first row of the other kind."""
+    from dsft.data.formats import iter_rows
+
+    kind, first, fmt = None, None, None
+    for name in files:
+        for where, row in iter_rows(Path(name)):
+            this = row_kind(row)
+            if kind is None:
+                kind, first = this, where
+                fmt = None if this == "pairs" else conversation_format(row, "messages")
+            elif this != kind:
+                what = "a preference pair (chosen, rejected)" if this == "pairs" else "a conversation (no chosen / rejected)"
+                raise DsftError(f"{where}: {what} in a file of {kind} (first row {first}); score pairs and "
+                                "conversations from separate files")
+    if kind is None:
+        raise DsftError(f"{files[0]}: no rows to score; pass --data with held-out rows")
+    return kind, fmt
+
+
+def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple[str, Any, list[str]]:
+    """(kind, rows, files): preference pairs or conversations from --data, else data.eval, else (with
+    --on-train) data.train."""
+    from dsft.data.preference import load_pairs
+
     d = recipe.data
     if data and not Path(data).is_file():
         raise DsftError(f"--data {data}: file not found")
@@ -58,32 +103,46 @@ def _conversations(recipe: Recipe, data: str | None, on_train: bool = False) -> 
         raise DsftError(f"--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
                         "rows it did not train on, or --on-train to score its training data (not a held-out measure)")
     files = [data] if data else (d.eval or d.train)
-    if d.format == "preference":
-        from dsft.data.preference import load_pairs
-
-        return [p["prompt"] + p["chosen"] for p in load_pairs(files)]
-    return load_conversations(files, d.format, d.system_prompt)
+    kind, fmt = file_kind(files)
+    if kind == "pairs":
+        return kind, load_pairs(files, d.system_prompt), files
+    return kind, load_conversations(files, fmt if data else (d.format if d.format != "preference" else fmt), d.system_prompt), files
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy per assistant token."""
+def example_losses(model: torch.nn.Module, tokens: dict[str, list[list[int]]], batch_size: int,
+                   pad_id: int) -> list[tuple[float, int]]:
+    """Per example: (summed cross-entropy of its assistant tokens, how many there are)."""
     from dsft.moe.fused import autocast_for
     from dsft.moe.profile import batches
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for ids, attention, labels in batches(tokens, batch_size, pad_id):
         with autocast_for(model):
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
         shifted = labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        count += int((shifted != IGNORE).sum())
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE,
+                                                 reduction="none")
+        mask = shifted != IGNORE
+        out += [(float(total), int(n)) for total, n in zip((loss * mask).sum(1), mask.sum(1))]
+    return out
+
+
+def mean_of(losses: list[tuple[float, int]]) -> float:
+    """Mean cross-entropy per assistant token over examples."""
+    count = sum(n for _, n in losses)
     if not count:
         raise DsftError("eval data has no assistant tokens to score")
-    return total / count
+    return sum(total for total, _ in losses) / count
+
+
+def pair_scores(chosen: list[tuple[float, int]], rejected: list[tuple[float, int]]) -> dict[str, Any]:
+    """Per pair, log p(chosen answer) - log p(rejected answer) (summed over each answer's tokens): the
+    accuracy (share of pairs with a positive margin) and the mean margin."""
+    margins = [rc - cc for (cc, _), (rc, _) in zip(chosen, rejected, strict=True)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "margins": margins}
 
 
 @torch.no_grad()
@@ -107,43 +166,100 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
 
 def evaluate(run: Path, data: str | None = None, samples: int = 256, generations: int = 3,
              max_new_tokens: int = 48, force: bool = False, on_train: bool = False) -> dict[str, Any]:
+    """Score base and adapter on the same rows: loss per assistant token (pairs: on the chosen answer) and,
+    for preference pairs, the log-prob margin chosen - rejected and its accuracy; routing drift; greedy
+    answers. Writes RUN/eval.json and RUN/eval.png."""
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
     from dsft.moe.routing import routers, top_k
-
     from dsft.outputs import check_writable
 
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)
-    conversations = _conversations(recipe, data, on_train)[:samples]
+    kind, rows, files = eval_rows(recipe, data, on_train)
+    rows = rows[:samples]
+    conversations = [p["prompt"] + p["chosen"] for p in rows] if kind == "pairs" else rows
     tokens = tokenize_all(tokenizer, conversations, None, True)
+    rejected = tokenize_all(tokenizer, [p["prompt"] + p["rejected"] for p in rows], None, True) if kind == "pairs" else None
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
     batch = recipe.training.micro_batch_size
     pad = tokenizer.pad_token_id
     moe = bool(routers(model))  # a dense model has no routing to drift
-    with model.disable_adapter():
-        base_loss = mean_loss(model, tokens, batch, pad)
-        base_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False) if moe else {}
-    adapter_loss = mean_loss(model, tokens, batch, pad)
+    scored: dict[str, dict[str, Any]] = {}
+    routes = {}
+    for name in ("base", "adapter"):
+        with model.disable_adapter() if name == "base" else _nothing():
+            losses = example_losses(model, tokens, batch, pad)
+            loss = mean_of(losses)
+            scored[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+                            "example_loss": [total / max(n, 1) for total, n in losses]}
+            if rejected is not None:
+                scored[name]["pairs"] = pair_scores(losses, example_losses(model, rejected, batch, pad))
+            if moe:
+                routes[name] = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
     drift = {}
     if moe:
-        adapter_routes = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
         k = top_k(model)
-        drift = routing_profile.load_moved(routing_profile.summarize(base_routes, k, {}),
-                                           routing_profile.summarize(adapter_routes, k, {}))
+        drift = routing_profile.load_moved(routing_profile.summarize(routes["base"], k, {}),
+                                           routing_profile.summarize(routes["adapter"], k, {}))
     report = {
-        "data": data or (recipe.data.eval or recipe.data.train),
+        "data": files,
         "data_kind": "given" if data else "held-out" if recipe.data.eval else "training data",
+        "rows": kind,
         "examples": len(conversations),
-        "base": {"loss": base_loss, "perplexity": math.exp(min(base_loss, 50))},
-        "adapter": {"loss": adapter_loss, "perplexity": math.exp(min(adapter_loss, 50))},
+        **scored,
         "routing_drift": drift,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens),
     }
+    write_eval_figure(run, report)
     tmp = run / ".eval.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(run / "eval.json")
     return report
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def eval_figure(report: dict[str, Any]) -> Any:
+    """Base vs adapter per example: the loss of each example (sorted by the base's), and for preference
+    pairs each pair's log-prob margin chosen - rejected."""
+    from matplotlib.figure import Figure
+
+    pairs = "pairs" in report["adapter"]
+    fig = Figure(figsize=(10.0 if pairs else 6.0, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2 if pairs else 1, squeeze=False)[0]
+    panels = [("loss per example (lower is better)", "example_loss")]
+    if pairs:
+        panels.append(("margin log p(chosen) - log p(rejected) per pair", "margins"))
+    for ax, (title, key) in zip(axes, panels):
+        values = {n: report[n]["pairs"]["margins"] if key == "margins" else report[n][key] for n in ("base", "adapter")}
+        order = sorted(range(len(values["base"])), key=lambda i: values["base"][i])
+        for name in ("base", "adapter"):
+            ax.plot(range(len(order)), [values[name][i] for i in order], marker="o", markersize=3,
+                    linestyle="none" if len(order) > 1 else "-", label=name)
+        if key == "margins":
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("example (sorted by the base's value)")
+        ax.legend()
+    fig.suptitle(f"dsft eval: {report['examples']} examples ({report['data_kind']})")
+    return fig
+
+
+def write_eval_figure(run: Path, report: dict[str, Any]) -> Path:
+    import os
+
+    final, tmp = run / "eval.png", run / ".eval.png.tmp"
+    try:
+        eval_figure(report).savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final

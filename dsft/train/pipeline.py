@@ -15,6 +15,7 @@ adds to the adapter's metadata and its summary. The CLI looks objectives up by n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
+from dsft.console import run_log, show
 from dsft.errors import DsftError
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
@@ -113,8 +115,6 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
     """recipe.training (+ data lengths) -> the TrainingArguments shared by every objective's TRL config.
     dsft sets the precision flags itself: TRL would turn bf16 on by default, which makes CPU runs
     ~100x slower."""
-    import importlib.util
-
     t = recipe.training
     return dict(
         output_dir=str(run_dir.checkpoints(run)),
@@ -143,16 +143,41 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
         fp16=dtype == torch.float16,
         **cpu_args(),
         max_length=recipe.data.max_length,
-        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
+        report_to=list(t.report_to) or "none",
         dataset_num_proc=None,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,  # dsft's own display (dsft.train.callbacks.ConsoleProgress)
         average_tokens_across_devices=True,  # the loss of N processes equals one process's at the same global batch
         ddp_find_unused_parameters=False,
         # The balance loss is dsft's (training.balance_loss, dsft.moe.balance) for every family; TRL would
         # otherwise add Qwen-MoE's / Mixtral's router aux loss unasked.
         router_aux_loss_coef=0.0,
     )
+
+
+# training.report_to: the package each tracker needs, and the variables that keep its files inside the run
+# (set only where the user has not set them; wandb offline, so a run never needs a network).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(recipe: Recipe) -> None:
+    import importlib.util
+
+    missing = [t for t in recipe.training.report_to if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+    if missing:
+        raise DsftError("; ".join(f"training.report_to: {t} is not installed; pip install {TRACKER_PACKAGES[t]} "
+                                  f"(or `pip install dsft[{t}]`), or remove {t} from training.report_to" for t in missing))
+
+
+def tracker_env(recipe: Recipe, run: Path) -> dict[str, str]:
+    """The environment variables that point the recipe's trackers into the run directory."""
+    env: dict[str, str] = {}
+    for tracker in recipe.training.report_to:
+        where = str(run_dir.tracker_dir(run, tracker).resolve())
+        env |= {"tensorboard": {"TENSORBOARD_LOGGING_DIR": where},
+                "mlflow": {"MLFLOW_TRACKING_URI": Path(where).as_uri()},
+                "wandb": {"WANDB_DIR": str(Path(where).parent), "WANDB_MODE": "offline"}}[tracker]
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def check_disk_for(recipe: Recipe, config: dict[str, Any], selection: dict[int, list[int] | None] | None) -> None:
@@ -196,7 +221,7 @@ def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identi
     key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
     profile, _ = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
                                 run / ROUTING_DIR, spec.samples, spec.count)
-    return policy_selection(prepared.recipe, profile)
+    return policy_selection(prepared.recipe, profile, run / ROUTING_DIR)
 
 
 def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: bool = False) -> Path | None:
@@ -219,6 +244,7 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
 
     if check_output:
         run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
+    check_trackers(recipe)
     rows = goal.load_rows(recipe)
     model_path = resolve_model_path(recipe.model.path)
     check_checkpoint(model_path)
@@ -237,8 +263,6 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
 def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[str, Any]):
     """The trainable model: an adapter continued (with its recorded targets), or a fresh one placed by
     the plan. Returns (model, targets by group, the continued adapter's metadata or None, the plan)."""
-    from rich.console import Console
-
     from dsft.adapters.lora import attach_lora, load_lora
     from dsft.adapters.metadata import read_metadata, recorded_targets
     from dsft.adapters.plan import plan_table
@@ -254,7 +278,7 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     selection = target_experts(prepared, base, run, identity, info["data_sha256"])
     plan = write_plan(run, recipe, prepared.config, selection)
     if is_main():
-        Console().print(plan_table(plan))
+        show(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
     check_plan(plan, group_params(model, targets))
     return model, targets, None, plan
@@ -281,25 +305,64 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     """Train `goal` on the prepared data into recipe.output_dir; returns the objective's result."""
     from dsft.models.load import model_identity, resolve_dtype
     from dsft.train import resume
-    from dsft.train.callbacks import JsonlMetrics
+    from dsft.train.callbacks import ConsoleProgress, JsonlMetrics
     from dsft.train.resume import trim_metrics
 
     recipe = prepared.recipe
     out = Path(recipe.output_dir)
     identity = model_identity(prepared.model_path, recipe.model.path)
     args = goal.trl_config(recipe, prepared, out, resolve_dtype(recipe.model.dtype))
-    with run_dir.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info:
+    with run_dir.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info, \
+            run_log(run_dir.log(out)) if is_main() else contextlib.nullcontext(), environment(tracker_env(recipe, out)):
         torch.manual_seed(recipe.training.seed)
         model, targets, init_meta, plan = _policy(prepared, out, identity, info)
+        model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own
         metrics = JsonlMetrics(run_dir.metrics(out))
-        trainer = goal.trainer(model, args, prepared, [metrics])
+        progress = ConsoleProgress(f"{goal.name} training")
+        trainer = goal.trainer(model, args, prepared, [metrics, progress])
+        quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         if checkpoint is not None:
             trim_metrics(run_dir.metrics(out), run_dir.checkpoint_step(checkpoint))
-        resume.train(trainer, out, goal.name, checkpoint)
+        try:
+            resume.train(trainer, out, goal.name, checkpoint)
+        finally:
+            progress.close()
         extra = goal.after_train(trainer, prepared, out)
         _save(trainer, prepared, out, targets, identity, init_meta, goal.adapter_metadata(prepared))
         groups = group_params(trainer.model, targets)
         result, summary = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
+        if is_main():
+            write_reports(out, goal.name, recipe, info, summary, plan)
         run_dir.complete(out, info, summary)
         return result
+
+
+def quiet_trainer(trainer: Any) -> None:
+    """The Trainer prints each logged dict (PrinterCallback) when its tqdm bar is off; dsft shows them."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """`env` set for the block, the previous values restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def write_reports(run: Path, kind: str, recipe: Recipe, info: dict[str, Any], summary: dict[str, Any],
+                  plan: dict[str, Any] | None) -> None:
+    """curves.png from metrics.jsonl, and the run's README.md model card."""
+    from dsft.train.card import write_card
+    from dsft.train.curves import write_curves
+
+    write_curves(run, kind)
+    write_card(run, kind, recipe, info, summary, plan)

@@ -29,7 +29,9 @@ CACHE_ENTRIES = {"routing", "plan.json", LOCK_NAME}  # written by `dsft experts`
 # Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
 # replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
 RUN_ENTRIES = CACHE_ENTRIES | {"adapter", ".adapter.tmp", "checkpoints", "recipe.yaml", ".recipe.yaml.tmp", "run.json",
-                               ".run.json.tmp", "metrics.jsonl", "eval.json", ".eval.json.tmp", ".plan.json.tmp"}
+                               ".run.json.tmp", "metrics.jsonl", "eval.json", ".eval.json.tmp", ".plan.json.tmp",
+                               "run.log", "curves.png", ".curves.png.tmp", "README.md", ".README.md.tmp", "tensorboard",
+                               "mlruns", "wandb", "eval.png", ".eval.png.tmp"}
 RESUMABLE = ("running", "interrupted", "failed")
 
 
@@ -109,6 +111,8 @@ CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
 
 # The layout of a run directory; every command reaches its files through these (or RunDir).
 ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
+LOG, CURVES, CARD, TRACKERS = "run.log", "curves.png", "README.md", {"tensorboard": "tensorboard", "mlflow": "mlruns",
+                                                                   "wandb": "wandb"}
 
 
 def adapter_dir(run: Path) -> Path:
@@ -125,6 +129,24 @@ def checkpoints(run: Path) -> Path:
 
 def metrics(run: Path) -> Path:
     return Path(run) / METRICS
+
+
+def log(run: Path) -> Path:
+    return Path(run) / LOG
+
+
+def curves(run: Path) -> Path:
+    return Path(run) / CURVES
+
+
+def card(run: Path) -> Path:
+    return Path(run) / CARD
+
+
+def tracker_dir(run: Path, tracker: str) -> Path:
+    """Where a `training.report_to` tracker writes inside the run (tensorboard events, mlflow's file store,
+    wandb's offline runs)."""
+    return Path(run) / TRACKERS[tracker]
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -4,6 +4,7 @@ the held-out loss and the routing change."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ class SftResult:
     losses: list[float] = field(default_factory=list)
     eval_loss: float | None = None
     truncation: dict[str, int] | None = None
+    base_eval_loss: float | None = None
+    routing_change: dict[str, float] | None = None  # per layer, on the profiled training sample
+    routing_rows: int | None = None
 
 
 def _count(tokens: dict[str, list[list[int]]], max_length: int | None) -> tuple[int, int]:
@@ -41,6 +45,18 @@ def _count(tokens: dict[str, list[list[int]]], max_length: int | None) -> tuple[
     total = sum(len(ids[:cut]) for ids in tokens["input_ids"])
     on_loss = sum(sum(1 for x in labels[1:cut] if x != IGNORE) for labels in tokens["labels"])
     return total, on_loss
+
+
+def peak_host_gib() -> float | None:
+    """This process's peak resident memory so far (Linux and macOS), in GiB."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def model_params(model: torch.nn.Module) -> int:
@@ -71,29 +87,32 @@ def expert_codes_layout(model: torch.nn.Module) -> str | None:
     return None if not stores else "sharded" if all(m.sharded for m in stores) else "whole"
 
 
-def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> None:
-    """When the run has a routing profile, profile the same sample again with the adapter on and show
-    how each layer's expert load moved (routing/after/, heatmap_diff.png, a table)."""
-    from rich.console import Console
-
+def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tuple[dict[str, float], int] | None:
+    """When the run has a routing profile, profile the same sample of training rows again with the adapter
+    on and show how each layer's expert load moved (routing/after/, heatmap_diff.png, a table). Returns
+    (load moved per layer, rows of the sample)."""
+    from dsft.console import show
     from dsft.moe import profile as routing_profile
     from dsft.train.targeting import ROUTING_DIR, sample_rows
 
     directory = run / ROUTING_DIR
     before = routing_profile.read_profile(directory)
     if before is None:
-        return
+        return None
     sample = sample_rows(prepared.train, before["rows"], prepared.recipe.training.seed)
     stats = routing_profile.collect(model, sample, all_tokens=before["count"] == "all",
                                     batch_size=prepared.recipe.training.micro_batch_size,
                                     pad_id=prepared.tokenizer.pad_token_id)
     meta = {k: before[k] for k in ("key", "rows", "count")} | {"tokens_counted": next(iter(stats.values())).tokens}
     after = routing_profile.summarize(stats, before["top_k"], meta)
-    if not is_main():
-        return
-    routing_profile.write_profile(directory / "after", after, "routing with the adapter")
-    routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before)
-    Console().print(routing_profile.diff_table(before, after))
+    if is_main():
+        routing_profile.write_profile(directory / "after", after, "routing with the adapter")
+        plan = run / "plan.json"
+        selected = json.loads(plan.read_text())["groups"].get("routed_experts", {}).get("experts") if plan.is_file() else None
+        routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before,
+                                selected=selected)
+        show(routing_profile.diff_table(before, after, f"the profiled sample of {len(sample['input_ids']):,} training rows"))
+    return routing_profile.load_moved(before, after), len(sample["input_ids"])
 
 
 class SFT(pipeline.Objective):
@@ -133,9 +152,13 @@ class SFT(pipeline.Objective):
                               processing_class=prepared.tokenizer, callbacks=callbacks, balance=prepared.recipe.training)
 
     def after_train(self, trainer: Any, prepared: Prepared, run: Path) -> dict[str, Any]:
-        eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval else None
-        routing_report(trainer.model, prepared, run)
-        return {"eval_loss": eval_loss}
+        eval_loss = base_loss = None
+        if prepared.eval:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            with trainer.model.disable_adapter():  # the same held-out rows on the base model
+                base_loss = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
+        routing = routing_report(trainer.model, prepared, run)
+        return {"eval_loss": eval_loss, "base_eval_loss": base_loss, "routing": routing}
 
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
                targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
@@ -144,12 +167,15 @@ class SFT(pipeline.Objective):
         recipe = prepared.recipe
         total_tokens, loss_tokens = _count(prepared.train, None if recipe.data.packing else recipe.data.max_length)
         losses = metrics.losses()
+        change, sample = extra["routing"] or (None, None)
         result = SftResult(run, groups, sum(groups.values()), model_params(trainer.model), total_tokens, loss_tokens,
-                           plan, losses, extra["eval_loss"], prepared.truncation)
+                           plan, losses, extra["eval_loss"], prepared.truncation, extra["base_eval_loss"], change, sample)
         summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
                    "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                   "eval_loss": extra["eval_loss"], "truncation": prepared.truncation,
+                   "eval_loss": extra["eval_loss"], "base_eval_loss": extra["base_eval_loss"],
+                   "routing_change": change, "routing_sample_rows": sample, "truncation": prepared.truncation,
                    "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                   "peak_host_gib": peak_host_gib(),
                    "processes": world_size(), "expert_codes": expert_codes_layout(trainer.model), "targets": targets}
         return result, summary
 

@@ -55,8 +55,12 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list
     return profile, True
 
 
-def policy_selection(recipe: Recipe, profile: dict[str, Any]) -> dict[int, list[int]]:
-    return select_by_policy(recipe.adapter.routed_experts, profile)
+def policy_selection(recipe: Recipe, profile: dict[str, Any], directory: Path | None = None) -> dict[int, list[int]]:
+    """The policy's experts; with `directory` (the profile's), its heatmap is redrawn with them boxed."""
+    selection = select_by_policy(recipe.adapter.routed_experts, profile)
+    if directory is not None and is_main():
+        routing_profile.heatmap(profile, directory / "heatmap.png", "routing profile", selected=selection)
+    return selection
 
 
 def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:

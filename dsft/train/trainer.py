@@ -26,6 +26,9 @@ class FsdpAdapterResume:
         load_full_trainable_state(self.model, Path(resume_from_checkpoint) / "adapter_model.safetensors")
         return None
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL's card ("fine-tuned version of [None]...") is not written; the run's README.md is dsft's."""
+
 
 class DsftDPOTrainer(FsdpAdapterResume, DPOTrainer):
     pass

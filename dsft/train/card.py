@@ -1,0 +1,104 @@
+"""The run's README.md: a dsft model card (base and its identity, data with sha256, recipe highlights,
+final metrics, adapted experts, the next commands). The same card goes into adapter/ so a copied
+adapter keeps it; PEFT's and TRL's boilerplate cards are not written (dsft.train.trainer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dsft.train import run_dir
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _groups(adapter: Any) -> list[str]:
+    """Each LoRA group that trains with its rank and alpha (AdapterSection.rank_alpha owns them)."""
+    out = []
+    for group in ("attention", "shared_experts", "dense_mlp", "routed_experts"):
+        section = getattr(adapter, group)
+        if getattr(section, "enabled", True) and (group != "routed_experts" or section.policy or section.experts != "none"):
+            rank, alpha = adapter.rank_alpha(group)
+            out.append(f"{group} r={rank} alpha={alpha:g}")
+    return out or ["no LoRA group"]
+
+
+def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
+    """The final metrics, each with the data it was measured on."""
+    first, last = summary.get("first") or {}, summary.get("last") or {}  # DPO: the first and last logged rows
+    lines = [f"- training loss, first -> last logged step: {_fmt(summary.get('first_loss', first.get('loss')))} -> "
+             f"{_fmt(summary.get('last_loss', last.get('loss')))} (training data)"]
+    for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
+        if key in last:
+            lines.append(f"- {label}, first -> last logged step: {_fmt(first.get(key))} -> {_fmt(last[key])} "
+                         "(training pairs)")
+    if summary.get("eval_loss") is not None:
+        base = summary.get("base_eval_loss")
+        lines.append(f"- held-out loss (data.eval): {_fmt(summary['eval_loss'])}"
+                     + (f", base model {_fmt(base)}" if base is not None else ""))
+    if summary.get("routing_change"):
+        moved = ", ".join(f"L{layer} {share:.1%}" for layer, share in summary["routing_change"].items())
+        lines.append(f"- routing change (expert load moved by the adapter, on the profiled sample of "
+                     f"{summary.get('routing_sample_rows')} training rows): {moved}")
+    return lines
+
+
+def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
+               plan: dict[str, Any] | None) -> str:
+    base = info.get("base_model", {})
+    r = recipe
+    lines = [f"# {Path(run).name}: dsft {kind} adapter", "",
+             f"A LoRA adapter trained by dsft {info.get('versions', {}).get('dsft', '')} with `dsft {kind}` "
+             f"({info.get('time', '')}).", "", "## Base model", "",
+             f"- path: `{base.get('path')}`" + (f" (resolved: `{base['resolved_path']}`)"
+                                                if base.get("resolved_path") and base.get("resolved_path") != base.get("path") else ""),
+             f"- architecture: {', '.join(base.get('architectures') or [])} (`model_type: {base.get('model_type')}`), "
+             f"{base.get('num_hidden_layers')} layers, hidden size {base.get('hidden_size')}",
+             f"- config.json sha256: `{base.get('config_sha256')}`", "", "## Data", ""]
+    lines += [f"- `{path}` sha256 `{sha}`" for path, sha in info.get("data_sha256", {}).items()]
+    lines += [f"- format `{r.data.format}`, max_length {r.data.max_length}, packing {r.data.packing}", "",
+              "## Recipe highlights (full: recipe.yaml)", "",
+              "- adapter: " + "; ".join(_groups(r.adapter)) + f"; router {r.adapter.router}",
+              f"- training: lr {r.training.lr} ({r.training.scheduler}), epochs {r.training.epochs}"
+              + (f", max_steps {r.training.max_steps}" if r.training.max_steps else "")
+              + f", micro-batch {r.training.micro_batch_size} x grad_accum {r.training.grad_accum}, seed {r.training.seed}"]
+    if r.dpo is not None and kind == "dpo":
+        lines.append(f"- dpo: beta {r.dpo.beta}, loss {r.dpo.loss_type}"
+                     + (f", continues `{r.dpo.init_adapter}`" if r.dpo.init_adapter else ""))
+    lines += ["", "## Final metrics", "", *metrics_lines(kind, summary), ""]
+    experts = (plan or {}).get("groups", {}).get("routed_experts", {}).get("experts")
+    lines += ["## Adapted experts", ""]
+    if experts:
+        lines += [f"Policy `{r.adapter.routed_experts.policy}`"
+                  + (f" (selected {plan['groups']['routed_experts'].get('selected')})" if plan else "") + ":", ""]
+        lines += [f"- layer {layer}: experts {', '.join(map(str, e)) if e is not None else 'all'}"
+                  for layer, e in sorted(experts.items(), key=lambda kv: int(kv[0]))]
+    else:
+        lines.append("No routed experts adapted" + (" (continued adapter: see adapter/dsft_adapter.json)"
+                                                    if plan is None else "") + ".")
+    trainable = summary.get("trainable_params") or {}
+    if trainable:
+        lines += ["", "Trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n)]
+    lines += ["", "## Next", "", "```",
+              f"dsft eval  --adapter {run}                 # held-out loss, base vs adapter",
+              f"dsft chat  --adapter {run}",
+              f"dsft merge --adapter {run} --out merged/ --verify",
+              f"dsft export --adapter {run} --format vllm --out {Path(run).name}-vllm/",
+              "```", "", "Files: adapter/ (PEFT adapter + dsft_adapter.json), metrics.jsonl, curves.png, run.log, "
+              "run.json, recipe.yaml, plan.json, routing/ (when a routing policy chose the experts).", ""]
+    return "\n".join(lines)
+
+
+def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
+               plan: dict[str, Any] | None) -> Path:
+    """RUN/README.md and RUN/adapter/README.md (each written beside itself, then renamed)."""
+    text = build_card(run, kind, recipe, info, summary, plan)
+    for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
+        if target.parent.is_dir():
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+    return run_dir.card(run)

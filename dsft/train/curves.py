@@ -1,0 +1,71 @@
+"""curves.png: a run's metrics.jsonl over optimizer steps, one panel per quantity (loss with its eval
+points, learning rate; for DPO also reward accuracy and margin). `series` picks the points and
+`build_figure` draws exactly those, so a test can hold the picture to the log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# panel title -> (line label, metrics.jsonl key) drawn in it, per objective
+PANELS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "sft": {"loss": (("train", "loss"), ("eval", "eval_loss")),
+            "learning rate": (("lr", "learning_rate"),)},
+    "dpo": {"loss": (("train", "loss"), ("eval", "eval_loss")),
+            "learning rate": (("lr", "learning_rate"),),
+            "reward accuracy": (("train", "rewards/accuracies"), ("eval", "eval_rewards/accuracies")),
+            "reward margin (chosen - rejected)": (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))},
+}
+
+
+def series(rows: list[dict[str, Any]], kind: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """panel -> line -> (steps, values), from the rows that log each key (a line nothing logged is left out)."""
+    panels = PANELS.get(kind, PANELS["sft"])
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for title, lines in panels.items():
+        for label, key in lines:
+            points = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                steps, values = zip(*points)
+                out.setdefault(title, {})[label] = (list(steps), list(values))
+    return out
+
+
+def build_figure(rows: list[dict[str, Any]], kind: str, title: str = "") -> Any:
+    """A matplotlib Figure (no pyplot state) with one axis per panel of `series`."""
+    from matplotlib.figure import Figure
+
+    data = series(rows, kind)
+    fig = Figure(figsize=(5.0 * max(1, len(data)), 3.6), layout="constrained")
+    axes = fig.subplots(1, max(1, len(data)), squeeze=False)[0]
+    for ax, (panel, lines) in zip(axes, data.items()):
+        for label, (steps, values) in lines.items():
+            ax.plot(steps, values, marker="o" if label == "eval" or len(steps) < 3 else None, markersize=3, label=label)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        if len(lines) > 1:
+            ax.legend()
+    if not data:
+        axes[0].set_title("no metrics logged")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def write_curves(run: Path, kind: str) -> Path:
+    """Draw RUN/metrics.jsonl into RUN/curves.png (written beside it, then renamed)."""
+    from dsft.train import run_dir
+    from dsft.train.callbacks import read_metrics
+
+    path = run_dir.metrics(run)
+    rows = read_metrics(path)[0] if path.is_file() else []
+    fig = build_figure(rows, kind, f"dsft {kind}: {Path(run).name}")
+    final = run_dir.curves(run)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final

@@ -1,0 +1,200 @@
+"""dsft owns the console: the first command's output without a terminal, run.log, curves.png, the run's
+model card, trackers, tables that never cut a value, the plan's memory line, heatmaps marking experts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """README's first command, `dsft sft --recipe recipes/tiny-legal.yaml`, run as is (output_dir moved),
+    without a terminal; (run dir, everything it printed)."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from dsft.cli.app import app
+
+    run = tmp_path_factory.mktemp("demo") / "tiny-legal"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        result = CliRunner().invoke(app, ["sft", "--recipe", "recipes/tiny-legal.yaml", "--set", f"output_dir={run}"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return run, result.output
+
+
+def test_the_first_command_prints_plain_lines_and_logs_everything(demo) -> None:
+    run, printed = demo
+    log = (run / "run.log").read_text()
+    for text in (printed, log):
+        assert "\r" not in text
+        assert not re.search(r"^\s*\{['\"]", text, re.M), "a raw dict line"  # TRL's PrinterCallback / tqdm.write
+        assert "it/s]" not in text and "examples/s]" not in text  # no tqdm / datasets bars
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    # one plain line per logged step, with loss and lr, then the phase's last line
+    assert [int(m) for m in re.findall(r"^step (\d+)/145  loss", printed, re.M)] == steps
+    assert re.search(r"^sft training: 145/145 steps  loss [\d.]+  lr ", printed, re.M)
+    assert "dsft targeting plan" in log and "step 10/145  loss" in log and "dsft sft:" in log
+    assert f"adapter: {run / 'adapter'}" in printed.replace("\n", "")  # the path to copy, whole
+
+
+def test_the_demo_learns_and_beats_the_base_on_held_out_data(demo) -> None:
+    run, printed = demo
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["last_loss"] < summary["first_loss"] - 1.0
+    assert summary["eval_loss"] < summary["base_eval_loss"] - 1.0  # held-out: the adapter beats the base
+    assert re.search(r"held-out loss \(data\.eval\).*base [\d.]+ -> [\d.]+", printed)
+
+
+def test_curves_png_draws_metrics_jsonl(demo) -> None:
+    from dsft.train.callbacks import read_metrics
+    from dsft.train.curves import build_figure
+
+    run, _ = demo
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_metrics(run / "metrics.jsonl")[0]
+    fig = build_figure(rows, "sft")
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == ["loss", "learning rate"]
+    lines = {line.get_label(): line for line in axes["loss"].get_lines()}
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert list(zip(*lines["train"].get_data())) == train
+    assert list(zip(*lines["eval"].get_data())) == held_out and held_out
+    lr = axes["learning rate"].get_lines()[0]
+    assert list(lr.get_ydata()) == [r["learning_rate"] for r in rows if "learning_rate" in r]
+
+
+def test_dpo_curves_have_reward_panels() -> None:
+    from dsft.train.curves import build_figure
+
+    rows = [{"step": s, "loss": 0.7 - s / 100, "learning_rate": 1e-3, "rewards/accuracies": s / 10,
+             "rewards/margins": s / 5} for s in (1, 5, 10)] + [{"step": 10, "eval_loss": 0.6,
+                                                                "eval_rewards/accuracies": 0.8, "eval_rewards/margins": 1.5}]
+    fig = build_figure(rows, "dpo")
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == ["loss", "learning rate", "reward accuracy", "reward margin (chosen - rejected)"]
+    acc = {line.get_label(): list(line.get_ydata()) for line in axes["reward accuracy"].get_lines()}
+    assert acc == {"train": [0.1, 0.5, 1.0], "eval": [0.8]}
+    margin = {line.get_label(): list(line.get_xdata()) for line in axes["reward margin (chosen - rejected)"].get_lines()}
+    assert margin == {"train": [1, 5, 10], "eval": [10]}
+
+
+def test_the_run_dir_readme_is_dsfts_model_card(demo) -> None:
+    run, _ = demo
+    card = (run / "README.md").read_text()
+    info = json.loads((run / "run.json").read_text())
+    assert info["base_model"]["config_sha256"] in card and "builtin:tiny-deepseek-v3" in card
+    for path, sha in info["data_sha256"].items():
+        assert f"`{path}` sha256 `{sha}`" in card
+    summary = info["summary"]
+    assert f"{summary['eval_loss']:.4g}" in card and f"{summary['base_eval_loss']:.4g}" in card
+    plan = json.loads((run / "plan.json").read_text())
+    for layer, experts in plan["groups"]["routed_experts"]["experts"].items():
+        assert f"- layer {layer}: experts {', '.join(map(str, experts))}" in card
+    assert f"dsft merge --adapter {run}" in card and "r=16 alpha=32" in card
+    assert (run / "adapter/README.md").read_text() == card  # PEFT's boilerplate is not written
+    assert not list((run / "checkpoints").rglob("README.md"))  # neither is TRL's
+    assert "More Information Needed" not in card and "huggingface.co/None" not in card
+
+
+def test_report_to_tensorboard_writes_event_files(make_recipe, cli) -> None:
+    recipe = make_recipe(training={"max_steps": 2, "logging_steps": 1, "report_to": ["tensorboard"]})
+    result = cli("sft", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    run = recipe.parent / "run"
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(make_recipe, cli, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a))
+    recipe = make_recipe(training={"report_to": ["wandb", "mlflow"]})
+    result = cli("sft", "--recipe", recipe)
+    assert result.exit_code == 2
+    assert "error: training.report_to: wandb is not installed; pip install wandb" in result.output
+    assert "mlflow is not installed" in result.output and "Traceback" not in result.output
+    assert not (recipe.parent / "run").exists()
+
+
+def test_tables_never_cut_a_value(monkeypatch, capsys) -> None:
+    from rich.table import Table
+
+    from dsft.console import show
+
+    path = "/tmp/some/long/place/runs/my-alpaca-with-a-long-name/adapter" * 2
+    monkeypatch.setenv("COLUMNS", "60")
+    table = Table(title="dsft sft: a title long enough that rich would wrap it across lines")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("loss first -> last", "7.237 -> 4.786")
+    table.add_row("adapter", path)
+    show(table)
+    out = capsys.readouterr().out
+    assert path in out.splitlines()[-1]  # whole, on a line of its own
+    assert "loss first -> last: 7.237 -> 4.786" in out
+    assert "dsft sft: a title long enough that rich would wrap it across lines" in out
+    narrow = Table(title="t")
+    narrow.add_column("a")
+    narrow.add_row("b")
+    show(narrow)
+    assert "┃ a ┃" in capsys.readouterr().out  # a table that fits stays a table
+
+
+def test_the_plan_reports_host_memory_on_cpu() -> None:
+    from dsft.adapters.plan import build_plan, plan_table
+    from dsft.config import load_recipe
+    from dsft.console import _plain
+    from dsft.models.builtin import CONFIGS
+
+    recipe = load_recipe(REPO / "recipes/tiny-legal.yaml")
+    plan = build_plan(recipe, CONFIGS["tiny-deepseek-v3"], {1: [0], 2: [1]})
+    cpu, gpu = _plain(plan_table(plan, cuda=False)), _plain(plan_table(plan, cuda=True))
+    assert "peak host memory (CPU run)" in cpu and "GPU" not in cpu
+    assert "peak GPU memory" in gpu
+    assert f"~{plan['memory']['host_gib']:.1f} GiB" in cpu and f"~{plan['memory']['peak_gib']:.1f} GiB" in gpu
+    assert plan["memory"]["peak_gib"] - plan["memory"]["host_gib"] == pytest.approx(0.4)  # CUDA context vs process
+
+
+def test_heatmaps_box_the_selected_experts(tmp_path: Path) -> None:
+    from dsft.moe.profile import heatmap
+
+    layers = {str(layer): {"token_share": [0.5, 0.2, 0.2, 0.1]} for layer in (1, 2)}
+    profile = {"layers": layers, "top_k": 2, "tokens_counted": 10}
+    boxed = heatmap(profile, tmp_path / "h.png", "routing profile", selected={1: [0, 2], 2: None})
+    assert sorted(boxed) == [(1, 0), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert heatmap(profile, tmp_path / "h.png", "routing profile") == []
+    assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_the_policy_redraws_the_profile_heatmap_with_its_experts(monkeypatch, tmp_path: Path) -> None:
+    from dsft.config import load_recipe
+    from dsft.moe import profile as routing_profile
+    from dsft.train.targeting import policy_selection
+
+    drawn = {}
+    monkeypatch.setattr(routing_profile, "heatmap", lambda profile, path, title, selected=None: drawn.update(
+        path=path, selected=selected))
+    layers = {str(layer): {"token_share": [0.6, 0.3, 0.05, 0.05], "gate_sum": [6.0, 3.0, 0.5, 0.5],
+                           "gate_mean": [0.6, 0.3, 0.05, 0.05], "counts": [6, 3, 1, 1]} for layer in (1, 2)}
+    selection = policy_selection(load_recipe(REPO / "recipes/tiny-legal.yaml"), {"layers": layers, "top_k": 2},
+                                 tmp_path)
+    assert drawn == {"path": tmp_path / "heatmap.png", "selected": selection} and selection[1] == [0]
