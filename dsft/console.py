@@ -39,9 +39,9 @@ def _plain(renderable: Any) -> str:
     return buffer.getvalue().rstrip("\n")
 
 
-def say(text: Any, stderr: bool = False) -> None:
+def say(text: Any, stderr: bool = False, highlight: bool | None = None) -> None:
     """Print a line (rich markup allowed) and log it to the run's log."""
-    console(stderr).print(text, soft_wrap=True)
+    console(stderr).print(text, soft_wrap=True, highlight=highlight)
     LOG.info(_plain(text))
 
 

@@ -198,3 +198,22 @@ def test_the_policy_redraws_the_profile_heatmap_with_its_experts(monkeypatch, tm
     selection = policy_selection(load_recipe(REPO / "recipes/tiny-legal.yaml"), {"layers": layers, "top_k": 2},
                                  tmp_path)
     assert drawn == {"path": tmp_path / "heatmap.png", "selected": selection} and selection[1] == [0]
+
+
+def test_the_readme_lists_what_a_run_dir_holds(demo) -> None:
+    run, _ = demo
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "ls runs/tiny-legal" in x)
+    listed = line.split("#", 1)[1].split()
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir() if not p.name.startswith("."))
+    assert sorted(listed) == written
+
+
+def test_a_phase_without_a_terminal_prints_plain_lines(monkeypatch, capsys) -> None:
+    import dsft.console as console
+
+    monkeypatch.setattr(console, "PLAIN_EVERY_S", 0.0)
+    assert list(console.track(range(3), "tokenizing data.train", unit="rows")) == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out
+    assert out.splitlines()[-1].startswith("tokenizing data.train: 3/3 rows  (0:00)")
+    assert "tokenizing data.train: 1/3 rows" in out  # a line as it goes (here: every advance)

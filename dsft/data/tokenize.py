@@ -96,10 +96,17 @@ def tokenize_conversation(
     return {"input_ids": ids, "labels": labels}
 
 
+TOKENIZE_PHASE_ROWS = 2000  # fewer rows than this tokenize in a moment: no progress display
+
+
 def tokenize_all(
-    tokenizer: Any, conversations: list[Messages], template: str | None, assistant_only: bool
+    tokenizer: Any, conversations: list[Messages], template: str | None, assistant_only: bool,
+    description: str = "tokenizing",
 ) -> dict[str, list[list[int]]]:
-    rows = [tokenize_conversation(tokenizer, m, template, assistant_only) for m in conversations]
+    from dsft.console import track
+
+    rows = [tokenize_conversation(tokenizer, m, template, assistant_only)
+            for m in track(conversations, description, unit="rows", disable=len(conversations) < TOKENIZE_PHASE_ROWS)]
     return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
 

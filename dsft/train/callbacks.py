@@ -47,7 +47,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 # What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).
-SHOWN = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "lr", "rewards/accuracies": "reward acc",
+SHOWN = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss", "learning_rate": "lr", "rewards/accuracies": "reward acc",
          "rewards/margins": "margin", "balance_loss": "balance", "grad_norm": "grad norm"}
 
 
@@ -77,10 +77,17 @@ class ConsoleProgress(TrainerCallback):
             self.phase.update(completed=state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if self.phase is None or not logs:
+        if not logs or not state.is_world_process_zero:
             return
         import time
 
+        if self.phase is None:  # after training: the final held-out evaluation
+            shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
+            if shown:
+                from dsft.console import say
+
+                say(f"step {state.global_step}: " + "  ".join(shown), highlight=False)
+            return
         if "num_tokens" in logs:
             now, tokens = time.monotonic(), float(logs["num_tokens"])
             if self.tokens is not None and now > self.tokens[1] and tokens > self.tokens[0]:

@@ -50,7 +50,7 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
                plan: dict[str, Any] | None) -> str:
     base = info.get("base_model", {})
     r = recipe
-    lines = [f"# {Path(run).name}: dsft {kind} adapter", "",
+    lines = [run_dir.CARD_MARK, f"# {Path(run).name}: dsft {kind} adapter", "",
              f"A LoRA adapter trained by dsft {info.get('versions', {}).get('dsft', '')} with `dsft {kind}` "
              f"({info.get('time', '')}).", "", "## Base model", "",
              f"- path: `{base.get('path')}`" + (f" (resolved: `{base['resolved_path']}`)"

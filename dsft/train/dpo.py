@@ -86,7 +86,8 @@ class DPO(pipeline.Objective):
         fitted_eval = fit_prompts(eval_pairs, tokenizer, dpo.max_prompt_length, dpo.prompt_overflow).rows if eval_pairs else None
         chosen = [r["prompt"] + r["chosen"] for r in fitted.rows]
         counts = {"pairs": len(pairs), "truncated": fitted.truncated, "dropped": fitted.dropped}
-        return {"train": tokenize_all(tokenizer, chosen, None, recipe.data.assistant_only_loss), "eval": None,
+        return {"train": tokenize_all(tokenizer, chosen, None, recipe.data.assistant_only_loss,
+                                               "tokenizing chosen answers"), "eval": None,
                 "data": {"dpo": dpo, "pairs": fitted.rows, "eval_pairs": fitted_eval, "counts": counts}}
 
     def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:

@@ -67,7 +67,7 @@ def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict
     if not entries:
         return
     status = read_status(path)
-    foreign = [name for name in entries if name not in RUN_ENTRIES]
+    foreign = [name for name in entries if name not in RUN_ENTRIES or name == CARD and not is_card(path / name)]
     if status is None or foreign:
         shown = ", ".join((foreign or entries)[:3])
         raise DsftError(f"output_dir: {path} holds files dsft did not write ({shown}); dsft replaces only its own runs, "
@@ -129,6 +129,18 @@ def checkpoints(run: Path) -> Path:
 
 def metrics(run: Path) -> Path:
     return Path(run) / METRICS
+
+
+CARD_MARK = "<!-- dsft model card: rewritten by every run -->"
+
+
+def is_card(path: Path) -> bool:
+    """A README.md dsft wrote (a user's own README.md in a run directory is theirs, never replaced)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() == CARD_MARK
+    except OSError:
+        return False
 
 
 def log(run: Path) -> Path:

@@ -131,13 +131,14 @@ class SFT(pipeline.Objective):
         from dsft.data.tokenize import check_truncation, tokenize_all, truncation
 
         data = recipe.data
-        tok = lambda conversations: tokenize_all(tokenizer, conversations, None, data.assistant_only_loss)  # noqa: E731
-        train = tok(rows[0])
+        tok = lambda conversations, what: tokenize_all(tokenizer, conversations, None, data.assistant_only_loss,  # noqa: E731
+                                                       f"tokenizing {what}")
+        train = tok(rows[0], "data.train")
         cut = None
         if not data.packing:
             cut = truncation(train, data.max_length)
             check_truncation(cut, data.max_length)
-        return {"train": train, "eval": tok(rows[1]) if rows[1] else None, "truncation": cut}
+        return {"train": train, "eval": tok(rows[1], "data.eval") if rows[1] else None, "truncation": cut}
 
     def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
         return sft_config(recipe, run, dtype)
