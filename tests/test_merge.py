@@ -288,3 +288,37 @@ def test_plain_peft_adapter_merges(tmp_path: Path) -> None:
     merge(resolve(tmp_path / "plain", base), tmp_path / "merged", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert ((_logits(merged) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_blocked_linear_merge_is_the_whole_tensor_merge(dtype: torch.dtype) -> None:
+    """A LoRA'd Linear is merged a block of rows at a time (no full-size fp32 result or delta): the
+    same bits as the whole-tensor merge rounded once, and the same retention sums."""
+    from dsft.export.adapter import Adapter, merged, merged_rows
+    from dsft.export.merge import retention_sums
+
+    torch.manual_seed(0)
+    base = torch.randn(37, 64).to(dtype)  # 37 rows: the last block partial
+    adapter = Adapter()
+    adapter.linear["model.layers.0.self_attn.o_proj.weight"] = (torch.randn(4, 64), torch.randn(37, 4), 0.5)
+    written, dot, norm2 = merged_rows("model.layers.0.self_attn.o_proj.weight", base, adapter, dtype, rows=8)
+    whole = merged("model.layers.0.self_attn.o_proj.weight", base, adapter)
+    assert written.dtype == dtype and torch.equal(written, whole.to(dtype))
+    assert (dot, norm2) == pytest.approx(retention_sums(base, whole, whole.to(dtype)), rel=1e-6)
+    assert not torch.equal(written, base)
+    assert merged_rows("model.layers.0.mlp.experts.0.up_proj.weight", base, adapter, dtype) is None
+
+
+def test_row_blocked_merge_of_an_fp8_linear_dequantizes_like_the_whole_tensor() -> None:
+    """FP8 with partial edge tiles (37 x 70 in 16 x 16 blocks): dequantized a block of rows at a time."""
+    from dsft.export.adapter import Adapter, merged, merged_rows
+    from dsft.models.fp8 import dequantize, quantize
+
+    torch.manual_seed(1)
+    q, scale = quantize(torch.randn(37, 70), (16, 16))
+    adapter = Adapter()
+    adapter.linear["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"] = (torch.randn(4, 70), torch.randn(37, 4), 2.0)
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    for rows in (1, 16, 20, 64):  # rounded to whole tiles of rows
+        written, _, _ = merged_rows(key, q, adapter, torch.bfloat16, rows=rows, fp8=(scale, (16, 16)))
+        assert torch.equal(written, merged(key, dequantize(q, scale, (16, 16)), adapter).to(torch.bfloat16)), rows

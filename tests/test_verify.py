@@ -127,6 +127,7 @@ def _scaled_adapter(run: Path, dst: Path, factor: float) -> Path:
 def _broken(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """Merges wrong in one way each, as a bug in the merge's own mapping would make them."""
     from dsft.export import merge as merge_module
+    from dsft.models.fp8 import dequantize
 
     original_merged, original_read = merge_module.merged, merge_module.read_adapter
 
@@ -147,7 +148,14 @@ def _broken(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
         experts.ids = [1 if e == 0 else e for e in experts.ids]  # expert 0's delta written onto expert 1
         return adapter
 
+    def merged_rows(key, base, adapter, dtype, fp8=None):  # the row-blocked path of LoRA'd Linears, broken alike
+        rows = original_rows(key, base, adapter, dtype, fp8=fp8)
+        whole = base if fp8 is None else dequantize(base, *fp8)
+        return None if rows is None else (merged(key, whole, adapter).to(dtype), *rows[1:])
+
+    original_rows = merge_module.merged_rows
     monkeypatch.setattr(merge_module, "merged", merged)
+    monkeypatch.setattr(merge_module, "merged_rows", merged_rows)
     if how == "index":
         monkeypatch.setattr(merge_module, "read_adapter", wrong_index)
 

@@ -122,6 +122,42 @@ def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
     return w
 
 
+MERGE_ROWS = 512  # rows of a LoRA'd Linear merged at a time (a V3 o_proj is 7168 x 16384)
+
+
+def merged_rows(key: str, base: torch.Tensor, adapter: Adapter, dtype: torch.dtype, rows: int = MERGE_ROWS,
+                fp8: tuple[torch.Tensor, tuple[int, int]] | None = None) -> tuple[torch.Tensor, float, float] | None:
+    """For a LoRA'd Linear: `merged(key, base, adapter)` rounded once to `dtype`, and the retention sums
+    (<written - base, delta>, |delta|^2), computed a block of rows at a time, so that no full-size fp32
+    base, result or delta is held. `fp8` (scale_inv, block): `base` is FP8, dequantized a block of rows at
+    a time. The values are bit-equal to the whole-tensor computation (each element is the same length-r
+    dot product, and dequantization is elementwise). None for any other key."""
+    from dsft.models.fp8 import dequantize
+
+    entry = adapter.linear.get(canonical(key))
+    if entry is None or base.dim() != 2:
+        return None
+    a, b, s = entry
+    a, b = a.float(), b.float()
+    if fp8 is not None:  # whole scale tiles per block of rows
+        rows = max(fp8[1][0], rows // fp8[1][0] * fp8[1][0])
+    out = torch.empty(base.shape, dtype=dtype)
+    dot = norm2 = 0.0
+    for i in range(0, base.shape[0], rows):
+        if fp8 is None:
+            w = base[i:i + rows].float()
+        else:
+            scale, block = fp8
+            w = dequantize(base[i:i + rows], scale[i // block[0]:-(-(i + rows) // block[0])], block)
+        delta = (b[i:i + rows] @ a).mul_(s)
+        result = w + delta
+        out[i:i + rows] = result
+        written = out[i:i + rows].float()
+        dot += float(torch.dot((written - w).flatten(), delta.flatten()))
+        norm2 += float(torch.dot(delta.flatten(), delta.flatten()))
+    return out, dot, norm2
+
+
 def _expert_part(w: torch.Tensor, ex: Experts, i: int, proj: str) -> torch.Tensor:
     """Update one expert's gate_proj / up_proj / down_proj weight `w` in place and return it."""
     t = ex.tensors

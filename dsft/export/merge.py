@@ -23,7 +23,7 @@ import torch
 
 from dsft.adapters.metadata import identity_mismatches
 from dsft.errors import DsftError
-from dsft.export.adapter import Adapter, merged, read_adapter
+from dsft.export.adapter import Adapter, merged, merged_rows, read_adapter
 from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
@@ -184,16 +184,25 @@ class ShardWriter:
                 requantized[weight] = self._requant(weight, header, data_start, fi)
             return requantized[weight][1 if action == "scale" else 0]
         base = self._read(fi, header[name], data_start)
-        if action == "dequant":
-            base = dequantize(base, self._read(fi, header[name + SCALE_SUFFIX], data_start), self.block)
+        scale = self._read(fi, header[name + SCALE_SUFFIX], data_start) if action == "dequant" else None
         if not self.adapter.touches(name):
-            return base
+            return base if scale is None else dequantize(base, scale, self.block)
         self.touched += 1
+        rows = merged_rows(name, base, self.adapter, dtype, fp8=None if scale is None else (scale, self.block))
+        if rows is not None:  # a LoRA'd Linear, merged (and dequantized) a block of rows at a time
+            written, dot, norm2 = rows
+            self.dot, self.norm2 = self.dot + dot, self.norm2 + norm2
+            self.meter.hold(written.numel() * written.element_size())
+            self.meter.release(written.numel() * written.element_size())
+            return written
+        if scale is not None:
+            base = dequantize(base, scale, self.block)
         result = merged(name, base, self.adapter)
-        self._retained(base, result, result.to(dtype))
+        written = result.to(dtype)
+        self._retained(base, result, written)
         self.meter.hold(result.numel() * 4)
         self.meter.release(result.numel() * 4)
-        return result
+        return written
 
     def _retained(self, base: torch.Tensor, result: torch.Tensor, written: torch.Tensor) -> None:
         dot, norm2 = retention_sums(base, result, written)

@@ -26,8 +26,8 @@ def _tiles(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """FP8 weight [out, in] with one scale per tile -> float32."""
-    tiles, rows, cols = _tiles(weight.float(), block)
-    out = tiles * scale_inv.float()[:, None, :, None]
+    tiles, rows, cols = _tiles(weight.float() if weight.dtype != torch.float32 else weight.clone(), block)
+    out = tiles.mul_(scale_inv.float()[:, None, :, None])  # in place: the float copy is this function's own
     return out.reshape(tiles.shape[0] * block[0], tiles.shape[2] * block[1])[:rows, :cols]
 
 
