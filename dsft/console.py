@@ -100,7 +100,7 @@ class Phase:
 
     def __enter__(self) -> Phase:
         self.started = self.last_line = time.monotonic()
-        LOG.info(f"{self.description}: started ({self.total} {self.unit})".rstrip())
+        LOG.info(f"{self.description}: started" + (f" ({self.total} {self.unit})".rstrip() if self.total else ""))
         if self.out.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -129,6 +129,8 @@ class Phase:
         self.update(advance=n)
 
     def _status(self) -> str:
+        if self.total is None and not self.completed:  # a phase with no count: its name (and, at the end, time)
+            return f"{self.description}" + (f"  {self.info}" if self.info else "")
         eta = self.eta()
         total = f"/{self.total}" if self.total else ""
         left = f"  eta {_clock(eta)}" if eta is not None and self.completed < (self.total or 0) else ""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
-from dsft.console import run_log, show
+from dsft.console import Phase, run_log, show
 from dsft.errors import DsftError
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
@@ -319,7 +319,8 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own
         metrics = JsonlMetrics(run_dir.metrics(out))
         progress = ConsoleProgress(f"{goal.name} training")
-        trainer = goal.trainer(model, args, prepared, [metrics, progress])
+        with Phase("preparing the trainer (TRL prepares the datasets)", None) if is_main() else contextlib.nullcontext():
+            trainer = goal.trainer(model, args, prepared, [metrics, progress])
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         if checkpoint is not None:
