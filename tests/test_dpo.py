@@ -113,6 +113,12 @@ def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe
     assert not ref.requires_grad and default.requires_grad and not torch.equal(ref, default)
     trained = load_file(tmp_path / "dpo-run/adapter/adapter_model.safetensors")
     assert trained.keys() == load_file(sft_run / "adapter/adapter_model.safetensors").keys()
+    # the model card describes the adapter as trained: the SFT run's groups and experts, continued
+    card = (tmp_path / "dpo-run/README.md").read_text()
+    experts = json.loads((sft_run / "adapter/dsft_adapter.json").read_text())["routed_experts"]["experts"]
+    assert "as in the adapter this run continued" in card and f"continues `{sft_run}`" in card
+    for layer, ids in experts.items():
+        assert f"- layer {layer}: experts {', '.join(map(str, ids))}" in card
 
 
 def test_nf4_base_with_expert_lora_trains_only_the_adapter(make_recipe, tmp_path: Path, monkeypatch) -> None:

@@ -11,18 +11,24 @@ from typing import Any
 from dsft.train import run_dir
 
 
+FILES = {"adapter/": "the PEFT adapter, tokenizer and dsft_adapter.json", "recipe.yaml": "the resolved recipe",
+         "run.json": "versions, data sha256, summary", "metrics.jsonl": "every logged step",
+         "curves.png": "loss, lr (and rewards)", "run.log": "the full log", "plan.json": "the targeting plan",
+         "routing/": "routing profile and heatmaps", "checkpoints/": "for --resume"}
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _groups(adapter: Any) -> list[str]:
-    """Each LoRA group that trains with its rank and alpha (AdapterSection.rank_alpha owns them)."""
-    out = []
-    for group in ("attention", "shared_experts", "dense_mlp", "routed_experts"):
-        section = getattr(adapter, group)
-        if getattr(section, "enabled", True) and (group != "routed_experts" or section.policy or section.experts != "none"):
-            rank, alpha = adapter.rank_alpha(group)
-            out.append(f"{group} r={rank} alpha={alpha:g}")
+def _groups(meta: dict[str, Any]) -> list[str]:
+    """Each group the adapter holds, with its rank and alpha, from its dsft_adapter.json (what was trained,
+    also when the run continued another adapter)."""
+    out = [f"{group} r={g['r']} alpha={g['alpha']:g}" for group, g in (meta.get("groups") or {}).items() if "r" in g]
+    routed = meta.get("routed_experts") or {}
+    if routed.get("experts"):
+        kind = "full weights" if routed.get("mode") == "full" else f"r={routed['r']} alpha={routed['alpha']:g}"
+        out.append(f"routed_experts {kind}")
     return out or ["no LoRA group"]
 
 
@@ -47,7 +53,7 @@ def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
 
 
 def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
-               plan: dict[str, Any] | None) -> str:
+               plan: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     base = info.get("base_model", {})
     r = recipe
     lines = [run_dir.CARD_MARK, f"# {Path(run).name}: dsft {kind} adapter", "",
@@ -61,7 +67,7 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
     lines += [f"- `{path}` sha256 `{sha}`" for path, sha in info.get("data_sha256", {}).items()]
     lines += [f"- format `{r.data.format}`, max_length {r.data.max_length}, packing {r.data.packing}", "",
               "## Recipe highlights (full: recipe.yaml)", "",
-              "- adapter: " + "; ".join(_groups(r.adapter)) + f"; router {r.adapter.router}",
+              "- adapter: " + "; ".join(_groups(meta)) + f"; router {r.adapter.router}",
               f"- training: lr {r.training.lr} ({r.training.scheduler}), epochs {r.training.epochs}"
               + (f", max_steps {r.training.max_steps}" if r.training.max_steps else "")
               + f", micro-batch {r.training.micro_batch_size} x grad_accum {r.training.grad_accum}, seed {r.training.seed}"]
@@ -69,16 +75,17 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
         lines.append(f"- dpo: beta {r.dpo.beta}, loss {r.dpo.loss_type}"
                      + (f", continues `{r.dpo.init_adapter}`" if r.dpo.init_adapter else ""))
     lines += ["", "## Final metrics", "", *metrics_lines(kind, summary), ""]
-    experts = (plan or {}).get("groups", {}).get("routed_experts", {}).get("experts")
+    experts = (meta.get("routed_experts") or {}).get("experts")
     lines += ["## Adapted experts", ""]
     if experts:
-        lines += [f"Policy `{r.adapter.routed_experts.policy}`"
-                  + (f" (selected {plan['groups']['routed_experts'].get('selected')})" if plan else "") + ":", ""]
+        how = (f"chosen by policy `{r.adapter.routed_experts.policy}`" if r.adapter.routed_experts.policy else
+               "listed in the recipe") if plan is not None else "as in the adapter this run continued"
+        selected = sum(len(e) for e in experts.values() if e is not None)
+        lines += [f"{selected} routed experts carry the adapter, {how}:", ""]
         lines += [f"- layer {layer}: experts {', '.join(map(str, e)) if e is not None else 'all'}"
                   for layer, e in sorted(experts.items(), key=lambda kv: int(kv[0]))]
     else:
-        lines.append("No routed experts adapted" + (" (continued adapter: see adapter/dsft_adapter.json)"
-                                                    if plan is None else "") + ".")
+        lines.append("No routed experts adapted.")
     trainable = summary.get("trainable_params") or {}
     if trainable:
         lines += ["", "Trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n)]
@@ -87,15 +94,18 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
               f"dsft chat  --adapter {run}",
               f"dsft merge --adapter {run} --out merged/ --verify",
               f"dsft export --adapter {run} --format vllm --out {Path(run).name}-vllm/",
-              "```", "", "Files: adapter/ (PEFT adapter + dsft_adapter.json), metrics.jsonl, curves.png, run.log, "
-              "run.json, recipe.yaml, plan.json, routing/ (when a routing policy chose the experts).", ""]
+              "```", "", "Files: " + ", ".join(f"{name} ({what})" for name, what in FILES.items()
+                                               if (Path(run) / name.rstrip("/")).exists())
+              + ".", ""]
     return "\n".join(lines)
 
 
 def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
                plan: dict[str, Any] | None) -> Path:
     """RUN/README.md and RUN/adapter/README.md (each written beside itself, then renamed)."""
-    text = build_card(run, kind, recipe, info, summary, plan)
+    from dsft.adapters.metadata import read_metadata
+
+    text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)))
     for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
         if target.parent.is_dir():
             tmp = target.with_name(f".{target.name}.tmp")
