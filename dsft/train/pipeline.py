@@ -175,8 +175,10 @@ def tracker_env(recipe: Recipe, run: Path) -> dict[str, str]:
     for tracker in recipe.training.report_to:
         where = str(run_dir.tracker_dir(run, tracker).resolve())
         env |= {"tensorboard": {"TENSORBOARD_LOGGING_DIR": where},
-                "mlflow": {"MLFLOW_TRACKING_URI": Path(where).as_uri()},
-                "wandb": {"WANDB_DIR": str(Path(where).parent), "WANDB_MODE": "offline"}}[tracker]
+                # MLflow 3 refuses a file store unless told (its database store needs sqlalchemy)
+                "mlflow": {"MLFLOW_TRACKING_URI": Path(where).as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"},
+                "wandb": {"WANDB_DIR": str(Path(where).parent), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                          "WANDB_CONSOLE": "off"}}[tracker]  # wandb's own console lines stay off dsft's
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
@@ -313,7 +315,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     identity = model_identity(prepared.model_path, recipe.model.path)
     args = goal.trl_config(recipe, prepared, out, resolve_dtype(recipe.model.dtype))
     with run_dir.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info, \
-            run_log(run_dir.log(out)) if is_main() else contextlib.nullcontext(), environment(tracker_env(recipe, out)):
+            run_log(run_dir.log(out)) if is_main() else contextlib.nullcontext(), trackers(recipe, out):
         torch.manual_seed(recipe.training.seed)
         model, targets, init_meta, plan = _policy(prepared, out, identity, info)
         model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own
@@ -348,13 +350,22 @@ def quiet_trainer(trainer: Any) -> None:
 
 
 @contextlib.contextmanager
-def environment(env: dict[str, str]):
-    """`env` set for the block, the previous values restored after."""
+def trackers(recipe: Recipe, run: Path):
+    """The recipe's trackers pointed into the run for the block (tracker_env), and their runs ended before
+    the variables are restored: MLflow's callback would otherwise end its run when it is garbage collected,
+    after the block, against a default store in the working directory."""
+    import sys
+
+    env = tracker_env(recipe, run)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         yield
     finally:
+        if "mlflow" in recipe.training.report_to and "mlflow" in sys.modules and sys.modules["mlflow"].active_run():
+            sys.modules["mlflow"].end_run()
+        if "wandb" in recipe.training.report_to and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
