@@ -359,6 +359,10 @@ def trackers(recipe: Recipe, run: Path):
     env = tracker_env(recipe, run)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    if "mlflow" in recipe.training.report_to and is_main():  # one MLflow run for training and the final eval:
+        import mlflow  # the callback ends only a run it started itself
+
+        mlflow.start_run(run_name=run.name)
     try:
         yield
     finally:
