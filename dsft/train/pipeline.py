@@ -3,10 +3,11 @@
     preflight: output dir (ownership, lock holder) -> the objective's rows -> model files checked ->
                base config -> SFT adapter to continue (if any) -> expert selection -> disk -> tokenizer ->
                the objective's tokens.                        Creates nothing; every error is one line.
-    run:       run directory (lifecycle: recipe.yaml, run.json, status) -> seed -> load the base ->
-               choose experts (routing profile for a policy) -> plan -> attach adapters (or continue
-               one) -> the objective's trainer -> fp32 masters -> train (checkpoints, resume, signals)
-               -> the objective's evaluation -> save, publish the adapter -> summary -> complete.
+    run:       run directory (lifecycle: recipe.yaml, run.json, status) -> run.log, trackers -> seed ->
+               load the base -> choose experts (routing profile for a policy) -> plan -> attach adapters
+               (or continue one) -> the objective's trainer -> fp32 masters -> train (checkpoints, resume,
+               signals; dsft's progress display) -> the objective's evaluation -> save, publish the
+               adapter -> summary -> curves.png, README.md -> complete.
 
 An objective (SFT and DPO here; `register` adds one, tests/test_architecture.py adds one from outside
 dsft/) supplies only what differs: its data checks and tokenization, its TRL config and trainer, what it
