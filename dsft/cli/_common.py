@@ -59,13 +59,17 @@ def quiet_bars() -> None:
     for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(var, "1")
     if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
     if "transformers" in sys.modules:
         import transformers.utils.logging
 
         transformers.utils.logging.disable_progress_bar()
     if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def relaunch(num_processes: int) -> None:
