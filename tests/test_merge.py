@@ -294,8 +294,7 @@ def test_plain_peft_adapter_merges(tmp_path: Path) -> None:
 def test_row_blocked_linear_merge_is_the_whole_tensor_merge(dtype: torch.dtype) -> None:
     """A LoRA'd Linear is merged a block of rows at a time (no full-size fp32 result or delta): the
     same bits as the whole-tensor merge rounded once, and the same retention sums."""
-    from dsft.export.adapter import Adapter, merged, merged_rows
-    from dsft.export.merge import retention_sums
+    from dsft.export.adapter import Adapter, merged, merged_rows, retention_sums
 
     torch.manual_seed(0)
     base = torch.randn(37, 64).to(dtype)  # 37 rows: the last block partial

@@ -128,7 +128,7 @@ MERGE_ROWS = 512  # rows of a LoRA'd Linear merged at a time (a V3 o_proj is 716
 def merged_rows(key: str, base: torch.Tensor, adapter: Adapter, dtype: torch.dtype, rows: int = MERGE_ROWS,
                 fp8: tuple[torch.Tensor, tuple[int, int]] | None = None) -> tuple[torch.Tensor, float, float] | None:
     """For a LoRA'd Linear: `merged(key, base, adapter)` rounded once to `dtype`, and the retention sums
-    (<written - base, delta>, |delta|^2), computed a block of rows at a time, so that no full-size fp32
+    (retention_sums), computed a block of rows at a time, so that no full-size fp32
     base, result or delta is held. `fp8` (scale_inv, block): `base` is FP8, dequantized a block of rows at
     a time. The values are bit-equal to the whole-tensor computation (each element is the same length-r
     dot product, and dequantization is elementwise). None for any other key."""
@@ -149,13 +149,24 @@ def merged_rows(key: str, base: torch.Tensor, adapter: Adapter, dtype: torch.dty
         else:
             scale, block = fp8
             w = dequantize(base[i:i + rows], scale[i // block[0]:-(-(i + rows) // block[0])], block)
-        delta = (b[i:i + rows] @ a).mul_(s)
-        result = w + delta
+        result = w + (b[i:i + rows] @ a).mul_(s)
         out[i:i + rows] = result
-        written = out[i:i + rows].float()
-        dot += float(torch.dot((written - w).flatten(), delta.flatten()))
-        norm2 += float(torch.dot(delta.flatten(), delta.flatten()))
+        block_dot, block_norm2 = retention_sums(w, result, out[i:i + rows])
+        dot, norm2 = dot + block_dot, norm2 + block_norm2
     return out, dot, norm2
+
+
+def retention_sums(base: torch.Tensor, result: torch.Tensor, written: torch.Tensor, rows: int = 1024) -> tuple[float, float]:
+    """(<written - base, result - base>, |result - base|^2), a block of rows at a time so that no
+    full-size temporary is made (the largest V3 weights are 117M values)."""
+    dot = norm2 = 0.0
+    base, result, written = (t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in (base, result, written))
+    for i in range(0, base.shape[0], rows):
+        b = base[i:i + rows].float()
+        delta = result[i:i + rows].float() - b
+        dot += float(torch.dot((written[i:i + rows].float() - b).flatten(), delta.flatten()))
+        norm2 += float(torch.dot(delta.flatten(), delta.flatten()))
+    return dot, norm2
 
 
 def _expert_part(w: torch.Tensor, ex: Experts, i: int, proj: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from dsft.adapters.metadata import identity_mismatches
 from dsft.errors import DsftError
-from dsft.export.adapter import Adapter, merged, merged_rows, read_adapter
+from dsft.export.adapter import Adapter, merged, merged_rows, read_adapter, retention_sums
 from dsft.export.partial import PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
@@ -191,27 +191,23 @@ class ShardWriter:
         rows = merged_rows(name, base, self.adapter, dtype, fp8=None if scale is None else (scale, self.block))
         if rows is not None:  # a LoRA'd Linear, merged (and dequantized) a block of rows at a time
             written, dot, norm2 = rows
-            self.dot, self.norm2 = self.dot + dot, self.norm2 + norm2
-            self.meter.hold(written.numel() * written.element_size())
-            self.meter.release(written.numel() * written.element_size())
+            self._retained(dot, norm2)
+            self.meter.transient(written.numel() * written.element_size())
             return written
         if scale is not None:
             base = dequantize(base, scale, self.block)
         result = merged(name, base, self.adapter)
         written = result.to(dtype)
-        self._retained(base, result, written)
-        self.meter.hold(result.numel() * 4)
-        self.meter.release(result.numel() * 4)
+        self._retained(*retention_sums(base, result, written))
+        self.meter.transient(result.numel() * 4)
         return written
 
-    def _retained(self, base: torch.Tensor, result: torch.Tensor, written: torch.Tensor) -> None:
-        dot, norm2 = retention_sums(base, result, written)
+    def _retained(self, dot: float, norm2: float) -> None:
         self.dot, self.norm2 = self.dot + dot, self.norm2 + norm2
 
     def _read(self, fi: Any, entry: dict[str, Any], data_start: int) -> torch.Tensor:
         t = read_tensor(fi, entry, data_start)
-        self.meter.hold(t.numel() * t.element_size())
-        self.meter.release(t.numel() * t.element_size())
+        self.meter.transient(t.numel() * t.element_size())
         return t
 
     def _requant(self, weight: str, header: dict[str, Any], data_start: int, fi: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,21 +216,8 @@ class ShardWriter:
         self.touched += 1
         result = merged(weight, base, self.adapter)
         q, grid = quantize(result, self.block)
-        self._retained(base, result, dequantize(q, grid, self.block))
+        self._retained(*retention_sums(base, result, dequantize(q, grid, self.block)))
         return q, grid
-
-
-def retention_sums(base: torch.Tensor, result: torch.Tensor, written: torch.Tensor, rows: int = 1024) -> tuple[float, float]:
-    """(<written - base, result - base>, |result - base|^2), a block of rows at a time so that no
-    full-size temporary is made (the largest V3 weights are 117M values)."""
-    dot = norm2 = 0.0
-    base, result, written = (t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1) for t in (base, result, written))
-    for i in range(0, base.shape[0], rows):
-        b = base[i:i + rows].float()
-        delta = result[i:i + rows].float() - b
-        dot += float(torch.dot((written[i:i + rows].float() - b).flatten(), delta.flatten()))
-        norm2 += float(torch.dot(delta.flatten(), delta.flatten()))
-    return dot, norm2
 
 
 def retention(dot: float, norm2: float) -> float | None:

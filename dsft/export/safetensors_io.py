@@ -37,6 +37,10 @@ class ByteMeter:
     def release(self, n: int) -> None:
         self.held -= n
 
+    def transient(self, n: int) -> None:
+        """`n` bytes held for a moment on top of what is held (a tensor read or computed, then written)."""
+        self.peak = max(self.peak, self.held + n)
+
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """(header without __metadata__ plus it under "__metadata__", offset where tensor data starts)."""

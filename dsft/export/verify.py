@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsft.export.merge import MERGE_RECORD, Source, machine, retention_sums
+from dsft.export.adapter import retention_sums
+from dsft.export.merge import MERGE_RECORD, Source, machine
 from dsft.export.safetensors_io import DTYPES, read_header, read_tensor
 from dsft.arch import canonical, selects
 from dsft.models.fp8 import dequantize
