@@ -67,9 +67,10 @@ def show(table: Any) -> None:
         out.print(cell(table.title), style="bold", soft_wrap=True)
     headers = [cell(c.header).plain for c in table.columns]
     rows = list(zip(*(list(c.cells) for c in table.columns)))
+    named = len(table.columns) == 2  # a key/value table: the key names the value
+    indent = "" if named else "  "
     for row in rows:
         first, rest = cell(row[0]), [cell(v) for v in row[1:]]
-        named = len(table.columns) == 2  # a key/value table: the key names the value
         items = [(first, rest[0])] if named else [(Text(f"{headers[0]} ") + first, None)] + list(
             zip((Text(h) for h in headers[1:]), rest))
         for key, value in items:
@@ -78,7 +79,6 @@ def show(table: Any) -> None:
             if value is None:
                 out.print(key, style="bold", soft_wrap=True)
                 continue
-            indent = "" if named else "  "
             line = Text(indent) + key + Text(": ") + value
             if line.cell_len <= out.width:
                 out.print(line, soft_wrap=True)
@@ -150,12 +150,12 @@ class Phase:
             self.out.print(text, soft_wrap=True, highlight=False)
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
-        took = time.monotonic() - self.started
+        last = f"{self._status()}  ({_clock(time.monotonic() - self.started)})"
         if self.progress is not None:
             self.progress.stop()
         elif kind is None:
-            self.out.print(f"{self._status()}  ({_clock(took)})", soft_wrap=True, highlight=False)
-        LOG.info(f"{self._status()}  ({_clock(took)})" + ("" if kind is None else f"; stopped by {kind.__name__}"))
+            self.out.print(last, soft_wrap=True, highlight=False)
+        LOG.info(last + ("" if kind is None else f"; stopped by {kind.__name__}"))
 
 
 def _clock(seconds: float) -> str:

@@ -47,8 +47,9 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 # What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).
-SHOWN = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss", "learning_rate": "lr", "rewards/accuracies": "reward acc",
-         "rewards/margins": "margin", "balance_loss": "balance", "grad_norm": "grad norm"}
+SHOWN = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss",
+         "learning_rate": "lr", "rewards/accuracies": "reward acc", "rewards/margins": "margin",
+         "balance_loss": "balance", "grad_norm": "grad norm"}
 
 
 def _number(value: Any) -> str:
@@ -81,8 +82,8 @@ class ConsoleProgress(TrainerCallback):
             return
         import time
 
+        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
         if self.phase is None:  # after training: the final held-out evaluation
-            shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
             if shown:
                 from dsft.console import say
 
@@ -93,7 +94,6 @@ class ConsoleProgress(TrainerCallback):
             if self.tokens is not None and now > self.tokens[1] and tokens > self.tokens[0]:
                 self.rate = (tokens - self.tokens[0]) / (now - self.tokens[1])
             self.tokens = (tokens, now)
-        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
         if "loss" in logs and self.rate is not None:
             shown.append(f"tok/s {self.rate:,.0f}")
         if not shown:

@@ -4,7 +4,6 @@ adapter keeps it; PEFT's and TRL's boilerplate cards are not written (dsft.train
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,5 @@ def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
     text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)))
     for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
         if target.parent.is_dir():
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+            run_dir.write_atomic(target, text)
     return run_dir.card(run)

@@ -60,12 +60,15 @@ def write_curves(run: Path, kind: str) -> Path:
 
     path = run_dir.metrics(run)
     rows = read_metrics(path)[0] if path.is_file() else []
-    fig = build_figure(rows, kind, f"dsft {kind}: {Path(run).name}")
-    final = run_dir.curves(run)
-    tmp = final.with_name(f".{final.name}.tmp")
+    return save_figure(build_figure(rows, kind, f"dsft {kind}: {Path(run).name}"), run_dir.curves(run))
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A figure as PNG at `path`: written beside it, then renamed (never a half-written picture)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, final)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return final
+    return path

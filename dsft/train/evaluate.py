@@ -7,6 +7,7 @@ adapter moved). Reads the run's recipe; writes RUN/eval.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -174,6 +175,8 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     from dsft.moe import profile as routing_profile
     from dsft.moe.routing import routers, top_k
     from dsft.outputs import check_writable
+    from dsft.train.curves import save_figure
+    from dsft.train.run_dir import write_atomic
 
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
@@ -191,7 +194,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     scored: dict[str, dict[str, Any]] = {}
     routes = {}
     for name in ("base", "adapter"):
-        with model.disable_adapter() if name == "base" else _nothing():
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             losses = example_losses(model, tokens, batch, pad)
             loss = mean_of(losses)
             scored[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
@@ -214,17 +217,9 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
         "routing_drift": drift,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens),
     }
-    write_eval_figure(run, report)
-    tmp = run / ".eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(run / "eval.json")
+    save_figure(eval_figure(report), run / "eval.png")
+    write_atomic(run / "eval.json", json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def eval_figure(report: dict[str, Any]) -> Any:
@@ -251,15 +246,3 @@ def eval_figure(report: dict[str, Any]) -> Any:
         ax.legend()
     fig.suptitle(f"dsft eval: {report['examples']} examples ({report['data_kind']})")
     return fig
-
-
-def write_eval_figure(run: Path, report: dict[str, Any]) -> Path:
-    import os
-
-    final, tmp = run / "eval.png", run / ".eval.png.tmp"
-    try:
-        eval_figure(report).savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final

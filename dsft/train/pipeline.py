@@ -344,10 +344,9 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
 
 def quiet_trainer(trainer: Any) -> None:
     """The Trainer prints each logged dict (PrinterCallback) when its tqdm bar is off; dsft shows them."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
 
 
 @contextlib.contextmanager
