@@ -330,8 +330,10 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
             trim_metrics(run_dir.metrics(out), run_dir.checkpoint_step(checkpoint))
         try:
             resume.train(trainer, out, goal.name, checkpoint)
-        finally:
-            progress.close()
+        except BaseException as e:  # the display ends as stopped, not with a finished line
+            progress.close(e)
+            raise
+        progress.close()
         extra = goal.after_train(trainer, prepared, out)
         _save(trainer, prepared, out, targets, identity, init_meta, goal.adapter_metadata(prepared))
         groups = group_params(trainer.model, targets)
