@@ -151,10 +151,12 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
     if selected:
         from matplotlib.patches import Rectangle
 
+        chosen = {str(layer): ids for layer, ids in selected.items()}  # plan.json's keys are strings
         for row, layer in enumerate(layers):
-            ids = selected.get(str(layer), selected.get(layer)) if isinstance(selected, dict) else None
-            for expert in (range(share.shape[1]) if ids is None and (str(layer) in selected or layer in selected)
-                           else ids or []):
+            if str(layer) not in chosen:
+                continue
+            ids = chosen[str(layer)]
+            for expert in range(share.shape[1]) if ids is None else ids:  # None: every expert of the layer
                 ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
                 boxed.append((layer, expert))
         title += " - boxed: experts with the adapter"

@@ -10,10 +10,11 @@ from typing import Any
 from dsft.train import run_dir
 
 
-FILES = {"adapter/": "the PEFT adapter, tokenizer and dsft_adapter.json", "recipe.yaml": "the resolved recipe",
-         "run.json": "versions, data sha256, summary", "metrics.jsonl": "every logged step",
-         "curves.png": "loss, lr (and rewards)", "run.log": "the full log", "plan.json": "the targeting plan",
-         "routing/": "routing profile and heatmaps", "checkpoints/": "for --resume"}
+# the run-dir entries the card lists (names from run_dir, the layout's owner), when the run holds them
+FILES = {f"{run_dir.ADAPTER}/": "the PEFT adapter, tokenizer and dsft_adapter.json", run_dir.RECIPE: "the resolved recipe",
+         run_dir.RUN_JSON: "versions, data sha256, summary", run_dir.METRICS: "every logged step",
+         run_dir.CURVES: "loss, lr (and rewards)", run_dir.LOG: "the full log", "plan.json": "the targeting plan",
+         "routing/": "routing profile and heatmaps", f"{run_dir.CHECKPOINTS}/": "for --resume"}
 
 
 def _fmt(value: Any) -> str:
