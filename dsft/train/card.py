@@ -13,8 +13,8 @@ from dsft.train import run_dir
 # the run-dir entries the card lists (names from run_dir, the layout's owner), when the run holds them
 FILES = {f"{run_dir.ADAPTER}/": "the PEFT adapter, tokenizer and dsft_adapter.json", run_dir.RECIPE: "the resolved recipe",
          run_dir.RUN_JSON: "versions, data sha256, summary", run_dir.METRICS: "every logged step",
-         run_dir.CURVES: "loss, lr (and rewards)", run_dir.LOG: "the full log", "plan.json": "the targeting plan",
-         "routing/": "routing profile and heatmaps", f"{run_dir.CHECKPOINTS}/": "for --resume"}
+         run_dir.CURVES: "loss, lr (and rewards)", run_dir.LOG: "the full log", run_dir.PLAN: "the targeting plan",
+         f"{run_dir.ROUTING}/": "routing profile and heatmaps", f"{run_dir.CHECKPOINTS}/": "for --resume"}
 
 
 def _fmt(value: Any) -> str:

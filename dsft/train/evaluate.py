@@ -176,7 +176,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     from dsft.moe.routing import routers, top_k
     from dsft.outputs import check_writable
     from dsft.train.curves import save_figure
-    from dsft.train.run_dir import write_atomic
+    from dsft.train import run_dir
 
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
@@ -217,8 +217,8 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
         "routing_drift": drift,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens),
     }
-    save_figure(eval_figure(report), run / "eval.png")
-    write_atomic(run / "eval.json", json.dumps(report, indent=2) + "\n")
+    save_figure(eval_figure(report), run / run_dir.EVAL_PLOT)
+    run_dir.write_atomic(run / run_dir.EVAL, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -25,13 +25,18 @@ from dsft.train.dist import is_main
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 
-CACHE_ENTRIES = {"routing", "plan.json", LOCK_NAME}  # written by `dsft experts` before a run; kept by --force
+# The layout of a run directory; every command reaches its files through these (or RunDir).
+ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
+LOG, CURVES, CARD, PLAN, EVAL, EVAL_PLOT = "run.log", "curves.png", "README.md", "plan.json", "eval.json", "eval.png"
+ROUTING = "routing"
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
+
+CACHE_ENTRIES = {ROUTING, PLAN, LOCK_NAME}  # written by `dsft experts` before a run; kept by --force
 # Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
 # replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
-RUN_ENTRIES = CACHE_ENTRIES | {"adapter", ".adapter.tmp", "checkpoints", "recipe.yaml", ".recipe.yaml.tmp", "run.json",
-                               ".run.json.tmp", "metrics.jsonl", "eval.json", ".eval.json.tmp", ".plan.json.tmp",
-                               "run.log", "curves.png", ".curves.png.tmp", "README.md", ".README.md.tmp", "tensorboard",
-                               "mlruns", "wandb", "eval.png", ".eval.png.tmp"}
+_STAGED = (ADAPTER, RECIPE, RUN_JSON, EVAL, PLAN, CURVES, CARD, EVAL_PLOT)  # written beside, then renamed
+RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, LOG, *_STAGED, *(f".{name}.tmp" for name in _STAGED),
+                               *TRACKERS.values()}
 RESUMABLE = ("running", "interrupted", "failed")
 
 
@@ -109,10 +114,6 @@ def check_usable(run: Path, force: bool, command: str) -> str | None:
 
 CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
 
-# The layout of a run directory; every command reaches its files through these (or RunDir).
-ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
-LOG, CURVES, CARD, TRACKERS = "run.log", "curves.png", "README.md", {"tensorboard": "tensorboard", "mlflow": "mlruns",
-                                                                   "wandb": "wandb"}
 
 
 def adapter_dir(run: Path) -> Path:
@@ -242,7 +243,7 @@ def create(path: Path, force: bool) -> None:
     (profiles are keyed by model and data, so a stale one is never used)."""
     if force and path.is_dir():
         for entry in path.iterdir():
-            if entry.name in RUN_ENTRIES and entry.name not in ("routing", LOCK_NAME):
+            if entry.name in RUN_ENTRIES and entry.name not in (ROUTING, LOCK_NAME):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
 

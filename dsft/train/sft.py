@@ -13,7 +13,7 @@ import torch
 
 from dsft.config.schema import Recipe
 from dsft.errors import DsftError
-from dsft.train import pipeline
+from dsft.train import pipeline, run_dir
 from dsft.train.dist import is_main
 from dsft.train.pipeline import (  # noqa: F401 - their old home; callers and tests import them from here
     Prepared, check_disk_for, cpu_args, fp32_adapter, group_params, resume_point, target_experts, trainer_args,
@@ -107,7 +107,7 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
     after = routing_profile.summarize(stats, before["top_k"], meta)
     if is_main():
         routing_profile.write_profile(directory / "after", after, "routing with the adapter")
-        plan = run / "plan.json"
+        plan = run / run_dir.PLAN
         selected = json.loads(plan.read_text())["groups"].get("routed_experts", {}).get("experts") if plan.is_file() else None
         routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before,
                                 selected=selected)

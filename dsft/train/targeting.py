@@ -14,9 +14,10 @@ from dsft.adapters.plan import build_plan
 from dsft.adapters.selection import select_by_policy
 from dsft.config.schema import Recipe
 from dsft.moe import profile as routing_profile
+from dsft.train import run_dir
 from dsft.train.dist import is_main
 
-ROUTING_DIR = "routing"
+ROUTING_DIR = run_dir.ROUTING
 
 
 def sample_rows(tokens: dict[str, list[list[int]]], samples: int, seed: int) -> dict[str, list[list[int]]]:
@@ -69,7 +70,7 @@ def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[i
     plan = build_plan(recipe, cfg, selection, world_size())
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
-        (run / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        (run / run_dir.PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     return plan
 
 
