@@ -120,6 +120,22 @@ def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Message
     return messages
 
 
+def row_format(row: Any) -> str:
+    """The format a row is written in, from its keys: `preference` (chosen and rejected), `messages`,
+    `alpaca` (instruction), `prompt_completion`; `messages` when none matches (its error then names the
+    missing key)."""
+    if isinstance(row, dict):
+        if "chosen" in row and "rejected" in row:
+            return "preference"
+        if "messages" in row:
+            return "messages"
+        if "instruction" in row:
+            return "alpaca"
+        if "prompt" in row and "completion" in row:
+            return "prompt_completion"
+    return "messages"
+
+
 def load_conversations(paths: list[str], fmt: str, system_prompt: str | None = None) -> list[Messages]:
     """All rows of all files as messages, or a DsftError listing every bad row."""
     conversations: list[Messages] = []

@@ -51,38 +51,18 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     return recipe, adapter_dir, model_path
 
 
-PAIR_KEYS = ("chosen", "rejected")
-
-
-def row_kind(row: Any) -> str:
-    """`pairs` for a preference row (chosen / rejected), else `conversations`."""
-    return "pairs" if isinstance(row, dict) and all(k in row for k in PAIR_KEYS) else "conversations"
-
-
-def conversation_format(row: Any, fallback: str) -> str:
-    """The conversation format a row is written in (a DPO run's --data may be SFT-style)."""
-    if isinstance(row, dict):
-        if "messages" in row:
-            return "messages"
-        if "instruction" in row:
-            return "alpaca"
-        if "prompt" in row and "completion" in row:
-            return "prompt_completion"
-    return fallback if fallback != "preference" else "messages"
-
-
 def file_kind(files: list[str]) -> tuple[str, str | None]:
     """(kind, the conversations' format) of the rows in `files`: every row a preference pair, or every
     row a conversation; a mix is an error naming the first row of the other kind."""
-    from dsft.data.formats import iter_rows
+    from dsft.data.formats import iter_rows, row_format
 
     kind, first, fmt = None, None, None
     for name in files:
         for where, row in iter_rows(Path(name)):
-            this = row_kind(row)
+            fmt_here = row_format(row)
+            this = "pairs" if fmt_here == "preference" else "conversations"
             if kind is None:
-                kind, first = this, where
-                fmt = None if this == "pairs" else conversation_format(row, "messages")
+                kind, first, fmt = this, where, None if this == "pairs" else fmt_here
             elif this != kind:
                 what = "a preference pair (chosen, rejected)" if this == "pairs" else "a conversation (no chosen / rejected)"
                 raise DsftError(f"{where}: {what} in a file of {kind} (first row {first}); score pairs and "
