@@ -320,6 +320,9 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("output-user-readme-force", with_run(lambda run, r: (write(run / "README.md", "# my notes on this run"), [
         "--force", "--recipe", recipe(r, {"output_dir": str(run)})])[1], "sft"),
      "holds files dsft did not write (README.md); dsft replaces only its own runs", None),
+    ("output-user-wandb-force", with_run(lambda run, r: (write(run / "wandb/my-run.txt", "mine"), [
+        "--force", "--recipe", recipe(r, {"output_dir": str(run)})])[1], "sft"),
+     "holds files dsft did not write (wandb); dsft replaces only its own runs", None),
     ("output-parent-is-file", lambda r: (write(r / "afile", "x"), ["sft", "--recipe", recipe(r, {"output_dir": str(r / "afile/run")})])[1],
      "is a file, so", None),
     ("output-readonly", lambda r: (os.mkdir(r / "ro"), ["sft", "--recipe", recipe(r, {"output_dir": str(r / "ro/run")})])[1],

@@ -120,6 +120,9 @@ def test_report_to_tensorboard_writes_event_files(make_recipe, cli) -> None:
 
     scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert "train/loss" in scalars
+    # the run's own tensorboard/ is dsft's: --force replaces the run (a wandb/ it never wrote would stop it)
+    again = cli("sft", "--recipe", recipe, "--force")
+    assert again.exit_code == 0, again.output
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(make_recipe, cli, monkeypatch) -> None:

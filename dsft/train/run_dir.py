@@ -72,7 +72,7 @@ def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict
     if not entries:
         return
     status = read_status(path)
-    foreign = [name for name in entries if name not in RUN_ENTRIES or name == CARD and not is_card(path / name)]
+    foreign = [name for name in entries if not is_dsfts(path, name)]
     if status is None or foreign:
         shown = ", ".join((foreign or entries)[:3])
         raise DsftError(f"output_dir: {path} holds files dsft did not write ({shown}); dsft replaces only its own runs, "
@@ -142,6 +142,23 @@ def is_card(path: Path) -> bool:
             return f.readline().strip() == CARD_MARK
     except OSError:
         return False
+
+
+def is_dsfts(run: Path, name: str) -> bool:
+    """Whether entry `name` of run directory `run` is one dsft wrote: a run-dir name, and for a README.md
+    dsft's card, for a tracker's directory a tracker the run's recipe.yaml reports to."""
+    if name not in RUN_ENTRIES:
+        return False
+    if name == CARD:
+        return is_card(run / name)
+    trackers = [t for t, directory in TRACKERS.items() if directory == name]
+    if trackers:
+        try:
+            recorded = yaml.safe_load((run / RECIPE).read_text(encoding="utf-8"))["training"].get("report_to") or []
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+            return False
+        return trackers[0] in recorded
+    return True
 
 
 def log(run: Path) -> Path:
