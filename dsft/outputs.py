@@ -7,6 +7,11 @@ file-system errors reported as one line.
   permission bits say nothing there).
 - `OutputLock`: a POSIX advisory lock on a file inside the output, holding the owner's pid. The kernel
   drops it when the process dies, kill -9 included, so there is never a stale lock to clean up.
+- `resolve_output`: an output path with `~` and every symbolic link resolved, before any of the above
+  decides anything (a link is written at its target, never deleted through).
+- `staged` / `replace_dir`: an output written beside its final place under a lock, then swapped in (the
+  old one moved aside, removed only once the new one is in place); `check_replaceable`: --force replaces
+  only an output whose record lists every entry in it.
 - `os_error`: an OSError from a writer (disk full, read-only file system, permission) as the one
   line the CLI prints.
 
@@ -20,7 +25,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +116,31 @@ def check_location(out: Path, key: str, inputs: dict[str, list[Path]] | None = N
 
 
 def check_replaceable(out: Path, record: str, what: str, force: bool) -> None:
-    """An existing, non-empty `out` is replaced only with --force, and only when dsft wrote it (`record`,
-    the file every dsft writer leaves in its output, is there)."""
+    """An existing, non-empty `out` is replaced only with --force, and only when dsft wrote all of it: its
+    `record` (the file every dsft writer leaves in its output) is there and lists every other entry
+    (`files`), so a user's file added to an output of dsft's stops the replacement."""
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries:
         return
     if record not in entries:
         raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(entries[:3])}); --force replaces only "
                         f"{what} dsft wrote ({record}): choose another --out")
+    try:
+        written = json.loads((out / record).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    if isinstance(written, list):
+        foreign = [name for name in entries if name not in {*written, record}]
+        if foreign:
+            raise DsftError(f"--out {out} holds files dsft did not write ({', '.join(foreign[:3])}); --force replaces "
+                            f"only {what} dsft wrote: move them out or choose another --out")
     if not force:
         raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
+
+
+def written_files(directory: Path) -> list[str]:
+    """The entries of a finished output directory, as its record lists them (check_replaceable)."""
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
 
 
 class OutputLock:
@@ -134,7 +155,7 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         directory = self.path.parent
-        self._created = [p for p in (directory, *directory.parents) if not p.exists()]
+        self.created = [p for p in (directory, *directory.parents) if not p.exists()]
         directory.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
         try:
@@ -146,6 +167,11 @@ class OutputLock:
         except BlockingIOError:
             f.close()
             pid = holder(self.path.parent, self.path.name)
+            for _ in range(50):  # the holder writes its pid right after it takes the lock
+                if pid is None or pid > 0:
+                    break
+                time.sleep(0.01)
+                pid = holder(self.path.parent, self.path.name)
             who = f"pid {pid}" if pid and pid > 0 else "another process"
             raise DsftError(self.busy or f"{self.key}: {self.path.parent} is in use by a running dsft process ({who}); "
                             "wait for it to finish, stop it, or choose another path") from None
@@ -161,10 +187,10 @@ class OutputLock:
             return
         self._file.close()
         self._file = None
-        if exc_type is not None and self._created:  # failed before writing anything: leave no trace
+        if exc_type is not None and self.created:  # failed before writing anything: leave no trace
             if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
                 self.path.unlink()
-            for p in self._created:
+            for p in self.created:
                 try:
                     p.rmdir()
                 except OSError:
@@ -210,19 +236,74 @@ def os_error(e: OSError) -> str | None:
     return f"{where}: {hint}"
 
 
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A hidden directory beside `out` to write into; renamed to `out` (replacing it: the caller checked
-    ownership) when the body succeeds, removed when it fails, so `out` is never half-written."""
-    tmp = out.parent / f".{out.name}.dsft-partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def resolve_output(path: Path | str, key: str) -> Path:
+    """The directory a writer really writes: `~` expanded and every symbolic link resolved (a link, or a
+    link above it, is written at its target under the same rules as any path; a dangling link's target is
+    created; the link itself is never deleted through). A link loop is refused."""
+    expanded = Path(os.path.expanduser(str(path)))
     try:
-        yield tmp
+        return Path(os.path.abspath(expanded)).resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError on a loop
+        raise DsftError(f"{key}: {path} is a loop of symbolic links ({e}); point it at a real directory") from None
+
+
+def partial_dir(out: Path) -> Path:
+    """The hidden staging directory beside `out` (dsft's own name: only dsft writes there)."""
+    return out.parent / f".{out.name}.dsft-partial"
+
+
+def clear_dir(directory: Path, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:
+    """Empty a staging directory of dsft's (its lock file kept)."""
+    for p in directory.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out`: a previous `out` (the caller checked it may go) is moved
+    aside, `tmp` renamed into place, and only then the old one removed; if the rename fails the old one is
+    put back. A symbolic link at `out` is replaced as a link, never followed."""
+    old = None
+    if out.is_symlink() or out.exists():
+        old = out.parent / f".{out.name}.dsft-old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            os.replace(old, out)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if old is not None:
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: Path, key: str = "--out", recheck: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A hidden directory beside `out` to write into, locked against a second dsft process writing the same
+    output; `recheck` (the caller's ownership check) runs again under the lock, since another process may
+    have finished an output there meanwhile. The directory is renamed to `out` (replace_dir) when the body
+    succeeds and removed when anything fails, so `out` is never half-written and no finished output is left
+    hidden beside it."""
+    tmp = partial_dir(out)
+    busy = f"{key} {out}: another dsft process is writing it (its staging directory {tmp} is locked); wait for it " \
+           f"to finish or choose another {key}"
+    lock = OutputLock(tmp, key, busy=busy).__enter__()  # a second writer is refused here, before anything changes
+    try:
+        clear_dir(tmp)  # what a killed earlier attempt left in dsft's staging directory
+        if recheck is not None:
+            recheck()
+        yield tmp
+        replace_dir(tmp, out)
+        (out / LOCK_NAME).unlink(missing_ok=True)  # renamed along with the directory; held until here
+    except BaseException:
+        with contextlib.suppress(OSError):  # removed while still locked, so no second writer loses its work
+            clear_dir(tmp, keep=())
+            tmp.rmdir()
+            for parent in lock.created[1:]:  # directories made for a new output's path
+                parent.rmdir()
+        raise
+    finally:
+        lock.__exit__(None)

@@ -230,6 +230,122 @@ def no_disk(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 1000))
 
 
+# ---------------------------------------------------------------- rules: what a reader trusts, what a writer resolves
+
+_HELD: list[Any] = []  # locks held by a case's patch while its command runs
+
+
+def edit_json(path: Path, change: Callable[[dict], Any]) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def meta(change: Callable[[dict], Any]) -> Callable[[Path, Path], None]:
+    """Edit the run's adapter/dsft_adapter.json."""
+    return lambda run, r: edit_json(run / "adapter/dsft_adapter.json", change)
+
+
+def adapter_cfg(change: Callable[[dict], Any]) -> Callable[[Path, Path], None]:
+    """Edit the run's adapter/adapter_config.json."""
+    return lambda run, r: edit_json(run / "adapter/adapter_config.json", change)
+
+
+def lora(key: str, value: float) -> Callable[..., None]:
+    """Put `value` (NaN, inf) into one element of LoRA tensor `key` of the run's adapter (or, given
+    `adapter=""`, of the adapter weights directly in the first argument: a checkpoint)."""
+    def damage(run: Path, r: Path, adapter: str = "adapter") -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = run / adapter / "adapter_model.safetensors"
+        tensors = load_file(path)
+        tensors[key].view(-1)[0] = value
+        save_file(tensors, path, metadata={"format": "pt"})
+    return damage
+
+
+LORA_B = "base_model.model.model.layers.1.self_attn.q_a_proj.lora_B.weight"
+
+
+def other_weights(root: Path) -> Path:
+    """The built-in checkpoint's files with one weight changed: the same config, other weights."""
+    return edit_weights(ckpt(root, "other"), lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"] + 1))
+
+
+def link(path: Path, target: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
+    return path
+
+
+def loop(root: Path) -> Path:
+    link(root / "loop-b", root / "loop-a")
+    return link(root / "loop-a", root / "loop-b")
+
+
+def trained_on(run: Path) -> str:
+    return yaml.safe_load((run / "recipe.yaml").read_text())["data"]["train"][0]
+
+
+def data_changed(run: Path, r: Path) -> list:
+    """The run's recorded training file is a copy in ROOT, which then gains a row."""
+    copy = write(r / "train2.jsonl", Path(trained_on(run)).read_bytes())
+    data = yaml.safe_load((run / "recipe.yaml").read_text())
+    data["data"]["train"] = [str(copy)]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_json(run / "run.json", lambda info: info.update(status="interrupted", data_sha256={
+        str(copy): hashlib.sha256(copy.read_bytes()).hexdigest()}))
+    with copy.open("a") as f:
+        f.write(json.dumps(legal_rows(1)[0]) + "\n")
+    return ["--recipe", run / "recipe.yaml", "--resume"]
+
+
+def reports_to_tensorboard(run: Path, r: Path) -> list:
+    """The run's recipe reports to TensorBoard, and the user keeps notes in RUN/tensorboard/."""
+    data = yaml.safe_load((run / "recipe.yaml").read_text())
+    data["training"]["report_to"] = ["tensorboard"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write(run / "tensorboard/notes.txt", "my notes on these curves")
+    return ["--force", "--recipe", recipe(r, {"output_dir": str(run), "training": {"report_to": ["tensorboard"]}})]
+
+
+def needs_run(setup: Callable[[Path, Path], list]) -> Callable[[Path, Path], list]:
+    setup.needs_run = True  # type: ignore[attr-defined]
+    return setup
+
+
+def hold(path: Path) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """A patch that holds PATH's lock (another dsft process writing there) while the command runs."""
+    def patch(mp: pytest.MonkeyPatch, r: Path) -> None:
+        import fcntl
+
+        handle = open(path if path.is_absolute() else r / path, "a")  # noqa: SIM115 - held by _HELD
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD.append(handle)
+    return patch
+
+
+def bin_release(root: Path, shards: dict[str, dict[str, Any]], index: bool = True) -> Path:
+    """A `.bin` release of tiny tensors: SHARDS maps a file name to its tensors (None: the file is missing)."""
+    import torch
+
+    release = root / "bin"
+    release.mkdir()
+    write(release / "config.json", (ckpt(root) / "config.json").read_bytes())
+    weight_map = {}
+    for name, tensors in shards.items():
+        if tensors is not None:
+            torch.save({k: torch.zeros(2) for k in tensors}, release / name)
+        weight_map.update(dict.fromkeys(tensors or [f"missing.{name}"], name))
+    if index:
+        write(release / "pytorch_model.bin.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return release
+
+
+BOMB = "\n".join(['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+                  *(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)), "model: {path: *a9}"]) + "\n"
+
+
 # ---------------------------------------------------------------- the table
 # (id, setup: root -> argv (or (root, finished run) -> argv), expected text in the one error line,
 #  optional patch: (monkeypatch, root) -> None applied before the command runs)
@@ -341,8 +457,8 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("resume-no-checkpoint", with_run(lambda run, r: (status("interrupted")(run, r), shutil.rmtree(run / "checkpoints"), [
         "--recipe", run / "recipe.yaml", "--resume"])[2], "sft"),
      "no complete checkpoint in", None),
-    ("resume-from-incomplete", with_run(lambda run, r: (status("interrupted")(run, r), (r / "ck").mkdir(), [
-        "--recipe", run / "recipe.yaml", "--resume-from", r / "ck"])[2], "sft"), "never completed", None),
+    ("resume-from-incomplete", with_run(lambda run, r: (status("interrupted")(run, r), (run / "checkpoints/checkpoint-9").mkdir(), [
+        "--recipe", run / "recipe.yaml", "--resume-from", run / "checkpoints/checkpoint-9"])[2], "sft"), "never completed", None),
     ("dpo-output-is-init-adapter", with_run(lambda run, r: ["--recipe", recipe(r, {**pref(r), "dpo": {"init_adapter": str(run), "max_prompt_length": 64},
                                                                                    "output_dir": str(run)}), "--force"], "dpo"),
      "is the initial adapter (dpo.init_adapter)", None),
@@ -415,7 +531,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("merge-out-inside-base", merge_into(lambda r, run: r / "ckpt/merged", base=lambda r: ckpt(r)), "is inside the model checkpoint", None),
     ("merge-out-user-dir-force", merge_into(lambda r, run: write(r / "mine/a.txt", "mine").parent, "--force"),
      "holds files dsft did not write (a.txt); --force replaces only a merged checkpoint dsft wrote", None),
-    ("merge-out-exists", merge_into(lambda r, run: write(r / "mine/a.txt", "mine").parent), "already exists; pass --force", None),
+    ("merge-out-exists", merge_into(lambda r, run: write(r / "mine/a.txt", "mine").parent), "holds files dsft did not write (a.txt)", None),
     ("merge-out-is-file", merge_into(lambda r, run: write(r / "afile", "x"), "--force"), "--out: {root}/afile is a file", None),
     ("merge-out-parent-is-file", merge_into(lambda r, run: write(r / "afile", "x") / "m"), "is a file, so", None),
     ("merge-out-readonly", merge_into(lambda r, run: (os.mkdir(r / "ro"), r / "ro/merged")[1]),
@@ -460,6 +576,117 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("export-bad-format", export_into(lambda r, run: r / "vllm", "--format", "tgi"), "--format: must be vllm (got 'tgi')", None),
     ("merge-base-other-model", merge_damaged(lambda run, r: ["--base", ckpt(r, "v2", "tiny-deepseek-v2")]),
      "is not the model this adapter was trained on", None),
+    # rule 1: the tensors are the truth; metadata and config are checked against them and the base
+    ("merge-meta-expert-rank", merge_damaged(meta(lambda m: m["routed_experts"].update(r=8))),
+     "routed_experts.r is 8, but the weights and adapter_config.json give 4", None),
+    ("merge-config-rank", merge_damaged(adapter_cfg(lambda c: c.update(r=8))), "but adapter_config.json gives it r 8", None),
+    ("merge-meta-expert-dropped", merge_damaged(meta(lambda m: m["routed_experts"]["experts"].update({"1": [0]}))),
+     "routed_experts.experts['1'] lists 1 experts [0], but model.layers.1.mlp.experts", None),
+    ("export-meta-expert-range", export_into(lambda r, run: r / "vllm", damage=meta(
+        lambda m: m["routed_experts"]["experts"].update({"1": [0, 9]}))), "lists expert 9, but the base has 8 experts per layer", None),
+    ("eval-meta-expert-repeated", with_run(meta(lambda m: m["routed_experts"]["experts"].update({"1": [3, 3]})), "eval"),
+     "[3, 3] repeats an id", None),
+    ("chat-meta-layer-without-weights", with_run(meta(lambda m: m["routed_experts"]["experts"].update({"2": [1]})), "chat"),
+     "routed_experts.experts lists layer 2, but adapter_model.safetensors holds no expert weights for it", None),
+    ("merge-meta-group-extra-module", merge_damaged(meta(lambda m: m["groups"]["attention"]["modules"].append(
+        "model.layers.0.self_attn.nope"))), "groups.attention lists model.layers.0.self_attn.nope, which has no weights", None),
+    ("merge-meta-group-missing-module", merge_damaged(meta(lambda m: m["groups"]["attention"]["modules"].pop())),
+     "holds LoRA weights for model.layers.2.self_attn.o_proj, which no group lists", None),
+    ("merge-meta-alpha-text", merge_damaged(meta(lambda m: m["routed_experts"].update(alpha="8"))),
+     "routed_experts.alpha is '8'", None),
+    ("merge-config-alpha-text", merge_damaged(adapter_cfg(lambda c: c.update(lora_alpha="8"))),
+     "lora_alpha must be a positive finite number (got '8')", None),
+    ("merge-lora-nan", merge_damaged(lora(LORA_B, float("nan"))), f"tensor {LORA_B} holds NaN values", None),
+    ("export-lora-inf", export_into(lambda r, run: r / "vllm", damage=lora(LORA_B, float("inf"))), "holds infinite values", None),
+    ("eval-lora-nan", with_run(lambda run, r: lora(LORA_B, float("nan"))(run, r), "eval"), "holds NaN values", None),
+    ("dpo-init-adapter-nan", with_run(lambda run, r: (lora(LORA_B, float("nan"))(run, r), [
+        "--recipe", recipe(r, {**pref(r), "dpo": {"init_adapter": str(run), "max_prompt_length": 64}, "output_dir": str(r / "dpo")})])[1],
+        "dpo"), "holds NaN values", None),
+    ("merge-dora", merge_damaged(adapter_cfg(lambda c: c.update(use_dora=True))),
+     "the adapter uses DoRA (use_dora: true), whose weight change dsft does not compute", None),
+    ("merge-peft-bias", merge_damaged(adapter_cfg(lambda c: c.update(bias="all"))), "trained biases (bias: 'all')", None),
+    # rule 2: identity: the base is the one the run trained on, a checkpoint is the run's own
+    ("merge-base-other-weights", merge_damaged(lambda run, r: ["--base", other_weights(r)]),
+     "--base: {root}/other has the architecture but not the weights this adapter was trained on", None),
+    ("export-base-other-weights", with_run(lambda run, r: ["--out", r / "vllm", "--base", other_weights(r)], "export"),
+     "has the architecture but not the weights", None),
+    ("eval-base-other-weights", with_run(recipe_base(other_weights), "eval"), "has the architecture but not the weights", None),
+    ("chat-base-other-weights", with_run(recipe_base(other_weights), "chat"), "pass --force to chat with the adapter on this", None),
+    ("resume-base-other-weights", with_run(lambda run, r: (recipe_base(other_weights)(run, r), status("interrupted")(run, r), [
+        "--recipe", run / "recipe.yaml", "--resume"])[2], "sft"), "--resume: model.path: {root}/other has the architecture but not", None),
+    ("resume-data-changed", with_run(data_changed, "sft"), "data file {root}/train2.jsonl changed since the run started", None),
+    ("resume-checkpoint-nan", with_run(lambda run, r: (status("interrupted")(run, r), lora(LORA_B, float("nan"))(
+        run / "checkpoints/checkpoint-2", r, ""), ["--recipe", run / "recipe.yaml", "--resume"])[2], "sft"),
+     "holds NaN values: training had diverged when checkpoint-2 was saved", None),
+    ("resume-from-other-run", with_run(lambda run, r: (status("interrupted")(run, r), shutil.copytree(run, r / "other-run"), [
+        "--recipe", run / "recipe.yaml", "--resume-from", r / "other-run/checkpoints/checkpoint-2"])[2], "sft"),
+     "not a checkpoint of the run in {root}/run", None),
+    ("dpo-init-adapter-other-weights", with_run(lambda run, r: ["--recipe", recipe(r, {
+        **pref(r), "model": {"path": str(other_weights(r))}, "dpo": {"init_adapter": str(run), "max_prompt_length": 64},
+        "output_dir": str(r / "dpo")})], "dpo"), "dpo.init_adapter: {root}/other has the architecture but not the weights", None),
+    ("merge-adapter-is-checkpoint", needs_run(lambda r, source: ["merge", "--adapter", run_copy(r, source) / "checkpoints/checkpoint-2",
+                                                                 "--out", r / "merged"]),
+     "a training checkpoint of the run {root}/run", None),
+    ("eval-adapter-is-checkpoint", needs_run(lambda r, source: ["eval", "--adapter", run_copy(r, source) / "checkpoints/checkpoint-2"]),
+     "pass --adapter {root}/run for the run's adapter", None),
+    # rule 3: links resolved before any decision; staging locked; a tracker directory is dsft's only as far as it wrote it
+    ("merge-out-link-loop", merge_into(lambda r, run: loop(r)), "--out: {root}/loop-a is a loop of symbolic links", None),
+    ("export-out-link-into-base", export_into(lambda r, run: link(r / "vllm", ckpt(r))), "is inside the model checkpoint", None),
+    ("export-out-link-to-user-dir-force", export_into(lambda r, run: link(r / "vllm", write(r / "mine/a.txt", "mine").parent), "--force"),
+     "holds files dsft did not write (a.txt)", None),
+    ("merge-out-link-to-run-force", merge_into(lambda r, run: link(r / "merged", run), "--force"), "is the run being merged (--adapter)", None),
+    ("sft-output-link-to-user-dir-force", lambda r: (write(r / "mine/notes.txt", "mine"), link(r / "runlink", r / "mine"), [
+        "sft", "--force", "--recipe", recipe(r, {"output_dir": str(r / "runlink")})])[2],
+     "output_dir: {root}/mine holds files dsft did not write (notes.txt)", None),
+    ("sft-force-tracker-user-file", with_run(reports_to_tensorboard, "sft"),
+     "holds files dsft did not write (tensorboard/notes.txt)", None),
+    ("export-staging-locked", export_into(lambda r, run: (write(r / ".vllm.dsft-partial/.dsft.lock", ""), r / "vllm")[1]),
+     "--out {root}/vllm: another dsft process is writing it", hold(Path(".vllm.dsft-partial/.dsft.lock"))),
+    ("merge-staging-locked", merge_into(lambda r, run: (write(r / ".merged.dsft-partial/.dsft.lock", ""), r / "merged")[1]),
+     "--out {root}/merged: another dsft process is writing it", hold(Path(".merged.dsft-partial/.dsft.lock"))),
+    # rule 5: convert takes exactly the release's weight files
+    ("convert-index-shard-missing", lambda r: ["convert", "--model", bin_release(r, {
+        "pytorch_model-00001-of-00002.bin": {"a": 1}, "pytorch_model-00002-of-00002.bin": None}), "--out", r / "st"],
+     "shard pytorch_model-00002-of-00002.bin listed in pytorch_model.bin.index.json is missing", None),
+    ("convert-numbered-shard-missing", lambda r: ["convert", "--model", bin_release(r, {
+        "pytorch_model-00001-of-00003.bin": {"a": 1}, "pytorch_model-00003-of-00003.bin": {"b": 1}}, index=False), "--out", r / "st"],
+     "shard pytorch_model-00002-of-00003.bin is missing", None),
+    ("convert-tensor-twice", lambda r: ["convert", "--model", bin_release(r, {
+        "pytorch_model-00001-of-00002.bin": {"a": 1}, "pytorch_model-00002-of-00002.bin": {"a": 1}}, index=False), "--out", r / "st"],
+     "tensor a is also in pytorch_model-00001-of-00002.bin", None),
+    ("convert-out-link-loop", lambda r: ["convert", "--model", bin_release(r, {"pytorch_model.bin": {"a": 1}}, index=False),
+                                         "--out", loop(r)], "is a loop of symbolic links", None),
+    # rule 6: validate --check-files checks what sft / dpo check before loading weights
+    ("validate-expert-out-of-range", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {1: [9]}}}), "--check-files"],
+     "layer 1: expert ids go up to 7, got 9", None),
+    ("validate-dense-layer-experts", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {0: [1]}}}), "--check-files"],
+     "layer 0 has no routed experts", None),
+    ("validate-max-length-drops-rows", lambda r: ["validate", recipe(r, {"data": {"max_length": 8}}), "--check-files"],
+     "data.max_length 8: 4 of 4 rows lose every loss token", None),
+    # rule 7: every input bounded: sizes, nesting, encodings, numbers
+    ("recipe-alias-bomb", lambda r: ["validate", text_recipe(r, BOMB)], "expands to more than 100,000 values through YAML aliases", None),
+    ("recipe-nested-deep", lambda r: ["validate", text_recipe(r, "a: " + "[" * 100_000 + "]" * 100_000 + "\n")],
+     "recipe.yaml: not valid YAML (nested too deeply to read)", None),
+    ("recipe-lone-surrogate", lambda r: ["validate", text_recipe(
+        r, f'model: {{path: "builtin:tiny-deepseek-v3"}}\ndata: {{train: {r / "train.jsonl"}}}\noutput_dir: "run\\ud800"\n')],
+     "output_dir: holds a lone UTF-16 surrogate", None),
+    ("recipe-expert-id-inf", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {1: [float("inf")]}}})],
+     "layer 1: give a non-empty list of integer expert ids >= 0", None),
+    ("recipe-expert-layer-inf", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {float("inf"): [1]}}})],
+     "layer inf: layers are integers >= 0", None),
+    ("recipe-expert-id-bool", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {1: [True]}}})],
+     "give a non-empty list of integer expert ids", None),
+    ("data-lone-surrogate", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(
+        r / "d.jsonl", '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "x"}]}\n'))}})],
+     "d.jsonl:1: field 'messages'[0].content: holds a lone UTF-16 surrogate", None),
+    ("data-nested-deep", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(
+        r / "d.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"))}})], "d.jsonl:1: nested too deeply to read", None),
+    ("eval-data-is-training-file", with_run(lambda run, r: ["--data", write(r / "same.jsonl", Path(trained_on(run)).read_bytes())], "eval"),
+     "the run trained on this file", None),
+    ("dsft-cache-is-file", lambda r: (write(r / "afile", "x"), ["sft", "--recipe", recipe(r)])[1],
+     "DSFT_CACHE={root}/afile: {root}/afile is a file, not a directory", lambda mp, r: mp.setenv("DSFT_CACHE", str(r / "afile"))),
+    ("dsft-cache-readonly", lambda r: (os.mkdir(r / "ro"), ["sft", "--recipe", recipe(r)])[1],
+     "DSFT_CACHE={root}/ro/cache: cannot write", lambda mp, r: (mp.setenv("DSFT_CACHE", str(r / "ro/cache")), deny(mp, r / "ro", errno.EROFS))),
 ]
 
 

@@ -89,12 +89,13 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
     assert drawn["reward accuracy"]["train"][1][-1] == result.last["rewards/accuracies"]
     assert (run / "curves.png").is_file() and "reward margin (chosen - rejected)" in drawn
     assert "reward accuracy, first -> last logged step" in (run / "README.md").read_text()
-    # a DPO run scored on SFT-format conversations, and on pairs
-    for data, rows in (("eval.jsonl", "conversations"), ("preference.jsonl", "pairs")):
+    # a DPO run scored on SFT-format conversations, and on pairs (its own training pairs: --on-train says so)
+    for data, rows, extra in (("eval.jsonl", "conversations", ()), ("preference.jsonl", "pairs", ("--on-train",))):
         scored = cli("eval", "--adapter", run, "--data", REPO / "data_templates/legal" / data, "--samples", 16,
-                     "--generations", 0)
+                     "--generations", 0, *extra)
         assert scored.exit_code == 0, scored.output
-        assert json.loads((run / "eval.json").read_text())["rows"] == rows
+        report = json.loads((run / "eval.json").read_text())
+        assert report["rows"] == rows and report["data_kind"] == ("training data" if extra else "given")
 
 
 def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe, tmp_path: Path, monkeypatch) -> None:

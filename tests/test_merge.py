@@ -20,7 +20,8 @@ from dsft.config.schema import AdapterSection, ModelSection
 from dsft.errors import DsftError
 from dsft.export.merge import merge, resolve
 from dsft.export.safetensors_io import ByteMeter
-from dsft.models.load import load_model, model_identity, resolve_model_path
+from dsft.models.identity import model_identity
+from dsft.models.load import load_model, resolve_model_path
 from dsft.models.stream import shard_files
 
 ADAPTER = AdapterSection(r=4, alpha=8, routed_experts={1: [0, 3], 2: [5]})
@@ -206,9 +207,9 @@ def test_two_merges_into_one_out_are_refused(tmp_path: Path) -> None:
     run = make_run(tmp_path, "builtin:tiny-deepseek-v3")
     partial = tmp_path / ".merged.dsft-partial"
     partial.mkdir()
-    with open(partial / ".lock", "w") as held:
+    with open(partial / ".dsft.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(DsftError, match="another dsft merge is writing it"):
+        with pytest.raises(DsftError, match="another dsft process is writing it"):
             merge(resolve(run, None), tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
 
@@ -238,8 +239,9 @@ def test_merge_errors_exit_2(tmp_path: Path, cli) -> None:
     assert result.exit_code == 2 and "model_type 'deepseek_v3' (adapter: 'deepseek_v2')" in result.output
 
     (tmp_path / "e").mkdir()
+    (tmp_path / "e/notes.txt").write_text("mine")
     result = cli("merge", "--adapter", run, "--out", tmp_path / "e")
-    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert result.exit_code == 2 and "holds files dsft did not write (notes.txt)" in result.output
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
@@ -294,7 +296,8 @@ def test_plain_peft_adapter_merges(tmp_path: Path) -> None:
 def test_row_blocked_linear_merge_is_the_whole_tensor_merge(dtype: torch.dtype) -> None:
     """A LoRA'd Linear is merged a block of rows at a time (no full-size fp32 result or delta): the
     same bits as the whole-tensor merge rounded once, and the same retention sums."""
-    from dsft.export.adapter import Adapter, merged, merged_rows, retention_sums
+    from dsft.adapters.weights import Adapter
+    from dsft.export.adapter import merged, merged_rows, retention_sums
 
     torch.manual_seed(0)
     base = torch.randn(37, 64).to(dtype)  # 37 rows: the last block partial
@@ -310,7 +313,8 @@ def test_row_blocked_linear_merge_is_the_whole_tensor_merge(dtype: torch.dtype) 
 
 def test_row_blocked_merge_of_an_fp8_linear_dequantizes_like_the_whole_tensor() -> None:
     """FP8 with partial edge tiles (37 x 70 in 16 x 16 blocks): dequantized a block of rows at a time."""
-    from dsft.export.adapter import Adapter, merged, merged_rows
+    from dsft.adapters.weights import Adapter
+    from dsft.export.adapter import merged, merged_rows
     from dsft.models.fp8 import dequantize, quantize
 
     torch.manual_seed(1)

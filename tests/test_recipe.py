@@ -66,7 +66,7 @@ def test_routed_experts_bad_forms(make_recipe, cli) -> None:
     result = cli("validate", make_recipe(adapter={"routed_experts": "some"}))
     assert result.exit_code == 2 and "adapter.routed_experts.experts: must be none, all, or a mapping" in result.output
     result = cli("validate", make_recipe(adapter={"routed_experts": {1: []}}))
-    assert result.exit_code == 2 and "layer 1: give a non-empty list of expert ids" in result.output
+    assert result.exit_code == 2 and "layer 1: give a non-empty list of integer expert ids" in result.output
 
 
 def test_routed_experts_must_fit_the_model(make_recipe, cli, tmp_path: Path) -> None:

@@ -142,8 +142,8 @@ def _broken(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
             return base.float()
         return result
 
-    def wrong_index(path):
-        adapter = original_read(path)
+    def wrong_index(path, *args, **kwargs):
+        adapter = original_read(path, *args, **kwargs)
         experts = adapter.experts["model.layers.1.mlp.experts"]
         experts.ids = [1 if e == 0 else e for e in experts.ids]  # expert 0's delta written onto expert 1
         return adapter

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,14 +154,31 @@ def attach_lora(model: nn.Module, adapter: AdapterSection,
     return peft_model, targets
 
 
+def check_fits(model: nn.Module, adapter: Any, adapter_dir: str) -> None:
+    """Every LoRA'd Linear of the adapter exists in `model` with the shape its A and B imply."""
+    from dsft.errors import DsftError
+
+    modules = dict(model.named_modules())
+    for key, (out, inp) in adapter.shapes.items():
+        module = modules.get(key.removesuffix(".weight"))
+        if module is None or not _is_linear(module):
+            raise DsftError(f"{adapter_dir}: the adapter changes {key}, which this model has no Linear for; it was "
+                            "trained on another architecture")
+        if (module.out_features, module.in_features) != (out, inp):
+            raise DsftError(f"{adapter_dir}: {key} is [{module.out_features}, {module.in_features}] in this model, the "
+                            f"adapter expects [{out}, {inp}]: another architecture or size")
+
+
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
     """PeftModel.from_pretrained without PEFT's MoE rewrite (dsft.adapters.peft_guard), with dsft's expert LoRA restored
     on the experts recorded in the adapter's dsft_adapter.json."""
     from peft import LoraConfig, PeftModel
 
     from dsft.adapters.metadata import read_metadata
+    from dsft.adapters.weights import read_adapter
     from dsft.moe.lora import register
 
+    check_fits(model, read_adapter(Path(adapter_dir), "--adapter", model.config.to_dict(), keep=False), adapter_dir)
     routed = read_metadata(adapter_dir).get("routed_experts", {})
     selection = routed.get("experts", {})
     for name, module in model.named_modules():

@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from dsft.config.schema import AdapterSection
-from dsft.arch import IDENTITY
 
 FILENAME = "dsft_adapter.json"
 FORMAT_VERSION = 1
@@ -55,45 +54,8 @@ def write_metadata(adapter_dir: Path, meta: dict[str, Any]) -> None:
     (adapter_dir / FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def identity_mismatches(config: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    """How a base config.json differs from the base an adapter recorded (architecture and shapes)."""
-    recorded = meta.get("base_model", {})
-    return [f"{k} {config.get(k)!r} (adapter: {recorded[k]!r})" for k in IDENTITY
-            if recorded.get(k) is not None and config.get(k) != recorded[k]]
-
-
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     from dsft.outputs import read_json
 
     path = Path(adapter_dir) / FILENAME
     return read_json(path, "the adapter is damaged: train it again or restore the file") if path.is_file() else {}
-
-
-WEIGHTS = "adapter_model.safetensors"
-
-
-def check_adapter_dir(adapter_dir: Path, key: str = "--adapter") -> dict[str, Any]:
-    """Before PEFT or the merge reads an adapter directory: its config is a JSON mapping, its weights are
-    safetensors whose header parses and whose bytes are all there (pickle files are never unpickled), and
-    dsft_adapter.json, if any, is readable. Returns adapter_config.json."""
-    from dsft.models.files import safetensors_header
-    from dsft.errors import DsftError
-    from dsft.outputs import read_json
-
-    damaged = "the adapter is damaged: train it again or restore the file"
-    config = read_json(adapter_dir / "adapter_config.json", damaged)
-    if not isinstance(config.get("r"), int) and not config.get("rank_pattern"):
-        raise DsftError(f"{adapter_dir / 'adapter_config.json'}: no LoRA rank `r`; not a LoRA adapter config ({damaged})")
-    weights = adapter_dir / WEIGHTS
-    if not weights.is_file():
-        pickles = sorted(p.name for p in adapter_dir.glob("*.bin"))
-        if pickles:
-            raise DsftError(f"{key} {adapter_dir}: holds only pickle weights ({', '.join(pickles)}); dsft never unpickles: "
-                            f"save the adapter as {WEIGHTS} (PEFT's default, safe_serialization=True)")
-        raise DsftError(f"{key} {adapter_dir}: no {WEIGHTS}; {damaged}")
-    try:
-        safetensors_header(weights)
-    except ValueError as e:
-        raise DsftError(f"{key}: {e}") from None
-    read_metadata(adapter_dir)
-    return config

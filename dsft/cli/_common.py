@@ -149,6 +149,19 @@ def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callab
     return errors_exit_2(command)
 
 
+MAX_LINE, MAX_LINES = 1000, 40
+
+
+def capped(lines: list[str]) -> list[str]:
+    """An error's lines as printed: each cut to MAX_LINE characters and at most MAX_LINES of them, so that no
+    input (a huge value, an expanded YAML alias) is echoed back whole."""
+    out = [line if len(line) <= MAX_LINE else f"{line[:MAX_LINE]}... ({len(line) - MAX_LINE:,} more characters)"
+           for line in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        out.append(f"... and {len(lines) - MAX_LINES} more")
+    return out
+
+
 def errors_exit_2(fn: F) -> F:
     """Report DsftError as one line per problem on stderr and exit 2; tracebacks only with DSFT_DEBUG=1."""
 
@@ -159,7 +172,7 @@ def errors_exit_2(fn: F) -> F:
         except DsftError as e:
             if os.environ.get("DSFT_DEBUG"):
                 raise
-            for line in e.lines:
+            for line in capped(e.lines):
                 typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a writer met a full disk, a read-only file system, a permission

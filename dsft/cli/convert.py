@@ -23,3 +23,5 @@ def convert(
     record = run_convert(model, out, force)
     typer.echo(f"{out}: {record['tensors']} tensors in {len(record['shards'])} safetensors shards "
                f"(from {model}; dsft-convert.json)")
+    if record["not_copied"]:
+        typer.echo(f"not copied (weight files that are not the release's .bin shards): {', '.join(record['not_copied'])}")

@@ -20,7 +20,8 @@ def eval_(
     samples: Annotated[int, typer.Option(help="Examples scored.")] = 256,
     generations: Annotated[int, typer.Option(help="Prompts answered greedily.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per generated answer.")] = 48,
-    force: Annotated[bool, typer.Option("--force", help="Evaluate a failed or interrupted run's adapter.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Evaluate a failed or interrupted run's adapter, or on a base whose weights are not the ones it "
+                                        "was trained on.")] = False,
     on_train: Annotated[bool, typer.Option("--on-train", help="Without held-out data: score the training data "
                                            "(labelled so; not a held-out measure).")] = False,
 ) -> None:
@@ -49,6 +50,9 @@ def eval_(
         extra = (f"{r['pairs']['accuracy']:.1%}", f"{r['pairs']['margin']:+.3f}") if pairs else ()
         table.add_row(name, f"{r['loss']:.3f}", f"{r['perplexity']:.1f}", *extra)
     show(table)
+    if report["truncated"]:
+        console.print(f"{report['truncated']} {'sequences' if pairs else 'examples'} longer than the run's data.max_length "
+                      f"({report['max_length']} tokens) were cut to it, as in training", soft_wrap=True)
     if report["routing_drift"]:
         drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in report["routing_drift"].items())
         console.print(f"routing drift on these {report['examples']} rows (share of each layer's "

@@ -38,7 +38,8 @@ def _prepare(recipe: Path, set_: list[str] | None):
 
 def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN001, ANN202 - lazy types
     """(profile, its directory, whether it was computed now). The model is loaded only when needed."""
-    from dsft.models.load import load_model, model_identity
+    from dsft.models.identity import model_identity
+    from dsft.models.load import load_model
     from dsft.moe.profile import read_profile
     from dsft.train.run_dir import data_sha256
     from dsft.train.targeting import ROUTING_DIR, ensure_profile, profile_key

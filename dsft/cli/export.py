@@ -19,7 +19,8 @@ def export(
                                         "--lora-modules NAME=OUT`.")] = "vllm",
     base: Annotated[Path | None, typer.Option("--base", help="The base checkpoint; default: the run's recipe model.path.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an export dsft wrote at --out; export a failed or "
-                                        "interrupted run's adapter.")] = False,
+                                        "interrupted run's adapter; export for a --base whose weights are not the ones it "
+                                        "was trained on.")] = False,
 ) -> None:
     """Write the adapter as vLLM serves it unmerged: per-module scales folded, per-expert keys, one r / alpha."""
     from dsft.export.merge import resolve

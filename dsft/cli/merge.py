@@ -23,7 +23,8 @@ def merge(
     verify: Annotated[bool, typer.Option("--verify", help="Compare with base + adapter; exit 1 beyond tolerance.")] = False,
     verify_layers: Annotated[int | None, typer.Option(help="Verify on the first N layers only (big checkpoints).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a merged checkpoint dsft wrote at --out; merge a "
-                                        "failed or interrupted run's adapter.")] = False,
+                                        "failed or interrupted run's adapter; merge into a --base whose weights are not the "
+                                        "ones it was trained on.")] = False,
 ) -> None:
     """Merge a LoRA / expert adapter into the ORIGINAL base weights, shard by shard, and optionally verify."""
     from dsft.console import console as dsft_console

@@ -1,4 +1,5 @@
-"""`dsft validate`: check a recipe without loading a model (and without importing torch)."""
+"""`dsft validate`: check a recipe without loading a model (statically, without torch; with --check-files, every
+check `dsft sft` / `dsft dpo` makes before loading weights)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def validate(
     recipe_opt: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML file, as the other commands "
                                                     "take it.", show_default=False)] = None,
     check_files: Annotated[
-        bool, typer.Option("--check-files", help="Also check data files, model directory, config, shards and tokenizer.")
+        bool, typer.Option("--check-files", help="Also make every check `dsft sft` / `dsft dpo` makes before loading "
+                           "weights: data rows, model files, expert selection, output location, tokens.")
     ] = False,
     set_: SetOpt = None,
 ) -> None:
@@ -30,13 +32,15 @@ def validate(
     recipe = recipe_arg or recipe_opt
 
     resolved = load_recipe(recipe, set_ or [], check_files=check_files)
-    if check_files:
-        from dsft.data.formats import load_conversations
-        from dsft.data.preference import load_pairs
+    if check_files:  # every check `dsft sft` / `dsft dpo` makes before loading weights, with the same code
+        from dsft.outputs import check_location
+        from dsft.train.pipeline import objective, preflight
+        from dsft.train.run_dir import run_inputs
 
-        data = resolved.data
-        if data.format == "preference":
-            load_pairs([*data.train, *data.eval], data.system_prompt)
-        else:
-            load_conversations([*data.train, *data.eval], data.format, data.system_prompt)
-    typer.echo(f"{recipe}: ok" + (" (files checked)" if check_files else ""))
+        kind = "dpo" if resolved.data.format == "preference" else "sft"
+        check_location(Path(resolved.output_dir), "output_dir", run_inputs(resolved))
+        preflight(resolved, objective(kind), force=False, check_output=False)
+        typer.echo(f"{recipe}: ok (files checked as `dsft {kind}` checks them: data rows, model files, expert selection, "
+                   "tokenizer, tokens)")
+        return
+    typer.echo(f"{recipe}: ok")

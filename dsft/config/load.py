@@ -12,12 +12,21 @@ from dsft.config.schema import Recipe
 from dsft.errors import DsftError
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_VALUES = 100_000  # a recipe holds dozens; more means YAML aliases expanding (the "billion laughs")
+MAX_DEPTH = 64
+SCRATCH = "x-"  # top-level keys starting so hold YAML anchors only (as in Docker Compose files)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently). Merge
+    keys (`<<: *defaults`) work as in YAML: a key written in the mapping overrides a merged one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}; keep one of them",
@@ -27,7 +36,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML text as data; nesting too deep for the parser is a YAMLError like any other syntax problem."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to read") from None
+
+
+def check_document(data: Any, where: str) -> None:
+    """A recipe is small, shallow text: refuse aliases that expand it past MAX_VALUES values, nesting past
+    MAX_DEPTH levels, and strings that are not text (a lone UTF-16 surrogate from a `\\ud800` escape), each
+    named by its dotted key."""
+    count, stack = 0, [("", data, 0)]
+    while stack:
+        at, value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise DsftError(f"{where}: the recipe expands to more than {MAX_VALUES:,} values through YAML aliases "
+                            "(`*name`); a recipe is small: write the values out, or use fewer aliases")
+        if depth > MAX_DEPTH:
+            raise DsftError(f"{where}: {at or 'the recipe'} is nested more than {MAX_DEPTH} levels deep; a recipe has "
+                            "sections of keys: fix the nesting")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DsftError(f"{where}: {at or 'the recipe'}: holds a lone UTF-16 surrogate (a `\\ud800`-style escape "
+                                "without its pair), which is not text; write the character itself") from None
+        elif isinstance(value, dict):
+            stack += [(f"{at}.{k}" if at else str(k), v, depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{at}[{i}]", v, depth + 1) for i, v in enumerate(value)]
 
 
 def read_yaml(path: Path, what: str = "recipe file") -> dict[str, Any]:
@@ -44,6 +83,7 @@ def read_yaml(path: Path, what: str = "recipe file") -> dict[str, Any]:
         raise DsftError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(data, dict):
         raise DsftError(f"{path}: a recipe is a YAML mapping with sections model, data, adapter, training, output_dir")
+    check_document(data, str(path))
     return data
 
 
@@ -74,7 +114,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, str
 def load_recipe(path: Path, overrides: list[str] | None = None, check_files: bool = False) -> Recipe:
     data = read_yaml(path)
     given = apply_overrides(data, overrides or [])
-    return validate_recipe(data, source=str(path), check_files=check_files, overrides=given)
+    if given:
+        check_document(data, f"{path} with --set")
+    for key in [k for k in data if isinstance(k, str) and k.startswith(SCRATCH)]:
+        del data[key]  # `x-defaults: &d {...}`: a place for anchors to merge (`<<: *d`), not a recipe section
+    recipe = validate_recipe(data, source=str(path), check_files=check_files, overrides=given)
+    if check_files:  # a run directory reached through a symbolic link is written at its target
+        import os
+
+        from dsft.outputs import resolve_output
+
+        target = resolve_output(recipe.output_dir, "output_dir")
+        if target != Path(os.path.abspath(recipe.output_dir)):
+            recipe.output_dir = str(target)
+    return recipe
 
 
 def validate_recipe(data: dict[str, Any], source: str, check_files: bool = False,
@@ -113,6 +166,12 @@ def _section_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A value as an error shows it: its repr cut to `limit` characters (never a whole expanded document)."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
     "dict": "a mapping", "model": "a mapping", "list": "a list",
@@ -132,14 +191,14 @@ def describe(err: dict[str, Any]) -> str:
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        what = f"must be {op} {bound} (got {err['input']!r})"
+        what = f"must be {op} {bound} (got {_short(err['input'])})"
     elif kind == "finite_number":
-        what = f"must be a finite number (got {err['input']!r})"
+        what = f"must be a finite number (got {_short(err['input'])})"
     elif kind == "literal_error":
-        what = f"must be one of {ctx['expected']} (got {err['input']!r})"
+        what = f"must be one of {ctx['expected']} (got {_short(err['input'])})"
     elif kind.endswith(("_parsing", "_type")):
         wanted = _TYPE_WORDS.get(kind.split("_")[0], kind.split("_")[0])
-        what = f"must be {wanted} (got {err['input']!r})"
+        what = f"must be {wanted} (got {_short(err['input'])})"
     elif kind == "value_error":
         what = str(ctx.get("error", err["msg"]))
     else:

@@ -58,6 +58,7 @@ class ModelSection(Section):
     def _path(cls, v: str, info: ValidationInfo) -> str:
         if not v.strip():
             raise ValueError("empty; give a checkpoint directory or builtin:tiny-deepseek-v3")
+        v = _expand(v)
         if v.startswith(BUILTIN_PREFIX):
             name = v[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_MODELS:
@@ -98,7 +99,8 @@ class DataSection(Section):
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str) else v
+        return [_expand(p) if isinstance(p, str) else p for p in v] if isinstance(v, list) else v
 
     @field_validator("train")
     @classmethod
@@ -119,6 +121,7 @@ class DataSection(Section):
     @field_validator("chat_template")
     @classmethod
     def _template_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = _expand(v) if v is not None else v
         if v is not None and _checking_files(info) and not Path(v).is_file():
             raise ValueError(f"file not found: {v}")
         return v
@@ -145,15 +148,37 @@ def _parse_selection(v: Any) -> Any:
         raise ValueError("must be none, all, or a mapping {layer: [expert ids]} such as {1: [0, 3]}")
     out: dict[int, list[int]] = {}
     for layer, ids in v.items():
-        try:
-            layer_i = int(layer)
-            ids_i = sorted({int(i) for i in ids}) if isinstance(ids, list) else None
-        except (TypeError, ValueError):
-            ids_i = None
-        if ids_i is None or layer_i < 0 or not ids_i or min(ids_i) < 0:
-            raise ValueError(f"layer {layer!r}: give a non-empty list of expert ids >= 0, e.g. {{{layer}: [0, 3]}}")
+        layer_i = _index(layer)
+        ids_i = sorted({_index(i) for i in ids}) if isinstance(ids, list) else None
+        shown = _short(layer)
+        if layer_i is None:
+            raise ValueError(f"layer {shown}: layers are integers >= 0, e.g. {{1: [0, 3]}}")
+        if not ids_i or None in ids_i:
+            raise ValueError(f"layer {shown}: give a non-empty list of integer expert ids >= 0, e.g. {{{layer_i}: [0, 3]}} "
+                             f"(got {_short(ids)})")
         out[layer_i] = ids_i
     return out
+
+
+def _index(value: Any) -> int | None:
+    """A layer or expert number: an integer >= 0 (or its decimal string, as YAML keys may be); never a bool,
+    a float or infinity."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _expand(path: str) -> str:
+    """`~` and `~user` expanded, as a shell would (a recipe is not run through one)."""
+    import os
+
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 ROUTED_KEYS = {"experts", "policy", "top_p", "min_per_layer", "max_per_layer", "samples", "count", "mode", "r", "alpha"}
@@ -277,6 +302,7 @@ class DpoSection(Section):
     @field_validator("init_adapter")
     @classmethod
     def _adapter_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        v = _expand(v) if v is not None else v
         if v is not None and _checking_files(info):
             path = Path(v)
             if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()):
@@ -299,7 +325,7 @@ class Recipe(Section):
     def _output_dir(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("empty; give the run directory to write, e.g. runs/legal")
-        return v
+        return _expand(v)
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":

@@ -53,6 +53,24 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise DsftError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
+def surrogate_field(value: Any, where: str = "the row") -> str | None:
+    """Where in a decoded JSON value a string holds a lone UTF-16 surrogate (JSON's `\\ud800` escape without
+    its pair decodes to one, and no tokenizer or file can take it), or None."""
+    stack = [(where, value)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return at
+        elif isinstance(v, dict):
+            stack += [(f"field {k!r}" if at == where else f"{at}.{k}", x) for k, x in v.items()]
+        elif isinstance(v, list):
+            stack += [(f"{at}[{i}]", x) for i, x in enumerate(v)]
+    return None
+
+
 def _not_utf8(e: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8"
 
@@ -68,9 +86,17 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{n}", json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{path}:{n}", RowError(f"not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+                continue
+            except RecursionError:
+                yield f"{path}:{n}", RowError("nested too deeply to read (JSON arrays or objects over ~1000 levels deep); "
+                                              "a row is an object of text fields")
+                continue
+            bad = surrogate_field(row) if "\\u" in line else None
+            yield f"{path}:{n}", RowError(f"{bad}: holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                                          "pair), which is not text; fix the escape") if bad else row
 
 
 def _text(row: dict, key: str, required: bool = True) -> str:

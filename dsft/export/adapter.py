@@ -1,4 +1,5 @@
-"""An adapter read back as per-tensor changes to the base checkpoint, in the checkpoint's own names.
+"""An adapter's weight changes applied to base tensors, in the checkpoint's own names. The adapter is read
+and checked by dsft.adapters.weights.read_adapter (the one reader: its scales are PEFT's).
 
 - PEFT LoRA on nn.Linear `M`: `M.weight += s * B @ A`, s = alpha / r (rank/alpha patterns honoured).
 - A router trained whole (`modules_to_save`): `M.weight` replaced.
@@ -11,90 +12,10 @@
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors.torch import load_file
 
-from dsft.adapters.metadata import read_metadata
-from dsft.errors import DsftError
-from dsft.arch import FUSED, PER_EXPERT, canonical, layer_index, selects
-from dsft.moe.lora import lora_scale
-
-PREFIX = "base_model.model."
-
-
-@dataclass
-class Experts:
-    ids: list[int]
-    tensors: dict[str, torch.Tensor]  # lora_gate_up_A ... or lora_full_gate_up / lora_full_down
-    scale: float
-
-    @property
-    def full(self) -> bool:
-        return "lora_full_gate_up" in self.tensors
-
-
-@dataclass
-class Adapter:
-    linear: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # base key -> A, B, s
-    replace: dict[str, torch.Tensor] = field(default_factory=dict)
-    experts: dict[str, Experts] = field(default_factory=dict)  # experts module -> its adapter
-    nbytes: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def touches(self, key: str) -> bool:
-        return selects(key, self.linear.keys() | self.replace.keys(), {m: e.ids for m, e in self.experts.items()})
-
-    def targets(self) -> list[str]:
-        return [*self.linear, *self.replace]
-
-
-def _scale(module: str, rank: int, config: dict[str, Any]) -> float:
-    alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(pattern, module) or re.match(rf"(.*\.)?{pattern}$", module):
-            alpha = value
-    return lora_scale(rank, alpha, bool(config.get("use_rslora")))
-
-
-def read_adapter(adapter_dir: Path) -> Adapter:
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise DsftError(f"--adapter {adapter_dir}: no adapter_config.json / adapter_model.safetensors (safetensors only)")
-    config = json.loads(config_path.read_text())
-    weights = load_file(weights_path)
-    meta = read_metadata(adapter_dir)
-    adapter = Adapter(nbytes=sum(t.numel() * t.element_size() for t in weights.values()), meta=meta)
-    routed = meta.get("routed_experts", {})
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        name = key.removeprefix(PREFIX)
-        if ".lora_" not in name:
-            if name.endswith(".weight"):  # a module trained whole (the router); its buffers are unchanged
-                adapter.replace[name] = tensor
-            continue
-        module, _, part = name.partition(".lora_")
-        by_module.setdefault(module, {})["lora_" + part.removesuffix(".weight") if module.endswith(".mlp.experts")
-                                         else "lora_" + part] = tensor
-    for module, parts in by_module.items():
-        if module.endswith(".mlp.experts"):
-            layer = str(layer_index(module))
-            ids = routed.get("experts", {}).get(layer)
-            if ids is None:
-                raise DsftError(f"--adapter {adapter_dir}: expert weights for layer {layer} but no expert list in dsft_adapter.json")
-            scale = lora_scale(routed.get("r", 1), routed.get("alpha", 1.0), bool(config.get("use_rslora")))
-            adapter.experts[module] = Experts(ids, parts, scale)
-        elif "lora_A.weight" in parts and "lora_B.weight" in parts:
-            a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-            adapter.linear[module + ".weight"] = (a, b, _scale(module, a.shape[0], config))
-        else:
-            raise DsftError(f"--adapter {adapter_dir}: {module} has LoRA weights dsft cannot merge: {sorted(parts)}")
-    return adapter
+from dsft.adapters.weights import Adapter, Experts
+from dsft.arch import FUSED, PER_EXPERT, canonical
 
 
 def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:

@@ -21,18 +21,21 @@ from typing import Any
 
 import torch
 
-from dsft.adapters.metadata import identity_mismatches
 from dsft.errors import DsftError
-from dsft.export.adapter import Adapter, merged, merged_rows, read_adapter, retention_sums
-from dsft.export.partial import PartialOutput, fingerprint
+from dsft.adapters.weights import Adapter, read_adapter
+from dsft.export.adapter import merged, merged_rows, retention_sums
+from dsft.export.partial import PROGRESS, PartialOutput, fingerprint
 from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
 from dsft.arch import canonical, missing_engine_keys
 from dsft.models.fp8 import dequantize, quantize
+from dsft.models.identity import check_base
 from dsft.arch import FUSED, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
-from dsft.outputs import check_location, check_replaceable, human_size, nearest_existing
+from dsft.outputs import (
+    check_location, check_replaceable, human_size, nearest_existing, resolve_output, written_files,
+)
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -44,17 +47,20 @@ class Source:
     base: Path
     run: Path | None
     recipe: dict[str, Any] | None
+    base_key: str = "--base"  # where the base came from, named in its errors
 
 
 def resolve(adapter_arg: Path, base: Path | None) -> Source:
     """`--adapter` may be a run directory (RUN/adapter inside) or an adapter directory; the base is
     `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter.
     The adapter's files and the base's config and shard headers are checked before anything is read."""
-    from dsft.adapters.metadata import check_adapter_dir
+    from dsft.adapters.weights import check_adapter_dir
     from dsft.models.files import model_dir_error
     from dsft.config.load import load_run_recipe
     from dsft.models.load import resolve_model_path
+    from dsft.train.run_dir import refuse_checkpoint
 
+    refuse_checkpoint(adapter_arg)
     if (adapter_arg / "adapter" / "adapter_config.json").is_file():
         run, adapter_dir = adapter_arg, adapter_arg / "adapter"
     elif (adapter_arg / "adapter_config.json").is_file():
@@ -76,18 +82,24 @@ def resolve(adapter_arg: Path, base: Path | None) -> Source:
                 raise DsftError(f"--adapter {adapter_arg}: no run recipe names the base model; pass --base /path/to/checkpoint")
             base = Path(name)
     model_dir_error(Path(base), key, tokenizer=False)
-    return Source(adapter_dir, Path(base), run, recipe)
+    return Source(adapter_dir, Path(base), run, recipe, key)
+
+
+def read_checked(source: Source, force: bool) -> Adapter:
+    """The adapter, read once its recorded base is this base (the architecture always, the weights unless
+    --force), and checked against this base's config."""
+    from dsft.adapters.metadata import read_metadata
+    from dsft.models.check import check_checkpoint
+
+    recorded = read_metadata(source.adapter_dir).get("base_model")
+    check_base(recorded, source.base, source.base_key, weights=False)  # another model is named as such first,
+    check_checkpoint(source.base, source.base_key)  # a damaged base as damaged, then other weights as other weights
+    check_base(recorded, source.base, source.base_key, force, "pass --force to apply the adapter to this checkpoint anyway")
+    return read_adapter(source.adapter_dir, "--adapter", json.loads((source.base / "config.json").read_text()))
 
 
 def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dict[str, Any]]:
-    """Base identity and every adapter target against the base's headers, before anything is written."""
-    from dsft.models.check import check_checkpoint
-
-    config = json.loads((source.base / "config.json").read_text())
-    wrong = identity_mismatches(config, adapter.meta)
-    if wrong:
-        raise DsftError(f"--base {source.base} is not the model this adapter was trained on: {'; '.join(wrong)}")
-    check_checkpoint(source.base, "--base")
+    """Every adapter target against the base's headers, before anything is written."""
     headers = {shard.name: read_header(shard)[0] for shard in shards}
     keys = {canonical(k): h[k] for h in headers.values() for k in h if k != "__metadata__"}
     missing = [k for k in adapter.targets() if k not in keys]
@@ -99,6 +111,10 @@ def check(source: Source, adapter: Adapter, shards: list[Path]) -> dict[str, dic
         if list(keys[key]["shape"]) != [b.shape[0], a.shape[1]]:
             raise DsftError(f"--base {source.base}: {key} is {keys[key]['shape']}, the adapter expects "
                             f"{[b.shape[0], a.shape[1]]}: another architecture or size")
+    for key, tensor in adapter.replace.items():
+        if list(keys[key]["shape"]) != list(tensor.shape):
+            raise DsftError(f"--base {source.base}: {key} is {keys[key]['shape']}, the adapter's trained copy is "
+                            f"{list(tensor.shape)}: another architecture or size")
     return headers
 
 
@@ -239,8 +255,9 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
 
     import dsft
 
+    out = resolve_output(out, "--out")
     check_out(out, source, force)
-    adapter = read_adapter(source.adapter_dir)
+    adapter = read_checked(source, force)
     shards = shard_files(source.base)
     headers = check(source, adapter, shards)
     config = json.loads((source.base / "config.json").read_text())
@@ -255,7 +272,7 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
     inputs = [*shards, *(f for f in source.adapter_dir.iterdir() if f.is_file())]
     key = fingerprint(inputs, dtype=dtype, requantize=requantize, dsft_version=dsft.__version__)
     console = dsft_console(stderr=True, quiet=not progress)
-    with PartialOutput(out, key) as partial:
+    with PartialOutput(out, key, recheck=lambda: check_out(out, source, force)) as partial:
         if partial.done:
             console.print(f"continuing an interrupted merge into {out}: {len(partial.done)} of {len(shards)} shards "
                           "already written")
@@ -294,6 +311,7 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
                   "machine": machine(), "config_missing_engine_keys": engine_gaps,
                   "routed_experts": adapter.meta.get("routed_experts"),
                   "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
+        record["files"] = sorted({*(n for n in written_files(partial.dir) if n != PROGRESS), MERGE_RECORD})
         (partial.dir / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         partial.finish()
     return record
@@ -308,10 +326,6 @@ def check_out(out: Path, source: Source, force: bool) -> None:
     inputs = {"run being merged (--adapter)": [source.run] if source.run else [],
               "adapter (--adapter)": [source.adapter_dir], "base checkpoint": [source.base]}
     check_location(out, "--out", inputs, replaceable=True)
-    if not out.exists():
-        return
-    if not force:
-        raise DsftError(f"--out {out} already exists; pass --force to replace it or choose another directory")
     check_replaceable(out, MERGE_RECORD, "a merged checkpoint", force)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from dsft.outputs import OutputLock
+from dsft.outputs import LOCK_NAME, OutputLock, clear_dir, partial_dir, replace_dir
 
 PROGRESS = "dsft-merge-progress.json"
-LOCK = ".lock"
+LOCK = LOCK_NAME  # the same lock as every staged output: a merge and an export into one --out exclude each other
 
 
 def fingerprint(files: list[Path], **options: Any) -> dict[str, Any]:
@@ -30,14 +29,23 @@ def fingerprint(files: list[Path], **options: Any) -> dict[str, Any]:
 
 
 class PartialOutput:
-    def __init__(self, out: Path, key: dict[str, Any]) -> None:
-        self.out, self.key = out, key
-        self.dir = out.parent / f".{out.name}.dsft-partial"
+    """`recheck`: the caller's check of `--out`, run again under the lock (another merge may have finished
+    there since it was first checked)."""
+
+    def __init__(self, out: Path, key: dict[str, Any], recheck: Any = None) -> None:
+        self.out, self.key, self.recheck = out, key, recheck
+        self.dir = partial_dir(out)
         self.done: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> "PartialOutput":
-        self._lock = OutputLock(self.dir, "--out", LOCK, busy=f"--out {self.out}: another dsft merge is writing it; "
+        self._lock = OutputLock(self.dir, "--out", LOCK, busy=f"--out {self.out}: another dsft process is writing it; "
                                 "wait for that one or choose another --out").__enter__()
+        if self.recheck is not None:
+            try:
+                self.recheck()
+            except BaseException as e:
+                self.__exit__(type(e), e, None)
+                raise
         state = self._read()
         if state.get("fingerprint") == self.key:
             self.done = {n: d for n, d in state["done"].items() if (self.dir / n).is_file()}
@@ -55,9 +63,7 @@ class PartialOutput:
             return {}
 
     def _clear(self) -> None:
-        for p in self.dir.iterdir():
-            if p.name != LOCK:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        clear_dir(self.dir, keep=(LOCK,))
 
     def part(self, name: str) -> Path:
         return self.dir / f"{name}.part"
@@ -71,9 +77,8 @@ class PartialOutput:
         os.replace(tmp, self.dir / PROGRESS)
 
     def finish(self) -> None:
-        """Move the finished output to `--out` (replacing it: the caller checked --force)."""
-        (self.dir / PROGRESS).unlink(missing_ok=True)
-        (self.dir / LOCK).unlink(missing_ok=True)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.dir, self.out)
+        """Move the finished output to `--out` (replacing it: the caller checked --force). Until the rename
+        succeeds the progress file stays, so a failed rename is continued by the same command, not redone."""
+        replace_dir(self.dir, self.out)
+        (self.out / PROGRESS).unlink(missing_ok=True)
+        (self.out / LOCK).unlink(missing_ok=True)

@@ -28,9 +28,9 @@ import torch
 
 from dsft import arch
 from dsft.errors import DsftError
-from dsft.export.adapter import Adapter, read_adapter
-from dsft.export.merge import Source
-from dsft.outputs import check_location, check_replaceable, staged
+from dsft.adapters.weights import Adapter
+from dsft.export.merge import Source, read_checked
+from dsft.outputs import check_location, check_replaceable, resolve_output, staged, written_files
 
 PREFIX = "base_model.model."
 EXPERT_LORA_2D = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe")
@@ -142,13 +142,14 @@ def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any
 
     inputs = {"run being exported (--adapter)": [source.run] if source.run else [], "adapter (--adapter)": [source.adapter_dir],
               "base checkpoint": [source.base]}
+    out = resolve_output(out, "--out")
     check_location(out, "--out", inputs)
     check_replaceable(out, RECORD, "an export", force)
     config = json.loads((source.base / "config.json").read_text())
-    adapter = read_adapter(source.adapter_dir)
+    adapter = read_checked(source, force)
     refuse_unservable(adapter, config)
     tensors, rank = vllm_tensors(adapter, config)
-    with staged(out) as tmp:
+    with staged(out, recheck=lambda: check_replaceable(out, RECORD, "an export", force)) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(tensors, rank, str(source.base)), indent=2))
         for f in source.adapter_dir.iterdir():  # the tokenizer and chat template the run trained with
@@ -160,5 +161,6 @@ def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any
         record = {"format": "vllm", "run": str(source.run) if source.run else None, "adapter": str(source.adapter_dir),
                   "base": str(source.base), "max_lora_rank": rank, "tensors": len(tensors),
                   "adapted_expert_layers": sorted(adapter.experts)}
+        record["files"] = sorted({*written_files(tmp), RECORD})
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -90,17 +90,3 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def model_identity(path: Path, model_path: str) -> dict[str, Any]:
-    """What an adapter was trained on, recorded with the run and checked by merge."""
-    import hashlib
-    import json
-
-    raw = (path / "config.json").read_bytes()
-    cfg = json.loads(raw)
-    from dsft.arch import IDENTITY
-
-    keys = ("architectures", *IDENTITY)
-    return {"path": model_path, "resolved_path": str(path.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
-            **{k: cfg.get(k) for k in keys}}

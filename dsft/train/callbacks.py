@@ -30,6 +30,31 @@ class JsonlMetrics(TrainerCallback):
         return [r["loss"] for r in rows if "loss" in r]
 
 
+class TrackerFiles(TrainerCallback):
+    """Note what the recipe's trackers write in the run directory as they write it (when training starts,
+    at every log and checkpoint), so that --force later removes exactly that (dsft.train.run_dir)."""
+
+    def __init__(self, run: Path, trackers: list[str]) -> None:
+        import time
+
+        self.run, self.trackers, self.since = run, trackers, time.time() - 1
+
+    def _note(self, state: Any) -> None:
+        from dsft.train.run_dir import record_tracker_files
+
+        if self.trackers and state.is_world_process_zero:
+            record_tracker_files(self.run, self.trackers, self.since)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._note(state)
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._note(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._note(state)
+
+
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
     """metrics.jsonl's rows, and how many lines were torn or not JSON (a kill during an append)."""
     rows, torn = [], 0

@@ -63,7 +63,9 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
                                                 if base.get("resolved_path") and base.get("resolved_path") != base.get("path") else ""),
              f"- architecture: {', '.join(base.get('architectures') or [])} (`model_type: {base.get('model_type')}`), "
              f"{base.get('num_hidden_layers')} layers, hidden size {base.get('hidden_size')}",
-             f"- config.json sha256: `{base.get('config_sha256')}`", "", "## Data", ""]
+             f"- config.json sha256: `{base.get('config_sha256')}`",
+             f"- weights fingerprint: `{base.get('weights_fingerprint')}` (merge, export, eval and chat check it)",
+             "", "## Data", ""]
     lines += [f"- `{path}` sha256 `{sha}`" for path, sha in info.get("data_sha256", {}).items()]
     lines += [f"- format `{r.data.format}`, max_length {r.data.max_length}, packing {r.data.packing}", "",
               "## Recipe highlights (full: recipe.yaml)", "",

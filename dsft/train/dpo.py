@@ -62,16 +62,20 @@ class DPO(pipeline.Objective):
         return load_pairs(data.train, data.system_prompt), load_pairs(data.eval, data.system_prompt) if data.eval else None
 
     def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
-        from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
+        from dsft.adapters.metadata import read_metadata
+        from dsft.adapters.weights import check_adapter_dir
+        from dsft.models.identity import check_base
+        from dsft.models.load import resolve_model_path
+        from dsft.train.run_dir import refuse_checkpoint
 
         dpo = recipe.dpo or DpoSection()
         if not dpo.init_adapter:
             return None
+        refuse_checkpoint(Path(dpo.init_adapter), "dpo.init_adapter")
         adapter = _adapter_dir(dpo.init_adapter)
-        check_adapter_dir(adapter, "dpo.init_adapter")
-        wrong = identity_mismatches(config, read_metadata(adapter))
-        if wrong:
-            raise DsftError(f"dpo.init_adapter: {adapter} was trained on another model than model.path: {'; '.join(wrong)}")
+        check_base(read_metadata(adapter).get("base_model"), resolve_model_path(recipe.model.path),
+                   "dpo.init_adapter", force_hint=None)
+        check_adapter_dir(adapter, "dpo.init_adapter", config)
         return adapter
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rows: tuple[list, list | None]) -> dict[str, Any]:

@@ -25,12 +25,15 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     """(recipe, adapter directory, base model path) of a finished run, every file checked before a model
     is loaded: not while it trains, a failed or interrupted one only with --force, the adapter's files,
     and the base it names is still the model the adapter was trained on."""
-    from dsft.adapters.metadata import check_adapter_dir, identity_mismatches, read_metadata
+    from dsft.adapters.metadata import read_metadata
+    from dsft.adapters.weights import check_adapter_dir
     from dsft.models.check import check_checkpoint
     from dsft.models.files import model_dir_error, read_model_config
+    from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import RunDir
+    from dsft.train.run_dir import RunDir, refuse_checkpoint
 
+    refuse_checkpoint(run)
     if not run.is_dir():
         raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft sft or dpo run")
     rundir = RunDir(run)
@@ -39,15 +42,14 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     adapter_dir = rundir.adapter
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DsftError(f"--adapter {run}: the run has no adapter/ (it never finished); resume or train it first")
-    check_adapter_dir(adapter_dir)
     model_path = resolve_model_path(recipe.model.path)
     key = f"{rundir.recipe_file}: model.path"
     model_dir_error(model_path, key, tokenizer=False)
-    wrong = identity_mismatches(read_model_config(model_path), read_metadata(adapter_dir))
-    if wrong:
-        raise DsftError(f"{key}: {model_path} is not the model this adapter was trained on: {'; '.join(wrong)}; "
-                        "restore that checkpoint there")
+    recorded = read_metadata(adapter_dir).get("base_model")
+    check_base(recorded, model_path, key, weights=False)
     check_checkpoint(model_path, key)
+    check_base(recorded, model_path, key, force, f"pass --force to {command} the adapter on this checkpoint anyway")
+    check_adapter_dir(adapter_dir, base_config=read_model_config(model_path))
     return recipe, adapter_dir, model_path
 
 
@@ -80,6 +82,12 @@ def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple
     d = recipe.data
     if data and not Path(data).is_file():
         raise DsftError(f"--data {data}: file not found")
+    if data and not on_train:
+        trained = training_file(recipe, Path(data))
+        if trained:
+            raise DsftError(f"--data {data}: the run trained on this file ({trained}, same sha256), so its loss is not a "
+                            "held-out measure; pass rows it did not train on, or add --on-train to score it labelled as "
+                            "training data")
     if not data and not d.eval and not on_train:
         raise DsftError(f"--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
                         "rows it did not train on, or --on-train to score its training data (not a held-out measure)")
@@ -88,6 +96,31 @@ def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple
     if kind == "pairs":
         return kind, load_pairs(files, d.system_prompt), files
     return kind, load_conversations(files, fmt if data else (d.format if d.format != "preference" else fmt), d.system_prompt), files
+
+
+def training_file(recipe: Recipe, path: Path) -> str | None:
+    """The run's training file that `path` is (the same file, or the same bytes), or None."""
+    from dsft.train.run_dir import file_sha256
+
+    sha = file_sha256(path)
+    for name in recipe.data.train:
+        train = Path(name)
+        if train.is_file() and (train.resolve() == path.resolve() or file_sha256(train) == sha):
+            return name
+    return None
+
+
+def cut(tokens: dict[str, list[list[int]]], max_length: int) -> int:
+    """Truncate every row to the run's data.max_length, as training did; returns how many rows were cut (a
+    row far beyond the model's context would otherwise be scored whole, in memory quadratic in its length)."""
+    cut_rows = 0
+    for key in ("input_ids", "labels"):
+        rows = tokens[key]
+        for i, row in enumerate(rows):
+            if len(row) > max_length:
+                rows[i] = row[:max_length]
+                cut_rows += key == "input_ids"
+    return cut_rows
 
 
 @torch.no_grad()
@@ -128,7 +161,7 @@ def pair_scores(chosen: list[tuple[float, int]], rejected: list[tuple[float, int
 
 @torch.no_grad()
 def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], count: int,
-            max_new_tokens: int) -> list[dict[str, str]]:
+            max_new_tokens: int, max_length: int | None = None) -> list[dict[str, str]]:
     from dsft.moe.fused import autocast_for
 
     device = next(model.parameters()).device
@@ -136,7 +169,7 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
     for messages in conversations[:count]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"][-(max_length or 0):]], device=device)
         with autocast_for(model):
             generated = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -166,6 +199,8 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     conversations = [p["prompt"] + p["chosen"] for p in rows] if kind == "pairs" else rows
     tokens = tokenize_all(tokenizer, conversations, None, True)
     rejected = tokenize_all(tokenizer, [p["prompt"] + p["rejected"] for p in rows], None, True) if kind == "pairs" else None
+    max_length = recipe.data.max_length
+    truncated = cut(tokens, max_length) + (cut(rejected, max_length) if rejected is not None else 0)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
     batch = recipe.training.micro_batch_size
@@ -190,12 +225,14 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
                                            routing_profile.summarize(routes["adapter"], k, {}))
     report = {
         "data": files,
-        "data_kind": "given" if data else "held-out" if recipe.data.eval else "training data",
+        "data_kind": ("training data" if on_train else "given") if data else "held-out" if recipe.data.eval else "training data",
         "rows": kind,
         "examples": len(conversations),
+        "max_length": max_length,
+        "truncated": truncated,
         **scored,
         "routing_drift": drift,
-        "answers": answers(model, tokenizer, conversations, generations, max_new_tokens),
+        "answers": answers(model, tokenizer, conversations, generations, max_new_tokens, max_length),
     }
     save_figure(eval_figure(report), run / run_dir.EVAL_PLOT)
     run_dir.write_atomic(run / run_dir.EVAL, json.dumps(report, indent=2) + "\n")

@@ -306,9 +306,10 @@ def _save(trainer: Any, prepared: Prepared, run: Path, targets: dict[str, list[s
 
 def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | None = None) -> Any:
     """Train `goal` on the prepared data into recipe.output_dir; returns the objective's result."""
-    from dsft.models.load import model_identity, resolve_dtype
+    from dsft.models.identity import model_identity
+    from dsft.models.load import resolve_dtype
     from dsft.train import resume
-    from dsft.train.callbacks import ConsoleProgress, JsonlMetrics
+    from dsft.train.callbacks import ConsoleProgress, JsonlMetrics, TrackerFiles
     from dsft.train.resume import trim_metrics
 
     recipe = prepared.recipe
@@ -323,7 +324,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         metrics = JsonlMetrics(run_dir.metrics(out))
         progress = ConsoleProgress(f"{goal.name} training")
         with Phase("preparing the trainer (TRL prepares the datasets)", None) if is_main() else contextlib.nullcontext():
-            trainer = goal.trainer(model, args, prepared, [metrics, progress])
+            trainer = goal.trainer(model, args, prepared, [metrics, progress, TrackerFiles(out, list(recipe.training.report_to))])
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         if checkpoint is not None:

@@ -129,20 +129,60 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
     if changed:
         raise DsftError(f"--resume: the recipe changed since the run started ({', '.join(changed[:5])}); "
                         "resume with the same recipe, or start again with --force")
+    check_inputs(rundir, recipe_data)
     if explicit:
+        owned = Path(explicit).resolve().parent == rundir.checkpoints.resolve()
+        if not owned:
+            raise DsftError(f"--resume-from {explicit}: not a checkpoint of the run in {run} (its checkpoints are in "
+                            f"{rundir.checkpoints}); pick one of those, or use --resume for the latest")
         problem = damage(Path(explicit))
         if problem:
             raise DsftError(f"--resume-from {explicit}: {problem}; pick another checkpoint or use --resume")
+        check_weights(Path(explicit), "--resume-from")
         return Path(explicit)
     checkpoint = latest_checkpoint(rundir.checkpoints, quiet=dry)
     if checkpoint is None:
         raise DsftError(f"--resume: no complete checkpoint in {rundir.checkpoints}; start again with --force")
+    check_weights(checkpoint, "--resume")
     step = int(checkpoint.name.split("-")[1])
     for later in [] if dry else rundir.checkpoints.glob("checkpoint-*"):  # damaged or half-written: trained again
         m = _CHECKPOINT.match(later.name)
         if m and int(m.group(1)) > step:
             shutil.rmtree(later, ignore_errors=True)
     return checkpoint
+
+
+def check_weights(checkpoint: Path, key: str) -> None:
+    """The adapter weights a checkpoint holds are finite: training that diverged is not continued."""
+    from dsft.adapters.weights import WEIGHTS, check_finite
+
+    if (checkpoint / WEIGHTS).is_file():
+        try:
+            check_finite(checkpoint / WEIGHTS)
+        except DsftError as e:
+            raise DsftError(f"{key}: {e.lines[0].split('; ')[0]}: training had diverged when {checkpoint.name} was saved; "
+                            "resume from an earlier checkpoint (--resume-from) or start again with a lower training.lr "
+                            "(--force)") from None
+
+
+def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
+    """What the run trained on is still there unchanged: every data file's sha256 as run.json recorded it,
+    and the base model's identity (architecture and weights fingerprint)."""
+    from dsft.models.identity import check_base
+    from dsft.models.load import resolve_model_path
+    from dsft.train.run_dir import file_sha256
+
+    info = rundir.info()
+    recorded = info.get("data_sha256") or {}
+    for name, sha in recorded.items():
+        path = Path(name)
+        if not path.is_file():
+            raise DsftError(f"--resume: data file {name} the run trained on is gone; restore it, or start again with --force")
+        if file_sha256(path) != sha:
+            raise DsftError(f"--resume: data file {name} changed since the run started (its sha256 differs from "
+                            f"{rundir.path / 'run.json'}); restore it, or start again with --force")
+    check_base(info.get("base_model"), resolve_model_path(recipe_data["model"]["path"]),
+               "--resume: model.path", force_hint=None)
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -158,8 +198,33 @@ def trim_metrics(path: Path, step: int) -> None:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
+def saved_progress(checkpoint: Path) -> tuple[int, int]:
+    """(the step a checkpoint was saved at, the run's total steps) from its trainer_state.json."""
+    from dsft.outputs import read_json
+
+    state = read_json(checkpoint / "trainer_state.json", "the checkpoint is damaged: resume from another one")
+    return int(state.get("global_step", 0)), int(state.get("max_steps", 0))
+
+
 def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> None:
-    """trainer.train with completion markers and graceful stop; raises RunInterrupted after a signal."""
+    """trainer.train with completion markers and graceful stop; raises RunInterrupted after a signal. A
+    checkpoint saved at the run's last step completes the run without training: the Trainer would train one
+    step past max_steps when max_steps does not end an epoch (it skips the finished steps of the current
+    epoch and checks the limit only after the next one)."""
+    from dsft.console import say
+    from dsft.train.dist import is_main
+
+    if checkpoint is not None:
+        step, total = saved_progress(checkpoint)
+        if is_main():
+            say(f"resuming {run} from {checkpoint.name}: step {step} of {total}"
+                + (" (its last: the run completes without training)" if total and step >= total else ""))
+        if total and step >= total:
+            from transformers.trainer_callback import TrainerState
+
+            trainer._load_from_checkpoint(str(checkpoint))  # the weights as trained; optimizer state is not needed
+            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            return
     stop = GracefulStop()
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(stop)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ import yaml
 
 from dsft.config.schema import BUILTIN_PREFIX, Recipe
 from dsft.errors import DsftError
-from dsft.outputs import LOCK_NAME, OutputLock, check_location, holder, human_size, nearest_existing, read_json
+from dsft.outputs import (
+    LOCK_NAME, OutputLock, check_location, holder, human_size, nearest_existing, read_json, replace_dir,
+)
 from dsft.train.dist import is_main
 
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
@@ -30,13 +33,14 @@ ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "met
 LOG, CURVES, CARD, PLAN, EVAL, EVAL_PLOT = "run.log", "curves.png", "README.md", "plan.json", "eval.json", "eval.png"
 ROUTING = "routing"
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
+TRACKER_FILES = ".dsft-tracker-files.json"  # what the run's trackers wrote in their directories (relative paths)
 
 CACHE_ENTRIES = {ROUTING, PLAN, LOCK_NAME}  # written by `dsft experts` before a run; kept by --force
 # Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
 # replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
 _STAGED = (ADAPTER, RECIPE, RUN_JSON, EVAL, PLAN, CURVES, CARD, EVAL_PLOT)  # written beside, then renamed
-RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, LOG, *_STAGED, *(f".{name}.tmp" for name in _STAGED),
-                               *TRACKERS.values()}
+RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, LOG, TRACKER_FILES, *_STAGED,
+                               *(f".{name}.tmp" for name in (*_STAGED, TRACKER_FILES)), *TRACKERS.values()}
 RESUMABLE = ("running", "interrupted", "failed")
 
 
@@ -72,7 +76,7 @@ def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict
     if not entries:
         return
     status = read_status(path)
-    foreign = [name for name in entries if not is_dsfts(path, name)]
+    foreign = [found for name in entries for found in foreign_in(path, name)]
     if status is None or foreign:
         shown = ", ".join((foreign or entries)[:3])
         raise DsftError(f"output_dir: {path} holds files dsft did not write ({shown}); dsft replaces only its own runs, "
@@ -144,21 +148,68 @@ def is_card(path: Path) -> bool:
         return False
 
 
-def is_dsfts(run: Path, name: str) -> bool:
-    """Whether entry `name` of run directory `run` is one dsft wrote: a run-dir name, and for a README.md
-    dsft's card, for a tracker's directory a tracker the run's recipe.yaml reports to."""
+def foreign_in(run: Path, name: str) -> list[str]:
+    """What of entry `name` of run directory `run` dsft did not write: [] when it is all dsft's; [name] for an
+    entry that is not a run-dir name, a README.md that is not dsft's card, or a tracker directory of a tracker
+    the run's recipe.yaml does not report to; inside a tracker directory of the run's, the paths its trackers
+    did not write (tracker_files), e.g. `tensorboard/my-notes.txt`."""
     if name not in RUN_ENTRIES:
-        return False
+        return [name]
     if name == CARD:
-        return is_card(run / name)
+        return [] if is_card(run / name) else [name]
     trackers = [t for t, directory in TRACKERS.items() if directory == name]
-    if trackers:
-        try:
-            recorded = yaml.safe_load((run / RECIPE).read_text(encoding="utf-8"))["training"].get("report_to") or []
-        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-            return False
-        return trackers[0] in recorded
-    return True
+    if not trackers:
+        return []
+    try:
+        recorded = yaml.safe_load((run / RECIPE).read_text(encoding="utf-8"))["training"].get("report_to") or []
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return [name]
+    if trackers[0] not in recorded:
+        return [name]
+    written = tracker_files(run)
+    return [f"{name}/{rel}" for rel in _tree(run / name) if f"{name}/{rel}" not in written] or \
+        ([] if (run / name).is_dir() and not (run / name).is_symlink() else [name])
+
+
+def is_dsfts(run: Path, name: str) -> bool:
+    """Whether entry `name` of run directory `run` is all dsft's (foreign_in finds nothing in it)."""
+    return not foreign_in(run, name)
+
+
+def _tree(directory: Path) -> list[str]:
+    """Every file, link and directory under `directory`, relative to it (links are not followed)."""
+    out = []
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        rel = Path(root).relative_to(directory)
+        out += [str(rel / d) for d in dirs] + [str(rel / f) for f in files]
+    return sorted(out)
+
+
+def tracker_files(run: Path) -> set[str]:
+    """The paths (`tensorboard/events...`) the run's trackers wrote, as record_tracker_files noted them."""
+    try:
+        files = json.loads((Path(run) / TRACKER_FILES).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+
+
+def record_tracker_files(run: Path, trackers: list[str], since: float) -> None:
+    """Note what the run's trackers have written so far in their directories (files modified since the run
+    started, `since`), added to what was noted before; --force later removes only these."""
+    if not trackers or not is_main():
+        return
+    noted = tracker_files(run)
+    for tracker in trackers:
+        directory = tracker_dir(run, tracker)
+        if directory.is_dir() and not directory.is_symlink():
+            for rel in _tree(directory):
+                path = directory / rel
+                with contextlib.suppress(OSError):
+                    if path.is_dir() or path.lstat().st_mtime >= since:
+                        noted.add(f"{directory.name}/{rel}")
+    with contextlib.suppress(OSError):
+        write_atomic(Path(run) / TRACKER_FILES, json.dumps({"files": sorted(noted)}, indent=1) + "\n")
 
 
 def log(run: Path) -> Path:
@@ -177,6 +228,32 @@ def tracker_dir(run: Path, tracker: str) -> Path:
     """Where a `training.report_to` tracker writes inside the run (tensorboard events, mlflow's file store,
     wandb's offline runs)."""
     return Path(run) / TRACKERS[tracker]
+
+
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The run directory a Trainer checkpoint (RUN/checkpoints/checkpoint-N) belongs to, or None."""
+    path = Path(os.path.abspath(path))
+    if path.name.startswith("checkpoint-") and path.parent.name == CHECKPOINTS and (path.parent.parent / RECIPE).is_file():
+        return path.parent.parent
+    return None
+
+
+def refuse_checkpoint(path: Path, key: str = "--adapter") -> None:
+    """A training checkpoint given where a run or its adapter is meant: say what to pass instead."""
+    run = run_of_checkpoint(path)
+    if run is not None:
+        raise DsftError(f"{key} {path}: a training checkpoint of the run {run} (the state to resume from, without the "
+                        f"adapter's metadata): pass {key} {run} for the run's adapter, or continue training from it with "
+                        f"`dsft {read_command(run)} --recipe {run / RECIPE} --resume-from {path}`")
+
+
+def read_command(run: Path) -> str:
+    """The command that trained a run (`sft`, `dpo`, ...), from its run.json; `sft` when unreadable."""
+    try:
+        info = json.loads((Path(run) / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "sft"
+    return info.get("command", "sft") if isinstance(info, dict) else "sft"
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -257,12 +334,27 @@ def read_status(path: Path) -> str | None:
 
 def create(path: Path, force: bool) -> None:
     """Make the run directory; with --force, clear a previous run but keep the routing-profile cache
-    (profiles are keyed by model and data, so a stale one is never used)."""
+    (profiles are keyed by model and data, so a stale one is never used). Inside a tracker's directory only
+    what the run's trackers wrote is removed (anything else stays, whatever the checks before said)."""
     if force and path.is_dir():
+        written = tracker_files(path)
         for entry in path.iterdir():
-            if entry.name in RUN_ENTRIES and entry.name not in (ROUTING, LOCK_NAME):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.name in TRACKERS.values() and entry.is_dir() and not entry.is_symlink():
+                _remove_written(entry, written)
+            elif entry.name in RUN_ENTRIES and entry.name not in (ROUTING, LOCK_NAME, *TRACKERS.values()):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_written(directory: Path, written: set[str]) -> None:
+    """Remove the files a tracker wrote in `directory`, then its directories they leave empty."""
+    paths = [rel for rel in _tree(directory) if f"{directory.name}/{rel}" in written]
+    for rel in sorted(paths, key=lambda r: -r.count("/")):  # deepest first
+        p = directory / rel
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -293,12 +385,20 @@ def write_recipe(run: Path, recipe: Recipe) -> None:
     write_atomic(run / RECIPE, yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_SHA256: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, computed once per process for the same file, size and modification time."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
 
 
 def _git_sha() -> str | None:
@@ -318,7 +418,7 @@ def _version(name: str) -> str | None:
 
 
 def data_sha256(recipe: Recipe) -> dict[str, str]:
-    return {str(Path(p).resolve()): _sha256(Path(p)) for p in [*recipe.data.train, *recipe.data.eval]}
+    return {str(Path(p).resolve()): file_sha256(Path(p)) for p in [*recipe.data.train, *recipe.data.eval]}
 
 
 def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
@@ -351,6 +451,7 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
     if not is_main():
         yield info
         return
+    started = time.time() - 1  # file times are coarser on some file systems
     if resumed_from is None:
         create(run, force)
         write_recipe(run, recipe)
@@ -365,6 +466,8 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
     except BaseException as e:
         _record_end(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
+    finally:
+        record_tracker_files(run, list(recipe.training.report_to), started)
 
 
 def _record_end(run: Path, info: dict[str, Any]) -> None:
@@ -383,6 +486,4 @@ def publish(tmp: Path, final: Path) -> None:
     """Move a finished artifact directory into place in one rename."""
     if not is_main():
         return
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)

@@ -94,7 +94,15 @@ SEED = 0
 
 def cache_root() -> Path:
     root = os.environ.get("DSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsft"
-    return Path(root)
+    return Path(os.path.expanduser(str(root)))
+
+
+def _cache_error(root: Path, problem: str, fix: str = "point DSFT_CACHE at a writable directory (unset, it is "
+                 "~/.cache/dsft)") -> Exception:
+    from dsft.errors import DsftError
+
+    where = f"DSFT_CACHE={os.environ['DSFT_CACHE']}" if os.environ.get("DSFT_CACHE") else f"dsft's cache {root}"
+    return DsftError(f"{where}: {problem}; {fix}")
 
 
 def _fingerprint(name: str) -> str:
@@ -109,13 +117,33 @@ def builtin_path(name: str) -> Path:
     """The checkpoint directory of built-in model `name`, materialised on first use."""
     if name not in CONFIGS:
         raise KeyError(name)
-    target = cache_root() / "builtin" / f"{name}-{_fingerprint(name)}"
+    root = cache_root()
+    target = root / "builtin" / f"{name}-{_fingerprint(name)}"
     if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
-            if not (target / "config.json").is_file():
-                _materialise(name, target)
+        existing = next((p for p in (target.parent, *target.parent.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise _cache_error(root, f"{existing} is a file, not a directory")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
+                if not (target / "config.json").is_file():
+                    _materialise(name, target)
+        except OSError as e:
+            raise _cache_error(root, f"cannot write {e.filename or target} ({e.strerror or e})") from None
+    _check_entry(root, target)
     return target
+
+
+def _check_entry(root: Path, target: Path) -> None:
+    """A cached built-in model is whole: its config parses and its weights hold every byte their header names."""
+    from dsft.models.files import safetensors_header
+
+    try:
+        json.loads((target / "config.json").read_text(encoding="utf-8"))
+        safetensors_header(target / "model.safetensors")
+    except (OSError, ValueError) as e:
+        raise _cache_error(root, f"the cached built-in model {target} is damaged ({str(e).split(';')[0][:160]})",
+                           "delete that directory and dsft builds it again") from None
 
 
 @contextlib.contextmanager
