@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: its repr cut to `limit` characters, a long list or mapping by its
+    size (never a whole expanded document echoed back)."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class DsftError(Exception):
     """A problem with the user's input, reported without a traceback (exit code 2)."""

@@ -674,7 +674,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "layer 1: give a non-empty list of integer expert ids >= 0", None),
     ("recipe-expert-layer-inf", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {float("inf"): [1]}}})],
      "layer inf: layers are integers >= 0", None),
-    ("recipe-expert-id-bool", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {1: [True]}}})],
+    ("recipe-expert-id-bool", lambda r: ["validate", recipe(r, {"adapter": {"routed_experts": {1: [0, True]}}})],
      "give a non-empty list of integer expert ids", None),
     ("data-lone-surrogate", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(
         r / "d.jsonl", '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "x"}]}\n'))}})],

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from dsft.arch import expert_intermediate, layer_index, num_experts, selects
-from dsft.errors import DsftError
+from dsft.errors import DsftError, shown
 from dsft.moe.lora import lora_scale
 
 PREFIX = "base_model.model."
@@ -128,9 +128,9 @@ def check_config(config: dict[str, Any], path: Path) -> None:
     if "r" not in config:
         raise DsftError(f"{path}: no LoRA rank `r`; not a LoRA adapter config ({DAMAGED})")
     if not _number(config.get("r"), integer=True):
-        raise DsftError(f"{path}: r must be a positive integer (got {_short(config.get('r'))}); {DAMAGED}")
+        raise DsftError(f"{path}: r must be a positive integer (got {shown(config.get('r'))}); {DAMAGED}")
     if "lora_alpha" in config and not _number(config["lora_alpha"]):
-        raise DsftError(f"{path}: lora_alpha must be a positive finite number (got {_short(config['lora_alpha'])}); {DAMAGED}")
+        raise DsftError(f"{path}: lora_alpha must be a positive finite number (got {shown(config['lora_alpha'])}); {DAMAGED}")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
@@ -138,14 +138,9 @@ def check_config(config: dict[str, Any], path: Path) -> None:
         bad = next((k for k, v in patterns.items() if not _number(v, integer)), None)
         if bad is not None:
             raise DsftError(f"{path}: {key}[{bad!r}] must be a positive {'integer' if integer else 'number'} "
-                            f"(got {_short(patterns[bad])}); {DAMAGED}")
+                            f"(got {shown(patterns[bad])}); {DAMAGED}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise DsftError(f"{path}: use_rslora must be true or false; {DAMAGED}")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -233,9 +228,9 @@ class _Reader:
         ids = routed["experts"][layer]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] must be a list of expert ids "
-                            f"(got {_short(ids)})")
+                            f"(got {shown(ids)})")
         if len(set(ids)) != len(ids) or min(ids) < 0:
-            raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] {_short(ids)} repeats an id or has a negative one")
+            raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] {shown(ids)} repeats an id or has a negative one")
         if self.base is not None and max(ids) >= num_experts(self.base):
             raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] lists expert {max(ids)}, but the base "
                             f"has {num_experts(self.base)} experts per layer")
@@ -248,7 +243,7 @@ class _Reader:
         counts = {p: d[0] if len(d) == 3 else None for p, d in dims.items()}
         if any(c != len(ids) for c in counts.values()):
             p = next(p for p, c in counts.items() if c != len(ids))
-            raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] lists {len(ids)} experts {_short(ids)}, "
+            raise self.fail(self.meta_path, f"routed_experts.experts[{layer!r}] lists {len(ids)} experts {shown(ids)}, "
                             f"but {module}.{p} is {dims[p]} (one [..] block per expert)")
         if mode == "full":
             return ids, 1.0
@@ -261,7 +256,7 @@ class _Reader:
             raise self.fail(self.weights_path, f"{module} has rank {ra} but {CONFIG} gives it r {r}")
         for name, value, want_value in (("r", routed.get("r"), r), ("alpha", routed.get("alpha"), alpha)):
             if value is not None and (not _number(value) or float(value) != float(want_value)):
-                raise self.fail(self.meta_path, f"routed_experts.{name} is {_short(value)}, but the weights and "
+                raise self.fail(self.meta_path, f"routed_experts.{name} is {shown(value)}, but the weights and "
                                 f"{CONFIG} give {want_value}")
         if self.base is not None and (hidden != self.base.get("hidden_size") or inter != expert_intermediate(self.base)):
             raise DsftError(f"{self.key}: {module} expert LoRA is for experts of width {hidden} x {inter}, the base has "
@@ -288,7 +283,7 @@ class _Reader:
                 for name, want in (("r", r), ("alpha", alpha)):
                     value = spec.get(name)
                     if value is not None and (not _number(value) or float(value) != float(want)):
-                        raise self.fail(self.meta_path, f"groups.{group}.{name} is {_short(value)}, but {CONFIG} gives "
+                        raise self.fail(self.meta_path, f"groups.{group}.{name} is {shown(value)}, but {CONFIG} gives "
                                         f"{module} {name} {want}")
         extra = sorted(m for m in lora if not m.endswith(".mlp.experts") and m not in recorded)
         if extra:

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dsft.config.schema import Recipe
-from dsft.errors import DsftError
+from dsft.errors import DsftError, shown
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -166,12 +166,6 @@ def _section_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """A value as an error shows it: its repr cut to `limit` characters (never a whole expanded document)."""
-    text = repr(value) if not isinstance(value, (dict, list)) or len(value) < 50 else f"<{type(value).__name__} of {len(value)}>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
     "dict": "a mapping", "model": "a mapping", "list": "a list",
@@ -191,14 +185,14 @@ def describe(err: dict[str, Any]) -> str:
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        what = f"must be {op} {bound} (got {_short(err['input'])})"
+        what = f"must be {op} {bound} (got {shown(err['input'])})"
     elif kind == "finite_number":
-        what = f"must be a finite number (got {_short(err['input'])})"
+        what = f"must be a finite number (got {shown(err['input'])})"
     elif kind == "literal_error":
-        what = f"must be one of {ctx['expected']} (got {_short(err['input'])})"
+        what = f"must be one of {ctx['expected']} (got {shown(err['input'])})"
     elif kind.endswith(("_parsing", "_type")):
         wanted = _TYPE_WORDS.get(kind.split("_")[0], kind.split("_")[0])
-        what = f"must be {wanted} (got {_short(err['input'])})"
+        what = f"must be {wanted} (got {shown(err['input'])})"
     elif kind == "value_error":
         what = str(ctx.get("error", err["msg"]))
     else:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from dsft.errors import shown
 from dsft.models.builtin import CONFIGS
 from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
 BUILTIN_MODELS = tuple(CONFIGS)
@@ -149,14 +150,13 @@ def _parse_selection(v: Any) -> Any:
     out: dict[int, list[int]] = {}
     for layer, ids in v.items():
         layer_i = _index(layer)
-        ids_i = sorted({_index(i) for i in ids}) if isinstance(ids, list) else None
-        shown = _short(layer)
+        ids_i = {_index(i) for i in ids} if isinstance(ids, list) else set()
         if layer_i is None:
-            raise ValueError(f"layer {shown}: layers are integers >= 0, e.g. {{1: [0, 3]}}")
+            raise ValueError(f"layer {shown(layer)}: layers are integers >= 0, e.g. {{1: [0, 3]}}")
         if not ids_i or None in ids_i:
-            raise ValueError(f"layer {shown}: give a non-empty list of integer expert ids >= 0, e.g. {{{layer_i}: [0, 3]}} "
-                             f"(got {_short(ids)})")
-        out[layer_i] = ids_i
+            raise ValueError(f"layer {shown(layer)}: give a non-empty list of integer expert ids >= 0, e.g. "
+                             f"{{{layer_i}: [0, 3]}} (got {shown(ids)})")
+        out[layer_i] = sorted(ids_i)
     return out
 
 
@@ -166,12 +166,6 @@ def _index(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A value as an error message shows it: its repr, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _expand(path: str) -> str:

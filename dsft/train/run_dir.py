@@ -171,11 +171,6 @@ def foreign_in(run: Path, name: str) -> list[str]:
         ([] if (run / name).is_dir() and not (run / name).is_symlink() else [name])
 
 
-def is_dsfts(run: Path, name: str) -> bool:
-    """Whether entry `name` of run directory `run` is all dsft's (foreign_in finds nothing in it)."""
-    return not foreign_in(run, name)
-
-
 def _tree(directory: Path) -> list[str]:
     """Every file, link and directory under `directory`, relative to it (links are not followed)."""
     out = []
