@@ -37,6 +37,19 @@ WEIGHT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
                   "pytorch_model.bin.index.json")
 
 
+def cache_root() -> Path:
+    """Where dsft keeps what it can rebuild (built-in models, prepared data): DSFT_CACHE, else
+    $XDG_CACHE_HOME/dsft, else ~/.cache/dsft."""
+    root = os.environ.get("DSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsft"
+    return Path(os.path.expanduser(str(root)))
+
+
+def cache_error(problem: str, fix: str = "point DSFT_CACHE at a writable directory (unset, it is ~/.cache/dsft)") -> DsftError:
+    """A problem with the cache directory as one line naming DSFT_CACHE (or the default it stands for)."""
+    where = f"DSFT_CACHE={os.environ['DSFT_CACHE']}" if os.environ.get("DSFT_CACHE") else f"dsft's cache {cache_root()}"
+    return DsftError(f"{where}: {problem}; {fix}")
+
+
 def human_size(n: float) -> str:
     """Bytes in the unit that fits: 512 B, 3.4 MiB, 1.2 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

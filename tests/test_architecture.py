@@ -73,10 +73,10 @@ def _sum_objective():
         name = "sft-sum"
 
         def trainer(self, model, args, prepared, callbacks):
-            from datasets import Dataset
+            from dsft.train.trainer import trainer_rows
 
-            return SummedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(prepared.train),
-                                    processing_class=prepared.tokenizer, callbacks=callbacks)
+            return SummedSFTTrainer(model=model, args=args, callbacks=callbacks, processing_class=prepared.tokenizer,
+                                    train_dataset=trainer_rows(prepared.train, args, prepared.recipe.data.max_length))
 
     return pipeline.register(SummedSFT())
 

@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_sft.py"
+DATA_SCRIPT = SCRIPT.with_name("data.py")
 CASES = ["stock-bf16", "stock-nf4", "dsft-bf16", "dsft-nf4"]
 
 
@@ -69,3 +70,16 @@ def test_benchmark_smoke_runs_the_dense_case(tmp_path: Path) -> None:
     assert set(rows) == {"stock-dense-nf4", "dsft-dense-nf4"} and all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["dsft-dense-nf4"]["loss"] == pytest.approx(rows["stock-dense-nf4"]["loss"], rel=1e-3)
     assert "dsft-dense-nf4 / stock-dense-nf4 at 2x64:" in done.stdout
+
+
+def test_data_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(DATA_SCRIPT), "--smoke", "--dir", str(tmp_path), "--json", str(rows_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["case"]: r for r in json.loads(rows_file.read_text())}
+    assert set(rows) == {"baseline", "dsft-cold", "dsft-cold-1", "dsft-warm", "dsft-resume", "dsft-before"}
+    # every dsft case holds the baseline's tokens (the mask is extra); the warm ones are hits
+    assert {r["tokens"] for c, r in rows.items() if c != "dsft-before"} == {rows["baseline"]["tokens"]}
+    assert rows["dsft-warm"]["seconds"] < rows["dsft-cold-1"]["seconds"]
+    assert "vs baseline" in done.stdout and "the int32 size of its" in done.stdout

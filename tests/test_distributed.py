@@ -6,6 +6,7 @@ NF4 expert codes sharded across the ranks (`model.shard_experts`)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,11 +44,15 @@ def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> No
     outputs = {}
     two_procs = ([*MULTINODE, "-m", "dsft", "sft"], []) if model else (["-m", "dsft", "sft"], ["--num-processes", "2"])
     for name, recipe, (launch, extra) in (("one", one, (["-m", "dsft", "sft"], [])), ("two", two, two_procs)):
-        done = subprocess.run([sys.executable, *launch, "--recipe", str(recipe), *extra],
-                              capture_output=True, text=True, timeout=600)
+        cache = tmp_path / f"cache-{name}"  # each run prepares its data afresh
+        done = subprocess.run([sys.executable, *launch, "--recipe", str(recipe), *extra], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "DSFT_CACHE": str(cache)})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         outputs[name] = done.stdout
     assert outputs["two"].count("dsft sft:") == 1  # one summary: the main rank's
+    # the data is tokenized once: by one rank, the other waits for it and maps the same entry
+    assert outputs["two"].count("data.train: tokenized 16 rows") == 1, outputs["two"]
+    assert outputs["two"].count("data.train: tokens from cache (16 rows") == 1, outputs["two"]
     info = json.loads((tmp_path / "two/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == ("sharded" if model else None)

@@ -166,15 +166,17 @@ def test_bad_preference_rows(tmp_path: Path, make_recipe, cli) -> None:
 
 
 def test_long_prompts_truncated_or_dropped() -> None:
-    from dsft.data.preference import _prompt_tokens, fit_prompts, load_pairs
+    from dsft.data.preference import load_pairs, tokenize_pairs
     from dsft.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(REPO / "dsft/models/builtin/tokenizer")
     pairs = load_pairs([PAIRS])[:10]
     long = [{**p, "prompt": [{"role": "user", "content": "Background facts. " * 40 + p["prompt"][-1]["content"]}]}
             for p in pairs]
-    cut = fit_prompts(long, tokenizer, 40, "truncate")
-    assert cut.truncated == 10 and all(_prompt_tokens(tokenizer, r["prompt"]) <= 40 for r in cut.rows)
-    assert all(r["prompt"][-1]["content"].endswith(p["prompt"][-1]["content"][-10:]) for r, p in zip(cut.rows, pairs))
-    dropped = fit_prompts(long + pairs, tokenizer, 40, "drop")
-    assert dropped.dropped == 10 and len(dropped.rows) == 10
+    cut = tokenize_pairs(tokenizer, long, 40, "truncate")
+    offsets, values = cut["prompt_ids"]
+    prompts = [tokenizer.decode(values[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    assert cut["truncated"] == 10 and cut["dropped"] == 0 and (cut["prompt_length"] <= 40).all()
+    assert all(p["prompt"][-1]["content"][-10:] in text for text, p in zip(prompts, pairs))  # the end is kept
+    dropped = tokenize_pairs(tokenizer, long + pairs, 40, "drop")
+    assert dropped["dropped"] == 10 and len(dropped["prompt_length"]) == 10 and dropped["pairs"] == 20

@@ -54,6 +54,7 @@ def test_resume_from_the_last_checkpoint_completes_without_training(training: di
     resumed = cli("sft", "--recipe", killed, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert f"step {max(steps)} of {max(steps)} (its last: the run completes without training)" in resumed.output
+    assert "data.train: tokens from cache" in resumed.output  # the resume tokenizes nothing
     assert _steps(tmp_path / "killed") == steps  # no step past the end
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

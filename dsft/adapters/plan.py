@@ -145,4 +145,6 @@ def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None, cud
     if measured_peak_gib is not None:
         peak += f" (measured {measured_peak_gib:.1f} GiB)"
     table.add_row("peak GPU memory" if cuda else "peak host memory (CPU run)", peak, "")
+    for split, d in (plan.get("data") or {}).items():
+        table.add_row(split, f"{d['rows']:,} rows, {d['tokens']:,} tokens, prepared in {d['cache']}", "")
     return table

@@ -109,9 +109,11 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
 
     goal = objective(kind)
     resuming = resume or bool(resume_from)
-    prepared = preflight(resolved, goal, force, resume=resuming)
-    resume_point(resolved, resume, resume_from, dry=True)  # refused before the lock creates anything
     output = Path(resolved.output_dir)
+    # the output directory (in use? whose?) and the run to resume, before data is prepared or anything created
+    run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved))
+    resume_point(resolved, resume, resume_from, dry=True)
+    prepared = preflight(resolved, goal, force, check_output=False, resume=resuming)
     with run_dir.lock(output):  # a second process on this output_dir stops here, naming this one's pid
         # again under the lock: another process may have finished a run here since the preflight
         run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved), locked=True)

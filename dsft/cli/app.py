@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import chat, convert, dpo, eval, experts, export, merge, sft, validate
+from dsft.cli import cache, chat, convert, dpo, eval, experts, export, merge, sft, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("chat")(chat.chat)
 app.command("convert")(convert.convert)
 app.command("export")(export.export)
 app.add_typer(experts.app, name="experts")
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None
     """Show which modules and experts the recipe adapts, with parameter counts and memory; writes RUN/plan.json."""
     from dsft.adapters.plan import plan_table
     from dsft.console import show
-    from dsft.train.targeting import policy_selection, write_plan
+    from dsft.train.targeting import data_summary, policy_selection, write_plan
 
     prepared = _prepare(recipe, set_)
     selection = prepared.selection
@@ -97,7 +97,7 @@ def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None
         result, directory, _ = _profile(prepared, spec.samples, spec.count, reprofile)
         selection = policy_selection(prepared.recipe, result, directory)
     run = Path(prepared.recipe.output_dir)
-    result = write_plan(run, prepared.recipe, prepared.config, selection)
+    result = write_plan(run, prepared.recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval))
     show(plan_table(result, _measured_peak(run)))
     typer.echo(f"{run / 'plan.json'}")
 

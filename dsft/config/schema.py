@@ -96,6 +96,10 @@ class DataSection(Section):
     chat_template: str | None = Field(
         None, description="A Jinja chat-template file to use instead of the tokenizer's own (saved with the run)."
     )
+    num_proc: PositiveInt | None = Field(
+        None, description="Processes that tokenize data the prepared-data cache does not hold yet (default: the "
+        "machine's cores; inputs under 8 MiB are tokenized in one). Does not change the tokens."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -7,9 +7,8 @@ No torch, no tokenizer: this runs in preflight before anything heavy is loaded.
 from __future__ import annotations
 
 import csv
-import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +29,11 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix in (".jsonl", ".json"):
         yield from _jsonl(path)
     elif suffix == ".csv":
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DsftError(f"{path}:{line}: {_not_utf8(e)}") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(_text_lines(path))
         for row in reader:
             yield f"{path}:{reader.line_num}", row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-            raise DsftError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]}); "
-                            "re-export it or use JSONL") from None
-        for i, row in enumerate(rows, start=1):
-            yield f"{path}:row {i}", row
+        yield from _parquet(path)
     else:
         raise DsftError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
@@ -69,6 +54,37 @@ def surrogate_field(value: Any, where: str = "the row") -> str | None:
         elif isinstance(v, list):
             stack += [(f"{at}[{i}]", x) for i, x in enumerate(v)]
     return None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """A text file's lines, read and decoded one at a time (a big file is never all in memory); a line that
+    is not UTF-8 stops with its line number. A byte-order mark is not part of the first line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DsftError(f"{path}:{n}: {_not_utf8(e)}") from None
+
+
+def _parquet(path: Path, batch: int = 1024) -> Iterator[tuple[str, Any]]:
+    """A Parquet file's rows, a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    def unreadable(e: Exception) -> DsftError:
+        return DsftError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]}); re-export it or use JSONL")
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch)
+        n = 0
+        for record_batch in batches:
+            for row in record_batch.to_pylist():
+                n += 1
+                yield f"{path}:row {n}", row
+    except DsftError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise unreadable(e) from None
 
 
 def _not_utf8(e: UnicodeDecodeError) -> str:
@@ -162,22 +178,32 @@ def row_format(row: Any) -> str:
     return "messages"
 
 
-def load_conversations(paths: list[str], fmt: str, system_prompt: str | None = None) -> list[Messages]:
-    """All rows of all files as messages, or a DsftError listing every bad row."""
-    conversations: list[Messages] = []
-    errors: list[str] = []
+def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[str], what: str = "examples") -> Iterator[Any]:
+    """Every row of every file converted by `convert` (to_messages, to_pair), read streaming; a row it
+    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows."""
     for name in paths:
-        path = Path(name)
-        before = len(conversations)
+        path, count, good = Path(name), len(errors), 0
         for where, row in iter_rows(path):
             try:
-                conversations.append(to_messages(row, fmt, system_prompt))
+                yield convert(row)
+                good += 1
             except RowError as e:
                 errors.append(f"{where}: {e}")
-        if len(conversations) == before and not any(err.startswith(f"{path}:") for err in errors):
-            errors.append(f"{path}:1: the file has no rows; add examples or remove it from the recipe")
+        if not good and len(errors) == count:
+            errors.append(f"{path}:1: the file has no rows; add {what} or remove it from the recipe")
+
+
+def raise_row_errors(errors: list[str]) -> None:
+    """The bad rows as one DsftError: the first MAX_REPORTED, then how many more."""
     if errors:
-        shown = errors[:MAX_REPORTED]
-        more = len(errors) - len(shown)
-        raise DsftError(*shown, f"... and {more} more bad rows" if more else "")
+        more = len(errors) - MAX_REPORTED
+        raise DsftError(*errors[:MAX_REPORTED], f"... and {more} more bad rows" if more > 0 else "")
+
+
+def load_conversations(paths: list[str], fmt: str, system_prompt: str | None = None) -> list[Messages]:
+    """All rows of all files as messages (small files: training data goes through dsft.data.prepared), or a
+    DsftError listing every bad row."""
+    errors: list[str] = []
+    conversations = list(checked_rows(paths, lambda row: to_messages(row, fmt, system_prompt), errors))
+    raise_row_errors(errors)
     return conversations

@@ -9,19 +9,11 @@ dropped, per the recipe (TRL 1.16's DPOConfig has no max_prompt_length).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsft.data.formats import MAX_REPORTED, Messages, RowError, iter_rows
+from dsft.data.formats import Messages, RowError, checked_rows, raise_row_errors
 from dsft.errors import DsftError
-
-
-@dataclass
-class Pairs:
-    rows: list[dict[str, Messages]]
-    truncated: int = 0
-    dropped: int = 0
 
 
 def _answer(value: Any, field: str) -> Messages:
@@ -71,41 +63,67 @@ def to_pair(row: Any, system_prompt: str | None = None) -> dict[str, Messages]:
 
 
 def load_pairs(paths: list[str], system_prompt: str | None = None) -> list[dict[str, Messages]]:
-    pairs, errors = [], []
-    for name in paths:
-        path = Path(name)
-        before = len(pairs)
-        for where, row in iter_rows(path):
-            try:
-                pairs.append(to_pair(row, system_prompt))
-            except RowError as e:
-                errors.append(f"{where}: {e}")
-        if len(pairs) == before and not any(err.startswith(f"{path}:") for err in errors):
-            errors.append(f"{path}:1: the file has no rows; add preference pairs or remove it from the recipe")
-    if errors:
-        more = len(errors) - MAX_REPORTED
-        raise DsftError(*errors[:MAX_REPORTED], f"... and {more} more bad rows" if more > 0 else "")
+    """All rows of all files as pairs (small files: training data goes through dsft.data.prepared)."""
+    errors: list[str] = []
+    pairs = list(checked_rows(paths, lambda row: to_pair(row, system_prompt), errors, "preference pairs"))
+    raise_row_errors(errors)
     return pairs
 
 
-def fit_prompts(pairs: list[dict[str, Messages]], tokenizer: Any, max_prompt_length: int, overflow: str) -> Pairs:
-    """Enforce `max_prompt_length` (tokens of the rendered prompt with its generation prompt)."""
-    out = Pairs([])
-    for pair in pairs:
-        length = _prompt_tokens(tokenizer, pair["prompt"])
-        if length <= max_prompt_length:
-            out.rows.append(pair)
-        elif overflow == "drop":
-            out.dropped += 1
+def tokenize_pairs(tokenizer: Any, pairs: list[dict[str, Messages]], max_prompt_length: int,
+                   prompt_overflow: str) -> dict[str, Any]:
+    """Pairs as TRL's DPOTrainer tokenizes them (its `_prepare_dataset`, so that TRL need not): the prompt
+    rendered with the generation prompt, prompt + chosen and prompt + rejected rendered whole, the answers
+    starting where the prompt's tokens and each full sequence's part. Prompts are fitted to
+    `max_prompt_length` first (a longer one is cut from the left of its last user turn, or dropped). Columns as dsft.data.prepared stores them; `pairs`,
+    `truncated` and `dropped` count the prompts."""
+    import numpy as np
+
+    from dsft.data.tokenize import encode, list_column
+
+    render = lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    prompts = [e.ids for e in encode(tokenizer, [render(p["prompt"], True) for p in pairs])]
+    kept, truncated, dropped = [], 0, 0
+    for pair, ids in zip(pairs, prompts):
+        if len(ids) <= max_prompt_length:
+            kept.append((pair, ids))
+        elif prompt_overflow == "drop":
+            dropped += 1
         else:
-            out.rows.append({**pair, "prompt": _truncate(tokenizer, pair["prompt"], max_prompt_length)})
-            out.truncated += 1
-    return out
+            fitted = {**pair, "prompt": _truncate(tokenizer, pair["prompt"], max_prompt_length)}
+            kept.append((fitted, encode(tokenizer, [render(fitted["prompt"], True)])[0].ids))
+            truncated += 1
+    texts = [render(p["prompt"] + p[side], False) for p, _ in kept for side in ("chosen", "rejected")]
+    full = [np.asarray(e.ids, dtype=np.int32) for e in encode(tokenizer, texts)]
+    prompt_ids, chosen_ids, rejected_ids = [], [], []
+    for (_, ids), chosen, rejected in zip(kept, full[0::2], full[1::2]):
+        ids = np.asarray(ids, dtype=np.int32)
+        n = min(_common_prefix(ids, chosen), _common_prefix(ids, rejected))
+        prompt_ids.append(ids[:n])
+        chosen_ids.append(chosen[n:])
+        rejected_ids.append(rejected[n:])
+    return {"prompt_ids": list_column(prompt_ids, np.int32), "chosen_ids": list_column(chosen_ids, np.int32),
+            "rejected_ids": list_column(rejected_ids, np.int32),
+            "prompt_length": np.asarray([len(p) for p in prompt_ids], dtype=np.int32),
+            "length": np.asarray([len(p) + len(c) for p, c in zip(prompt_ids, chosen_ids)], dtype=np.int32),
+            "pairs": len(pairs), "truncated": truncated, "dropped": dropped}
+
+
+def _common_prefix(a: Any, b: Any) -> int:
+    """How many leading tokens two id arrays share (TRL's common_prefix_length)."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 def _prompt_tokens(tokenizer: Any, prompt: Messages) -> int:
+    """Tokens of a prompt rendered with the generation prompt."""
+    from dsft.data.tokenize import encode
+
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(encode(tokenizer, [text])[0].ids)
 
 
 def _truncate(tokenizer: Any, prompt: Messages, limit: int) -> Messages:

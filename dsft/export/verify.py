@@ -296,13 +296,13 @@ def _assign(model: nn.Module, params: dict[str, nn.Parameter], name: str, value:
 # ---------------------------------------------------------------- the logit check
 
 def _prompts(source: Source, tokenizer: Any, count: int, max_tokens: int = 128) -> list[torch.Tensor]:
-    from dsft.data.formats import load_conversations
+    from dsft.train.evaluate import first_conversations
 
     data = (source.recipe or {}).get("data", {})
     files = [f for f in (data.get("eval") or data.get("train") or []) if Path(f).is_file()]
     texts: list[str] = []
-    if files and data.get("format", "messages") != "preference":
-        rows = load_conversations(files, data.get("format", "messages"))[:count]
+    if files and data.get("format", "messages") != "preference":  # the first rows only, read streaming
+        rows = first_conversations(files, "conversations", data.get("format", "messages"), None, count)
         texts = [tokenizer.apply_chat_template(r, tokenize=False) for r in rows]
     if not texts:
         texts = ["The contract was signed by both parties and", "Explain the rule in one sentence:"][:count]

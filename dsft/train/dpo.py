@@ -48,18 +48,15 @@ def dpo_config(recipe: Recipe, dpo: DpoSection, run: Path, dtype: torch.dtype) -
 
 
 class DPO(pipeline.Objective):
-    """Prepared.train holds prompt + chosen tokens (for routing profiles); the pairs as TRL takes them,
-    fitted to dpo.max_prompt_length, are in Prepared.data."""
+    """Prepared.train holds the pairs as TRL's DPOTrainer takes them (prompt_ids, chosen_ids, rejected_ids,
+    the prompt fitted to dpo.max_prompt_length), from the prepared-data cache; its `rows` are prompt + chosen
+    (for routing profiles). The held-out pairs are Prepared.data["eval"]."""
 
     name = "dpo"
 
-    def load_rows(self, recipe: Recipe) -> tuple[list, list | None]:
-        from dsft.data.preference import load_pairs
-
-        data = recipe.data
-        if data.format != "preference":
+    def load_rows(self, recipe: Recipe) -> None:
+        if recipe.data.format != "preference":
             raise DsftError("data.format: `dsft dpo` trains on preference rows (prompt, chosen, rejected); set preference")
-        return load_pairs(data.train, data.system_prompt), load_pairs(data.eval, data.system_prompt) if data.eval else None
 
     def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
         from dsft.adapters.metadata import read_metadata
@@ -78,33 +75,28 @@ class DPO(pipeline.Objective):
         check_adapter_dir(adapter, "dpo.init_adapter", config)
         return adapter
 
-    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: tuple[list, list | None]) -> dict[str, Any]:
-        from dsft.data.preference import fit_prompts
-        from dsft.data.tokenize import tokenize_all
+    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
+        from dsft.data.prepared import Spec, prepare
 
-        dpo = recipe.dpo or DpoSection()
-        pairs, eval_pairs = rows
-        fitted = fit_prompts(pairs, tokenizer, dpo.max_prompt_length, dpo.prompt_overflow)
-        if not fitted.rows:
-            raise DsftError(f"dpo.max_prompt_length {dpo.max_prompt_length}: every pair's prompt is longer; raise it")
-        fitted_eval = fit_prompts(eval_pairs, tokenizer, dpo.max_prompt_length, dpo.prompt_overflow).rows if eval_pairs else None
-        chosen = [r["prompt"] + r["chosen"] for r in fitted.rows]
-        counts = {"pairs": len(pairs), "truncated": fitted.truncated, "dropped": fitted.dropped}
-        return {"train": tokenize_all(tokenizer, chosen, None, recipe.data.assistant_only_loss,
-                                               "tokenizing chosen answers"), "eval": None,
-                "data": {"dpo": dpo, "pairs": fitted.rows, "eval_pairs": fitted_eval, "counts": counts}}
+        dpo, data = recipe.dpo or DpoSection(), recipe.data
+        fit = {"max_prompt_length": dpo.max_prompt_length, "prompt_overflow": dpo.prompt_overflow}
+        spec = lambda files, what: Spec("dpo", list(files), "preference", what, data.system_prompt, dpo=fit)  # noqa: E731
+        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
+        counts = {k: train.meta["counts"].get(k, 0) for k in ("pairs", "truncated", "dropped")}
+        return {"train": train, "eval": None, "truncation": train.stats(data.max_length),
+                "data": {"dpo": dpo, "eval": held_out, "counts": counts}}
 
     def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
         return dpo_config(recipe, prepared.data["dpo"], run, dtype)
 
     def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
-        from datasets import Dataset
+        from dsft.train.trainer import PREPARED_PAIRS, DsftDPOTrainer
 
-        from dsft.train.trainer import DsftDPOTrainer
-
-        pairs, eval_pairs = prepared.data["pairs"], prepared.data["eval_pairs"]
-        return DsftDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
-                              eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        rows = lambda tokens: tokens.trainable(args.max_length).select_columns(sorted(PREPARED_PAIRS))  # noqa: E731
+        held_out = prepared.data["eval"]
+        return DsftDPOTrainer(model=model, args=args, train_dataset=rows(prepared.train),
+                              eval_dataset=rows(held_out) if held_out is not None else None,
                               processing_class=prepared.tokenizer, callbacks=callbacks)
 
     def adapter_metadata(self, prepared: Prepared) -> dict[str, Any]:
@@ -117,7 +109,7 @@ class DPO(pipeline.Objective):
         logged = [r for r in metrics.rows if "rewards/accuracies" in r]
         counts = prepared.data["counts"]
         groups = {g: n for g, n in groups.items() if n}
-        result = DpoResult(run, groups, len(prepared.data["pairs"]), _rewards(logged[:1]), _rewards(logged[-1:]), counts)
+        result = DpoResult(run, groups, len(prepared.train), _rewards(logged[:1]), _rewards(logged[-1:]), counts)
         return result, {"pairs": counts, "first": result.first, "last": result.last, "trainable_params": groups}
 
 

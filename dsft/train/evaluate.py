@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
-from dsft.data.formats import Messages, load_conversations
-from dsft.data.tokenize import IGNORE, tokenize_all
+from dsft.data.formats import Messages
+from dsft.data.prepared import Spec, prepare
+from dsft.data.tokenize import IGNORE
 from dsft.errors import DsftError
 
 
@@ -74,11 +75,9 @@ def file_kind(files: list[str]) -> tuple[str, str | None]:
     return kind, fmt
 
 
-def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple[str, Any, list[str]]:
-    """(kind, rows, files): preference pairs or conversations from --data, else data.eval, else (with
-    --on-train) data.train."""
-    from dsft.data.preference import load_pairs
-
+def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple[str, str, list[str]]:
+    """(kind, the rows' format, files): preference pairs or conversations from --data, else data.eval, else
+    (with --on-train) data.train."""
     d = recipe.data
     if data and not Path(data).is_file():
         raise DsftError(f"--data {data}: file not found")
@@ -94,13 +93,31 @@ def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple
     files = [data] if data else (d.eval or d.train)
     kind, fmt = file_kind(files)
     if kind == "pairs":
-        return kind, load_pairs(files, d.system_prompt), files
-    return kind, load_conversations(files, fmt if data else (d.format if d.format != "preference" else fmt), d.system_prompt), files
+        return kind, "preference", files
+    return kind, fmt if data else (d.format if d.format != "preference" else fmt), files
+
+
+def first_conversations(files: list[str], kind: str, fmt: str, system_prompt: str | None, count: int) -> list[Messages]:
+    """The first `count` rows as conversations (a pair as its prompt and chosen answer), read streaming."""
+    from dsft.data.formats import iter_rows, to_messages
+    from dsft.data.preference import to_pair
+
+    out: list[Messages] = []
+    for name in files:
+        for _, row in iter_rows(Path(name)):
+            if len(out) >= count:
+                return out
+            if kind == "pairs":
+                pair = to_pair(row, system_prompt)
+                out.append(pair["prompt"] + pair["chosen"])
+            else:
+                out.append(to_messages(row, fmt, system_prompt))
+    return out
 
 
 def training_file(recipe: Recipe, path: Path) -> str | None:
     """The run's training file that `path` is (the same file, or the same bytes), or None."""
-    from dsft.train.run_dir import file_sha256
+    from dsft.data.prepared import file_sha256
 
     sha = file_sha256(path)
     for name in recipe.data.train:
@@ -108,19 +125,6 @@ def training_file(recipe: Recipe, path: Path) -> str | None:
         if train.is_file() and (train.resolve() == path.resolve() or file_sha256(train) == sha):
             return name
     return None
-
-
-def cut(tokens: dict[str, list[list[int]]], max_length: int) -> int:
-    """Truncate every row to the run's data.max_length, as training did; returns how many rows were cut (a
-    row far beyond the model's context would otherwise be scored whole, in memory quadratic in its length)."""
-    cut_rows = 0
-    for key in ("input_ids", "labels"):
-        rows = tokens[key]
-        for i, row in enumerate(rows):
-            if len(row) > max_length:
-                rows[i] = row[:max_length]
-                cut_rows += key == "input_ids"
-    return cut_rows
 
 
 @torch.no_grad()
@@ -194,13 +198,17 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)
-    kind, rows, files = eval_rows(recipe, data, on_train)
-    rows = rows[:samples]
-    conversations = [p["prompt"] + p["chosen"] for p in rows] if kind == "pairs" else rows
-    tokens = tokenize_all(tokenizer, conversations, None, True)
-    rejected = tokenize_all(tokenizer, [p["prompt"] + p["rejected"] for p in rows], None, True) if kind == "pairs" else None
-    max_length = recipe.data.max_length
-    truncated = cut(tokens, max_length) + (cut(rejected, max_length) if rejected is not None else 0)
+    kind, fmt, files = eval_rows(recipe, data, on_train)
+    prepared = prepare(Spec("pairs" if kind == "pairs" else "sft", files, fmt, "--data" if data else "eval rows",
+                            recipe.data.system_prompt), tokenizer, recipe.data.num_proc)
+    count = min(samples, len(prepared))
+    max_length = recipe.data.max_length  # every row cut to it, as training did
+    tokens = prepared.rows(range(count), max_length)
+    rejected = prepared.rejected(range(count), max_length) if kind == "pairs" else None
+    truncated = int((prepared.column("length")[:count] > max_length).sum())
+    if rejected is not None:
+        truncated += int((prepared.column("rejected_length")[:count] > max_length).sum())
+    conversations = first_conversations(files, kind, fmt, recipe.data.system_prompt, generations)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
     batch = recipe.training.micro_batch_size
@@ -227,7 +235,7 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
         "data": files,
         "data_kind": ("training data" if on_train else "given") if data else "held-out" if recipe.data.eval else "training data",
         "rows": kind,
-        "examples": len(conversations),
+        "examples": count,
         "max_length": max_length,
         "truncated": truncated,
         **scored,

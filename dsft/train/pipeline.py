@@ -45,8 +45,8 @@ class Prepared:
     config: dict[str, Any]
     selection: dict[int, list[int] | None] | None  # None: a policy decides after profiling
     tokenizer: Any
-    train: dict[str, list[list[int]]]  # token ids and labels of the training rows (SFT: what trains; all: profiling)
-    eval: dict[str, list[list[int]]] | None
+    train: Any  # the training rows' tokens (dsft.data.prepared.Tokens: what trains, and the profiled sample)
+    eval: Any | None
     truncation: dict[str, int] | None = None  # what data.max_length cuts (None when packing)
     init_adapter: Path | None = None  # an adapter the run continues (DPO's dpo.init_adapter)
     data: dict[str, Any] = field(default_factory=dict)  # the objective's own prepared data
@@ -270,7 +270,7 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.adapters.metadata import read_metadata, recorded_targets
     from dsft.adapters.plan import plan_table
     from dsft.models.load import load_model
-    from dsft.train.targeting import check_plan, write_plan
+    from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
     base = load_model(recipe.model, prepared.model_path)
@@ -279,7 +279,7 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
         meta = read_metadata(prepared.init_adapter)
         return model, recorded_targets(meta), meta, None
     selection = target_experts(prepared, base, run, identity, info["data_sha256"])
-    plan = write_plan(run, recipe, prepared.config, selection)
+    plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval))
     if is_main():
         show(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)

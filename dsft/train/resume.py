@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from dsft.errors import DsftError
 
 MARKER = "dsft-complete.json"
+RESUME_FREE = {"data.num_proc"}  # recipe keys a resume may change: they change no result
 # Set by the `dsft` entry point (dsft.cli.app.main): only a dsft process takes over SIGINT / SIGTERM, not a
 # library caller or pytest (whose Ctrl-C must stop the session, not fail one test).
 SIGNALS_ENV = "DSFT_HANDLE_SIGNALS"
@@ -125,7 +126,8 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
         raise DsftError(f"--resume: {run} has no recipe.yaml, so the run cannot be checked; start again with --force")
     saved = read_yaml(rundir.recipe_file, "run recipe")
     changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
-                     for k in set(saved[s]) | set(recipe_data.get(s) or {}) if saved[s].get(k) != (recipe_data.get(s) or {}).get(k))
+                     for k in set(saved[s]) | set(recipe_data.get(s) or {}) if saved[s].get(k) != (recipe_data.get(s) or {}).get(k)
+                     and f"{s}.{k}" not in RESUME_FREE)
     if changed:
         raise DsftError(f"--resume: the recipe changed since the run started ({', '.join(changed[:5])}); "
                         "resume with the same recipe, or start again with --force")
@@ -170,7 +172,7 @@ def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
     and the base model's identity (architecture and weights fingerprint)."""
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import file_sha256
+    from dsft.data.prepared import file_sha256
 
     info = rundir.info()
     recorded = info.get("data_sha256") or {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from dsft.config.schema import BUILTIN_PREFIX, Recipe
+from dsft.data.prepared import file_sha256
 from dsft.errors import DsftError
 from dsft.outputs import (
     LOCK_NAME, OutputLock, check_location, holder, human_size, nearest_existing, read_json, replace_dir,
@@ -378,22 +378,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_recipe(run: Path, recipe: Recipe) -> None:
     write_atomic(run / RECIPE, yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
-
-
-_SHA256: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """A file's sha256, computed once per process for the same file, size and modification time."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _SHA256:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
 
 
 def _git_sha() -> str | None:

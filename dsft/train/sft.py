@@ -37,14 +37,11 @@ class SftResult:
     routing_rows: int | None = None
 
 
-def _count(tokens: dict[str, list[list[int]]], max_length: int | None) -> tuple[int, int]:
-    """Tokens and loss tokens the trainer sees (after truncation to `max_length`, None when packing)."""
-    from dsft.data.tokenize import IGNORE
+def _count(tokens: Any, truncation: dict[str, int], max_length: int) -> tuple[int, int]:
+    """Tokens and loss tokens the trainer sees, every row cut to `max_length` (packing cuts alike)."""
+    import numpy as np
 
-    cut = max_length or None
-    total = sum(len(ids[:cut]) for ids in tokens["input_ids"])
-    on_loss = sum(sum(1 for x in labels[1:cut] if x != IGNORE) for labels in tokens["labels"])
-    return total, on_loss
+    return int(np.minimum(tokens.column("length"), max_length).sum()), truncation["loss_tokens"]
 
 
 def peak_host_gib() -> float | None:
@@ -93,13 +90,13 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
     (load moved per layer, rows of the sample)."""
     from dsft.console import show
     from dsft.moe import profile as routing_profile
-    from dsft.train.targeting import ROUTING_DIR, sample_rows
+    from dsft.train.targeting import ROUTING_DIR
 
     directory = run / ROUTING_DIR
     before = routing_profile.read_profile(directory)
     if before is None:
         return None
-    sample = sample_rows(prepared.train, before["rows"], prepared.recipe.training.seed)
+    sample = prepared.train.sample(before["rows"], prepared.recipe.training.seed, prepared.recipe.data.max_length)
     stats = routing_profile.collect(model, sample, all_tokens=before["count"] == "all",
                                     batch_size=prepared.recipe.training.micro_batch_size,
                                     pad_id=prepared.tokenizer.pad_token_id)
@@ -118,38 +115,34 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
 class SFT(pipeline.Objective):
     name = "sft"
 
-    def load_rows(self, recipe: Recipe) -> tuple[list, list | None]:
-        from dsft.data.formats import load_conversations
-
-        data = recipe.data
-        if data.format == "preference":
+    def load_rows(self, recipe: Recipe) -> None:
+        if recipe.data.format == "preference":
             raise DsftError("data.format: preference rows are for `dsft dpo`; use messages, prompt_completion or alpaca for sft")
-        train = load_conversations(data.train, data.format, data.system_prompt)
-        return train, load_conversations(data.eval, data.format, data.system_prompt) if data.eval else None
 
-    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: tuple[list, list | None]) -> dict[str, Any]:
-        from dsft.data.tokenize import check_truncation, tokenize_all, truncation
+    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
+        """Every row checked and tokenized once into the prepared-data cache (dsft.data.prepared), or taken
+        from it; truncation counted at data.max_length, packed or not."""
+        from dsft.data.prepared import Spec, prepare
+        from dsft.data.tokenize import check_truncation
 
         data = recipe.data
-        tok = lambda conversations, what: tokenize_all(tokenizer, conversations, None, data.assistant_only_loss,  # noqa: E731
-                                                       f"tokenizing {what}")
-        train = tok(rows[0], "data.train")
-        cut = None
-        if not data.packing:
-            cut = truncation(train, data.max_length)
-            check_truncation(cut, data.max_length)
-        return {"train": train, "eval": tok(rows[1], "data.eval") if rows[1] else None, "truncation": cut}
+        spec = lambda files, what: Spec("sft", list(files), data.format, what, data.system_prompt,  # noqa: E731
+                                        data.assistant_only_loss)
+        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        cut = train.stats(data.max_length)
+        check_truncation(cut, data.max_length)
+        return {"train": train, "eval": prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None,
+                "truncation": cut}
 
     def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
         return sft_config(recipe, run, dtype)
 
     def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
-        from datasets import Dataset
+        from dsft.train.trainer import DsftSFTTrainer, trainer_rows
 
-        from dsft.train.trainer import DsftSFTTrainer
-
-        return DsftSFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(prepared.train),
-                              eval_dataset=Dataset.from_dict(prepared.eval) if prepared.eval else None,
+        data = prepared.recipe.data
+        return DsftSFTTrainer(model=model, args=args, train_dataset=trainer_rows(prepared.train, args, data.max_length),
+                              eval_dataset=trainer_rows(prepared.eval, args, data.max_length) if prepared.eval else None,
                               processing_class=prepared.tokenizer, callbacks=callbacks, balance=prepared.recipe.training)
 
     def after_train(self, trainer: Any, prepared: Prepared, run: Path) -> dict[str, Any]:
@@ -166,7 +159,7 @@ class SFT(pipeline.Objective):
         from dsft.models.load import world_size
 
         recipe = prepared.recipe
-        total_tokens, loss_tokens = _count(prepared.train, None if recipe.data.packing else recipe.data.max_length)
+        total_tokens, loss_tokens = _count(prepared.train, prepared.truncation, recipe.data.max_length)
         losses = metrics.losses()
         change, sample = extra["routing"] or (None, None)
         result = SftResult(run, groups, sum(groups.values()), model_params(trainer.model), total_tokens, loss_tokens,
@@ -184,7 +177,10 @@ class SFT(pipeline.Objective):
 def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_args(recipe, run, dtype), packing=recipe.data.packing)
+    # dsft hands SFTTrainer its prepared rows (input ids and loss mask, cut and kept as TRL would): TRL neither
+    # tokenizes nor maps them again; dsft's collator turns the mask into labels (dsft.train.trainer).
+    return SFTConfig(**trainer_args(recipe, run, dtype), packing=recipe.data.packing,
+                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
 
 
 OBJECTIVE = pipeline.register(SFT())

@@ -4,7 +4,6 @@ recipe's policy, and write the plan. Shared by `dsft sft` and `dsft experts`."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,6 @@ from dsft.train.dist import is_main
 ROUTING_DIR = run_dir.ROUTING
 
 
-def sample_rows(tokens: dict[str, list[list[int]]], samples: int, seed: int) -> dict[str, list[list[int]]]:
-    """A seeded sample of `samples` rows (all rows when there are fewer), in their original order."""
-    n = len(tokens["input_ids"])
-    keep = sorted(random.Random(seed).sample(range(n), samples)) if samples < n else list(range(n))
-    return {k: [v[i] for i in keep] for k, v in tokens.items()}
-
-
 def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, str], samples: int, count: str) -> str:
     return routing_profile.profile_key({
         "model": identity["config_sha256"], "data": sorted(data_sha.values()), "samples": samples, "count": count,
@@ -35,7 +27,7 @@ def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, st
     })
 
 
-def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list[int]]], pad_id: int, key: str,
+def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str,
                    directory: Path, samples: int, count: str, reprofile: bool = False) -> tuple[dict[str, Any], bool]:
     """The cached profile when its key matches, else a new one written to `directory`. Returns
     (profile, computed)."""
@@ -43,7 +35,7 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: dict[str, list[list
         cached = routing_profile.read_profile(directory, key)
         if cached is not None:
             return cached, False
-    sample = sample_rows(tokens, samples, recipe.training.seed)
+    sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
     stats = routing_profile.collect(model, sample, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
                                     pad_id=pad_id)
     from dsft.moe.routing import top_k
@@ -64,14 +56,24 @@ def policy_selection(recipe: Recipe, profile: dict[str, Any], directory: Path | 
     return selection
 
 
-def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None]) -> dict[str, Any]:
+def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None],
+               data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan (with `data`: where the prepared rows are, data_summary), written to RUN/plan.json."""
     from dsft.models.load import world_size
 
     plan = build_plan(recipe, cfg, selection, world_size())
+    if data:
+        plan["data"] = data
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run / run_dir.PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     return plan
+
+
+def data_summary(train: Any, eval_: Any = None) -> dict[str, Any]:
+    """Rows, tokens and cache entry of the prepared splits (dsft.data.prepared.Tokens), for the plan."""
+    return {what: {"rows": len(t), "tokens": t.tokens, "cache": str(t.path)}
+            for what, t in (("data.train", train), ("data.eval", eval_)) if t is not None}
 
 
 def check_plan(plan: dict[str, Any], actual: dict[str, int]) -> None:

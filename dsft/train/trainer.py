@@ -1,5 +1,6 @@
 """TRL's trainers plus what DeepSeek MoE training needs from them: the model's own balance loss (SFT),
-and resuming an adapter under FSDP2 (SFT and DPO)."""
+resuming an adapter under FSDP2 (SFT and DPO), and dsft's prepared rows taken as they are (every row was
+tokenized once, into dsft's cache: TRL neither tokenizes nor maps them again)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,55 @@ class FsdpAdapterResume:
 
 
 class DsftDPOTrainer(FsdpAdapterResume, DPOTrainer):
-    pass
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        """dsft's rows hold prompt_ids, chosen_ids and rejected_ids, tokenized as this method would
+        (dsft.data.preference.tokenize_pairs) and with its filter applied (Tokens.trainable)."""
+        if PREPARED_PAIRS <= set(dataset.column_names):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+PREPARED_PAIRS = {"prompt_ids", "chosen_ids", "rejected_ids"}
+
+
+def trainer_rows(tokens: Any, args: Any, max_length: int) -> Any:
+    """The rows SFTTrainer trains on, from dsft's prepared tokens (dsft.data.prepared.Tokens): those with a
+    loss token within max_length, their ids and loss mask only, packed as TRL packs when args.packing (the
+    packed rows are written once beside the entry, by datasets' own cache)."""
+    dataset = tokens.trainable(max_length).select_columns(["input_ids", "loss_mask"])
+    if not getattr(args, "packing", False):
+        return dataset
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(dataset, max_length, args.packing_strategy, map_kwargs={"desc": None})
+
+
+class MaskCollator:
+    """Labels from dsft's loss mask (IGNORE off the loss), each row cut to max_length as TRL's preparation
+    would, then TRL's own collator (padding, packing's position ids)."""
+
+    def __init__(self, inner: Any, max_length: int | None) -> None:
+        self.inner, self.max_length = inner, max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+
+        rows = []
+        for example in examples:
+            ids = np.asarray(example["input_ids"][: self.max_length], dtype=np.int64)
+            mask = np.asarray(example["loss_mask"][: self.max_length], dtype=bool)
+            row = {"input_ids": ids.tolist(), "labels": np.where(mask, ids, -100).tolist()}
+            if "seq_lengths" in example:
+                row["seq_lengths"] = example["seq_lengths"]
+            rows.append(row)
+        return self.inner(rows)
 
 
 class DsftSFTTrainer(FsdpAdapterResume, SFTTrainer):
     def __init__(self, *args: Any, balance: TrainingSection | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not isinstance(self.data_collator, MaskCollator):
+            self.data_collator = MaskCollator(self.data_collator, None if self.args.packing else self.args.max_length)
         self.balance = None
         if balance is not None and balance.balance_loss:
             from dsft.moe.balance import for_model

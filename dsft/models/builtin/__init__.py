@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import dsft
+from dsft.outputs import cache_error, cache_root
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 PREFIX = "builtin:"  # model.path of a built-in model: builtin:NAME
@@ -92,19 +93,6 @@ CONFIGS.update({
 SEED = 0
 
 
-def cache_root() -> Path:
-    root = os.environ.get("DSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsft"
-    return Path(os.path.expanduser(str(root)))
-
-
-def _cache_error(root: Path, problem: str, fix: str = "point DSFT_CACHE at a writable directory (unset, it is "
-                 "~/.cache/dsft)") -> Exception:
-    from dsft.errors import DsftError
-
-    where = f"DSFT_CACHE={os.environ['DSFT_CACHE']}" if os.environ.get("DSFT_CACHE") else f"dsft's cache {root}"
-    return DsftError(f"{where}: {problem}; {fix}")
-
-
 def _fingerprint(name: str) -> str:
     h = hashlib.sha256(json.dumps(CONFIGS[name], sort_keys=True).encode())
     h.update(dsft.__version__.encode())
@@ -122,14 +110,14 @@ def builtin_path(name: str) -> Path:
     if not (target / "config.json").is_file():
         existing = next((p for p in (target.parent, *target.parent.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
-            raise _cache_error(root, f"{existing} is a file, not a directory")
+            raise cache_error(f"{existing} is a file, not a directory")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with _exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
                 if not (target / "config.json").is_file():
                     _materialise(name, target)
         except OSError as e:
-            raise _cache_error(root, f"cannot write {e.filename or target} ({e.strerror or e})") from None
+            raise cache_error(f"cannot write {e.filename or target} ({e.strerror or e})") from None
     _check_entry(root, target)
     return target
 
@@ -142,7 +130,7 @@ def _check_entry(root: Path, target: Path) -> None:
         json.loads((target / "config.json").read_text(encoding="utf-8"))
         safetensors_header(target / "model.safetensors")
     except (OSError, ValueError) as e:
-        raise _cache_error(root, f"the cached built-in model {target} is damaged ({str(e).split(';')[0][:160]})",
+        raise cache_error(f"the cached built-in model {target} is damaged ({str(e).split(';')[0][:160]})",
                            "delete that directory and dsft builds it again") from None
 
 

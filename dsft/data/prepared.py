@@ -1,0 +1,618 @@
+"""Prepared data: every data file tokenized once, into a memory-mapped Arrow cache that every run, rank,
+resume and command on the same data reuses.
+
+An entry is one split (data.train or data.eval) of one kind:
+
+- `sft`: conversations -> `input_ids` (int32) and `loss_mask` (bool: the assistant tokens, dsft.data.tokenize);
+- `pairs`: preference pairs scored by `dsft eval` -> the chosen conversation's `input_ids` / `loss_mask` and
+  the rejected one's `rejected_ids` / `rejected_mask`;
+- `dpo`: preference pairs as TRL's DPOTrainer tokenizes them -> `prompt_ids`, `chosen_ids`, `rejected_ids`
+  (the prompt fitted to dpo.max_prompt_length first, dsft.data.preference);
+
+with small per-row columns (`length`, `first_mask`, `first_loss`, `loss_count`, `prompt_length`) from which
+truncation reports and the rows a trainer keeps are computed for any max_length without reading tokens.
+
+The key (`Spec.key`) holds everything that decides the tokens: the kind, each file's sha256 in order, the
+tokenizer (its backend's canonical JSON, special tokens and chat template), the data settings that change
+tokens (format, system prompt, assistant-only loss; DPO's prompt fitting) and VERSION of these rules. A
+fast path keys the same on each file's path, size, modification time and inode instead of its sha256, so a
+warm start never hashes a multi-GB file; the sha256 recorded when the entry was built is re-checked by
+`--resume` and `dsft cache verify`.
+
+The cache is a writer like any other: an entry is built in a temporary directory beside it, under a file
+lock on its key (ranks of one run and concurrent runs: one builds, the others wait and map it), and renamed
+into place; a damaged entry (a file missing or of another size, unreadable metadata) is moved aside with a
+warning and built again, never trusted. Entries hold Arrow files and JSON only, never pickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsft.errors import DsftError
+from dsft.outputs import cache_error, cache_root, human_size
+
+VERSION = 1  # of the tokenization rules (dsft.data.tokenize, dsft.data.preference): bump when tokens change
+FORMAT = "dsft-tokens"
+DATA, META = "data.arrow", "meta.json"
+ENTRY_FILES = {DATA, META}
+CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
+PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
+KINDS = ("sft", "pairs", "dpo")
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- file identity
+
+_SHA256: dict[tuple, str] = {}
+
+
+def _stat(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, computed once per process for the same file, size and modification time (and taken
+    from the cache entry that recorded it for that file as it is now)."""
+    key = _stat(path)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What of a tokenizer decides tokens: its backend's canonical JSON (vocabulary, merges, normalizer,
+    pre-tokenizer), its special tokens and its chat template. Two copies of one tokenizer (a checkpoint's and
+    the one a run saved with its adapter) agree."""
+    cached = getattr(tokenizer, "_dsft_fingerprint", None)
+    if cached is not None and cached[0] == tokenizer.chat_template:
+        return cached[1]
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    h.update(json.dumps([special, tokenizer.chat_template, type(tokenizer).__name__], sort_keys=True).encode())
+    digest = h.hexdigest()
+    with contextlib.suppress(AttributeError):
+        tokenizer._dsft_fingerprint = (tokenizer.chat_template, digest)
+    return digest
+
+
+# ---------------------------------------------------------------- what decides the tokens
+
+@dataclass
+class Spec:
+    """One split to prepare: its kind, files (in order), their row format and the settings that change tokens."""
+
+    kind: str
+    files: list[str]
+    fmt: str
+    what: str = "data.train"  # how the split is named on the console and in errors
+    system_prompt: str | None = None
+    assistant_only: bool = True
+    dpo: dict[str, Any] | None = None  # max_prompt_length, prompt_overflow
+
+    def parts(self, tokenizer: Any, files: list[Any]) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "files": files, "row_format": self.fmt,
+                "system_prompt": self.system_prompt, "assistant_only": self.assistant_only, "dpo": self.dpo,
+                "tokenizer": tokenizer_fingerprint(tokenizer)}
+
+    def stat_key(self, tokenizer: Any) -> str:
+        return _digest(self.parts(tokenizer, [list(_stat(Path(f))) for f in self.files]))
+
+    def key(self, tokenizer: Any) -> str:
+        return _digest(self.parts(tokenizer, [file_sha256(Path(f)) for f in self.files]))
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_root() -> Path:
+    """DSFT_CACHE/data, created; one line naming DSFT_CACHE when it cannot be."""
+    root = cache_root() / "data"
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise cache_error(f"{existing} is a file, not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cache_error(f"cannot write {e.filename or root} ({e.strerror or e})") from None
+    return root
+
+
+# ---------------------------------------------------------------- an entry
+
+class Tokens:
+    """A prepared split: the memory-mapped dataset and its metadata."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        from datasets import Dataset
+
+        self.path, self.meta = path, meta
+        self.dataset = Dataset.from_file(str(path / DATA))
+        self.kind = meta["kind"]
+
+    def __len__(self) -> int:
+        return self.meta["rows"]
+
+    @property
+    def tokens(self) -> int:
+        return self.meta["tokens"]
+
+    def column(self, name: str) -> np.ndarray:
+        """A per-row column (length, first_loss, ...) as a numpy array, straight from the memory map."""
+        return self.dataset.data.column(name).to_numpy()
+
+    # -- SFT-style rows (sft, pairs: the chosen conversation; dpo: prompt + chosen)
+
+    def stats(self, max_length: int) -> dict[str, int]:
+        """What cutting every row to `max_length` tokens does: rows cut, rows left with no loss token, loss
+        tokens before and after, the smallest max_length keeping a loss token in 95% of the rows (a label at
+        position i is predicted from i - 1, so position 0 never counts). Computed once per max_length (it
+        reads the masks of the rows cut) and kept in the entry's metadata."""
+        known = self.meta.get("stats", {}).get(str(max_length))
+        if known is None:
+            known = self._stats(max_length)
+            self.meta.setdefault("stats", {})[str(max_length)] = known
+            with contextlib.suppress(OSError):  # a read-only cache computes it each time
+                _write_meta(self.path, self.meta)
+        return dict(known)
+
+    def _stats(self, max_length: int) -> dict[str, int]:
+        if self.kind == "dpo":
+            lengths = self.column("length")
+            return {"rows": len(self), "truncated": int((lengths > max_length).sum())}
+        length, first_loss, loss_count = self.column("length"), self.column("first_loss"), self.column("loss_count")
+        long_rows = np.flatnonzero(length > max_length)
+        after = int(loss_count[length <= max_length].sum()) + int(self._loss_below(long_rows, max_length).sum())
+        no_loss = int(((first_loss < 0) | (first_loss >= max_length)).sum())
+        firsts = np.sort(np.where(first_loss >= 0, first_loss + 1, 0))
+        needed = int(firsts[min(len(firsts) - 1, -(-95 * len(firsts) // 100) - 1)]) if len(firsts) else 0
+        return {"rows": len(self), "truncated": len(long_rows), "no_loss_tokens": no_loss,
+                "loss_tokens_before": int(loss_count.sum()), "loss_tokens": after, "max_length_for_95pct": needed}
+
+    def _loss_below(self, rows: np.ndarray, max_length: int, block: int = 8192) -> np.ndarray:
+        """Per row in `rows`: its loss tokens at positions 1 .. max_length - 1 (a block of rows at a time)."""
+        import pyarrow.compute as pc
+
+        column = self.dataset.data.column("loss_mask")
+        out = np.zeros(len(rows), dtype=np.int64)
+        for i in range(0, len(rows), block):
+            taken = pc.list_slice(column.take(rows[i:i + block]), 1, max_length)
+            flat = pc.list_flatten(taken).to_numpy(zero_copy_only=False)
+            parents = pc.list_parent_indices(taken).to_numpy()
+            out[i:i + block] = np.bincount(parents[flat], minlength=len(rows[i:i + block]))
+        return out
+
+    def trainable(self, max_length: int) -> Any:
+        """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
+        (TRL's rule: a row left with none teaches nothing), or, for DPO, a prompt shorter than max_length."""
+        if self.kind == "dpo":
+            keep = self.column("prompt_length") < max_length
+        else:
+            first = self.column("first_mask")
+            keep = (first >= 0) & (first < max_length)
+        return self.dataset if keep.all() else self.dataset.select(np.flatnonzero(keep))
+
+    def rows(self, indices: list[int] | np.ndarray, max_length: int | None = None) -> dict[str, list[list[int]]]:
+        """Token ids and labels of some rows as Python lists (the routing profile, eval), each cut to
+        `max_length` when given. DPO rows are prompt + chosen answer, the loss on the answer."""
+        picked = self.dataset.select(indices)[:]
+        if self.kind == "dpo":
+            pairs = zip(picked["prompt_ids"], picked["chosen_ids"])
+            ids = [p + c for p, c in pairs]
+            labels = [[IGNORE] * len(p) + c for p, c in zip(picked["prompt_ids"], picked["chosen_ids"])]
+        else:
+            ids = picked["input_ids"]
+            labels = [[t if m else IGNORE for t, m in zip(row, mask)] for row, mask in zip(ids, picked["loss_mask"])]
+        cut = slice(None, max_length)
+        return {"input_ids": [r[cut] for r in ids], "labels": [r[cut] for r in labels]}
+
+    def rejected(self, indices: list[int] | np.ndarray, max_length: int | None = None) -> dict[str, list[list[int]]]:
+        """The rejected conversations of `pairs` rows, as `rows` gives the chosen ones."""
+        picked = self.dataset.select(indices)[:]
+        cut = slice(None, max_length)
+        labels = [[t if m else IGNORE for t, m in zip(r, mask)] for r, mask in zip(picked["rejected_ids"], picked["rejected_mask"])]
+        return {"input_ids": [r[cut] for r in picked["rejected_ids"]], "labels": [r[cut] for r in labels]}
+
+    def sample(self, samples: int, seed: int, max_length: int | None = None) -> dict[str, list[list[int]]]:
+        """A seeded sample of `samples` rows (all rows when there are fewer), in their original order."""
+        import random
+
+        n = len(self)
+        keep = sorted(random.Random(seed).sample(range(n), samples)) if samples < n else list(range(n))
+        return self.rows(keep, max_length)
+
+    def remember_hashes(self) -> None:
+        """Seed file_sha256 with what this entry recorded for its files as they are now (same size, mtime)."""
+        for record in self.meta.get("files", []):
+            with contextlib.suppress(OSError):
+                if list(_stat(Path(record["path"]))) == record["stat"]:
+                    _SHA256[tuple(record["stat"])] = record["sha256"]
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with an entry directory: None when its metadata reads and its data file has the size
+    it was written with."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{META} missing or unreadable"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"{META} is not dsft's"
+    try:
+        size = (path / DATA).stat().st_size
+    except OSError:
+        return f"{DATA} missing"
+    if size != meta.get("bytes"):
+        return f"{DATA} is {size} bytes, {meta.get('bytes')} when written (truncated or overwritten)"
+    return None
+
+
+def _open(path: Path) -> Tokens | None:
+    """The entry at `path`, or None when there is none or it is damaged (reported, moved aside)."""
+    if not path.is_dir():
+        return None
+    problem = _problem(path)
+    if problem is None:
+        try:
+            return Tokens(path, json.loads((path / META).read_text(encoding="utf-8")))
+        except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise several types for a damaged file
+            problem = f"{DATA} cannot be read ({str(e).splitlines()[0][:120]})"
+    from dsft.console import say
+
+    say(f"warning: the prepared-data cache entry {path} is damaged ({problem}); building it again", stderr=True)
+    _discard(path)
+    return None
+
+
+def ours(path: Path) -> bool:
+    """An entry directory holds only what dsft writes there: its data and metadata, and the files datasets
+    derives from them for a run (packed rows, precomputed reference log-probs: `cache-*.arrow`)."""
+    return all(p.name in ENTRY_FILES or p.name.startswith(f".{META}.tmp") or
+               (p.name.startswith("cache-") and p.suffix == ".arrow") for p in path.iterdir())
+
+
+def _discard(path: Path) -> None:
+    """Remove a damaged entry directory of dsft's; one holding anything else is renamed aside, so the key
+    can be built again."""
+    if ours(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.rename(path.with_name(f"{path.name}.damaged-{os.getpid()}"))
+
+
+def entries(root: Path | None = None) -> list[Path]:
+    """Every entry directory in the cache (a name of 20 hex digits)."""
+    root = root or (cache_root() / "data")
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 20 and all(c in "0123456789abcdef" for c in p.name))
+
+
+def _find_stat(root: Path, stat_key: str) -> Path | None:
+    for path in entries(root):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if stat_key in json.loads((path / META).read_text(encoding="utf-8")).get("stat_keys", []):
+                return path
+    return None
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """One builder per key: an advisory lock the kernel drops when the process dies (never stale). The lock
+    file is removed while still held, so none is left behind; a waiter that then gets the lock of the
+    removed file sees another inode at the path and locks that one instead."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    waited = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    from dsft.console import say
+
+                    say(f"waiting for another dsft process preparing the same data ({lock.parent / lock.name[1:-5]})")
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path / f".{META}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path / META)
+
+
+def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool = False) -> Tokens:
+    """The split's tokens from the cache, built first if no entry has them (see the module docstring)."""
+    from dsft.console import say
+
+    root = data_root()
+    stat_key = spec.stat_key(tokenizer)
+    found = _find_stat(root, stat_key)
+    tokens = _open(found) if found is not None else None
+    if tokens is None:
+        key = spec.key(tokenizer)
+        path = root / key[:20]
+        tokens = _open(path)  # the same content reached another way: a hit, read-only caches included
+        if tokens is not None and stat_key not in tokens.meta.get("stat_keys", []):
+            tokens.meta["stat_keys"] = [*tokens.meta.get("stat_keys", []), stat_key][-16:]
+            with contextlib.suppress(OSError):
+                _write_meta(path, tokens.meta)
+    if tokens is None:
+        try:
+            with _locked(root / f".{key[:20]}.lock"):
+                tokens = _open(path)  # another process may have built it while this one waited
+                if tokens is None:
+                    tokens = _build(spec, tokenizer, key, path, stat_key, num_proc or os.cpu_count() or 1, quiet)
+                    tokens.remember_hashes()
+                    return tokens
+        except OSError as e:
+            raise cache_error(f"cannot write {e.filename or path} ({e.strerror or e})") from None
+    tokens.remember_hashes()
+    if not quiet:
+        say(f"{spec.what}: tokens from cache ({len(tokens):,} rows, {tokens.tokens:,} tokens; {tokens.path})")
+    return tokens
+
+
+# ---------------------------------------------------------------- building an entry
+
+def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
+    """The split's rows, converted for its kind and read streaming; bad rows go to `errors` as FILE:LINE."""
+    from dsft.data.formats import checked_rows, to_messages
+    from dsft.data.preference import to_pair
+
+    if spec.kind == "sft":
+        return checked_rows(spec.files, lambda row: to_messages(row, spec.fmt, spec.system_prompt), errors)
+    return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs")
+
+
+def _chunks(rows: Iterator[Any], errors: list[str]) -> Iterator[list[Any]]:
+    """Batches of CHUNK good rows; once a bad row is seen the rest are only checked (their errors counted)."""
+    chunk: list[Any] = []
+    for row in rows:
+        if errors:
+            continue
+        chunk.append(row)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk and not errors:
+        yield chunk
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, spec: Spec) -> None:
+    _WORKER.update(tokenizer=tokenizer, spec=spec)
+
+
+def _work(rows: list[Any]) -> dict[str, Any]:
+    return encode_rows(_WORKER["tokenizer"], _WORKER["spec"], rows)
+
+
+def encode_rows(tokenizer: Any, spec: Spec, rows: list[Any]) -> dict[str, Any]:
+    """One chunk of rows tokenized for the spec's kind: numpy arrays (a record batch's columns; a list column
+    as (offsets, values)), and plain integers the entry's metadata sums up (`counts`)."""
+    from dsft.data.tokenize import list_column, tokenize_batch
+
+    if spec.kind == "sft":
+        return _conversation_columns(tokenize_batch(tokenizer, rows, None, spec.assistant_only))
+    if spec.kind == "pairs":
+        chosen = tokenize_batch(tokenizer, [p["prompt"] + p["chosen"] for p in rows], None, True)
+        rejected = tokenize_batch(tokenizer, [p["prompt"] + p["rejected"] for p in rows], None, True)
+        columns = _conversation_columns(chosen)
+        columns["rejected_ids"] = list_column([ids for ids, _ in rejected], np.int32)
+        columns["rejected_mask"] = list_column([mask for _, mask in rejected], np.bool_)
+        columns["rejected_length"] = np.asarray([len(ids) for ids, _ in rejected], dtype=np.int32)
+        return columns
+    from dsft.data.preference import tokenize_pairs
+
+    return tokenize_pairs(tokenizer, rows, **(spec.dpo or {}))
+
+
+def _conversation_columns(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    from dsft.data.tokenize import list_column
+
+    first_mask, first_loss, loss_count = [], [], []
+    for _, mask in rows:
+        hits = np.flatnonzero(mask)
+        first_mask.append(int(hits[0]) if len(hits) else -1)
+        later = hits[hits > 0]
+        first_loss.append(int(later[0]) if len(later) else -1)
+        loss_count.append(len(later))
+    return {"input_ids": list_column([ids for ids, _ in rows], np.int32), "loss_mask": list_column([m for _, m in rows], np.bool_),
+            "length": np.asarray([len(ids) for ids, _ in rows], dtype=np.int32),
+            "first_mask": np.asarray(first_mask, dtype=np.int32), "first_loss": np.asarray(first_loss, dtype=np.int32),
+            "loss_count": np.asarray(loss_count, dtype=np.int32)}
+
+
+def _record_batch(columns: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    arrays, names = [], []
+    for name, value in columns.items():
+        if isinstance(value, tuple):
+            offsets, values = value
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values)))
+        elif isinstance(value, np.ndarray):
+            arrays.append(pa.array(value))
+        else:
+            continue
+        names.append(name)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def _encoded(spec: Spec, tokenizer: Any, chunks: Iterator[list[Any]], num_proc: int) -> Iterator[dict[str, Any]]:
+    """Each chunk's columns in order: in worker processes for a large input (at most two chunks in flight
+    per worker, so the rows read ahead stay bounded), else here."""
+    size = sum(Path(f).stat().st_size for f in spec.files)
+    if num_proc <= 1 or size < PARALLEL_BYTES:
+        for chunk in chunks:
+            yield encode_rows(tokenizer, spec, chunk)
+        return
+    import multiprocessing as mp
+    from collections import deque
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, spec)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_work, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_proc: int, quiet: bool) -> Tokens:
+    import pyarrow as pa
+
+    from dsft.console import Phase, say
+
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed builder's (we hold the key's lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    errors: list[str] = []
+    rows = tokens = 0
+    counts: dict[str, int] = {}
+    started = time.monotonic()
+    size = sum(Path(f).stat().st_size for f in spec.files)
+    try:
+        with Phase(f"tokenizing {spec.what}", None, "rows") if not quiet and size >= 2**20 else contextlib.nullcontext() as phase, \
+                (tmp / DATA).open("wb") as sink:
+            writer = None
+            for columns in _encoded(spec, tokenizer, _chunks(_rows(spec, errors), errors), num_proc):
+                batch = _record_batch(columns)
+                # the key as datasets' fingerprint: what it derives from the entry (packed rows) is found again
+                schema = batch.schema.with_metadata({b"huggingface": json.dumps({"fingerprint": key[:32]}).encode()})
+                batch = batch.replace_schema_metadata(schema.metadata)
+                writer = writer or pa.ipc.new_stream(sink, schema)
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                tokens += int(columns["length"].sum())
+                for name, value in columns.items():
+                    if isinstance(value, int):
+                        counts[name] = counts.get(name, 0) + value
+                if phase is not None:
+                    phase.update(completed=rows)
+            from dsft.data.formats import raise_row_errors
+
+            raise_row_errors(errors)
+            if writer is None:
+                if spec.kind == "dpo" and counts.get("dropped"):
+                    raise DsftError(f"dpo.max_prompt_length {spec.dpo['max_prompt_length']}: every pair's prompt is "
+                                    "longer; raise it, or set dpo.prompt_overflow: truncate")
+                raise DsftError(f"{spec.what}: no rows to train on")
+            writer.close()
+        files = [{"path": str(Path(f).resolve()), "sha256": file_sha256(Path(f)), "stat": list(_stat(Path(f)))}
+                 for f in spec.files]
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "stat_keys": [stat_key], "kind": spec.kind,
+                "what": spec.what, "row_format": spec.fmt, "files": files, "rows": rows, "tokens": tokens,
+                "bytes": (tmp / DATA).stat().st_size, "created": time.time(),
+                "seconds": round(time.monotonic() - started, 2), "counts": counts}
+        _write_meta(tmp, meta)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        say(f"{spec.what}: tokenized {rows:,} rows ({tokens:,} tokens) in {time.monotonic() - started:.1f} s into the "
+            f"cache ({human_size(meta['bytes'])}; {path})")
+    return Tokens(path, meta)
+
+
+# ---------------------------------------------------------------- the cache as a whole (dsft cache)
+
+@dataclass
+class Entry:
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    @property
+    def age(self) -> float:
+        return time.time() - float(self.meta.get("created") or self.path.stat().st_mtime)
+
+
+def listing() -> list[Entry]:
+    out = []
+    for path in entries():
+        problem = _problem(path)
+        meta = {}
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((path / META).read_text(encoding="utf-8"))
+        out.append(Entry(path, meta if isinstance(meta, dict) else {}, problem))
+    return out
+
+
+def verify(entry: Entry, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Problems of an entry: damaged files, and source files that are gone or whose sha256 differs from the
+    one recorded when the entry was built (the entry then holds another file's tokens: harmless, it is only
+    found by that content's key, but it is stale)."""
+    if entry.problem:
+        return [entry.problem]
+    problems = []
+    for record in entry.meta.get("files", []):
+        path = Path(record["path"])
+        if not path.is_file():
+            problems.append(f"source {path} is gone")
+        elif file_sha256(path) != record["sha256"]:
+            problems.append(f"source {path} changed since it was tokenized (sha256 differs)")
+    try:
+        Tokens(entry.path, entry.meta).dataset.data.validate(full=False)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{DATA} cannot be read ({str(e)[:120]})")
+    return problems
+
+
+def remove(entry: Entry) -> bool:
+    """Delete an entry of dsft's (only the files an entry holds; a directory with anything else is kept)."""
+    if not ours(entry.path):
+        return False
+    shutil.rmtree(entry.path)
+    return True
