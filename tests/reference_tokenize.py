@@ -132,7 +132,7 @@ def check_truncation(report: dict[str, int], max_length: int, key: str = "data.m
                         f"after truncation; set {key} to at least {report['max_length_for_95pct']} (keeps 95% of them)")
 
 
-# dsft.data.preference's prompt fitting as it was (dsft now fits prompts inside tokenize_pairs)
+# dsft.data.preference's prompt fitting as it was (dsft now fits prompts inside tokenize_answers)
 
 from dataclasses import dataclass  # noqa: E402
 

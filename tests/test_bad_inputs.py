@@ -310,6 +310,24 @@ def reports_to_tensorboard(run: Path, r: Path) -> list:
     return ["--force", "--recipe", recipe(r, {"output_dir": str(run), "training": {"report_to": ["tensorboard"]}})]
 
 
+def feedback(root: Path, rows: list) -> dict:
+    """A KTO recipe's sections over `rows` (data.format: kto)."""
+    return {"data": {"train": str(write_jsonl(root / "feedback.jsonl", rows)), "format": "kto", "max_length": 128},
+            "kto": {"max_prompt_length": 64}, "training": {"micro_batch_size": 2}}
+
+
+def no_experimental(mp: pytest.MonkeyPatch) -> None:
+    """An installed TRL without trl.experimental."""
+    import importlib
+
+    from dsft.train import experimental
+
+    real = importlib.import_module
+    mp.setattr(experimental.importlib, "import_module",
+               lambda name, *a: (_ for _ in ()).throw(ImportError(f"No module named {name!r}")) if name.startswith(
+                   "trl.experimental") else real(name, *a))
+
+
 def full_cache(mp: pytest.MonkeyPatch) -> None:
     """The disk fills while a prepared-data entry is written (its lock and temporary directory are made)."""
     import pyarrow as pa
@@ -698,6 +716,25 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "DSFT_CACHE={root}/afile: {root}/afile is a file, not a directory", lambda mp, r: mp.setenv("DSFT_CACHE", str(r / "afile"))),
     ("dsft-cache-readonly", lambda r: (os.mkdir(r / "ro"), ["sft", "--recipe", recipe(r)])[1],
      "DSFT_CACHE={root}/ro/cache: cannot write", lambda mp, r: (mp.setenv("DSFT_CACHE", str(r / "ro/cache")), deny(mp, r / "ro", errno.EROFS))),
+    # the objectives as plug-ins: KTO, ORPO, SimPO
+    ("kto-wrong-format", lambda r: ["kto", "--recipe", recipe(r, {"kto": {"max_prompt_length": 64}, "training": {"micro_batch_size": 2}})],
+     "data.format: `dsft kto` trains on kto or preference rows; set data.format to kto (got messages)", None),
+    ("kto-missing-label", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A."}]))],
+     "feedback.jsonl:1: missing field 'label' (true for a desirable completion", None),
+    ("kto-label-not-bool", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A.", "label": "yes"}]))],
+     "feedback.jsonl:1: field 'label' must be true or false, got 'yes'", None),
+    ("kto-labels-one-value", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A.", "label": True},
+                                                                               {"prompt": "R?", "completion": "B.", "label": True}]))],
+     "data.train: every row is labelled true (desirable); KTO learns from both: add rows labelled false", None),
+    ("kto-micro-batch-one", lambda r: ["kto", "--recipe", recipe(r, _deep(feedback(r, [{"prompt": "Q?", "completion": "A.", "label": True}]),
+                                                                          {"training": {"micro_batch_size": 1}}))],
+     "training.micro_batch_size 1: kto.loss_type kto estimates its KL term", None),
+    ("orpo-on-conversations", lambda r: ["orpo", "--recipe", recipe(r)],
+     "data.format: `dsft orpo` trains on preference rows; set data.format to preference", None),
+    ("simpo-unknown-key", lambda r: ["validate", recipe(r, {**pref(r), "simpo": {"lambda": 1.0, "max_prompt_length": 64}})],
+     "simpo.lambda: unknown key; remove it (valid keys here: init_adapter, max_prompt_length, prompt_overflow, beta, gamma)", None),
+    ("orpo-trl-experimental-missing", lambda r: ["orpo", "--recipe", recipe(r, {**pref(r), "orpo": {"max_prompt_length": 64}})],
+     "trl.experimental.orpo: not in the installed TRL", lambda mp, r: no_experimental(mp)),
     # the prepared-data cache: a writer like any other
     ("cache-data-readonly", lambda r: sft({"data": {"system_prompt": f"Rows first seen in {r}."}})(r),
      "(Read-only file system); point DSFT_CACHE at a writable directory",

@@ -83,3 +83,13 @@ def test_data_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
     assert {r["tokens"] for c, r in rows.items() if c != "dsft-before"} == {rows["baseline"]["tokens"]}
     assert rows["dsft-warm"]["seconds"] < rows["dsft-cold-1"]["seconds"]
     assert "vs baseline" in done.stdout and "the int32 size of its" in done.stdout
+
+
+def test_preference_benchmark_smoke_times_every_objective(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("preference.py")), "--smoke", "--json", str(rows_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["objective"]: r for r in json.loads(rows_file.read_text())}
+    assert set(rows) == {"dpo", "orpo", "simpo", "kto"} and all(r["median_s"] > 0 for r in rows.values())
+    assert "x dpo" in done.stdout

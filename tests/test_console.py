@@ -60,11 +60,12 @@ def test_the_demo_learns_and_beats_the_base_on_held_out_data(demo) -> None:
 def test_curves_png_draws_metrics_jsonl(demo) -> None:
     from dsft.train.callbacks import read_metrics
     from dsft.train.curves import build_figure
+    from dsft.train.pipeline import objective
 
     run, _ = demo
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_metrics(run / "metrics.jsonl")[0]
-    fig = build_figure(rows, "sft")
+    fig = build_figure(rows, objective("sft").panels)
     axes = {ax.get_title(): ax for ax in fig.axes}
     assert list(axes) == ["loss", "learning rate"]
     lines = {line.get_label(): line for line in axes["loss"].get_lines()}
@@ -78,11 +79,12 @@ def test_curves_png_draws_metrics_jsonl(demo) -> None:
 
 def test_dpo_curves_have_reward_panels() -> None:
     from dsft.train.curves import build_figure
+    from dsft.train.pipeline import objective
 
     rows = [{"step": s, "loss": 0.7 - s / 100, "learning_rate": 1e-3, "rewards/accuracies": s / 10,
              "rewards/margins": s / 5} for s in (1, 5, 10)] + [{"step": 10, "eval_loss": 0.6,
                                                                 "eval_rewards/accuracies": 0.8, "eval_rewards/margins": 1.5}]
-    fig = build_figure(rows, "dpo")
+    fig = build_figure(rows, objective("dpo").panels)
     axes = {ax.get_title(): ax for ax in fig.axes}
     assert list(axes) == ["loss", "learning rate", "reward accuracy", "reward margin (chosen - rejected)"]
     acc = {line.get_label(): list(line.get_ydata()) for line in axes["reward accuracy"].get_lines()}

@@ -16,6 +16,7 @@ from dsft.config import load_recipe
 from dsft.config.schema import ModelSection
 from dsft.models.load import load_model, resolve_model_path
 from dsft.train import dpo as dpo_module
+from dsft.train import pipeline
 
 PAIRS = str(REPO / "data_templates/legal/preference.jsonl")
 
@@ -64,7 +65,7 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> dict:
 
 def _run(recipe: Path, force: bool = False):
     resolved = load_recipe(recipe, check_files=True)
-    return dpo_module.run_dpo(dpo_module.preflight(resolved, force), force)
+    return pipeline.run(pipeline.preflight(resolved, dpo_module.OBJECTIVE, force), dpo_module.OBJECTIVE, force)
 
 
 def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Path, monkeypatch, cli) -> None:
@@ -85,7 +86,7 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
     from dsft.train.callbacks import read_metrics
     from dsft.train.curves import series
 
-    drawn = series(read_metrics(run / "metrics.jsonl")[0], "dpo")
+    drawn = series(read_metrics(run / "metrics.jsonl")[0], dpo_module.OBJECTIVE.panels)
     assert drawn["reward accuracy"]["train"][1][-1] == result.last["rewards/accuracies"]
     assert (run / "curves.png").is_file() and "reward margin (chosen - rejected)" in drawn
     assert "reward accuracy, first -> last logged step" in (run / "README.md").read_text()
@@ -138,7 +139,7 @@ def test_nf4_base_with_expert_lora_trains_only_the_adapter(make_recipe, tmp_path
 
     monkeypatch.setattr(DPOTrainer, "__init__", init)
     resolved = load_recipe(recipe, ["adapter.routed_experts={1: [0, 3]}", "training.max_steps=3"], check_files=True)
-    dpo_module.run_dpo(dpo_module.preflight(resolved, False), False)
+    pipeline.run(pipeline.preflight(resolved, dpo_module.OBJECTIVE, False), dpo_module.OBJECTIVE, False)
     model = seen["trainer"].model
     changed = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if n in before and not torch.equal(t, before[n])]
     assert changed and all(".default" in n and "lora_" in n for n in changed), changed
@@ -166,17 +167,17 @@ def test_bad_preference_rows(tmp_path: Path, make_recipe, cli) -> None:
 
 
 def test_long_prompts_truncated_or_dropped() -> None:
-    from dsft.data.preference import load_pairs, tokenize_pairs
+    from dsft.data.preference import load_pairs, tokenize_answers
     from dsft.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(REPO / "dsft/models/builtin/tokenizer")
     pairs = load_pairs([PAIRS])[:10]
     long = [{**p, "prompt": [{"role": "user", "content": "Background facts. " * 40 + p["prompt"][-1]["content"]}]}
             for p in pairs]
-    cut = tokenize_pairs(tokenizer, long, 40, "truncate")
+    cut = tokenize_answers(tokenizer, long, ("chosen", "rejected"), 40, "truncate")
     offsets, values = cut["prompt_ids"]
     prompts = [tokenizer.decode(values[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
     assert cut["truncated"] == 10 and cut["dropped"] == 0 and (cut["prompt_length"] <= 40).all()
     assert all(p["prompt"][-1]["content"][-10:] in text for text, p in zip(prompts, pairs))  # the end is kept
-    dropped = tokenize_pairs(tokenizer, long + pairs, 40, "drop")
-    assert dropped["dropped"] == 10 and len(dropped["prompt_length"]) == 10 and dropped["pairs"] == 20
+    dropped = tokenize_answers(tokenizer, long + pairs, ("chosen", "rejected"), 40, "drop")
+    assert dropped["dropped"] == 10 and len(dropped["prompt_length"]) == 10 and dropped["rows"] == 20

@@ -99,7 +99,7 @@ def test_dpo_pairs_equal_what_trl_would_make_of_them(template: Path | None, cach
             ours = tokens.dataset[:]
             for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
                 assert ours[column] == trl[column], (name, limit, overflow, column)
-            assert tokens.meta["counts"] == {"pairs": len(pairs), "truncated": fitted.truncated, "dropped": fitted.dropped}
+            assert tokens.meta["counts"] == {"rows": len(pairs), "truncated": fitted.truncated, "dropped": fitted.dropped}
 
 
 def test_eval_pairs_score_the_conversations_as_before(cache: Path) -> None:

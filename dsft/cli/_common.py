@@ -120,6 +120,25 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
         return run(prepared, goal, force, resume_point(resolved, resume, resume_from))
 
 
+REWARDS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+PREFERENCE_COLUMNS = ("what", "first step", "last step")
+
+
+def preference_rows(result: Any) -> list[tuple[str, str, str]]:
+    """The table of a preference run (dsft.train.preference.PreferenceResult): rewards at its first and last
+    logged steps, its rows, its trainable parameters."""
+    fmt = lambda d, key: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
+    rows = [(key, fmt(result.first, key), fmt(result.last, key)) for key in REWARDS
+            if key in result.first or key in result.last]
+    c = result.counts
+    rows.append(("rows (prompts truncated / dropped)", f"{c['rows']:,}", f"{c['truncated']} / {c['dropped']}"))
+    if "desirable" in c:
+        rows.append(("desirable / undesirable rows", f"{c['desirable']:,} / {c['undesirable']:,}",
+                     f"weights {c['desirable_weight']:.3g} / {c['undesirable_weight']:.3g}"))
+    rows += [(f"trainable params: {group}", "", f"{n:,}") for group, n in result.groups.items()]
+    return rows
+
+
 def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callable[[Any], list[tuple[str, ...]]]
                      ) -> Callable[..., None]:
     """A command training objective `kind` (`dsft sft`, `dsft dpo`, ...): the shared options, the shared

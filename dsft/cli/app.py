@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import cache, chat, convert, dpo, eval, experts, export, merge, sft, validate
+from dsft.cli import cache, chat, convert, dpo, eval, experts, export, kto, merge, orpo, sft, simpo, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
@@ -34,6 +34,9 @@ def root(
 app.command("validate")(validate.validate)
 app.command("sft")(sft.sft)
 app.command("dpo")(dpo.dpo)
+app.command("kto")(kto.kto)
+app.command("orpo")(orpo.orpo)
+app.command("simpo")(simpo.simpo)
 app.command("merge")(merge.merge)
 app.command("eval")(eval.eval_)
 app.command("chat")(chat.chat)

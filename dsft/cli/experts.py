@@ -16,18 +16,19 @@ ReprofileOpt = Annotated[bool, typer.Option("--reprofile", help="Profile again e
 
 
 def _prepare(recipe: Path, set_: list[str] | None):
-    """The recipe checked as for `dsft sft`; the run directory, where the profile and plan go, may hold a run
-    (they are its cache) but may not be in use, be a file, or lie inside a checkpoint."""
+    """The recipe checked as its objective checks it (the one whose section it sets, else the one its
+    data.format is for: dsft.train.pipeline.objective_for); the run directory, where the profile and plan go,
+    may hold a run (they are its cache) but may not be in use, be a file, or lie inside a checkpoint."""
     from dsft.config import load_recipe
     from dsft.outputs import check_location
+    from dsft.train.pipeline import objective_for, preflight
     from dsft.train.run_dir import check_not_in_use, run_inputs
-    from dsft.train.sft import preflight
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     output = Path(resolved.output_dir)
     check_location(output, "output_dir", run_inputs(resolved))
     check_not_in_use(output)
-    prepared = preflight(resolved, force=False, check_output=False)
+    prepared = preflight(resolved, objective_for(resolved), force=False, check_output=False)
     from dsft import arch
 
     if not arch.moe_layers(prepared.config):

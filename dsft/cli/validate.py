@@ -34,13 +34,13 @@ def validate(
     resolved = load_recipe(recipe, set_ or [], check_files=check_files)
     if check_files:  # every check `dsft sft` / `dsft dpo` makes before loading weights, with the same code
         from dsft.outputs import check_location
-        from dsft.train.pipeline import objective, preflight
+        from dsft.train.pipeline import objective_for, preflight
         from dsft.train.run_dir import run_inputs
 
-        kind = "dpo" if resolved.data.format == "preference" else "sft"
+        goal = objective_for(resolved)
         check_location(Path(resolved.output_dir), "output_dir", run_inputs(resolved))
-        preflight(resolved, objective(kind), force=False, check_output=False)
-        typer.echo(f"{recipe}: ok (files checked as `dsft {kind}` checks them: data rows, model files, expert selection, "
-                   "tokenizer, tokens)")
+        preflight(resolved, goal, force=False, check_output=False)
+        typer.echo(f"{recipe}: ok (files checked as `dsft {goal.name}` checks them: data rows, model files, expert "
+                   "selection, tokenizer, tokens)")
         return
     typer.echo(f"{recipe}: ok")

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dsft.config.schema import Recipe
+from dsft.config.schema import Recipe, recipe_model
 from dsft.errors import DsftError, shown
 
 
@@ -133,7 +133,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None, check_files: boo
 def validate_recipe(data: dict[str, Any], source: str, check_files: bool = False,
                     overrides: dict[str, str] | None = None) -> Recipe:
     try:
-        return Recipe.model_validate(data, context={"check_files": check_files})
+        return recipe_model().model_validate(data, context={"check_files": check_files})
     except ValidationError as e:
         lines = [f"{_source(err, source, overrides or {})}: {describe(err)}" for err in e.errors()]
         raise DsftError(*lines) from None
@@ -158,10 +158,13 @@ def load_run_recipe(run: Path) -> Recipe:
 
 
 def _section_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Recipe
+    import typing
+
+    model: type[BaseModel] | None = recipe_model()
     for part in loc[:-1]:
         field = model.model_fields.get(part) if model and isinstance(part, str) else None
         ann = field.annotation if field else None
+        ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return list(model.model_fields) if model else []
 

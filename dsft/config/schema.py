@@ -84,10 +84,11 @@ class DataSection(Section):
 
     train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list).")
     eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
-    format: Literal["messages", "prompt_completion", "alpaca", "preference"] = Field(
+    format: str = Field(
         "messages",
         description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), `alpaca` "
-        "(`instruction`/`input`/`output`), or `preference` (`prompt`/`chosen`/`rejected`, for `dsft dpo`).",
+        "(`instruction`/`input`/`output`), `preference` (`prompt`/`chosen`/`rejected`: dpo, orpo, simpo, kto), "
+        "`kto` (`prompt` or `messages`, `completion`, `label`: kto), or a format an objective plug-in adds.",
     )
     max_length: PositiveInt = Field(1024, description="Sequences are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack several examples into each sequence (best with flash attention).")
@@ -100,6 +101,13 @@ class DataSection(Section):
         None, description="Processes that tokenize data the prepared-data cache does not hold yet (default: the "
         "machine's cores; inputs under 8 MiB are tokenized in one). Does not change the tokens."
     )
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"must be one of {', '.join(repr(f) for f in FORMATS)} (got {shown(v)})")
+        return v
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -283,19 +291,14 @@ DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")
 
 
-class DpoSection(Section):
-    """Direct Preference Optimization (`dsft dpo`) on `data.format: preference` rows."""
+class ObjectiveSection(Section):
+    """A training objective's own section, under the objective's name (`dpo:`, `kto:`, ...). A plug-in
+    objective subclasses it and registers it with `register_section` (dsft.train.pipeline.register does)."""
 
     init_adapter: str | None = Field(
-        None, description="An SFT run (or adapter) to continue; the reference model is then that SFT model."
+        None, description="An SFT run (or adapter) to continue; for objectives with a reference model it is then "
+        "that SFT model."
     )
-    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
-    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss (sigmoid is the DPO paper's).")
-    max_prompt_length: PositiveInt = Field(512, description="Prompt tokens (rendered with the template) kept per pair.")
-    prompt_overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="Longer prompts: cut from the left of the last user turn, or drop the pair."
-    )
-    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
 
     @field_validator("init_adapter")
     @classmethod
@@ -307,6 +310,91 @@ class DpoSection(Section):
                 raise ValueError(f"{v} is neither a dsft run directory nor an adapter directory; point it at an SFT run")
         return v
 
+    def check(self, recipe: "Recipe", name: str) -> None:
+        """Rules between this section and the rest of the recipe: raise ValueError worded as the fix."""
+
+    def inputs(self, name: str) -> dict[str, list[Path]]:
+        """The files this section makes the run read (never to be written over)."""
+        return {f"initial adapter ({name}.init_adapter)": [Path(self.init_adapter)]} if self.init_adapter else {}
+
+
+class PromptFit(ObjectiveSection):
+    """Prompts fitted to a token budget before training (preference and KTO rows)."""
+
+    max_prompt_length: PositiveInt = Field(512, description="Prompt tokens (rendered with the template) kept per row.")
+    prompt_overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="Longer prompts: cut from the left of the last user turn, or drop the row."
+    )
+
+    def check(self, recipe: "Recipe", name: str) -> None:
+        if self.max_prompt_length >= recipe.data.max_length:
+            raise ValueError(f"{name}.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                             f"({recipe.data.max_length}) to leave room for the answers")
+
+    def fit(self) -> dict[str, Any]:
+        """The settings that change a row's tokens (dsft.data.prepared keys on them)."""
+        return {"max_prompt_length": self.max_prompt_length, "prompt_overflow": self.prompt_overflow}
+
+
+class DpoSection(PromptFit):
+    """Direct Preference Optimization (`dsft dpo`) on `data.format: preference` rows."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss (sigmoid is the DPO paper's).")
+    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
+
+
+class OrpoSection(PromptFit):
+    """ORPO (`dsft orpo`): the SFT loss on the chosen answer plus an odds-ratio penalty; no reference model."""
+
+    beta: float = Field(0.1, gt=0, description="Weight (the paper's lambda) of the odds-ratio term against the SFT loss.")
+
+
+class SimpoSection(PromptFit):
+    """SimPO (`dsft simpo`): length-normalised log-probabilities with a target margin; no reference model."""
+
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (the paper uses 2.0-2.5).")
+    gamma: float = Field(1.0, ge=0, description="Target reward margin (the paper keeps gamma / beta near 0.5).")
+
+
+class KtoSection(PromptFit):
+    """KTO (`dsft kto`): desirable / undesirable answers, unpaired (`data.format: kto`, or preference pairs)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    desirable_weight: float | None = Field(
+        None, gt=0, description="Loss weight of desirable rows; default: set so that desirable_weight x desirable "
+        "rows = undesirable_weight x undesirable rows (TRL's advice for uneven labels; the run reports it)."
+    )
+    undesirable_weight: float | None = Field(None, gt=0, description="Loss weight of undesirable rows; default 1 (see "
+                                             "desirable_weight).")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", description="`kto` (the paper's, with its KL term: needs training.micro_batch_size above 1) or "
+        "`apo_zero_unpaired`."
+    )
+
+    def check(self, recipe: "Recipe", name: str) -> None:
+        super().check(recipe, name)
+        if self.loss_type == "kto" and recipe.training.micro_batch_size < 2:
+            raise ValueError(f"training.micro_batch_size {recipe.training.micro_batch_size}: {name}.loss_type kto estimates "
+                             "its KL term from the other rows of a micro-batch; set training.micro_batch_size to 2 or "
+                             f"more, or {name}.loss_type: apo_zero_unpaired")
+
+
+# An objective's section under its name, and the data formats objectives add (dsft.train.pipeline.register
+# registers a plug-in's). The built-in objectives' sections live here so `dsft validate` needs no torch.
+SECTIONS: dict[str, type[ObjectiveSection]] = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection,
+                                               "simpo": SimpoSection}
+FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "preference", "kto"]
+
+
+def register_section(name: str, model: type[ObjectiveSection]) -> None:
+    SECTIONS[name] = model
+
+
+def register_format(name: str) -> None:
+    if name not in FORMATS:
+        FORMATS.append(name)
+
 
 class Recipe(Section):
     """A whole dsft recipe."""
@@ -315,7 +403,6 @@ class Recipe(Section):
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
-    dpo: DpoSection | None = Field(None, description="Preference optimization settings (`dsft dpo`).")
     output_dir: str = Field(description="Run directory: adapter, resolved recipe, metrics, checkpoints.")
 
     @field_validator("output_dir")
@@ -329,9 +416,8 @@ class Recipe(Section):
     def _cross(self, info: ValidationInfo) -> "Recipe":
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
-        if self.dpo is not None and self.dpo.max_prompt_length >= self.data.max_length:
-            raise ValueError(f"dpo.max_prompt_length ({self.dpo.max_prompt_length}) must be below data.max_length "
-                             f"({self.data.max_length}) to leave room for the answers")
+        for name, section in sections(self).items():
+            section.check(self, name)
         if self.training.balance_loss and self.adapter.router != "trainable":
             raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
         if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
@@ -341,3 +427,24 @@ class Recipe(Section):
             if path.is_dir() and not has_chat_template(path):
                 raise ValueError(f"model.path: {path} has no chat template; set data.chat_template to a Jinja file")
         return self
+
+
+def sections(recipe: Recipe) -> dict[str, ObjectiveSection]:
+    """The objective sections a recipe sets, by name."""
+    return {name: section for name in SECTIONS if isinstance(section := getattr(recipe, name, None), ObjectiveSection)}
+
+
+_MODELS: dict[tuple, type[Recipe]] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """The Recipe class with a field per registered objective section (built again when one registers);
+    unknown keys stay refused with their dotted path, as everywhere."""
+    from pydantic import create_model
+
+    key = tuple((name, id(model)) for name, model in SECTIONS.items())
+    if key not in _MODELS:
+        fields = {name: (model | None, Field(None, description=f"`dsft {name}` settings: {(model.__doc__ or name).strip().splitlines()[0]}"))
+                  for name, model in SECTIONS.items()}
+        _MODELS[key] = create_model("Recipe", __base__=Recipe, **fields)
+    return _MODELS[key]

@@ -139,6 +139,15 @@ def _check_messages(messages: Any) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+# Conversation formats objective plug-ins add: format -> a function from a row (a dict) to chat messages,
+# raising RowError for a row it cannot use. Their rows then go through the prepared-data cache like any other.
+CONVERTERS: dict[str, Callable[[dict], Messages]] = {}
+
+
+def register_converter(fmt: str, convert: Callable[[dict], Messages]) -> None:
+    CONVERTERS[fmt] = convert
+
+
 def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Messages:
     """One row of `fmt` as chat messages; raises RowError if the row does not fit the format."""
     if isinstance(row, RowError):
@@ -155,6 +164,8 @@ def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Message
         instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    elif fmt in CONVERTERS:
+        messages = _check_messages(CONVERTERS[fmt](row))
     else:
         raise ValueError(f"unknown data format {fmt!r}")
     if system_prompt and messages[0]["role"] != "system":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import Messages, RowError, checked_rows, raise_row_errors
-from dsft.errors import DsftError
+from dsft.errors import DsftError, shown
 
 
 def _answer(value: Any, field: str) -> Messages:
@@ -62,6 +62,37 @@ def to_pair(row: Any, system_prompt: str | None = None) -> dict[str, Messages]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def to_unpaired(row: Any, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """A KTO row (`prompt` or `messages` ending in an assistant turn, `completion`, `label` true / false),
+    or a preference pair (its chosen answer desirable, its rejected one not), as unpaired rows."""
+    if isinstance(row, dict) and "chosen" in row and "rejected" in row:
+        pair = to_pair(row, system_prompt)
+        return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    if isinstance(row, RowError):
+        raise row
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object, got {type(row).__name__}")
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV has no booleans
+        label = label.strip().lower() == "true"
+    if label is None or label == "":
+        raise RowError("missing field 'label' (true for a desirable completion, false for an undesirable one)")
+    if not isinstance(label, bool):
+        raise RowError(f"field 'label' must be true or false, got {shown(label)}")
+    if "messages" in row and "completion" not in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) \
+                or messages[-1].get("role") != "assistant":
+            raise RowError("field 'messages' must end with the assistant turn being judged")
+        prompt, completion = _prompt(messages[:-1]), _answer(messages[-1], "messages[-1]")
+    else:
+        prompt, completion = _prompt(row.get("prompt")), _answer(row.get("completion"), "completion")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}, *prompt]
+    return [{"prompt": prompt, "completion": completion, "label": label}]
+
+
 def load_pairs(paths: list[str], system_prompt: str | None = None) -> list[dict[str, Messages]]:
     """All rows of all files as pairs (small files: training data goes through dsft.data.prepared)."""
     errors: list[str] = []
@@ -70,43 +101,47 @@ def load_pairs(paths: list[str], system_prompt: str | None = None) -> list[dict[
     return pairs
 
 
-def tokenize_pairs(tokenizer: Any, pairs: list[dict[str, Messages]], max_prompt_length: int,
-                   prompt_overflow: str) -> dict[str, Any]:
-    """Pairs as TRL's DPOTrainer tokenizes them (its `_prepare_dataset`, so that TRL need not): the prompt
-    rendered with the generation prompt, prompt + chosen and prompt + rejected rendered whole, the answers
-    starting where the prompt's tokens and each full sequence's part. Prompts are fitted to
-    `max_prompt_length` first (a longer one is cut from the left of its last user turn, or dropped). Columns as dsft.data.prepared stores them; `pairs`,
-    `truncated` and `dropped` count the prompts."""
+def tokenize_answers(tokenizer: Any, rows: list[dict[str, Any]], sides: tuple[str, ...], max_prompt_length: int,
+                     prompt_overflow: str) -> dict[str, Any]:
+    """Rows as TRL's DPOTrainer and KTOTrainer tokenize them (their `_prepare_dataset`, so that TRL need not):
+    the prompt rendered with the generation prompt, prompt + each answer (`sides`: chosen and rejected, or
+    the completion) rendered whole, the answers starting where the prompt's tokens and every full sequence
+    part. Prompts are fitted to `max_prompt_length` first (a longer one is cut from the left of its last user
+    turn, or its row dropped). Columns as dsft.data.prepared stores them (`{side}_ids`, the prompt's, each
+    row's prompt and first answer lengths); `rows`, `truncated` and `dropped` count the prompts; the other
+    fields of a row (KTO's label) come back as columns."""
     import numpy as np
 
     from dsft.data.tokenize import encode, list_column
 
     render = lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)  # noqa: E731
-    prompts = [e.ids for e in encode(tokenizer, [render(p["prompt"], True) for p in pairs])]
+    prompts = [e.ids for e in encode(tokenizer, [render(r["prompt"], True) for r in rows])]
     kept, truncated, dropped = [], 0, 0
-    for pair, ids in zip(pairs, prompts):
+    for row, ids in zip(rows, prompts):
         if len(ids) <= max_prompt_length:
-            kept.append((pair, ids))
+            kept.append((row, ids))
         elif prompt_overflow == "drop":
             dropped += 1
         else:
-            fitted = {**pair, "prompt": _truncate(tokenizer, pair["prompt"], max_prompt_length)}
+            fitted = {**row, "prompt": _truncate(tokenizer, row["prompt"], max_prompt_length)}
             kept.append((fitted, encode(tokenizer, [render(fitted["prompt"], True)])[0].ids))
             truncated += 1
-    texts = [render(p["prompt"] + p[side], False) for p, _ in kept for side in ("chosen", "rejected")]
+    texts = [render(r["prompt"] + r[side], False) for r, _ in kept for side in sides]
     full = [np.asarray(e.ids, dtype=np.int32) for e in encode(tokenizer, texts)]
-    prompt_ids, chosen_ids, rejected_ids = [], [], []
-    for (_, ids), chosen, rejected in zip(kept, full[0::2], full[1::2]):
+    columns: dict[str, list] = {"prompt_ids": [], **{f"{side}_ids": [] for side in sides}}
+    for k, (_, ids) in enumerate(kept):
         ids = np.asarray(ids, dtype=np.int32)
-        n = min(_common_prefix(ids, chosen), _common_prefix(ids, rejected))
-        prompt_ids.append(ids[:n])
-        chosen_ids.append(chosen[n:])
-        rejected_ids.append(rejected[n:])
-    return {"prompt_ids": list_column(prompt_ids, np.int32), "chosen_ids": list_column(chosen_ids, np.int32),
-            "rejected_ids": list_column(rejected_ids, np.int32),
-            "prompt_length": np.asarray([len(p) for p in prompt_ids], dtype=np.int32),
-            "length": np.asarray([len(p) + len(c) for p, c in zip(prompt_ids, chosen_ids)], dtype=np.int32),
-            "pairs": len(pairs), "truncated": truncated, "dropped": dropped}
+        answers = full[k * len(sides):(k + 1) * len(sides)]
+        n = min(_common_prefix(ids, answer) for answer in answers)
+        columns["prompt_ids"].append(ids[:n])
+        for side, answer in zip(sides, answers):
+            columns[f"{side}_ids"].append(answer[n:])
+    out: dict[str, Any] = {name: list_column(value, np.int32) for name, value in columns.items()}
+    out["prompt_length"] = np.asarray([len(p) for p in columns["prompt_ids"]], dtype=np.int32)
+    out["length"] = out["prompt_length"] + np.asarray([len(a) for a in columns[f"{sides[0]}_ids"]], dtype=np.int32)
+    for name in sorted({k for r, _ in kept for k in r} - {"prompt", *sides}):
+        out[name] = np.asarray([r[name] for r, _ in kept])
+    return {**out, "rows": len(rows), "truncated": truncated, "dropped": dropped}
 
 
 def _common_prefix(a: Any, b: Any) -> int:

@@ -7,7 +7,10 @@ An entry is one split (data.train or data.eval) of one kind:
 - `pairs`: preference pairs scored by `dsft eval` -> the chosen conversation's `input_ids` / `loss_mask` and
   the rejected one's `rejected_ids` / `rejected_mask`;
 - `dpo`: preference pairs as TRL's DPOTrainer tokenizes them -> `prompt_ids`, `chosen_ids`, `rejected_ids`
-  (the prompt fitted to dpo.max_prompt_length first, dsft.data.preference);
+  (the prompt fitted to the section's max_prompt_length first, dsft.data.preference); the pair objectives
+  (DPO, ORPO, SimPO) all train on these;
+- `kto`: unpaired rows (KTO's, or preference pairs split in two) as KTOTrainer tokenizes them ->
+  `prompt_ids`, `completion_ids`, `label`;
 
 with small per-row columns (`length`, `first_mask`, `first_loss`, `loss_count`, `prompt_length`) from which
 truncation reports and the rows a trainer keeps are computed for any max_length without reading tokens.
@@ -43,13 +46,14 @@ import numpy as np
 from dsft.errors import DsftError
 from dsft.outputs import cache_error, cache_root, human_size
 
-VERSION = 1  # of the tokenization rules (dsft.data.tokenize, dsft.data.preference): bump when tokens change
+VERSION = 2  # of the tokenization rules (dsft.data.tokenize, dsft.data.preference): bump when tokens change
 FORMAT = "dsft-tokens"
 DATA, META = "data.arrow", "meta.json"
 ENTRY_FILES = {DATA, META}
 CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
 PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
-KINDS = ("sft", "pairs", "dpo")
+KINDS = ("sft", "pairs", "dpo", "kto")
+ANSWERS = {"dpo": "chosen_ids", "kto": "completion_ids"}  # kinds stored as prompt + answers: the answer profiled
 IGNORE = -100
 
 
@@ -106,7 +110,7 @@ class Spec:
     what: str = "data.train"  # how the split is named on the console and in errors
     system_prompt: str | None = None
     assistant_only: bool = True
-    dpo: dict[str, Any] | None = None  # max_prompt_length, prompt_overflow
+    dpo: dict[str, Any] | None = None  # prompt fitting of dpo / kto rows: max_prompt_length, prompt_overflow
 
     def parts(self, tokenizer: Any, files: list[Any]) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "files": files, "row_format": self.fmt,
@@ -176,7 +180,7 @@ class Tokens:
         return dict(known)
 
     def _stats(self, max_length: int) -> dict[str, int]:
-        if self.kind == "dpo":
+        if self.kind in ANSWERS:
             lengths = self.column("length")
             return {"rows": len(self), "truncated": int((lengths > max_length).sum())}
         length, first_loss, loss_count = self.column("length"), self.column("first_loss"), self.column("loss_count")
@@ -204,7 +208,7 @@ class Tokens:
     def trainable(self, max_length: int) -> Any:
         """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
         (TRL's rule: a row left with none teaches nothing), or, for DPO, a prompt shorter than max_length."""
-        if self.kind == "dpo":
+        if self.kind in ANSWERS:
             keep = self.column("prompt_length") < max_length
         else:
             first = self.column("first_mask")
@@ -213,12 +217,12 @@ class Tokens:
 
     def rows(self, indices: list[int] | np.ndarray, max_length: int | None = None) -> dict[str, list[list[int]]]:
         """Token ids and labels of some rows as Python lists (the routing profile, eval), each cut to
-        `max_length` when given. DPO rows are prompt + chosen answer, the loss on the answer."""
+        `max_length` when given. DPO and KTO rows are prompt + (chosen) answer, the loss on the answer."""
         picked = self.dataset.select(indices)[:]
-        if self.kind == "dpo":
-            pairs = zip(picked["prompt_ids"], picked["chosen_ids"])
-            ids = [p + c for p, c in pairs]
-            labels = [[IGNORE] * len(p) + c for p, c in zip(picked["prompt_ids"], picked["chosen_ids"])]
+        if self.kind in ANSWERS:
+            pairs = list(zip(picked["prompt_ids"], picked[ANSWERS[self.kind]]))
+            ids = [p + a for p, a in pairs]
+            labels = [[IGNORE] * len(p) + a for p, a in pairs]
         else:
             ids = picked["input_ids"]
             labels = [[t if m else IGNORE for t, m in zip(row, mask)] for row, mask in zip(ids, picked["loss_mask"])]
@@ -399,10 +403,13 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
 def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
     """The split's rows, converted for its kind and read streaming; bad rows go to `errors` as FILE:LINE."""
     from dsft.data.formats import checked_rows, to_messages
-    from dsft.data.preference import to_pair
+    from dsft.data.preference import to_pair, to_unpaired
 
     if spec.kind == "sft":
         return checked_rows(spec.files, lambda row: to_messages(row, spec.fmt, spec.system_prompt), errors)
+    if spec.kind == "kto":
+        rows = checked_rows(spec.files, lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions")
+        return (unpaired for pair in rows for unpaired in pair)
     return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs")
 
 
@@ -446,9 +453,13 @@ def encode_rows(tokenizer: Any, spec: Spec, rows: list[Any]) -> dict[str, Any]:
         columns["rejected_mask"] = list_column([mask for _, mask in rejected], np.bool_)
         columns["rejected_length"] = np.asarray([len(ids) for ids, _ in rejected], dtype=np.int32)
         return columns
-    from dsft.data.preference import tokenize_pairs
+    from dsft.data.preference import tokenize_answers
 
-    return tokenize_pairs(tokenizer, rows, **(spec.dpo or {}))
+    if spec.kind == "dpo":
+        return tokenize_answers(tokenizer, rows, ("chosen", "rejected"), **(spec.dpo or {}))
+    columns = tokenize_answers(tokenizer, rows, ("completion",), **(spec.dpo or {}))
+    desirable = int(columns["label"].sum()) if "label" in columns else 0
+    return {**columns, "desirable": desirable, "undesirable": len(columns["prompt_length"]) - desirable}
 
 
 def _conversation_columns(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
@@ -541,9 +552,9 @@ def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_
 
             raise_row_errors(errors)
             if writer is None:
-                if spec.kind == "dpo" and counts.get("dropped"):
-                    raise DsftError(f"dpo.max_prompt_length {spec.dpo['max_prompt_length']}: every pair's prompt is "
-                                    "longer; raise it, or set dpo.prompt_overflow: truncate")
+                if spec.kind in ANSWERS and counts.get("dropped"):
+                    raise DsftError(f"max_prompt_length {spec.dpo['max_prompt_length']}: every row's prompt is longer; "
+                                    "raise it, or set prompt_overflow: truncate")
                 raise DsftError(f"{spec.what}: no rows to train on")
             writer.close()
         files = [{"path": str(Path(f).resolve()), "sha256": file_sha256(Path(f)), "stat": list(_stat(Path(f)))}

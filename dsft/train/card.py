@@ -53,7 +53,7 @@ def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
 
 
 def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
-               plan: dict[str, Any] | None, meta: dict[str, Any]) -> str:
+               plan: dict[str, Any] | None, meta: dict[str, Any], objective_lines: list[str] = ()) -> str:
     base = info.get("base_model", {})
     r = recipe
     lines = [run_dir.CARD_MARK, f"# {Path(run).name}: dsft {kind} adapter", "",
@@ -73,9 +73,7 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
               f"- training: lr {r.training.lr} ({r.training.scheduler}), epochs {r.training.epochs}"
               + (f", max_steps {r.training.max_steps}" if r.training.max_steps else "")
               + f", micro-batch {r.training.micro_batch_size} x grad_accum {r.training.grad_accum}, seed {r.training.seed}"]
-    if r.dpo is not None and kind == "dpo":
-        lines.append(f"- dpo: beta {r.dpo.beta}, loss {r.dpo.loss_type}"
-                     + (f", continues `{r.dpo.init_adapter}`" if r.dpo.init_adapter else ""))
+    lines += objective_lines
     lines += ["", "## Final metrics", "", *metrics_lines(kind, summary), ""]
     experts = (meta.get("routed_experts") or {}).get("experts")
     lines += ["## Adapted experts", ""]
@@ -103,11 +101,11 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
 
 
 def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
-               plan: dict[str, Any] | None) -> Path:
+               plan: dict[str, Any] | None, objective_lines: list[str] = ()) -> Path:
     """RUN/README.md and RUN/adapter/README.md (each written beside itself, then renamed)."""
     from dsft.adapters.metadata import read_metadata
 
-    text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)))
+    text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)), list(objective_lines))
     for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
         if target.parent.is_dir():
             run_dir.write_atomic(target, text)

@@ -1,6 +1,7 @@
-"""curves.png: a run's metrics.jsonl over optimizer steps, one panel per quantity (loss with its eval
-points, learning rate; for DPO also reward accuracy and margin). `series` picks the points and
-`build_figure` draws exactly those, so a test can hold the picture to the log."""
+"""curves.png: a run's metrics.jsonl over optimizer steps, one panel per quantity: the objective's panels
+(dsft.train.pipeline.Objective.panels: loss with its eval points and learning rate for every objective;
+the preference objectives add their rewards). `series` picks the points and `build_figure` draws exactly
+those, so a test can hold the picture to the log."""
 
 from __future__ import annotations
 
@@ -8,20 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-# panel title -> (line label, metrics.jsonl key) drawn in it, per objective
-PANELS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
-    "sft": {"loss": (("train", "loss"), ("eval", "eval_loss")),
-            "learning rate": (("lr", "learning_rate"),)},
-    "dpo": {"loss": (("train", "loss"), ("eval", "eval_loss")),
-            "learning rate": (("lr", "learning_rate"),),
-            "reward accuracy": (("train", "rewards/accuracies"), ("eval", "eval_rewards/accuracies")),
-            "reward margin (chosen - rejected)": (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))},
-}
+Panels = dict[str, tuple[tuple[str, str], ...]]  # panel title -> (line label, metrics.jsonl key) drawn in it
 
 
-def series(rows: list[dict[str, Any]], kind: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+def series(rows: list[dict[str, Any]], panels: Panels) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """panel -> line -> (steps, values), from the rows that log each key (a line nothing logged is left out)."""
-    panels = PANELS.get(kind, PANELS["sft"])
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for title, lines in panels.items():
         for label, key in lines:
@@ -32,11 +24,11 @@ def series(rows: list[dict[str, Any]], kind: str) -> dict[str, dict[str, tuple[l
     return out
 
 
-def build_figure(rows: list[dict[str, Any]], kind: str, title: str = "") -> Any:
+def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "") -> Any:
     """A matplotlib Figure (no pyplot state) with one axis per panel of `series`."""
     from matplotlib.figure import Figure
 
-    data = series(rows, kind)
+    data = series(rows, panels)
     fig = Figure(figsize=(5.0 * max(1, len(data)), 3.6), layout="constrained")
     axes = fig.subplots(1, max(1, len(data)), squeeze=False)[0]
     for ax, (panel, lines) in zip(axes, data.items()):
@@ -53,14 +45,14 @@ def build_figure(rows: list[dict[str, Any]], kind: str, title: str = "") -> Any:
     return fig
 
 
-def write_curves(run: Path, kind: str) -> Path:
+def write_curves(run: Path, kind: str, panels: Panels) -> Path:
     """Draw RUN/metrics.jsonl into RUN/curves.png (written beside it, then renamed)."""
     from dsft.train import run_dir
     from dsft.train.callbacks import read_metrics
 
     path = run_dir.metrics(run)
     rows = read_metrics(path)[0] if path.is_file() else []
-    return save_figure(build_figure(rows, kind, f"dsft {kind}: {Path(run).name}"), run_dir.curves(run))
+    return save_figure(build_figure(rows, panels, f"dsft {kind}: {Path(run).name}"), run_dir.curves(run))
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -25,14 +25,15 @@ from typing import Any
 
 import torch
 
-from dsft.config.schema import Recipe
+from dsft.config.schema import ObjectiveSection, Recipe
 from dsft.console import Phase, run_log, show
 from dsft.errors import DsftError
 from dsft.train import run_dir
 from dsft.train.dist import full_trainable_state, is_main
 
 # Built-in objectives, imported on first use so `dsft --help` stays torch-free.
-BUILTIN = {"sft": "dsft.train.sft", "dpo": "dsft.train.dpo"}
+BUILTIN = {"sft": "dsft.train.sft", "dpo": "dsft.train.dpo", "kto": "dsft.train.kto", "orpo": "dsft.train.orpo",
+           "simpo": "dsft.train.simpo"}
 OBJECTIVES: dict[str, "Objective"] = {}
 
 
@@ -52,25 +53,57 @@ class Prepared:
     data: dict[str, Any] = field(default_factory=dict)  # the objective's own prepared data
 
 
+LOSS_PANELS = {"loss": (("train", "loss"), ("eval", "eval_loss")), "learning rate": (("lr", "learning_rate"),)}
+
+
 class Objective:
-    """What an objective supplies to the spine. Subclass, set `name`, override, `register`."""
+    """What an objective is to the spine: a plug-in. Subclass, set what it declares, override what it does,
+    `register` it. Nothing else in dsft names an objective.
+
+    Declares: `name` (its command, and its recipe section's key), `section` (that section's pydantic model,
+    a dsft.config.schema.ObjectiveSection), `formats` (the data.format values it trains on; a new one is
+    registered), `panels` (curves.png: panel title -> (line label, metrics.jsonl key) pairs). Does: its
+    data checks and tokens, its TRL config class and the fields it sets there, its trainer, what it adds to
+    the adapter's metadata, the model card and run.json's summary. The spine records for every run what
+    every run has (dsft.train.pipeline.spine_summary)."""
 
     name = ""
+    section: type[ObjectiveSection] | None = None
+    formats: tuple[str, ...] = ()
+    panels: dict[str, tuple[tuple[str, str], ...]] = LOSS_PANELS
+
+    def settings(self, recipe: Recipe) -> Any:
+        """The recipe's section of this objective, or its defaults when the recipe leaves it out."""
+        if self.section is None:
+            return None
+        return getattr(recipe, self.name, None) or self.section()
 
     def load_rows(self, recipe: Recipe) -> Any:
-        """Read and check every data row (before any model file is read)."""
-        raise NotImplementedError
+        """Check what can be checked of the data before any model file is read (the rows themselves are
+        checked as they are tokenized, dsft.data.prepared)."""
+        if self.formats and recipe.data.format not in self.formats:
+            raise DsftError(f"data.format: `dsft {self.name}` trains on {' or '.join(self.formats)} rows; set data.format "
+                            f"to {self.formats[0]} (got {recipe.data.format})")
 
     def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
-        """An adapter to continue rather than a fresh one, checked against the base config."""
-        return None
+        """An adapter to continue rather than a fresh one (the section's init_adapter), checked against the
+        base: the one it was trained on, its tensors and metadata."""
+        settings = self.settings(recipe)
+        if settings is None or not getattr(settings, "init_adapter", None):
+            return None
+        return check_init_adapter(recipe, f"{self.name}.init_adapter", Path(settings.init_adapter), config)
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rows: Any) -> dict[str, Any]:
-        """Prepared's `train`, `eval`, `truncation` and `data` fields from the rows."""
+        """Prepared's `train`, `eval`, `truncation` and `data` fields."""
         raise NotImplementedError
 
-    def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
+    def config_class(self) -> type:
+        """Its TRL config class; the spine passes it only the arguments it has (trl_config)."""
         raise NotImplementedError
+
+    def config_args(self, recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
+        """Its own fields of that config (beta, loss_type, ...)."""
+        return {}
 
     def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
         raise NotImplementedError
@@ -80,16 +113,36 @@ class Objective:
         return {}
 
     def adapter_metadata(self, prepared: Prepared) -> dict[str, Any]:
-        """Extra keys for the adapter's dsft_adapter.json."""
-        return {}
+        """Extra keys for the adapter's dsft_adapter.json: by default its section's settings."""
+        settings = self.settings(prepared.recipe)
+        if settings is None:
+            return {}
+        return {self.name: {**settings.model_dump(mode="json"),
+                            "init_adapter": str(prepared.init_adapter) if prepared.init_adapter else None}}
+
+    def card_lines(self, recipe: Recipe, summary: dict[str, Any]) -> list[str]:
+        """Its lines in the model card's recipe highlights: its section's settings."""
+        settings = self.settings(recipe)
+        if settings is None:
+            return []
+        values = ", ".join(f"{k} {v}" for k, v in settings.model_dump().items() if k != "init_adapter" and v is not None)
+        return [f"- {self.name}: {values}" + (f", continues `{settings.init_adapter}`" if settings.init_adapter else "")]
 
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
                targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
-        """(the result the command prints, run.json's summary)."""
+        """(the result the command prints, its fields of run.json's summary)."""
         raise NotImplementedError
 
 
 def register(objective: Objective) -> Objective:
+    """Add an objective to OBJECTIVES (the CLI's table), its section to the recipe and its formats to
+    data.format's values."""
+    from dsft.config.schema import register_format, register_section
+
+    if objective.section is not None:
+        register_section(objective.name, objective.section)
+    for fmt in objective.formats:
+        register_format(fmt)
     OBJECTIVES[objective.name] = objective
     return objective
 
@@ -100,6 +153,36 @@ def objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise DsftError(f"unknown objective {name!r}; known: {', '.join(sorted({*OBJECTIVES, *BUILTIN}))}")
     return OBJECTIVES[name]
+
+
+def objective_for(recipe: Recipe) -> Objective:
+    """The objective a recipe is written for, where no command names it (`dsft experts`, `dsft validate`):
+    the one whose section it sets, else the first that trains on its data.format (sft for conversations)."""
+    from dsft.config.schema import sections
+
+    named = list(sections(recipe))
+    if named:
+        return objective(named[0])
+    for name in ("sft", *BUILTIN, *OBJECTIVES):
+        goal = objective(name)
+        if recipe.data.format in goal.formats:
+            return goal
+    return objective("sft")
+
+
+def check_init_adapter(recipe: Recipe, key: str, path: Path, config: dict[str, Any]) -> Path:
+    """An adapter a run continues: not a training checkpoint, trained on this base (architecture and
+    weights), its tensors and metadata checked against it. Returns its adapter directory."""
+    from dsft.adapters.metadata import read_metadata
+    from dsft.adapters.weights import check_adapter_dir
+    from dsft.models.identity import check_base
+    from dsft.models.load import resolve_model_path
+
+    run_dir.refuse_checkpoint(path, key)
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    check_base(read_metadata(adapter).get("base_model"), resolve_model_path(recipe.model.path), key, force_hint=None)
+    check_adapter_dir(adapter, key, config)
+    return adapter
 
 
 # ---------------------------------------------------------------- pieces the spine (and objectives) use
@@ -315,7 +398,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     recipe = prepared.recipe
     out = Path(recipe.output_dir)
     identity = model_identity(prepared.model_path, recipe.model.path)
-    args = goal.trl_config(recipe, prepared, out, resolve_dtype(recipe.model.dtype))
+    args = trl_config(goal, recipe, prepared, out, resolve_dtype(recipe.model.dtype))
     with run_dir.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info, \
             run_log(run_dir.log(out)) if is_main() else contextlib.nullcontext(), trackers(recipe, out):
         torch.manual_seed(recipe.training.seed)
@@ -338,9 +421,10 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         extra = goal.after_train(trainer, prepared, out)
         _save(trainer, prepared, out, targets, identity, init_meta, goal.adapter_metadata(prepared))
         groups = group_params(trainer.model, targets)
-        result, summary = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
+        result, own = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
+        summary = {**spine_summary(trainer, prepared, groups, targets), **own}
         if is_main():
-            write_reports(out, goal.name, recipe, info, summary, plan)
+            write_reports(out, goal, recipe, info, summary, plan)
         run_dir.complete(out, info, summary)
         return result
 
@@ -377,11 +461,78 @@ def trackers(recipe: Recipe, run: Path):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def write_reports(run: Path, kind: str, recipe: Recipe, info: dict[str, Any], summary: dict[str, Any],
+def write_reports(run: Path, goal: Objective, recipe: Recipe, info: dict[str, Any], summary: dict[str, Any],
                   plan: dict[str, Any] | None) -> None:
-    """curves.png from metrics.jsonl, and the run's README.md model card."""
+    """curves.png from metrics.jsonl (the objective's panels), and the run's README.md model card."""
     from dsft.train.card import write_card
     from dsft.train.curves import write_curves
 
-    write_curves(run, kind)
-    write_card(run, kind, recipe, info, summary, plan)
+    write_curves(run, goal.name, goal.panels)
+    write_card(run, goal.name, recipe, info, summary, plan, goal.card_lines(recipe, summary))
+
+
+def trl_config(goal: Objective, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
+    """The objective's TRL config: of the spine's arguments (trainer_args) the ones its class has, then its
+    own (GRPOConfig has no max_length, ORPOConfig and CPOConfig no router_aux_loss_coef)."""
+    import dataclasses
+
+    cls = goal.config_class()
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    args = {k: v for k, v in trainer_args(recipe, run, dtype).items() if k in accepted}
+    return cls(**{**args, **goal.config_args(recipe, prepared)})
+
+
+def spine_summary(trainer: Any, prepared: Prepared, groups: dict[str, int], targets: dict[str, list[str]]) -> dict[str, Any]:
+    """What run.json's summary holds for every run, whatever its objective: trainable parameters by group,
+    the tokens of its rows, peak memory, processes, how the NF4 expert codes were held, the adapted modules."""
+    import numpy as np
+
+    from dsft.models.load import world_size
+
+    max_length = prepared.recipe.data.max_length
+    return {"trainable_params": {g: n for g, n in groups.items() if n},
+            "train_rows": len(prepared.train),
+            "train_tokens": int(np.minimum(prepared.train.column("length"), max_length).sum()),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "peak_host_gib": peak_host_gib(), "processes": world_size(),
+            "expert_codes": expert_codes_layout(trainer.model), "targets": targets}
+
+
+def peak_host_gib() -> float | None:
+    """This process's peak resident memory so far (Linux and macOS), in GiB."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def model_params(model: torch.nn.Module) -> int:
+    """Parameters of the model as trained, counting 4-bit weights by their shape (bitsandbytes packs
+    two per byte; dsft's expert codes are not parameters when sharded)."""
+    from dsft.moe.nf4 import PackedNF4
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, PackedNF4):
+            total += module.shape.numel()
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            state = getattr(p, "quant_state", None)
+            total += state.shape.numel() if state is not None else p.numel()
+    return total
+
+
+def expert_codes_layout(model: torch.nn.Module) -> str | None:
+    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts; None
+    without NF4 experts."""
+    from dsft.moe.nf4 import PackedNF4
+
+    stores = [m for m in model.modules() if isinstance(m, PackedNF4)]
+    return None if not stores else "sharded" if all(m.sharded for m in stores) else "whole"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dsft.config.schema import BUILTIN_PREFIX, Recipe
+from dsft.config.schema import BUILTIN_PREFIX, Recipe, sections
 from dsft.data.prepared import file_sha256
 from dsft.errors import DsftError
 from dsft.outputs import (
@@ -52,8 +52,8 @@ def run_inputs(recipe: Recipe) -> dict[str, list[Path]]:
         inputs["base model (model.path)"].append(Path(recipe.model.path))
     if recipe.data.chat_template:
         inputs["chat template (data.chat_template)"] = [Path(recipe.data.chat_template)]
-    if recipe.dpo is not None and recipe.dpo.init_adapter:
-        inputs["initial adapter (dpo.init_adapter)"] = [Path(recipe.dpo.init_adapter)]
+    for name, section in sections(recipe).items():  # an objective's own inputs (its init_adapter)
+        inputs.update(section.inputs(name))
     return inputs
 
 

@@ -15,9 +15,7 @@ from dsft.config.schema import Recipe
 from dsft.errors import DsftError
 from dsft.train import pipeline, run_dir
 from dsft.train.dist import is_main
-from dsft.train.pipeline import (  # noqa: F401 - their old home; callers and tests import them from here
-    Prepared, check_disk_for, cpu_args, fp32_adapter, group_params, resume_point, target_experts, trainer_args,
-)
+from dsft.train.pipeline import Prepared, model_params
 
 
 @dataclass
@@ -42,46 +40,6 @@ def _count(tokens: Any, truncation: dict[str, int], max_length: int) -> tuple[in
     import numpy as np
 
     return int(np.minimum(tokens.column("length"), max_length).sum()), truncation["loss_tokens"]
-
-
-def peak_host_gib() -> float | None:
-    """This process's peak resident memory so far (Linux and macOS), in GiB."""
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (ImportError, OSError):
-        return None
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def model_params(model: torch.nn.Module) -> int:
-    """Parameters of the model as trained, counting 4-bit weights by their shape (bitsandbytes packs
-    two per byte; dsft's expert codes are not parameters when sharded)."""
-    from dsft.moe.nf4 import PackedNF4
-
-    total, seen = 0, set()
-    for module in model.modules():
-        if isinstance(module, PackedNF4):
-            total += module.shape.numel()
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            state = getattr(p, "quant_state", None)
-            total += state.shape.numel() if state is not None else p.numel()
-    return total
-
-
-def expert_codes_layout(model: torch.nn.Module) -> str | None:
-    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts; None
-    without NF4 experts."""
-    from dsft.moe.nf4 import PackedNF4
-
-    stores = [m for m in model.modules() if isinstance(m, PackedNF4)]
-    return None if not stores else "sharded" if all(m.sharded for m in stores) else "whole"
 
 
 def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tuple[dict[str, float], int] | None:
@@ -114,10 +72,13 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
 
 class SFT(pipeline.Objective):
     name = "sft"
+    formats = ("messages", "prompt_completion", "alpaca")
 
     def load_rows(self, recipe: Recipe) -> None:
         if recipe.data.format == "preference":
-            raise DsftError("data.format: preference rows are for `dsft dpo`; use messages, prompt_completion or alpaca for sft")
+            raise DsftError("data.format: preference rows are for `dsft dpo`, `dsft orpo`, `dsft simpo` or `dsft kto`; "
+                            "use messages, prompt_completion or alpaca for sft")
+        super().load_rows(recipe)
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
         """Every row checked and tokenized once into the prepared-data cache (dsft.data.prepared), or taken
@@ -134,8 +95,16 @@ class SFT(pipeline.Objective):
         return {"train": train, "eval": prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None,
                 "truncation": cut}
 
-    def trl_config(self, recipe: Recipe, prepared: Prepared, run: Path, dtype: torch.dtype) -> Any:
-        return sft_config(recipe, run, dtype)
+    def config_class(self) -> type:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def config_args(self, recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
+        # dsft hands SFTTrainer its prepared rows (input ids and loss mask, cut and kept as TRL would): TRL
+        # neither tokenizes nor maps them again; dsft's collator turns the mask into labels (dsft.train.trainer).
+        return {"packing": recipe.data.packing, "dataset_kwargs": {"skip_prepare_dataset": True},
+                "remove_unused_columns": False}
 
     def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
         from dsft.train.trainer import DsftSFTTrainer, trainer_rows
@@ -156,31 +125,17 @@ class SFT(pipeline.Objective):
 
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
                targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
-        from dsft.models.load import world_size
-
         recipe = prepared.recipe
         total_tokens, loss_tokens = _count(prepared.train, prepared.truncation, recipe.data.max_length)
         losses = metrics.losses()
         change, sample = extra["routing"] or (None, None)
         result = SftResult(run, groups, sum(groups.values()), model_params(trainer.model), total_tokens, loss_tokens,
                            plan, losses, extra["eval_loss"], prepared.truncation, extra["base_eval_loss"], change, sample)
-        summary = {"trainable_params": groups, "train_tokens": total_tokens, "loss_tokens": loss_tokens,
+        summary = {"loss_tokens": loss_tokens,
                    "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "eval_loss": extra["eval_loss"], "base_eval_loss": extra["base_eval_loss"],
-                   "routing_change": change, "routing_sample_rows": sample, "truncation": prepared.truncation,
-                   "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-                   "peak_host_gib": peak_host_gib(),
-                   "processes": world_size(), "expert_codes": expert_codes_layout(trainer.model), "targets": targets}
+                   "routing_change": change, "routing_sample_rows": sample, "truncation": prepared.truncation}
         return result, summary
-
-
-def sft_config(recipe: Recipe, run: Path, dtype: torch.dtype) -> Any:
-    from trl import SFTConfig
-
-    # dsft hands SFTTrainer its prepared rows (input ids and loss mask, cut and kept as TRL would): TRL neither
-    # tokenizes nor maps them again; dsft's collator turns the mask into labels (dsft.train.trainer).
-    return SFTConfig(**trainer_args(recipe, run, dtype), packing=recipe.data.packing,
-                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
 
 
 OBJECTIVE = pipeline.register(SFT())

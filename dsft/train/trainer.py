@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from dsft.config.schema import TrainingSection
 
@@ -34,13 +34,103 @@ class FsdpAdapterResume:
 class DsftDPOTrainer(FsdpAdapterResume, DPOTrainer):
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         """dsft's rows hold prompt_ids, chosen_ids and rejected_ids, tokenized as this method would
-        (dsft.data.preference.tokenize_pairs) and with its filter applied (Tokens.trainable)."""
+        (dsft.data.preference.tokenize_answers) and with its filter applied (Tokens.trainable)."""
         if PREPARED_PAIRS <= set(dataset.column_names):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
 PREPARED_PAIRS = {"prompt_ids", "chosen_ids", "rejected_ids"}
+PREPARED_UNPAIRED = {"prompt_ids", "completion_ids", "label"}
+
+
+class DsftKTOTrainer(FsdpAdapterResume, KTOTrainer):
+    """KTO on dsft's rows (prompt_ids, completion_ids, label: tokenized as KTOTrainer would, its filter
+    applied). The KL completions KTOTrainer would add by rolling each micro-batch's completions by one are
+    made the same way by the collator (sampling stays sequential, as TRL requires)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.calculate_KL and not isinstance(self.data_collator, KlCollator):
+            self.data_collator = KlCollator(self.data_collator)
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        if PREPARED_UNPAIRED <= set(dataset.column_names):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+class KlCollator:
+    """Each example's mismatched KL completion: the previous example's in the micro-batch (the first takes the
+    last's), as KTOTrainer's batched map makes them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        completions = [e["completion_ids"] for e in examples]
+        rolled = [completions[-1], *completions[:-1]]
+        return self.inner([{**e, "KL_completion_ids": kl} for e, kl in zip(examples, rolled)])
+
+
+class PairRowsCollator:
+    """dsft's pair rows as the older pair trainers (ORPO, CPO) tokenize them in their `tokenize_row`: prompt +
+    answer (the answer cut so that the two fit max_length), the answer's labels, the prompt; then their own
+    collator pads."""
+
+    def __init__(self, inner: Any, max_length: int) -> None:
+        self.inner, self.max_length = inner, max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = []
+        for e in examples:
+            prompt = list(e["prompt_ids"])
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = list(e[f"{side}_ids"])[: max(0, self.max_length - len(prompt))]
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [-100] * len(prompt) + answer
+            rows.append(row)
+        return self.inner(rows)
+
+
+_LEGACY: dict[str, type] = {}
+
+
+def legacy_pair_trainer(module: str, name: str) -> type:
+    """An older TRL pair trainer (trl.experimental: orpo.ORPOTrainer, cpo.CPOTrainer) on dsft's rows. These
+    tokenize their datasets in __init__ with no switch to skip it, so they are built on an empty dataset and
+    given dsft's rows afterwards, with PairRowsCollator in front of their collator."""
+    if name not in _LEGACY:
+        from datasets import Dataset
+
+        from dsft.train.experimental import load
+
+        (base,) = load(module, name)
+
+        class Trainer(FsdpAdapterResume, base):
+            def __init__(self, *args: Any, train_dataset: Any, eval_dataset: Any = None, **kwargs: Any) -> None:
+                empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+                super().__init__(*args, train_dataset=empty, eval_dataset=empty if eval_dataset is not None else None,
+                                 **kwargs)
+                self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+                self.data_collator = PairRowsCollator(self.data_collator, self.max_length)
+
+            def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
+                """Their NLL term is a mean over the micro-batch's tokens; on N processes it is rescaled so that
+                DDP's average of the N means is the mean over all their tokens, as on one process."""
+                out = super().concatenated_forward(model, batch)
+                world = self.accelerator.num_processes
+                if world == 1:
+                    return out
+                local = batch["chosen_attention_mask"][:, 1:].sum().float()
+                total = self.accelerator.reduce(local.clone(), reduction="sum")
+                return (*out[:4], out[4] * (local * world / total), *out[5:])
+
+        Trainer.__name__ = Trainer.__qualname__ = f"Dsft{name}"
+        _LEGACY[name] = Trainer
+    return _LEGACY[name]
 
 
 def trainer_rows(tokens: Any, args: Any, max_length: int) -> Any:

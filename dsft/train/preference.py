@@ -1,0 +1,82 @@
+"""What the preference objectives share (`dsft dpo`, `dsft orpo`, `dsft simpo`, and `dsft kto` for its
+result): pairs tokenized once as TRL takes them (prompt_ids, chosen_ids, rejected_ids, the prompt fitted to
+the section's max_prompt_length; dsft.data.preference), their trainer built from those rows, and a result
+of the first and last logged rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config.schema import Recipe
+from dsft.train import pipeline
+from dsft.train.pipeline import LOSS_PANELS, Prepared
+
+REWARD_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+PAIR_PANELS = {**LOSS_PANELS,
+               "reward accuracy": (("train", "rewards/accuracies"), ("eval", "eval_rewards/accuracies")),
+               "reward margin (chosen - rejected)": (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))}
+
+
+@dataclass
+class PreferenceResult:
+    """What a preference run prints: the first and last logged rewards, the rows it trained on."""
+
+    run: Path
+    groups: dict[str, int]
+    rows: int
+    first: dict[str, float]
+    last: dict[str, float]
+    counts: dict[str, int]
+
+
+def rewards(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: r[k] for r in rows for k in REWARD_KEYS if k in r}
+
+
+class PairObjective(pipeline.Objective):
+    """Preference pairs (`data.format: preference`): Prepared.train holds them as TRL's pair trainers take
+    them (its `rows` are prompt + chosen, for routing profiles); the held-out pairs are Prepared.data["eval"]."""
+
+    formats = ("preference",)
+    panels = PAIR_PANELS
+    kind = "dpo"  # the prepared-data kind (dsft.data.prepared) of its rows
+    logged = "rewards/accuracies"  # a key every logged training row of the objective has
+
+    def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
+        from dsft.data.prepared import Spec, prepare
+
+        data, settings = recipe.data, self.settings(recipe)
+        spec = lambda files, what: Spec(self.kind, list(files), data.format, what, data.system_prompt,  # noqa: E731
+                                        dpo=settings.fit())
+        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
+        counts = dict(train.meta["counts"])
+        return {"train": train, "eval": None, "truncation": train.stats(data.max_length),
+                "data": {"eval": held_out, "counts": counts}}
+
+    def trainer_class(self) -> type:
+        raise NotImplementedError
+
+    def rows(self, tokens: Any, args: Any) -> Any:
+        """The rows its trainer takes: those TRL would keep at max_length, the columns it reads."""
+        from dsft.train.trainer import PREPARED_PAIRS
+
+        return tokens.trainable(args.max_length).select_columns(sorted(PREPARED_PAIRS))
+
+    def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
+        held_out = prepared.data["eval"]
+        return self.trainer_class()(model=model, args=args, train_dataset=self.rows(prepared.train, args),
+                                    eval_dataset=self.rows(held_out, args) if held_out is not None else None,
+                                    processing_class=prepared.tokenizer, callbacks=callbacks)
+
+    def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
+               targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
+        logged = [r for r in metrics.rows if self.logged in r]
+        counts = prepared.data["counts"]
+        result = PreferenceResult(run, {g: n for g, n in groups.items() if n}, len(prepared.train),
+                                  rewards(logged[:1]), rewards(logged[-1:]), counts)
+        return result, {"rows": counts, "first": result.first, "last": result.last}

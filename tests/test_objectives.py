@@ -1,0 +1,315 @@
+"""The objectives as plug-ins: KTO, ORPO and SimPO each raise their own preference metric on pairs they did
+not train on; under all five objectives only the chosen experts' LoRA trains and the router stays frozen;
+an objective with its own section, data format, TRL config and trainer plugs in from tests/ without a
+change under dsft/."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, legal_rows, write_jsonl
+
+PAIRS = REPO / "data_templates/legal/preference.jsonl"
+HEDGE = "depends on many things"  # the rejected answer's pattern the held-out pairs share with training pairs
+
+
+def _split(tmp: Path) -> tuple[Path, Path]:
+    """Training pairs, and 10 held-out pairs: the last ones whose rejected answer hedges instead of answering
+    (the preference a model can learn from the other pairs; a rejected answer about another topic needs
+    knowledge of the law a random tiny model does not have)."""
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    text = lambda answer: answer if isinstance(answer, str) else answer[-1]["content"]  # noqa: E731
+    held = [r for r in rows if HEDGE in text(r["rejected"])][-10:]
+    return write_jsonl(tmp / "train-pairs.jsonl", [r for r in rows if r not in held]), write_jsonl(tmp / "held.jsonl", held)
+
+
+def _scores(run: Path, held: Path) -> dict[str, dict[str, float]]:
+    """Base and adapter on the held-out pairs: pair accuracy of the summed log-probabilities, of the
+    length-normalised ones (SimPO's), and the mean per-token log-prob gap chosen - rejected (KTO's
+    desirable - undesirable)."""
+    from dsft.adapters.lora import load_lora
+    from dsft.config.schema import ModelSection
+    from dsft.data.prepared import Spec, prepare
+    from dsft.models.load import load_model, load_tokenizer, resolve_model_path
+    from dsft.train.evaluate import example_losses
+
+    tokenizer = load_tokenizer(run / "adapter")
+    rows = prepare(Spec("dpo", [str(held)], "preference", dpo={"max_prompt_length": 128, "prompt_overflow": "truncate"}),
+                   tokenizer, quiet=True).dataset[:]
+    sequences = {side: {"input_ids": [p + a for p, a in zip(rows["prompt_ids"], rows[side])],
+                        "labels": [[-100] * len(p) + a for p, a in zip(rows["prompt_ids"], rows[side])]}
+                 for side in ("chosen_ids", "rejected_ids")}
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32")
+    model = load_lora(load_model(section, resolve_model_path(section.path)), str(run / "adapter")).eval()
+    out = {}
+    for name in ("base", "adapter"):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            chosen, rejected = (example_losses(model, sequences[s], 8, tokenizer.pad_token_id) for s in sequences)
+        pairs = list(zip(chosen, rejected))
+        out[name] = {"accuracy": sum(rt > ct for (ct, _), (rt, _) in pairs) / len(pairs),
+                     "normalised": sum(rt / rn > ct / cn for (ct, cn), (rt, rn) in pairs) / len(pairs),
+                     "gap": sum(rt / rn - ct / cn for (ct, cn), (rt, rn) in pairs) / len(pairs)}
+    return out
+
+
+def _recipe(tmp: Path, name: str, train: Path, **changes) -> Path:
+    recipe = yaml.safe_load((REPO / f"recipes/tiny-legal-{name}.yaml").read_text())
+    recipe["data"]["train"] = str(train)
+    recipe["training"].update(lr=5e-3, epochs=4)
+    recipe["output_dir"] = str(tmp / name)
+    for section, values in changes.items():
+        recipe.setdefault(section, {}).update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("name, metric", [("orpo", "accuracy"), ("simpo", "normalised"), ("kto", "gap")])
+def test_each_objective_raises_its_metric_on_pairs_it_did_not_train_on(name: str, metric: str, tmp_path: Path, cli) -> None:
+    train, held = _split(tmp_path)
+    result = cli(name, "--recipe", _recipe(tmp_path, name, train))
+    assert result.exit_code == 0, result.output
+    scores = _scores(tmp_path / name, held)
+    assert scores["adapter"][metric] > scores["base"][metric], scores
+    if metric != "gap":
+        assert scores["adapter"][metric] >= 0.9, scores
+    run = tmp_path / name  # and the run is like any other: eval scores it, merge and vLLM export take its adapter
+    for data, rows in ((held, "pairs"), (REPO / "data_templates/legal/eval.jsonl", "conversations")):
+        scored = cli("eval", "--adapter", run, "--data", data, "--generations", "0")
+        assert scored.exit_code == 0 and json.loads((run / "eval.json").read_text())["rows"] == rows, scored.output
+    merged = cli("merge", "--adapter", run, "--out", tmp_path / "merged", "--verify")
+    assert merged.exit_code == 0 and "verdict: ok" in merged.output, merged.output
+    assert cli("export", "--adapter", run, "--out", tmp_path / "vllm").exit_code == 0
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["processes"] == 1 and summary["peak_host_gib"] > 0 and summary["train_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo"])
+def test_only_the_chosen_experts_train_and_the_router_stays_frozen(name: str, make_recipe, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every LoRA tensor of the plan changes (it received gradients), expert LoRA exists for the chosen
+    experts only, and every other weight, the routers' included, is the base's after training."""
+    import dsft.adapters.lora as lora_mod
+    from dsft.config import load_recipe
+    from dsft.models.load import load_model, resolve_model_path
+    from dsft.train import pipeline
+
+    chosen = {1: [0, 3], 2: [5]}
+    pairs = {"data": {"train": str(PAIRS), "format": "preference", "max_length": 160},
+             name: {"max_prompt_length": 64}} if name != "sft" else {}
+    recipe = load_recipe(make_recipe(adapter={"routed_experts": chosen, "dropout": 0.0},
+                                     training={"max_steps": 3, "micro_batch_size": 4}, **pairs), check_files=True)
+    captured: dict = {}
+    original = lora_mod.attach_lora
+
+    def spy(model, adapter, selection):
+        wrapped, targets = original(model, adapter, selection)
+        captured["model"] = wrapped
+        captured["before"] = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+        return wrapped, targets
+
+    monkeypatch.setattr(lora_mod, "attach_lora", spy)
+    goal = pipeline.objective(name)
+    pipeline.run(pipeline.preflight(recipe, goal, force=False), goal, force=False)
+    trained = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert len(trained) == len(captured["before"])
+    for param, before in captured["before"].items():
+        assert not torch.equal(trained[param.replace(".default", "")], before), f"{name}: {param} did not train"
+    for layer, experts in chosen.items():
+        key = f"base_model.model.model.layers.{layer}.mlp.experts.lora_gate_up_A.weight"
+        assert trained[key].shape[0] == len(experts)
+    assert not any(".mlp.gate." in k for k in trained)
+    base = load_model(recipe.model, resolve_model_path(recipe.model.path)).state_dict()
+    after = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+             for n, p in captured["model"].named_parameters() if not p.requires_grad and ".ref." not in n}
+    routers = [n for n in after if n.endswith(".mlp.gate.weight")]
+    assert routers and all(torch.equal(after[n], base[n]) for n in after if n in base), name
+
+
+def test_kto_rows_of_its_own_format_with_uneven_labels(make_recipe, cli, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (REPO / "data_templates/examples/kto.jsonl").read_text().splitlines()]
+    desirable = [r for r in rows if r["label"]]
+    data = write_jsonl(tmp_path / "feedback.jsonl", desirable * 3 + [r for r in rows if not r["label"]])
+    recipe = make_recipe(data={"train": str(data), "format": "kto", "max_length": 128},
+                         kto={"max_prompt_length": 64}, training={"max_steps": 2, "micro_batch_size": 4})
+    result = cli("kto", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((tmp_path / "run/run.json").read_text())["summary"]["rows"]
+    assert counts["desirable"] == 6 and counts["undesirable"] == 2 and counts["weights"] == "balanced by dsft"
+    assert counts["desirable_weight"] * 6 == pytest.approx(counts["undesirable_weight"] * 2)
+    assert "desirable / undesirable rows" in result.output
+
+
+# ---------------------------------------------------------------- an objective from outside dsft
+
+QA = "qa"
+
+from transformers import Trainer, TrainingArguments  # noqa: E402 - the plug-in's own pieces, at module level (picklable)
+
+from dsft.config.schema import ObjectiveSection  # noqa: E402
+from dsft.data.formats import RowError  # noqa: E402
+
+
+class QaSection(ObjectiveSection):
+    """An objective's own recipe section (`qa:`)."""
+
+    loss_scale: float = 1.0
+
+
+@dataclass
+class QaArgs(TrainingArguments):
+    """A config class of its own: plain TrainingArguments (no max_length, no router_aux_loss_coef) plus its field."""
+
+    loss_scale: float = field(default=1.0)
+
+
+class QaTrainer(Trainer):
+    """A trainer of its own: the causal-LM loss scaled by the section's loss_scale."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return (loss[0] * self.args.loss_scale, loss[1]) if return_outputs else loss * self.args.loss_scale
+
+
+def qa_messages(row: dict) -> list:
+    """Its own data format: question / answer rows."""
+    if not isinstance(row.get("q"), str) or not isinstance(row.get("a"), str):
+        raise RowError("a qa row has string fields q and a")
+    return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]
+
+
+def _qa_plugin():
+    """An objective written in tests/, registered from here; nothing under dsft/ names it."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from dsft.data.formats import register_converter
+    from dsft.data.prepared import Spec, prepare
+    from dsft.train import pipeline
+    from dsft.train.trainer import MaskCollator, trainer_rows
+
+    class Qa(pipeline.Objective):
+        name, section, formats = QA, QaSection, ("qa",)
+
+        def tokenize(self, recipe, tokenizer, rows):
+            data = recipe.data
+            train = prepare(Spec("sft", list(data.train), data.format, "data.train"), tokenizer)
+            return {"train": train, "eval": None, "truncation": train.stats(data.max_length)}
+
+        def config_class(self):
+            return QaArgs
+
+        def config_args(self, recipe, prepared):
+            return {"loss_scale": self.settings(recipe).loss_scale, "remove_unused_columns": False}
+
+        def trainer(self, model, args, prepared, callbacks):
+            max_length = prepared.recipe.data.max_length
+            collator = MaskCollator(DataCollatorForLanguageModeling(pad_token_id=prepared.tokenizer.pad_token_id), max_length)
+            return QaTrainer(model=model, args=args, train_dataset=trainer_rows(prepared.train, args, max_length),
+                             data_collator=collator, callbacks=callbacks)
+
+        def finish(self, run, prepared, trainer, metrics, groups, targets, plan, extra):
+            losses = metrics.losses()
+            return losses, {"qa_first_loss": losses[0], "qa_scale": self.settings(prepared.recipe).loss_scale}
+
+    register_converter("qa", qa_messages)
+    return pipeline.register(Qa())
+
+
+@pytest.fixture
+def qa_plugin():
+    from dsft.config import schema
+    from dsft.data import formats
+    from dsft.train import pipeline
+
+    goal = _qa_plugin()
+    yield goal
+    schema.SECTIONS.pop(QA), schema.FORMATS.remove("qa"), formats.CONVERTERS.pop("qa"), pipeline.OBJECTIVES.pop(QA)
+
+
+def test_an_objective_plugs_in_from_outside_dsft(qa_plugin, make_recipe, cli, tmp_path: Path) -> None:
+    from dsft.cli._common import run_training
+
+    rows = [{"q": m["messages"][-2]["content"], "a": m["messages"][-1]["content"]} for m in legal_rows(16)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    recipe = make_recipe(data={"train": str(data), "format": "qa"}, qa={"loss_scale": 10.0},
+                         training={"max_steps": 2, "logging_steps": 1})
+    bad = cli("validate", recipe, "--set", "qa.loss_weight=2")
+    assert bad.exit_code == 2 and "qa.loss_weight: unknown key; remove it (valid keys here: init_adapter, loss_scale)" in bad.output
+    scaled = run_training(QA, recipe, [f"output_dir={tmp_path / 'scaled'}"], False, False, None, 1)
+    plain = run_training(QA, recipe, [f"output_dir={tmp_path / 'plain'}", "qa.loss_scale=1.0"], False, False, None, 1)
+    assert scaled[0] == pytest.approx(10 * plain[0], rel=1e-4)  # the same first batch, its loss scaled by the section
+    info = json.loads((tmp_path / "scaled/run.json").read_text())
+    assert info["command"] == QA and info["status"] == "complete"
+    assert info["summary"]["qa_scale"] == 10.0 and info["summary"]["processes"] == 1  # its fields, and the spine's
+    assert info["summary"]["peak_host_gib"] > 0 and info["summary"]["train_tokens"] > 0
+    assert yaml.safe_load((tmp_path / "scaled/recipe.yaml").read_text())["qa"]["loss_scale"] == 10.0
+    assert "- qa: loss_scale 10.0" in (tmp_path / "scaled/README.md").read_text()
+    assert json.loads((tmp_path / "scaled/adapter/dsft_adapter.json").read_text())["qa"]["loss_scale"] == 10.0
+
+
+# ---------------------------------------------------------------- resume and processes (subprocesses: slow)
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _pairs_recipe(make_recipe, name: str, out: Path, **training) -> Path:
+    section = {"max_prompt_length": 64, **({"loss_type": "apo_zero_unpaired"} if name == "kto" else {})}
+    return make_recipe(f"{name}-{out.name}.yaml", output_dir=str(out), adapter={"routed_experts": {1: [0, 3]}},
+                       data={"train": str(PAIRS), "format": "preference", "max_length": 160}, **{name: section},
+                       training={"lr": 5e-3, "scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1, **training})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kto", "orpo", "simpo"])
+def test_kill_9_then_resume_matches_uninterrupted(name: str, make_recipe, cli, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from test_resume import _wait_for_checkpoint
+
+    settings = {"max_steps": 12, "save_steps": 4, "micro_batch_size": 4}
+    assert cli(name, "--recipe", _pairs_recipe(make_recipe, name, tmp_path / "whole", **settings)).exit_code == 0
+    killed = _pairs_recipe(make_recipe, name, tmp_path / "killed", **settings)
+    proc = subprocess.Popen([sys.executable, "-m", "dsft", name, "--recipe", str(killed)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(tmp_path / "killed", proc, min_step=4)
+    proc.kill()
+    proc.wait()
+    resumed = cli(name, "--recipe", killed, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    start = int(Path(json.loads((tmp_path / "killed/run.json").read_text())["resumed_from"]).name.split("-")[1])
+    whole, again = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+    assert sorted(again) == sorted(whole) and start < 12
+    for step in range(start + 1, 13):
+        assert again[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-6), (name, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kto", "orpo", "simpo"])
+def test_two_processes_match_one(name: str, make_recipe, tmp_path: Path) -> None:
+    """DDP over gloo at the same global batch (KTO with apo_zero_unpaired: the kto loss's KL term is
+    estimated per micro-batch, which two processes split differently)."""
+    import subprocess
+    import sys
+
+    from test_distributed import assert_same_training
+
+    runs = {"one": ({"micro_batch_size": 4}, []), "two": ({"micro_batch_size": 2}, ["--num-processes", "2"])}
+    for label, (training, extra) in runs.items():
+        recipe = _pairs_recipe(make_recipe, name, tmp_path / label, max_steps=3, **training)
+        done = subprocess.run([sys.executable, "-m", "dsft", name, "--recipe", str(recipe), *extra], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "two/run.json").read_text())["summary"]["processes"] == 2
+    assert_same_training(load_file(tmp_path / "two/adapter/adapter_model.safetensors"),
+                         load_file(tmp_path / "one/adapter/adapter_model.safetensors"))
