@@ -76,7 +76,7 @@ def child(case: str, data: Path, cache: Path, before_rows: int) -> dict:
     row: dict = {"case": case}
     started = time.perf_counter()
     if case == "baseline":
-        rendered, tokens = 0.0, 0
+        tokens = 0
         texts: list[str] = []
         render_s = tokenize_s = 0.0
 

@@ -316,6 +316,24 @@ def feedback(root: Path, rows: list) -> dict:
             "kto": {"max_prompt_length": 64}, "training": {"micro_batch_size": 2}}
 
 
+PROMPT = {"prompt": "What is 2 + 2?", "answer": "4"}
+
+
+def prompts(root: Path, rows: list | None = None, rewards: list | None = None, **grpo: Any) -> dict:
+    """A GRPO recipe's sections over `rows` (data.format: prompt) with `rewards` (default: think_format)."""
+    return {"data": {"train": str(write_jsonl(root / "prompts.jsonl", rows or [PROMPT, PROMPT])), "format": "prompt",
+                     "max_length": 128},
+            "grpo": {"max_prompt_length": 64, "max_completion_length": 8, "num_generations": 2,
+                     "rewards": rewards or [{"builtin": "think_format"}], **grpo},
+            "training": {"micro_batch_size": 2}}
+
+
+def reward_file(root: Path, body: str) -> list:
+    """`rewards` naming the function `f` of a file holding `body`."""
+    path = write(root / "rewards.py", body)
+    return [{"function": f"{path}:f"}]
+
+
 def no_experimental(mp: pytest.MonkeyPatch) -> None:
     """An installed TRL without trl.experimental."""
     import importlib
@@ -735,6 +753,56 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "simpo.lambda: unknown key; remove it (valid keys here: init_adapter, max_prompt_length, prompt_overflow, beta, gamma)", None),
     ("orpo-trl-experimental-missing", lambda r: ["orpo", "--recipe", recipe(r, {**pref(r), "orpo": {"max_prompt_length": 64}})],
      "trl.experimental.orpo: not in the installed TRL", lambda mp, r: no_experimental(mp)),
+    # GRPO: prompts, rewards (every reward is called on the first row before anything is created)
+    ("grpo-wrong-format", lambda r: ["grpo", "--recipe", recipe(r, {"grpo": prompts(r)["grpo"], "training": {"micro_batch_size": 2}})],
+     "data.format: `dsft grpo` trains on prompt rows; set data.format to prompt (got messages)", None),
+    ("grpo-no-rewards", lambda r: ["validate", recipe(r, prompts(r, rewards=[{"builtin": "think_format"}]) | {"grpo": {"rewards": []}})],
+     "grpo.rewards: list at least one reward", None),
+    ("grpo-messages-end-with-answer", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, [{"messages": [
+        {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}]))],
+     "prompts.jsonl:1: field 'messages' must end with a user turn (the completion is generated)", None),
+    ("grpo-reserved-column", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, [{"prompt": "Q?", "completions": "x"}]))],
+     "prompts.jsonl:1: field 'completions': TRL passes reward functions a keyword of that name itself", None),
+    ("grpo-reward-file-missing", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=[{"function": "nope.py:f"}]))],
+     "file not found: nope.py", None),
+    ("grpo-reward-function-missing", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(r, "def g(**k):\n    return []\n")))],
+     "grpo.rewards[0].function: {root}/rewards.py has no function 'f' (it has g)", None),
+    ("grpo-reward-file-does-not-import", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(r, "import not_a_module\n")))],
+     "grpo.rewards[0].function: {root}/rewards.py does not import (ModuleNotFoundError", None),
+    ("grpo-reward-raises", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    return [1 / len(c[0]['content']) for c in completions]\n")))],
+     "grpo.rewards[0] (f): raised ZeroDivisionError: division by zero on the row at {root}/prompts.jsonl:1", None),
+    ("grpo-reward-wrong-count", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    return [1.0]\n")))],
+     "grpo.rewards[0] (f): returned 1 rewards for 2 completions", None),
+    ("grpo-reward-nan", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    return [float('nan')] * len(completions)\n")))],
+     "grpo.rewards[0] (f): returned nan for the row at {root}/prompts.jsonl:1", None),
+    ("grpo-reward-inf", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    return [float('inf')] * len(completions)\n")))],
+     "grpo.rewards[0] (f): returned inf for the row at", None),
+    ("grpo-reward-not-a-number", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    return ['high'] * len(completions)\n")))],
+     "grpo.rewards[0] (f): returned 'high' (str) for the row at", None),
+    ("grpo-reward-reads-missing-column", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, statute, **k):\n    return [1.0] * len(completions)\n")))],
+     "grpo.rewards[0] (f): raised TypeError", None),
+    ("grpo-answer-match-without-answers", lambda r: ["grpo", "--recipe", recipe(r, prompts(
+        r, [{"prompt": "Q?"}], rewards=[{"builtin": "answer_match"}]))],
+     "the answer_match reward reads each row's `answer` column, and the rows have none", None),
+    ("grpo-regex-invalid", lambda r: ["validate", recipe(r, prompts(r, rewards=[{"builtin": "regex", "pattern": "(§"}]))],
+     "pattern '(§' is not a valid regular expression", None),
+    ("grpo-reward-stray-option", lambda r: ["validate", recipe(r, prompts(r, rewards=[{"builtin": "regex", "pattern": "x", "target": 3}]))],
+     "target: not an option of the regex reward; remove it", None),
+    ("grpo-use-vllm", lambda r: ["validate", recipe(r, prompts(r, use_vllm=True))],
+     "grpo.use_vllm: not supported yet: TRL's vLLM weight sync merges the adapter into full weights", None),
+    ("grpo-groups-split", lambda r: ["validate", recipe(r, _deep(prompts(r, num_generations=4), {"training": {"micro_batch_size": 3}}))],
+     "training.micro_batch_size 3: GRPO counts completions", None),
+    ("grpo-save-between-generations", lambda r: ["validate", recipe(r, _deep(prompts(r, steps_per_generation=4), {
+        "training": {"grad_accum": 2, "save_steps": 3}}))],
+     "training.save_steps 3: one generation spans 2 optimizer steps", None),
+    ("grpo-sequence-too-long", lambda r: ["validate", recipe(r, prompts(r, max_prompt_length=100, max_completion_length=64))],
+     "data.max_length 128: a sequence is grpo.max_prompt_length 100 + grpo.max_completion_length 64 tokens", None),
     # the prepared-data cache: a writer like any other
     ("cache-data-readonly", lambda r: sft({"data": {"system_prompt": f"Rows first seen in {r}."}})(r),
      "(Read-only file system); point DSFT_CACHE at a writable directory",

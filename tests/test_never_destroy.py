@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import legal_rows, write_jsonl
 from test_bad_inputs import _snapshot, refused, run_copy
 
 HOLD = ("import sys, time; from pathlib import Path; from dsft.outputs import OutputLock; "

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import REPO, legal_rows, write_jsonl
 
 PAIRS = REPO / "data_templates/legal/preference.jsonl"
+PROMPTS = REPO / "data_templates/legal/prompts.jsonl"
 HEDGE = "depends on many things"  # the rejected answer's pattern the held-out pairs share with training pairs
 
 
@@ -92,7 +93,7 @@ def test_each_objective_raises_its_metric_on_pairs_it_did_not_train_on(name: str
     assert summary["processes"] == 1 and summary["peak_host_gib"] > 0 and summary["train_tokens"] > 0
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo", "grpo"])
 def test_only_the_chosen_experts_train_and_the_router_stays_frozen(name: str, make_recipe, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Every LoRA tensor of the plan changes (it received gradients), expert LoRA exists for the chosen
@@ -105,6 +106,10 @@ def test_only_the_chosen_experts_train_and_the_router_stays_frozen(name: str, ma
     chosen = {1: [0, 3], 2: [5]}
     pairs = {"data": {"train": str(PAIRS), "format": "preference", "max_length": 160},
              name: {"max_prompt_length": 64}} if name != "sft" else {}
+    if name == "grpo":  # completions the model generates, scored by a reward that varies within every group
+        pairs = {"data": {"train": str(PROMPTS), "format": "prompt", "max_length": 160},
+                 "grpo": {"max_prompt_length": 128, "max_completion_length": 8, "num_generations": 4,
+                          "rewards": [{"builtin": "length", "target": 16, "unit": "characters"}]}}
     recipe = load_recipe(make_recipe(adapter={"routed_experts": chosen, "dropout": 0.0},
                                      training={"max_steps": 3, "micro_batch_size": 4}, **pairs), check_files=True)
     captured: dict = {}

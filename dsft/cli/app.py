@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from dsft.cli import cache, chat, convert, dpo, eval, experts, export, kto, merge, orpo, sft, simpo, validate
+from dsft.cli import cache, chat, convert, dpo, eval, experts, export, grpo, kto, merge, orpo, sft, simpo, validate
 from dsft.cli._common import offline
 
 app = typer.Typer(
     name="dsft",
-    help="Fine-tune and align DeepSeek-style Mixture-of-Experts models: LoRA/QLoRA SFT, DPO, merge.",
+    help="Fine-tune and align DeepSeek-style Mixture-of-Experts models: LoRA/QLoRA SFT, DPO, KTO, ORPO, SimPO, GRPO, merge.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -37,6 +37,7 @@ app.command("dpo")(dpo.dpo)
 app.command("kto")(kto.kto)
 app.command("orpo")(orpo.orpo)
 app.command("simpo")(simpo.simpo)
+app.command("grpo")(grpo.grpo)
 app.command("merge")(merge.merge)
 app.command("eval")(eval.eval_)
 app.command("chat")(chat.chat)

@@ -88,7 +88,8 @@ class DataSection(Section):
         "messages",
         description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), `alpaca` "
         "(`instruction`/`input`/`output`), `preference` (`prompt`/`chosen`/`rejected`: dpo, orpo, simpo, kto), "
-        "`kto` (`prompt` or `messages`, `completion`, `label`: kto), or a format an objective plug-in adds.",
+        "`kto` (`prompt` or `messages`, `completion`, `label`: kto), `prompt` (`prompt` or `messages` ending in a user "
+        "turn, other columns passed to the rewards: grpo), or a format an objective plug-in adds.",
     )
     max_length: PositiveInt = Field(1024, description="Sequences are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack several examples into each sequence (best with flash attention).")
@@ -380,11 +381,154 @@ class KtoSection(PromptFit):
                              f"more, or {name}.loss_type: apo_zero_unpaired")
 
 
+REWARD_BUILTINS = ("answer_match", "think_format", "regex", "length")
+# The options each built-in reward takes (every reward takes name and weight)
+REWARD_OPTIONS = {"answer_match": {"marker"}, "think_format": set(), "regex": {"pattern", "match"},
+                  "length": {"target", "unit"}}
+
+
+class RewardSpec(Section):
+    """One reward of `grpo.rewards`: a built-in (`builtin: answer_match | think_format | regex | length`) or the
+    user's own function (`function: rewards/legal.py:cites_statute`), with its weight in the sum."""
+
+    builtin: Literal[REWARD_BUILTINS] | None = Field(None, description="A built-in reward (see docs/objectives.md).")
+    function: str | None = Field(
+        None, description="`FILE.py:NAME`: a function called as TRL calls rewards (prompts, completions, the row's "
+        "columns as keywords) returning one float (or None: not applicable) per completion.")
+    name: str | None = Field(None, description="The name it is logged under; default: the built-in's or the function's name.")
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    marker: str | None = Field(
+        None, description="answer_match: the final answer is the text after the last MARKER (e.g. `Answer:`); "
+        "default: the last \\boxed{...}, else the last line.")
+    pattern: str | None = Field(None, description="regex: the pattern (Python re syntax).")
+    match: Literal["partial", "full"] = Field("partial", description="regex: search anywhere, or match the whole answer.")
+    target: PositiveInt | None = Field(None, description="length: the target length.")
+    unit: Literal["tokens", "characters"] = Field("tokens", description="length: count tokens or characters.")
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        path, sep, name = v.rpartition(":")
+        if not sep or not path.strip() or not name.isidentifier():
+            raise ValueError(f"give FILE.py:FUNCTION, e.g. rewards/legal.py:cites_statute (got {shown(v)})")
+        path = _expand(path)
+        if _checking_files(info) and not Path(path).is_file():
+            raise ValueError(f"file not found: {path} (paths are relative to the current directory)")
+        return f"{path}:{name}"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RewardSpec":
+        if (self.builtin is None) == (self.function is None):
+            raise ValueError("give either builtin (answer_match, think_format, regex, length) or function (FILE.py:NAME)")
+        allowed = REWARD_OPTIONS.get(self.builtin or "", set())
+        stray = sorted(k for k in ("marker", "pattern", "target") if getattr(self, k) is not None and k not in allowed)
+        stray += [k for k, default in (("match", "partial"), ("unit", "tokens")) if getattr(self, k) != default and k not in allowed]
+        if stray:
+            what = f"the {self.builtin} reward" if self.builtin else "a function reward"
+            raise ValueError(f"{', '.join(stray)}: not an option of {what}; remove it")
+        if self.builtin == "regex":
+            import re
+
+            if not self.pattern:
+                raise ValueError("the regex reward needs pattern, e.g. pattern: '§\\s*\\d+'")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {shown(self.pattern)} is not a valid regular expression ({e}); fix it") from None
+        if self.builtin == "length" and self.target is None:
+            raise ValueError("the length reward needs target (a length in its unit, e.g. target: 200)")
+        if self.name is not None and not self.name.strip():
+            raise ValueError("name: empty; give the name it is logged under, or leave it out")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name it is logged under (metrics.jsonl `rewards/LABEL/mean`)."""
+        return self.name or self.builtin or (self.function or "").rpartition(":")[2]
+
+
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
+
+
+class GrpoSection(PromptFit):
+    """GRPO (`dsft grpo`): completions generated by the model being trained, scored by reward functions, on
+    `data.format: prompt` rows."""
+
+    rewards: list[RewardSpec] = Field(default_factory=list, description="The rewards, summed with their weights.")
+    num_generations: PositiveInt = Field(8, description="Completions generated per prompt (the group whose rewards "
+                                         "are compared); at least 2.")
+    max_completion_length: PositiveInt = Field(256, description="Tokens generated per completion at most.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generation.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the generation.")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference (0: none, no reference forward; "
+                        "TRL's default). The reference is the adapter switched off, or the SFT adapter continued.")
+    loss_type: Literal[GRPO_LOSSES] = Field("dapo", description="TRL's GRPO loss (dapo: TRL's default, no length bias).")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    steps_per_generation: PositiveInt | None = Field(
+        None, description="Micro-batches one generation feeds (default: training.grad_accum, one optimizer step).")
+    num_iterations: PositiveInt = Field(1, description="Optimization passes over each generated batch.")
+    log_completions: NonNegInt = Field(4, description="Completions written to RUN/completions.jsonl per logged step.")
+    use_vllm: bool = Field(False, description="Not supported yet (see docs/objectives.md).")
+
+    def check(self, recipe: "Recipe", name: str) -> None:
+        import math
+
+        problems = []
+        if not self.rewards:
+            problems.append(f"{name}.rewards: list at least one reward, e.g. - builtin: think_format")
+        labels = [r.label for r in self.rewards]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            problems.append(f"{name}.rewards: {', '.join(twice)} named twice; give each its own `name`")
+        if self.use_vllm:
+            problems.append(f"{name}.use_vllm: not supported yet: TRL's vLLM weight sync merges the adapter into full "
+                            "weights every step, which dsft's NF4 expert codes cannot take; remove it (generation runs "
+                            "in-process)")
+        if self.num_generations < 2:
+            problems.append(f"{name}.num_generations {self.num_generations}: GRPO compares the completions of a "
+                            "prompt with each other; set it to 2 or more")
+        t = recipe.training
+        per_generation = t.micro_batch_size * (self.steps_per_generation or t.grad_accum)
+        if self.num_generations >= 2 and per_generation % self.num_generations:
+            problems.append(f"training.micro_batch_size {t.micro_batch_size}: GRPO counts completions, and one generation "
+                            f"({per_generation} = micro_batch_size x {name}.steps_per_generation or grad_accum) must hold "
+                            f"whole groups of {name}.num_generations {self.num_generations}; set micro_batch_size to a "
+                            f"multiple of {self.num_generations // math.gcd(self.num_generations, per_generation // t.micro_batch_size)}")
+        if self.max_prompt_length + self.max_completion_length > recipe.data.max_length:
+            problems.append(f"data.max_length {recipe.data.max_length}: a sequence is {name}.max_prompt_length "
+                            f"{self.max_prompt_length} + {name}.max_completion_length {self.max_completion_length} "
+                            f"tokens; raise data.max_length to {self.max_prompt_length + self.max_completion_length} "
+                            "or lower those")
+        if recipe.data.packing:
+            problems.append(f"data.packing: {name} trains on generated completions, which are not packed; remove it")
+        span = self.generation_span(t.grad_accum)
+        if t.save_steps % span:
+            nearest = max(span, round(t.save_steps / span) * span)
+            problems.append(f"training.save_steps {t.save_steps}: one generation spans {span} optimizer steps "
+                            f"({name}.steps_per_generation x num_iterations / training.grad_accum), and a checkpoint "
+                            f"must fall between generations to resume exactly; set save_steps to {nearest}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def generation_span(self, grad_accum: int) -> int:
+        """Optimizer steps between the starts of two generations' use (checkpoints fall on multiples of it)."""
+        import math
+
+        micro = (self.steps_per_generation or grad_accum) * self.num_iterations
+        return math.lcm(micro, grad_accum) // grad_accum
+
+    def inputs(self, name: str) -> dict[str, list[Path]]:
+        files = [Path(r.function.rpartition(":")[0]) for r in self.rewards if r.function]
+        return {**super().inputs(name), **({f"reward function file ({name}.rewards)": files} if files else {})}
+
+
 # An objective's section under its name, and the data formats objectives add (dsft.train.pipeline.register
 # registers a plug-in's). The built-in objectives' sections live here so `dsft validate` needs no torch.
 SECTIONS: dict[str, type[ObjectiveSection]] = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection,
-                                               "simpo": SimpoSection}
-FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "preference", "kto"]
+                                               "simpo": SimpoSection, "grpo": GrpoSection}
+FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "preference", "kto", "prompt"]
 
 
 def register_section(name: str, model: type[ObjectiveSection]) -> None:

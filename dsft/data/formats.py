@@ -189,14 +189,19 @@ def row_format(row: Any) -> str:
     return "messages"
 
 
-def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[str], what: str = "examples") -> Iterator[Any]:
+def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[str], what: str = "examples",
+                 locate: bool = False) -> Iterator[Any]:
     """Every row of every file converted by `convert` (to_messages, to_pair), read streaming; a row it
-    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows."""
+    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows. `locate`: each converted
+    row (a dict) gets its `FILE:LINE` as `where`."""
     for name in paths:
         path, count, good = Path(name), len(errors), 0
         for where, row in iter_rows(path):
             try:
-                yield convert(row)
+                converted = convert(row)
+                if locate:
+                    converted["where"] = where
+                yield converted
                 good += 1
             except RowError as e:
                 errors.append(f"{where}: {e}")

@@ -9,7 +9,6 @@ dropped, per the recipe (TRL 1.16's DPOConfig has no max_prompt_length).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import Messages, RowError, checked_rows, raise_row_errors

@@ -11,6 +11,8 @@ An entry is one split (data.train or data.eval) of one kind:
   (DPO, ORPO, SimPO) all train on these;
 - `kto`: unpaired rows (KTO's, or preference pairs split in two) as KTOTrainer tokenizes them ->
   `prompt_ids`, `completion_ids`, `label`;
+- `prompt`: prompts the model completes itself (GRPO) -> `prompt_ids`, the fitted prompt and the row's other
+  fields as JSON text, its FILE:LINE (dsft.data.prompts);
 
 with small per-row columns (`length`, `first_mask`, `first_loss`, `loss_count`, `prompt_length`) from which
 truncation reports and the rows a trainer keeps are computed for any max_length without reading tokens.
@@ -52,8 +54,9 @@ DATA, META = "data.arrow", "meta.json"
 ENTRY_FILES = {DATA, META}
 CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
 PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
-KINDS = ("sft", "pairs", "dpo", "kto")
+KINDS = ("sft", "pairs", "dpo", "kto", "prompt")
 ANSWERS = {"dpo": "chosen_ids", "kto": "completion_ids"}  # kinds stored as prompt + answers: the answer profiled
+PROMPTS = "prompt"  # the kind stored as prompts alone: every prompt token profiled
 IGNORE = -100
 
 
@@ -180,7 +183,7 @@ class Tokens:
         return dict(known)
 
     def _stats(self, max_length: int) -> dict[str, int]:
-        if self.kind in ANSWERS:
+        if self.kind in ANSWERS or self.kind == PROMPTS:
             lengths = self.column("length")
             return {"rows": len(self), "truncated": int((lengths > max_length).sum())}
         length, first_loss, loss_count = self.column("length"), self.column("first_loss"), self.column("loss_count")
@@ -208,7 +211,7 @@ class Tokens:
     def trainable(self, max_length: int) -> Any:
         """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
         (TRL's rule: a row left with none teaches nothing), or, for DPO, a prompt shorter than max_length."""
-        if self.kind in ANSWERS:
+        if self.kind in ANSWERS or self.kind == PROMPTS:
             keep = self.column("prompt_length") < max_length
         else:
             first = self.column("first_mask")
@@ -219,7 +222,9 @@ class Tokens:
         """Token ids and labels of some rows as Python lists (the routing profile, eval), each cut to
         `max_length` when given. DPO and KTO rows are prompt + (chosen) answer, the loss on the answer."""
         picked = self.dataset.select(indices)[:]
-        if self.kind in ANSWERS:
+        if self.kind == PROMPTS:
+            ids = labels = picked["prompt_ids"]
+        elif self.kind in ANSWERS:
             pairs = list(zip(picked["prompt_ids"], picked[ANSWERS[self.kind]]))
             ids = [p + a for p, a in pairs]
             labels = [[IGNORE] * len(p) + a for p, a in pairs]
@@ -410,6 +415,10 @@ def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
     if spec.kind == "kto":
         rows = checked_rows(spec.files, lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions")
         return (unpaired for pair in rows for unpaired in pair)
+    if spec.kind == PROMPTS:
+        from dsft.data.prompts import to_prompt
+
+        return checked_rows(spec.files, lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True)
     return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs")
 
 
@@ -457,6 +466,10 @@ def encode_rows(tokenizer: Any, spec: Spec, rows: list[Any]) -> dict[str, Any]:
 
     if spec.kind == "dpo":
         return tokenize_answers(tokenizer, rows, ("chosen", "rejected"), **(spec.dpo or {}))
+    if spec.kind == PROMPTS:
+        from dsft.data.prompts import tokenize_prompts
+
+        return tokenize_prompts(tokenizer, rows, files=spec.files, **(spec.dpo or {}))
     columns = tokenize_answers(tokenizer, rows, ("completion",), **(spec.dpo or {}))
     desirable = int(columns["label"].sum()) if "label" in columns else 0
     return {**columns, "desirable": desirable, "undesirable": len(columns["prompt_length"]) - desirable}
@@ -552,7 +565,7 @@ def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_
 
             raise_row_errors(errors)
             if writer is None:
-                if spec.kind in ANSWERS and counts.get("dropped"):
+                if (spec.kind in ANSWERS or spec.kind == PROMPTS) and counts.get("dropped"):
                     raise DsftError(f"max_prompt_length {spec.dpo['max_prompt_length']}: every row's prompt is longer; "
                                     "raise it, or set prompt_overflow: truncate")
                 raise DsftError(f"{spec.what}: no rows to train on")

@@ -31,7 +31,7 @@ from torch import nn
 
 from dsft.export.adapter import retention_sums
 from dsft.export.merge import MERGE_RECORD, Source, machine
-from dsft.export.safetensors_io import DTYPES, read_header, read_tensor
+from dsft.export.safetensors_io import read_header, read_tensor
 from dsft.arch import canonical, selects
 from dsft.models.fp8 import dequantize
 from dsft.models.fp8 import quantize as quantize_fp8
@@ -301,7 +301,7 @@ def _prompts(source: Source, tokenizer: Any, count: int, max_tokens: int = 128) 
     data = (source.recipe or {}).get("data", {})
     files = [f for f in (data.get("eval") or data.get("train") or []) if Path(f).is_file()]
     texts: list[str] = []
-    if files and data.get("format", "messages") != "preference":  # the first rows only, read streaming
+    if files:  # the first rows only, read streaming
         rows = first_conversations(files, "conversations", data.get("format", "messages"), None, count)
         texts = [tokenizer.apply_chat_template(r, tokenize=False) for r in rows]
     if not texts:

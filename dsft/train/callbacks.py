@@ -74,7 +74,19 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
 # What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).
 SHOWN = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss",
          "learning_rate": "lr", "rewards/accuracies": "reward acc", "rewards/margins": "margin",
+         "reward": "reward", "eval_reward": "held-out reward", "completions/mean_length": "tokens/completion",
+         "completions/clipped_ratio": "cut", "kl": "KL", "generation/tokens_per_s": "gen tok/s",
          "balance_loss": "balance", "grad_norm": "grad norm"}
+
+
+def reward_parts(logs: dict[str, Any]) -> list[str]:
+    """GRPO's reward functions, each as `name mean±std` (metrics `rewards/NAME/mean` and `/std`)."""
+    out = []
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
+            std = logs.get(key[:-5] + "/std")
+            out.append(f"{key[8:-5]} {_number(float(value))}" + (f"±{float(std):.2g}" if isinstance(std, (int, float)) else ""))
+    return out
 
 
 def _number(value: Any) -> str:
@@ -107,7 +119,8 @@ class ConsoleProgress(TrainerCallback):
             return
         import time
 
-        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs]
+        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs and logs[key] is not None]
+        shown[1:1] = reward_parts(logs)
         if self.phase is None:  # after training: the final held-out evaluation
             if shown:
                 from dsft.console import say

@@ -75,6 +75,9 @@ def file_kind(files: list[str]) -> tuple[str, str | None]:
     return kind, fmt
 
 
+UNSCORED = {"prompt": "prompts without answers", "kto": "completions judged one by one, not conversations to score"}
+
+
 def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple[str, str, list[str]]:
     """(kind, the rows' format, files): preference pairs or conversations from --data, else data.eval, else
     (with --on-train) data.train."""
@@ -88,8 +91,12 @@ def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple
                             "held-out measure; pass rows it did not train on, or add --on-train to score it labelled as "
                             "training data")
     if not data and not d.eval and not on_train:
-        raise DsftError(f"--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
+        raise DsftError("--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
                         "rows it did not train on, or --on-train to score its training data (not a held-out measure)")
+    if not data and d.format in UNSCORED:
+        raise DsftError(f"--data: the run's rows ({'data.eval' if d.eval else 'data.train'}) are {UNSCORED[d.format]} "
+                        f"(data.format: {d.format}), which have no loss to score; pass --data FILE with conversations or "
+                        "preference pairs it did not train on")
     files = [data] if data else (d.eval or d.train)
     kind, fmt = file_kind(files)
     if kind == "pairs":
@@ -98,18 +105,25 @@ def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple
 
 
 def first_conversations(files: list[str], kind: str, fmt: str, system_prompt: str | None, count: int) -> list[Messages]:
-    """The first `count` rows as conversations (a pair as its prompt and chosen answer), read streaming."""
+    """The first `count` rows as conversations (a pair as its prompt and chosen answer, a judged completion
+    with its prompt, a prompt alone), read streaming."""
     from dsft.data.formats import iter_rows, to_messages
-    from dsft.data.preference import to_pair
+    from dsft.data.preference import to_pair, to_unpaired
+    from dsft.data.prompts import to_prompt
 
     out: list[Messages] = []
     for name in files:
         for _, row in iter_rows(Path(name)):
             if len(out) >= count:
                 return out
-            if kind == "pairs":
+            if kind == "pairs" or fmt == "preference":
                 pair = to_pair(row, system_prompt)
                 out.append(pair["prompt"] + pair["chosen"])
+            elif fmt == "kto":
+                judged = to_unpaired(row, system_prompt)[0]
+                out.append(judged["prompt"] + judged["completion"])
+            elif fmt == "prompt":
+                out.append(to_prompt(row, system_prompt)["prompt"])
             else:
                 out.append(to_messages(row, fmt, system_prompt))
     return out

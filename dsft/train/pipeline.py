@@ -9,7 +9,7 @@
                signals; dsft's progress display) -> the objective's evaluation -> save, publish the
                adapter -> summary -> curves.png, README.md -> complete.
 
-An objective (SFT and DPO here; `register` adds one, tests/test_architecture.py adds one from outside
+An objective (SFT, DPO, KTO, ORPO, SimPO, GRPO; `register` adds one, tests/test_architecture.py adds one from outside
 dsft/) supplies only what differs: its data checks and tokenization, its TRL config and trainer, what it
 adds to the adapter's metadata and its summary. The CLI looks objectives up by name in OBJECTIVES.
 """
@@ -33,8 +33,20 @@ from dsft.train.dist import full_trainable_state, is_main
 
 # Built-in objectives, imported on first use so `dsft --help` stays torch-free.
 BUILTIN = {"sft": "dsft.train.sft", "dpo": "dsft.train.dpo", "kto": "dsft.train.kto", "orpo": "dsft.train.orpo",
-           "simpo": "dsft.train.simpo"}
+           "simpo": "dsft.train.simpo", "grpo": "dsft.train.grpo"}
 OBJECTIVES: dict[str, "Objective"] = {}
+
+
+@dataclass
+class StepsResult:
+    """What an objective that reports its first and last logged steps returns (preference objectives, GRPO)."""
+
+    run: Path
+    groups: dict[str, int]  # trainable parameters per adapter group
+    rows: int
+    first: dict[str, float]
+    last: dict[str, float]
+    counts: dict[str, int]  # rows, truncated, dropped, ...
 
 
 @dataclass
@@ -119,6 +131,10 @@ class Objective:
             return {}
         return {self.name: {**settings.model_dump(mode="json"),
                             "init_adapter": str(prepared.init_adapter) if prepared.init_adapter else None}}
+
+    def curve_panels(self, recipe: Recipe) -> dict[str, tuple[tuple[str, str], ...]]:
+        """curves.png's panels for this recipe (by default `panels`; GRPO adds a line per reward)."""
+        return self.panels
 
     def card_lines(self, recipe: Recipe, summary: dict[str, Any]) -> list[str]:
         """Its lines in the model card's recipe highlights: its section's settings."""
@@ -411,7 +427,8 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         if checkpoint is not None:
-            trim_metrics(run_dir.metrics(out), run_dir.checkpoint_step(checkpoint))
+            for log in run_dir.step_logs(out):
+                trim_metrics(log, run_dir.checkpoint_step(checkpoint))
         try:
             resume.train(trainer, out, goal.name, checkpoint)
         except BaseException as e:  # the display ends as stopped, not with a finished line
@@ -467,7 +484,7 @@ def write_reports(run: Path, goal: Objective, recipe: Recipe, info: dict[str, An
     from dsft.train.card import write_card
     from dsft.train.curves import write_curves
 
-    write_curves(run, goal.name, goal.panels)
+    write_curves(run, goal.name, goal.curve_panels(recipe))
     write_card(run, goal.name, recipe, info, summary, plan, goal.card_lines(recipe, summary))
 
 

@@ -5,7 +5,6 @@ of the first and last logged rewards."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,8 @@ PAIR_PANELS = {**LOSS_PANELS,
                "reward margin (chosen - rejected)": (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))}
 
 
-@dataclass
-class PreferenceResult:
+class PreferenceResult(pipeline.StepsResult):
     """What a preference run prints: the first and last logged rewards, the rows it trained on."""
-
-    run: Path
-    groups: dict[str, int]
-    rows: int
-    first: dict[str, float]
-    last: dict[str, float]
-    counts: dict[str, int]
 
 
 def rewards(rows: list[dict[str, Any]]) -> dict[str, float]:

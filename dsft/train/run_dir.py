@@ -31,6 +31,7 @@ PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "acc
 # The layout of a run directory; every command reaches its files through these (or RunDir).
 ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
 LOG, CURVES, CARD, PLAN, EVAL, EVAL_PLOT = "run.log", "curves.png", "README.md", "plan.json", "eval.json", "eval.png"
+COMPLETIONS = "completions.jsonl"  # GRPO: sampled prompts, completions and their rewards per logged step
 ROUTING = "routing"
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
 TRACKER_FILES = ".dsft-tracker-files.json"  # what the run's trackers wrote in their directories (relative paths)
@@ -39,7 +40,7 @@ CACHE_ENTRIES = {ROUTING, PLAN, LOCK_NAME}  # written by `dsft experts` before a
 # Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
 # replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
 _STAGED = (ADAPTER, RECIPE, RUN_JSON, EVAL, PLAN, CURVES, CARD, EVAL_PLOT)  # written beside, then renamed
-RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, LOG, TRACKER_FILES, *_STAGED,
+RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, COMPLETIONS, LOG, TRACKER_FILES, *_STAGED,
                                *(f".{name}.tmp" for name in (*_STAGED, TRACKER_FILES)), *TRACKERS.values()}
 RESUMABLE = ("running", "interrupted", "failed")
 
@@ -134,6 +135,16 @@ def checkpoints(run: Path) -> Path:
 
 def metrics(run: Path) -> Path:
     return Path(run) / METRICS
+
+
+def completions(run: Path) -> Path:
+    return Path(run) / COMPLETIONS
+
+
+def step_logs(run: Path) -> list[Path]:
+    """The JSONL files a run appends a row to per logged step (each row has its `step`): a resumed run trims
+    them to its checkpoint's step first."""
+    return [metrics(run), completions(run)]
 
 
 CARD_MARK = "<!-- dsft model card: rewritten by every run -->"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trl import DPOTrainer, KTOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from dsft.config.schema import TrainingSection
 
@@ -189,3 +189,80 @@ class DsftSFTTrainer(FsdpAdapterResume, SFTTrainer):
         if metrics is not None:
             metrics["train"]["balance_loss"].append(float(extra.detach()))
         return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+
+class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
+    """GRPO with dsft's adapters: a fresh adapter's reference (beta > 0) is the adapter switched off, not a
+    "ref" copy of it (TRL copies any adapter it is given; an SFT adapter continued keeps that frozen copy).
+    Each logged step also records the time split between generating and training with generated tokens/s,
+    and appends a few prompts, completions and their rewards to `completions` (RUN/completions.jsonl)."""
+
+    def __init__(self, *args: Any, fresh: bool = False, completions: Path | None = None, shown: int = 4,
+                 **kwargs: Any) -> None:
+        import time
+
+        config = kwargs["args"]
+        beta = config.beta
+        if fresh:
+            config.beta = 0.0  # TRL then makes no "ref" copy; the adapter switched off is the reference
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            config.beta = beta
+        self.beta = beta
+        self.completions_path, self.shown = completions, shown
+        self.timing = {"generation": 0.0, "tokens": 0, "since": time.monotonic()}
+
+    def _generate(self, prompts: list) -> tuple:
+        import time
+
+        start = time.monotonic()
+        out = super()._generate(prompts)
+        if self.model.training:
+            self.timing["generation"] += time.monotonic() - start
+            self.timing["tokens"] += sum(len(ids) for ids in out[1])
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        import time
+
+        step_row = self.model.training and "loss" in logs
+        if step_row:
+            now, t = time.monotonic(), self.timing
+            wall, generation = now - t["since"], t["generation"]
+            logs["time/generation_s"] = round(generation, 3)
+            logs["time/training_s"] = round(max(0.0, wall - generation), 3)
+            logs["generation/tokens_per_s"] = round(t["tokens"] / generation, 1) if generation else 0.0
+            self.timing = {"generation": 0.0, "tokens": 0, "since": now}
+        super().log(logs, start_time)
+        if step_row and self.completions_path is not None and self.shown and self.accelerator.is_main_process:
+            self.write_completions()
+
+    def write_completions(self) -> None:
+        """The first `shown` completions of the latest generation (TRL keeps them gathered from every process),
+        with each reward's score and the advantage they trained with."""
+        import json
+
+        logs = self._logs
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(list(logs["prompt"]), list(logs["completion"]))):
+            if i == self.shown:
+                break
+            rewards = {name: _finite(list(values)[i]) for name, values in logs["rewards"].items()}
+            rows.append({"step": self.state.global_step, "prompt": _text(prompt), "completion": _text(completion),
+                         "rewards": rewards, "advantage": _finite(list(logs["advantages"])[i])})
+        with self.completions_path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _text(value: Any) -> str:
+    """A prompt's last message or a completion's text (conversational or plain)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
+def _finite(value: Any) -> float | None:
+    import math
+
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
