@@ -172,6 +172,14 @@ def export_into(out: Callable[[Path, Path], Path], *extra: str, damage: Callable
     return setup
 
 
+def _router_run(root: Path) -> Path:
+    """A run whose adapter trains the router whole (adapter.router: trainable)."""
+    from dsft.config.schema import AdapterSection
+    from test_merge import make_run
+
+    return make_run(root, "builtin:tiny-deepseek-v3", AdapterSection(r=4, alpha=8, router="trainable"), {}, seed=1)
+
+
 def merge_damaged(damage: Callable[[Path, Path], Any]):
     def setup(root: Path, source: Path) -> list:
         run = run_copy(root, source)
@@ -436,6 +444,23 @@ CASES: list[tuple[str, Any, str, Any]] = [
         r / "tpl.jinja", "{% for m in messages %}\n{{ m.content }\n{% endfor %}"))}})], "tpl.jinja:2: the chat template is not valid Jinja", None),
     ("chat-template-not-utf8", lambda r: ["sft", "--recipe", recipe(r, {"data": {"chat_template": str(write(r / "tpl.jinja", b"\xff{{ x }}"))}})],
      "tpl.jinja: not UTF-8 text", None),
+    ("early-stopping-no-eval", lambda r: ["validate", recipe(r, {"training": {"early_stopping": {"patience": 2}}})],
+     "training.early_stopping watches the held-out loss: it needs data.eval and training.eval_steps", None),
+    ("optimizer-8bit-on-cpu", sft({"training": {"optimizer": "adamw_8bit"}}),
+     "training.optimizer: adamw_8bit (bitsandbytes' 8-bit optimizer states) needs a CUDA GPU and this machine has none; use adamw here", None),
+    ("optimizer-unknown", lambda r: ["validate", recipe(r, {"training": {"optimizer": "lion"}})], "training.optimizer:", None),
+    ("sharegpt-unknown-speaker", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "sharegpt", "train": str(write_jsonl(
+        r / "share.jsonl", [{"conversations": [{"from": "human", "value": "Q?"}, {"from": "tool", "value": "x"}]}]))}})],
+     "share.jsonl:1: conversations[1]: from 'tool' is not a speaker dsft knows", None),
+    ("sharegpt-no-conversations", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "sharegpt", "train": str(write_jsonl(
+        r / "share.jsonl", [{"text": "Q?"}]))}})],
+     "share.jsonl:1: missing field 'conversations' (data.format is sharegpt", None),
+    ("mix-weight-zero", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(r / "train.jsonl"), "weight": 0}]}})],
+     "data.train[0].weight: a positive number (got 0)", None),
+    ("mix-both-shares", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(r / "train.jsonl"), "weight": 1, "rows": 2}]}})],
+     "data.train[0]: a mixed entry is {path: FILE, weight: W} or {path: FILE, rows: N}", None),
+    ("mix-key-written", lambda r: ["validate", recipe(r, {"data": {"mix": [None]}})],
+     "data.mix: not a key to write; give a file's share as a data.train entry", None),
     ("max-length-drops-rows", sft({"data": {"max_length": 8}}), "data.max_length 8: 4 of 4 rows lose every loss token", None),
     ("pairs-not-utf8", lambda r: ["dpo", "--recipe", recipe(r, pref(r, raw=b'{"prompt": "\xff"}\n'))], "pairs.jsonl:1: not UTF-8 text", None),
     # model directories
@@ -620,7 +645,9 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("export-failed-run", export_into(lambda r, run: r / "vllm", damage=status("failed")), "the run is failed; resume it with", None),
     ("export-adapter-truncated", export_into(lambda r, run: r / "vllm", damage=lambda run, r: truncate(
         run / "adapter/adapter_model.safetensors")), "adapter_model.safetensors is truncated", None),
-    ("export-bad-format", export_into(lambda r, run: r / "vllm", "--format", "tgi"), "--format: must be vllm (got 'tgi')", None),
+    ("export-bad-format", export_into(lambda r, run: r / "vllm", "--format", "tgi"), "--format: must be one of vllm, peft (got 'tgi')", None),
+    ("export-peft-router-whole", lambda r: ["export", "--adapter", _router_run(r), "--format", "peft", "--out", str(r / "peft")],
+     "which a PEFT LoRA adapter cannot hold; merge the run instead (dsft merge)", None),
     ("merge-base-other-model", merge_damaged(lambda run, r: ["--base", ckpt(r, "v2", "tiny-deepseek-v2")]),
      "is not the model this adapter was trained on", None),
     # rule 1: the tensors are the truth; metadata and config are checked against them and the base

@@ -105,7 +105,7 @@ def test_the_run_dir_readme_is_dsfts_model_card(demo) -> None:
     plan = json.loads((run / "plan.json").read_text())
     for layer, experts in plan["groups"]["routed_experts"]["experts"].items():
         assert f"- layer {layer}: experts {', '.join(map(str, experts))}" in card
-    assert f"dsft merge --adapter {run}" in card and "r=16 alpha=32" in card
+    assert f"dsft merge  --adapter {run}" in card and "r=16 alpha=32" in card
     assert (run / "adapter/README.md").read_text() == card  # PEFT's boilerplate is not written
     assert not list((run / "checkpoints").rglob("README.md"))  # neither is TRL's
     assert "More Information Needed" not in card and "huggingface.co/None" not in card
@@ -222,3 +222,67 @@ def test_a_phase_without_a_terminal_prints_plain_lines(monkeypatch, capsys) -> N
     assert "\r" not in out and "\x1b" not in out
     assert out.splitlines()[-1].startswith("tokenizing data.train: 3/3 rows  (0:00)")
     assert "tokenizing data.train: 1/3 rows" in out  # a line as it goes (here: every advance)
+
+
+def _card_commands(card: str) -> list[list[str]]:
+    import shlex
+
+    block = card.split("## Next", 1)[1].split("```", 2)[1]
+    return [shlex.split(line, comments=True) for line in block.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _run_card(run: Path, cli) -> list[list[str]]:
+    commands = _card_commands((run / "README.md").read_text())
+    for argv in commands:
+        assert argv[0] == "dsft"
+        outputs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "--out"]
+        assert all(not p.exists() for p in outputs), f"{argv}: names an output that exists"
+        result = cli(*argv[1:])
+        assert result.exit_code == 0, f"{' '.join(argv)}\n{result.output}"
+        assert all(p.is_dir() for p in outputs)
+    return commands
+
+
+def test_the_cards_next_commands_run_as_written(demo, cli, tmp_path: Path) -> None:
+    """SFT demo (data.eval set) and a DPO run continuing it (no data.eval: eval says --on-train); a second
+    card written while a merge exists names another output."""
+    import os
+
+    run, _ = demo
+    commands = _run_card(run, cli)
+    assert [c[1] for c in commands] == ["eval", "chat", "merge", "export", "export"]
+    assert {c[c.index("--format") + 1] for c in commands if c[1] == "export"} == {"peft", "vllm"}
+    card = (run / "README.md").read_text()
+    assert f'PeftModel.from_pretrained(base, "{run.parent / (run.name + "-peft")}")' in card
+    dpo = tmp_path / "dpo"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        result = cli("dpo", "--recipe", "recipes/tiny-legal-dpo.yaml", "--set", f"dpo.init_adapter={run}",
+                     "--set", f"output_dir={dpo}", "--set", "training.epochs=1")
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "dpo-merged").mkdir()  # already taken: the card names the next free name
+    (tmp_path / "dpo-merged" / "mine.txt").write_text("x")
+    card = (dpo / "README.md").read_text()
+    commands = _card_commands(card)
+    assert "--on-train" in commands[0]
+    # the card was written before dpo-merged/ existed; write it again now that it does
+    _rewrite_card(dpo)
+    commands = _run_card(dpo, cli)
+    merge = next(c for c in commands if c[1] == "merge")
+    assert merge[merge.index("--out") + 1] == str(tmp_path / "dpo-merged-2")
+    assert (tmp_path / "dpo-merged" / "mine.txt").read_text() == "x"
+
+
+def _rewrite_card(run: Path) -> None:
+    import json as _json
+
+    from dsft.config.load import load_run_recipe
+    from dsft.train.card import write_card
+
+    info = _json.loads((run / "run.json").read_text())
+    plan = _json.loads((run / "plan.json").read_text()) if (run / "plan.json").exists() else None
+    write_card(run, "dpo", load_run_recipe(run), info, info["summary"], plan)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -181,3 +183,46 @@ def test_long_prompts_truncated_or_dropped() -> None:
     assert all(p["prompt"][-1]["content"][-10:] in text for text, p in zip(prompts, pairs))  # the end is kept
     dropped = tokenize_answers(tokenizer, long + pairs, ("chosen", "rejected"), 40, "drop")
     assert dropped["dropped"] == 10 and len(dropped["prompt_length"]) == 10 and dropped["rows"] == 20
+
+
+def test_eval_implicit_reward_agrees_with_training_and_against_compares_runs(sft_run: Path, cli, tmp_path: Path) -> None:
+    """On the training pairs, eval's implicit-reward accuracy (against the SFT adapter the DPO run continued)
+    is the trainer's reward accuracy: equal to the last logged one within what one more logging window of
+    training moves it; --against scores the SFT run on the same rows beside it."""
+    rows = (REPO / "data_templates/legal/preference.jsonl").read_text().splitlines()
+    pairs, held = write_jsonl(tmp_path / "pairs.jsonl", rows[:90]), write_jsonl(tmp_path / "held.jsonl", rows[90:])
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+        "data": {"train": str(pairs), "eval": str(held), "format": "preference", "max_length": 256},
+        "adapter": {"dropout": 0.0},
+        "dpo": {"init_adapter": str(sft_run), "beta": 0.1, "max_prompt_length": 128},
+        "training": {"lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0, "max_steps": 24, "micro_batch_size": 8,
+                     "logging_steps": 1, "save_steps": 1000, "eval_steps": 24},
+        "output_dir": str(tmp_path / "dpo")}))
+    result = cli("dpo", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
+    accuracies = [r["rewards/accuracies"] for r in logged if "rewards/accuracies" in r]
+    held_out = [r for r in logged if "eval_rewards/accuracies" in r][-1]  # TRL's eval after the last step
+    result = cli("eval", "--adapter", tmp_path / "dpo", "--generations", 0)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "dpo/eval.json").read_text())
+    assert report["examples"] == 24  # the same 24 held-out pairs (3 whole eval batches), the same final adapter, no dropout: equal
+    assert report["implicit_reward"]["accuracy"] == pytest.approx(held_out["eval_rewards/accuracies"], abs=1e-6)
+    assert report["implicit_reward"]["margin"] == pytest.approx(held_out["eval_rewards/margins"], rel=1e-3, abs=1e-4)
+    result = cli("eval", "--adapter", tmp_path / "dpo", "--on-train", "--generations", 0, "--against", sft_run)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "dpo/eval.json").read_text())
+    implicit = report["implicit_reward"]
+    assert implicit["reference"] == f"the adapter it continued ({sft_run / 'adapter'})" and implicit["beta"] == 0.1
+    assert implicit["accuracy"] > 0.6 and implicit["margin"] > 0
+    # the trainer's last epoch of logged batches (8 pairs each, measured before their own step) against every
+    # training pair after the last step: the same measure, so close; the held-out check above is the exact one
+    last_epoch = accuracies[-11:]
+    assert abs(implicit["accuracy"] - sum(last_epoch) / len(last_epoch)) <= 0.2, (implicit, last_epoch)
+    against = json.loads((sft_run / "eval.json").read_text())
+    assert against["data"] == report["data"] and against["examples"] == report["examples"]
+    assert against["implicit_reward"]["reference"] == "the base"
+    text = result.output.replace("\n", " ")
+    assert str(sft_run) in text and "implicit reward acc" in text

@@ -65,7 +65,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("bad-quantization", {"model": {"quantization": "int3"}}, "validate", "model.quantization: must be one of"),
     ("shard-without-nf4", {"model": {"shard_experts": True}}, "validate", "model.shard_experts: needs model.quantization: nf4"),
     ("unknown-builtin", {"model": {"path": "builtin:nope"}}, "validate", "model.path: unknown built-in model 'nope'"),
-    ("bad-format", {"data": {"format": "sharegpt"}}, "validate", "data.format: must be one of"),
+    ("bad-format", {"data": {"format": "openai-chat"}}, "validate", "data.format: must be one of"),
     ("routed-bad-form", {"adapter": {"routed_experts": "some"}}, "validate", "adapter.routed_experts.experts: must be none, all"),
     ("routed-empty-layer", {"adapter": {"routed_experts": {1: []}}}, "validate", "layer 1: give a non-empty list"),
     ("routed-dense-layer", {"adapter": {"routed_experts": {0: [1]}}}, "sft", "layer 0 has no routed experts"),

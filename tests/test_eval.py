@@ -43,7 +43,9 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     base, adapted = scored["base"]["pairs"], scored["adapter"]["pairs"]
     assert len(adapted["margins"]) == 114 and adapted["accuracy"] == sum(m > 0 for m in adapted["margins"]) / 114
     assert adapted["margin"] > base["margin"] and adapted["accuracy"] > base["accuracy"]
-    assert "pair accuracy" in pairs.output and "mean margin" in pairs.output
+    assert "log-prob acc (per token)" in pairs.output and "implicit reward acc" in pairs.output
+    assert 0 <= adapted["normalized_accuracy"] <= 1 and scored["implicit_reward"]["reference"] == "the base"
+    assert "implicit reward against the base (beta 0.1)" in pairs.output.replace("\n", " ")
     titles = [a.get_title() for a in eval_figure(scored).axes]
     assert titles == ["loss per example (lower is better)", "margin log p(chosen) - log p(rejected) per pair"]
 

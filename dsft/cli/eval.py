@@ -10,6 +10,12 @@ import typer
 from dsft.cli._common import at_least, errors_exit_2
 
 
+PAIR_CAPTION = ("log-prob acc: share of pairs whose chosen answer has the higher log-prob, per token (length-"
+                "normalised) and summed (favours the shorter answer); margin: mean summed log p(chosen) - log p(rejected); "
+                "implicit reward acc / margin: DPO's reward beta * (log p_adapter - log p_reference) of chosen vs "
+                "rejected, what DPO logs as rewards/accuracies (docs/eval.md)")
+
+
 @errors_exit_2
 def eval_(
     adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
@@ -24,10 +30,11 @@ def eval_(
                                         "was trained on.")] = False,
     on_train: Annotated[bool, typer.Option("--on-train", help="Without held-out data: score the training data "
                                            "(labelled so; not a held-out measure).")] = False,
+    against: Annotated[Path | None, typer.Option("--against", help="A second run of the same base (say the SFT run "
+                                                 "a DPO run continued), scored on the same rows, side by side.",
+                                                 show_default=False)] = None,
 ) -> None:
     """Score a run on held-out data (base vs adapter), show a few answers; writes RUN/eval.json."""
-    from rich.table import Table
-
     from dsft.console import console as dsft_console
     from dsft.console import show
     from dsft.train.evaluate import evaluate
@@ -35,28 +42,72 @@ def eval_(
     at_least("--samples", samples, 1)
     at_least("--generations", generations, 0)
     at_least("--max-new-tokens", max_new_tokens, 1)
-    report = evaluate(adapter, data, samples, generations, max_new_tokens, force, on_train)
+    if against is not None:
+        _same_base(adapter, against)
+    report = evaluate(adapter, data, samples, generations if against is None else 0, max_new_tokens, force, on_train)
+    reports = {str(adapter): report}
+    if against is not None:
+        reports[str(against)] = evaluate(against, report["data"], samples, 0, max_new_tokens, force, True)
     console = dsft_console()
     pairs = report["rows"] == "pairs"
     source = {"held-out": "held-out data.eval", "training data": "training data (--on-train), not held-out"}.get(
         report["data_kind"], f"--data {data}")
     what = f"{report['examples']} {'pairs' if pairs else 'examples'}, {source}"
-    table = Table(title=f"dsft eval: {adapter} ({what})")
-    columns = ("", "loss (chosen)" if pairs else "loss", "perplexity", *(("pair accuracy", "mean margin") if pairs else ()))
-    for col in columns:
-        table.add_column(col, justify="right" if col else "left")
-    for name in ("base", "adapter"):
-        r = report[name]
-        extra = (f"{r['pairs']['accuracy']:.1%}", f"{r['pairs']['margin']:+.3f}") if pairs else ()
-        table.add_row(name, f"{r['loss']:.3f}", f"{r['perplexity']:.1f}", *extra)
-    show(table)
+    show(_table(adapter, reports, what, pairs))
+    if pairs:
+        for name, r in reports.items():
+            i = r["implicit_reward"]
+            console.print(f"{name}: implicit reward against {i['reference']} (beta {i['beta']:g}): accuracy "
+                          f"{i['accuracy']:.1%}, margin {i['margin']:+.3f}", soft_wrap=True)
     if report["truncated"]:
         console.print(f"{report['truncated']} {'sequences' if pairs else 'examples'} longer than the run's data.max_length "
                       f"({report['max_length']} tokens) were cut to it, as in training", soft_wrap=True)
-    if report["routing_drift"]:
-        drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in report["routing_drift"].items())
-        console.print(f"routing drift on these {report['examples']} rows (share of each layer's "
-                      f"expert load the adapter moved): {drift}", soft_wrap=True)
+    for name, r in reports.items():
+        if r["routing_drift"]:
+            drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in r["routing_drift"].items())
+            console.print(f"routing drift of {name} on these {r['examples']} rows (share of each layer's "
+                          f"expert load the adapter moved): {drift}", soft_wrap=True)
     for a in report["answers"]:
         console.print(f"[bold]Q:[/bold] {a['prompt']}\n[bold]A:[/bold] {a['answer']}\n[dim]reference: {a['reference']}[/dim]")
-    console.print(f"{adapter / 'eval.json'}, {adapter / 'eval.png'}", soft_wrap=True)
+    for name in reports:
+        console.print(f"{Path(name) / 'eval.json'}, {Path(name) / 'eval.png'}", soft_wrap=True)
+
+
+def _table(adapter: Path, reports: dict, what: str, pairs: bool):
+    from rich.table import Table
+
+    title = f"dsft eval: {adapter}" + (f" against {list(reports)[1]}" if len(reports) > 1 else "") + f" ({what})"
+    table = Table(title=title, caption=PAIR_CAPTION if pairs else "loss: mean cross-entropy per assistant token")
+    columns = ("", "loss (chosen)" if pairs else "loss", "perplexity",
+               *(("log-prob acc (per token)", "log-prob acc (sum)", "margin (sum)", "implicit reward acc",
+                  "implicit margin") if pairs else ()))
+    for col in columns:
+        table.add_column(col, justify="right" if col else "left")
+    first = next(iter(reports.values()))
+    rows = [("base", first["base"], None)] + [(name if len(reports) > 1 else "adapter", r["adapter"], r)
+                                               for name, r in reports.items()]
+    for label, r, whole in rows:
+        extra = ()
+        if pairs:
+            p = r["pairs"]
+            i = whole["implicit_reward"] if whole else None
+            extra = (f"{p['normalized_accuracy']:.1%}", f"{p['accuracy']:.1%}", f"{p['margin']:+.3f}",
+                     f"{i['accuracy']:.1%}" if i else "-", f"{i['margin']:+.3f}" if i else "-")
+        table.add_row(label, f"{r['loss']:.3f}", f"{r['perplexity']:.1f}", *extra)
+    return table
+
+
+def _same_base(run: Path, other: Path) -> None:
+    """--against: both runs' adapters were trained on the same base weights (read from their metadata)."""
+    from dsft.adapters.metadata import read_metadata
+    from dsft.errors import DsftError
+
+    ids = []
+    for path in (run, other):
+        if not (path / "adapter" / "adapter_config.json").is_file():
+            raise DsftError(f"--against {other}: {path} is not a finished dsft run directory (no adapter/)")
+        base = read_metadata(path / "adapter").get("base_model") or {}
+        ids.append((base.get("config_sha256"), base.get("weights_fingerprint")))
+    if ids[0] != ids[1]:
+        raise DsftError(f"--against {other}: trained on another base than {run} (config or weights differ); "
+                        "compare runs of the same base")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,10 @@ def describe(err: dict[str, Any]) -> str:
         what = f"must be {wanted} (got {shown(err['input'])})"
     elif kind == "value_error":
         what = str(ctx.get("error", err["msg"]))
+        # a section's own validator naming one of its keys first (`train[0].weight: ...`): one dotted path
+        head = re.match(r"^([A-Za-z_]\w*)[.\[:]", what)
+        if path and head and head.group(1) in _section_keys((*loc, "")):
+            return f"{path}.{what}"
     else:
         what = err["msg"]
     return f"{path}: {what}" if path else what

@@ -82,12 +82,17 @@ class ModelSection(Section):
 class DataSection(Section):
     """Training data: files, their format, and how they become token sequences."""
 
-    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list).")
+    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list); an entry may be "
+                             "`{path: FILE, weight: W}` (W times its rows: 2 repeats each row, 0.3 a seeded 30% "
+                             "sample) or `{path: FILE, rows: N}` (exactly N rows) to mix several files (sft).")
+    mix: list[dict[str, float] | None] | None = Field(
+        None, exclude=True, description="Set by data.train's `{path, weight | rows}` entries, one per file (not a "
+        "key to write).")
     eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
     format: str = Field(
         "messages",
         description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), `alpaca` "
-        "(`instruction`/`input`/`output`), `preference` (`prompt`/`chosen`/`rejected`: dpo, orpo, simpo, kto), "
+        "(`instruction`/`input`/`output`), `sharegpt` (`conversations` of `from`/`value`: human, gpt, system), `preference` (`prompt`/`chosen`/`rejected`: dpo, orpo, simpo, kto), "
         "`kto` (`prompt` or `messages`, `completion`, `label`: kto), `prompt` (`prompt` or `messages` ending in a user "
         "turn, other columns passed to the rewards: grpo), or a format an objective plug-in adds.",
     )
@@ -109,6 +114,39 @@ class DataSection(Section):
         if v not in FORMATS:
             raise ValueError(f"must be one of {', '.join(repr(f) for f in FORMATS)} (got {shown(v)})")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mix_entries(cls, data: Any) -> Any:
+        """`{path, weight}` / `{path, rows}` entries of data.train: the path stays in train, the share in mix."""
+        if not isinstance(data, dict):
+            return data
+        if "mix" in data:
+            raise ValueError("mix: not a key to write; give a file's share as a data.train entry "
+                             "{path: FILE, weight: W} or {path: FILE, rows: N}")
+        train = data.get("train")
+        if not isinstance(train, list) or not any(isinstance(e, dict) for e in train):
+            return data
+        paths, mix = [], []
+        for i, entry in enumerate(train):
+            if not isinstance(entry, dict):
+                paths.append(entry)
+                mix.append(None)
+                continue
+            extra = sorted(set(entry) - {"path", "weight", "rows"})
+            if extra or "path" not in entry or ("weight" in entry) == ("rows" in entry):
+                raise ValueError(f"train[{i}]: a mixed entry is {{path: FILE, weight: W}} or {{path: FILE, rows: N}}"
+                                 + (f" (unknown key {extra[0]!r})" if extra else ""))
+            w = entry.get("weight")
+            if "weight" in entry and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")):
+                raise ValueError(f"train[{i}].weight: a positive number (got {shown(w)}); 2 repeats every row, 0.5 "
+                                 "takes half")
+            n = entry.get("rows")
+            if "rows" in entry and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"train[{i}].rows: a positive integer (got {shown(n)})")
+            paths.append(entry["path"])
+            mix.append({"weight": float(w)} if "weight" in entry else {"rows": n})
+        return {**data, "train": paths, "mix": mix}
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -261,8 +299,29 @@ class AdapterSection(Section):
         return self
 
 
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+class EarlyStopping(Section):
+    """Stop when the held-out loss stops improving (needs data.eval and training.eval_steps)."""
+
+    patience: PositiveInt = Field(description="Evaluations in a row without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0, description="How much lower than the best held-out loss counts as an improvement.")
+
+
 class TrainingSection(Section):
     """Optimiser, schedule and bookkeeping."""
+
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="`adamw` (torch), or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit` (8-bit optimizer "
+        "states: less GPU memory on big runs; CUDA only)."
+    )
+    checkpoints_kept: PositiveInt = Field(2, description="Checkpoints kept in RUN/checkpoints/ (the oldest are deleted).")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="`{patience: N, min_delta: D}`: stop after N evaluations (every eval_steps) without the "
+        "held-out loss falling below its best by more than D; the summary says where and why. The adapter is the "
+        "model at the stop."
+    )
 
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
@@ -528,7 +587,7 @@ class GrpoSection(PromptFit):
 # registers a plug-in's). The built-in objectives' sections live here so `dsft validate` needs no torch.
 SECTIONS: dict[str, type[ObjectiveSection]] = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection,
                                                "simpo": SimpoSection, "grpo": GrpoSection}
-FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "preference", "kto", "prompt"]
+FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "sharegpt", "preference", "kto", "prompt"]
 
 
 def register_section(name: str, model: type[ObjectiveSection]) -> None:
@@ -560,6 +619,9 @@ class Recipe(Section):
     def _cross(self, info: ValidationInfo) -> "Recipe":
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
+        if self.training.early_stopping is not None and (not self.data.eval or self.training.eval_steps is None):
+            raise ValueError("training.early_stopping watches the held-out loss: it needs data.eval and "
+                             "training.eval_steps (how often to evaluate); set both or remove early_stopping")
         for name, section in sections(self).items():
             section.check(self, name)
         if self.training.balance_loss and self.adapter.router != "trainable":

@@ -16,6 +16,10 @@ from dsft.errors import DsftError
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
+CONVERSATION_FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")  # rows that are conversations
+# ShareGPT's speakers (`from`), as Axolotl and LLaMA-Factory read them
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "bing": "assistant"}
 MAX_REPORTED = 20
 
 
@@ -164,6 +168,8 @@ def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Message
         instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    elif fmt == "sharegpt":
+        messages = _check_messages(_sharegpt(row))
     elif fmt in CONVERTERS:
         messages = _check_messages(CONVERTERS[fmt](row))
     else:
@@ -173,13 +179,36 @@ def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Message
     return messages
 
 
+def _sharegpt(row: dict) -> Messages:
+    """ShareGPT rows: `conversations` (or `messages`) of {from, value}, an optional `system` column."""
+    turns = row.get("conversations", row.get("messages"))
+    if turns is None:
+        raise RowError("missing field 'conversations' (data.format is sharegpt: a list of {from, value} turns)")
+    if not isinstance(turns, list) or not turns:
+        raise RowError("field 'conversations' must be a non-empty list of {from, value} objects")
+    messages = []
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        messages.append({"role": "system", "content": row["system"]})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise RowError(f"conversations[{i}] needs a 'from' ({', '.join(SHAREGPT_ROLES)}) and a 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise RowError(f"conversations[{i}]: from {turn['from']!r} is not a speaker dsft knows "
+                           f"({', '.join(SHAREGPT_ROLES)}); tool turns are not supported")
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
+
+
 def row_format(row: Any) -> str:
     """The format a row is written in, from its keys: `preference` (chosen and rejected), `messages`,
-    `alpaca` (instruction), `prompt_completion`; `messages` when none matches (its error then names the
+    `sharegpt` (conversations), `alpaca` (instruction), `prompt_completion`; `messages` when none matches (its error then names the
     missing key)."""
     if isinstance(row, dict):
         if "chosen" in row and "rejected" in row:
             return "preference"
+        if "conversations" in row:
+            return "sharegpt"
         if "messages" in row:
             return "messages"
         if "instruction" in row:

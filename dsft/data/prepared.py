@@ -199,7 +199,7 @@ class Tokens:
         """Per row in `rows`: its loss tokens at positions 1 .. max_length - 1 (a block of rows at a time)."""
         import pyarrow.compute as pc
 
-        column = self.dataset.data.column("loss_mask")
+        column, rows = self._table().column("loss_mask"), self._positions(rows)
         out = np.zeros(len(rows), dtype=np.int64)
         for i in range(0, len(rows), block):
             taken = pc.list_slice(column.take(rows[i:i + block]), 1, max_length)
@@ -207,6 +207,14 @@ class Tokens:
             parents = pc.list_parent_indices(taken).to_numpy()
             out[i:i + block] = np.bincount(parents[flat], minlength=len(rows[i:i + block]))
         return out
+
+    def _table(self) -> Any:
+        """The Arrow table the rows live in."""
+        return self.dataset.data
+
+    def _positions(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of this split as positions in `_table()`."""
+        return rows
 
     def trainable(self, max_length: int) -> Any:
         """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
@@ -255,6 +263,68 @@ class Tokens:
             with contextlib.suppress(OSError):
                 if list(_stat(Path(record["path"]))) == record["stat"]:
                     _SHA256[tuple(record["stat"])] = record["sha256"]
+
+
+class Mixed(Tokens):
+    """Several files' prepared tokens mixed by data.train's weights / row counts (`mix_counts`): a view on
+    their entries (concatenated memory maps, an index of the rows taken); nothing is copied or cached."""
+
+    def __init__(self, parts: list[Tokens], takes: list[np.ndarray], record: list[dict[str, Any]]) -> None:
+        from datasets import concatenate_datasets
+
+        offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        self.parts, self.path, self.kind = parts, None, parts[0].kind
+        self.index = np.concatenate([o + t for o, t in zip(offsets, takes)]).astype(np.int64)
+        self.base = concatenate_datasets([p.dataset for p in parts])
+        self.dataset = self.base.select(self.index)
+        self._memo: dict[int, dict[str, int]] = {}
+        self.meta = {"kind": self.kind, "rows": len(self.index), "mix": record,
+                     "tokens": int(self.column("length").sum())}
+
+    def column(self, name: str) -> np.ndarray:
+        return np.concatenate([p.column(name) for p in self.parts])[self.index]
+
+    def stats(self, max_length: int) -> dict[str, int]:
+        if max_length not in self._memo:
+            self._memo[max_length] = self._stats(max_length)
+        return dict(self._memo[max_length])
+
+    def _table(self) -> Any:
+        return self.base.data
+
+    def _positions(self, rows: np.ndarray) -> np.ndarray:
+        return self.index[rows]
+
+    def remember_hashes(self) -> None:
+        for p in self.parts:
+            p.remember_hashes()
+
+
+def mix_counts(sizes: list[int], mix: list[dict[str, float] | None], seed: int) -> list[np.ndarray]:
+    """Per file, the rows taken (local indices): all of them (no share), `rows: N` exactly N, `weight: W`
+    round(W x its rows) (at least 1). Beyond a file's size its rows repeat whole, then a seeded sample of
+    the rest; below it, a seeded sample. Sorted, so the same recipe and seed take the same rows."""
+    rng = np.random.default_rng(seed)
+    takes = []
+    for n, share in zip(sizes, mix):
+        want = n if not share else share["rows"] if "rows" in share else max(1, round(share["weight"] * n))
+        whole, rest = divmod(int(want), n)
+        take = np.concatenate([np.tile(np.arange(n), whole), np.sort(rng.choice(n, rest, replace=False))])
+        takes.append(np.sort(take))
+    return takes
+
+
+def prepare_mix(spec_for: Callable[[list[str]], Spec], files: list[str], mix: list[dict[str, float] | None] | None,
+                seed: int, tokenizer: Any, num_proc: int | None = None) -> Tokens:
+    """data.train prepared: one entry for all files, or, when data.train gives shares, one entry per file
+    (each reused by any run of that file) mixed as `mix_counts` says."""
+    if not mix:
+        return prepare(spec_for(files), tokenizer, num_proc)
+    parts = [prepare(spec_for([f]), tokenizer, num_proc) for f in files]
+    takes = mix_counts([len(p) for p in parts], mix, seed)
+    record = [{"path": str(Path(f).resolve()), "rows_in_file": len(p), "rows_used": len(t), **(share or {})}
+              for f, p, t, share in zip(files, parts, takes, mix)]
+    return Mixed(parts, takes, record)
 
 
 def _problem(path: Path) -> str | None:

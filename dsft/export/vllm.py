@@ -20,7 +20,6 @@ export before it is renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,13 @@ import torch
 from dsft import arch
 from dsft.errors import DsftError
 from dsft.adapters.weights import Adapter
-from dsft.export.merge import Source, read_checked
-from dsft.outputs import check_location, check_replaceable, resolve_output, staged, written_files
 
 PREFIX = "base_model.model."
 EXPERT_LORA_2D = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe")
-RECORD = "dsft-export.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def refuse_unservable(adapter: Adapter, config: dict[str, Any]) -> None:
+def refuse(adapter: Adapter, config: dict[str, Any]) -> None:
     kind = config.get("model_type")
     if adapter.replace:
         raise DsftError(f"--format vllm: the run trains {next(iter(adapter.replace)).removesuffix('.weight')} whole "
@@ -84,9 +80,11 @@ def adapter_config(tensors: dict[str, torch.Tensor], rank: int, base: str) -> di
             "task_type": "CAUSAL_LM"}
 
 
-def check(directory: Path, config: dict[str, Any]) -> list[str]:
+def check(directory: Path, base: Path | dict[str, Any]) -> list[str]:
     """What vLLM's loader would reject or mis-scale in an export: problems, one line each."""
     from safetensors import safe_open
+
+    config = base if isinstance(base, dict) else json.loads((base / "config.json").read_text())
 
     problems = []
     cfg = json.loads((directory / "adapter_config.json").read_text())
@@ -137,30 +135,13 @@ def deltas(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_vllm(source: Source, out: Path, force: bool = False) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    inputs = {"run being exported (--adapter)": [source.run] if source.run else [], "adapter (--adapter)": [source.adapter_dir],
-              "base checkpoint": [source.base]}
-    out = resolve_output(out, "--out")
-    check_location(out, "--out", inputs)
-    check_replaceable(out, RECORD, "an export", force)
-    config = json.loads((source.base / "config.json").read_text())
-    adapter = read_checked(source, force)
-    refuse_unservable(adapter, config)
+def build(adapter: Adapter, config: dict[str, Any], base: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, adapter_config.json, facts for the export's record) for dsft.export.unmerged."""
     tensors, rank = vllm_tensors(adapter, config)
-    with staged(out, recheck=lambda: check_replaceable(out, RECORD, "an export", force)) as tmp:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(tensors, rank, str(source.base)), indent=2))
-        for f in source.adapter_dir.iterdir():  # the tokenizer and chat template the run trained with
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy2(f, tmp / f.name)
-        problems = check(tmp, config)
-        if problems:
-            raise DsftError(f"--format vllm: the export would not load as intended: {problems[0]}")
-        record = {"format": "vllm", "run": str(source.run) if source.run else None, "adapter": str(source.adapter_dir),
-                  "base": str(source.base), "max_lora_rank": rank, "tensors": len(tensors),
-                  "adapted_expert_layers": sorted(adapter.experts)}
-        record["files"] = sorted({*written_files(tmp), RECORD})
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return tensors, adapter_config(tensors, rank, base), {"max_lora_rank": rank}
+
+
+def export_vllm(source: Any, out: Path, force: bool = False) -> dict[str, Any]:
+    from dsft.export.unmerged import export
+
+    return export(source, out, "vllm", force)

@@ -30,6 +30,47 @@ class JsonlMetrics(TrainerCallback):
         return [r["loss"] for r in rows if "loss" in r]
 
 
+class EarlyStop(TrainerCallback):
+    """training.early_stopping: after each evaluation, stop when the held-out loss has not fallen below its
+    best by more than `min_delta` for `patience` evaluations in a row. Reads the history from the trainer's
+    log (restored from the checkpoint on --resume), so it keeps no state of its own."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.report: dict[str, Any] | None = None
+
+    def decide(self, history: list[tuple[int, float]]) -> dict[str, Any]:
+        """From (step, eval_loss) in order: the best, how many evaluations since, and whether to stop."""
+        best_step, best = history[0]
+        since = 0
+        for step, loss in history[1:]:
+            if loss < best - self.min_delta:
+                best_step, best, since = step, loss, 0
+            else:
+                since += 1
+        return {"best_step": best_step, "best_eval_loss": best, "evaluations_without_improvement": since,
+                "stop": since >= self.patience, "evaluations": len(history)}
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.report is not None:  # stopped already (the final evaluation after training comes here too)
+            return
+        history = [(r["step"], r["eval_loss"]) for r in state.log_history if "eval_loss" in r]
+        if not history:
+            return
+        verdict = self.decide(history)
+        if verdict["stop"] and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.report = {"stopped_at_step": state.global_step, "of_steps": state.max_steps,
+                           "patience": self.patience, "min_delta": self.min_delta,
+                           **{k: v for k, v in verdict.items() if k != "stop"}}
+            if state.is_world_process_zero:
+                from dsft.console import say
+
+                say(f"early stopping at step {state.global_step}/{state.max_steps}: held-out loss has not improved "
+                    f"by more than {self.min_delta:g} for {verdict['evaluations_without_improvement']} evaluations "
+                    f"(best {verdict['best_eval_loss']:.4f} at step {verdict['best_step']}; training.early_stopping)")
+
+
 class TrackerFiles(TrainerCallback):
     """Note what the recipe's trackers write in the run directory as they write it (when training starts,
     at every log and checkpoint), so that --force later removes exactly that (dsft.train.run_dir)."""

@@ -11,7 +11,7 @@ from dsft.train import run_dir
 
 
 # the run-dir entries the card lists (names from run_dir, the layout's owner), when the run holds them
-FILES = {f"{run_dir.ADAPTER}/": "the PEFT adapter, tokenizer and dsft_adapter.json", run_dir.RECIPE: "the resolved recipe",
+FILES = {f"{run_dir.ADAPTER}/": "the adapter in dsft's layout, tokenizer, dsft_adapter.json (`dsft export --format peft` for stock PEFT)", run_dir.RECIPE: "the resolved recipe",
          run_dir.RUN_JSON: "versions, data sha256, summary", run_dir.METRICS: "every logged step",
          run_dir.CURVES: "loss, lr (and rewards)", run_dir.LOG: "the full log", run_dir.PLAN: "the targeting plan",
          f"{run_dir.ROUTING}/": "routing profile and heatmaps", f"{run_dir.CHECKPOINTS}/": "for --resume"}
@@ -45,6 +45,12 @@ def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
         base = summary.get("base_eval_loss")
         lines.append(f"- held-out loss (data.eval): {_fmt(summary['eval_loss'])}"
                      + (f", base model {_fmt(base)}" if base is not None else ""))
+    stop = summary.get("early_stopping") or {}
+    if stop.get("stopped_at_step"):
+        lines.append(f"- early stopping at step {stop['stopped_at_step']} of {stop['of_steps']}: held-out loss best "
+                     f"{_fmt(stop['best_eval_loss'])} at step {stop['best_step']}, no improvement above "
+                     f"{stop['min_delta']:g} for {stop['evaluations_without_improvement']} evaluations (patience "
+                     f"{stop['patience']}); the adapter is the model at the stop")
     if summary.get("routing_change"):
         moved = ", ".join(f"L{layer} {share:.1%}" for layer, share in summary["routing_change"].items())
         lines.append(f"- routing change (expert load moved by the adapter, on the profiled sample of "
@@ -89,15 +95,61 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
     trainable = summary.get("trainable_params") or {}
     if trainable:
         lines += ["", "Trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n)]
-    lines += ["", "## Next", "", "```",
-              f"dsft eval  --adapter {run}                 # held-out loss, base vs adapter",
-              f"dsft chat  --adapter {run}",
-              f"dsft merge --adapter {run} --out merged/ --verify",
-              f"dsft export --adapter {run} --format vllm --out {Path(run).name}-vllm/",
-              "```", "", "Files: " + ", ".join(f"{name} ({what})" for name, what in FILES.items()
-                                               if (Path(run) / name.rstrip("/")).exists())
-              + ".", ""]
+    lines += ["", "## Next", "", "```", *next_commands(run, r, meta), "```", ""]
+    if not _peft_inexpressible(meta):
+        peft_out = _unused(Path(run).parent / f"{Path(run).name}-peft")
+        lines += ["Load the adapter in your own code with stock transformers and PEFT (after the `--format peft` "
+                  "export above; `adapter/` itself is dsft's layout, which dsft's commands read):", "", "```python",
+                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                  f"base = AutoModelForCausalLM.from_pretrained(\"{base_path(info)}\", dtype=\"auto\")",
+                  f"model = PeftModel.from_pretrained(base, \"{peft_out}\")", "```", ""]
+    lines += ["Files: " + ", ".join(f"{name} ({what})" for name, what in FILES.items()
+                                    if (Path(run) / name.rstrip("/")).exists()) + ".", ""]
     return "\n".join(lines)
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist yet (the card's commands must run)."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _peft_inexpressible(meta: dict[str, Any]) -> bool:
+    """A router trained whole or whole experts: no LoRA format holds them (dsft.export.peft / vllm refuse)."""
+    return bool(meta.get("router") == "trainable" or (meta.get("routed_experts") or {}).get("mode") == "full")
+
+
+def base_path(info: dict[str, Any]) -> str:
+    base = info.get("base_model", {})
+    return str(base.get("resolved_path") or base.get("path"))
+
+
+def next_commands(run: Path, recipe: Any, meta: dict[str, Any]) -> list[str]:
+    """The card's next commands, each runnable as written: eval with what the run's data needs, outputs
+    that do not exist yet, exports only where a LoRA format can hold the adapter."""
+    from dsft.train.evaluate import UNSCORED
+
+    d = recipe.data
+    lines = []
+    if d.format in UNSCORED:
+        lines.append(f"# dsft eval --adapter {run} --data FILE   (conversations or pairs: the run's own rows are "
+                     f"{UNSCORED[d.format]})")
+    elif d.eval:
+        lines.append(f"dsft eval   --adapter {run}   # held-out data.eval: base vs adapter")
+    else:
+        lines.append(f"dsft eval   --adapter {run} --on-train   # no data.eval: scores the training rows")
+    lines.append(f"dsft chat   --adapter {run}")
+    parent, name = Path(run).parent, Path(run).name
+    lines.append(f"dsft merge  --adapter {run} --out {_unused(parent / f'{name}-merged')} --verify")
+    if _peft_inexpressible(meta):
+        lines.append("# dsft export: the run trains a router or whole experts, which no LoRA format holds; merge it")
+    else:
+        lines.append(f"dsft export --adapter {run} --format peft --out {_unused(parent / f'{name}-peft')}")
+        lines.append(f"dsft export --adapter {run} --format vllm --out {_unused(parent / f'{name}-vllm')}")
+    return lines
 
 
 def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],

@@ -78,30 +78,31 @@ def file_kind(files: list[str]) -> tuple[str, str | None]:
 UNSCORED = {"prompt": "prompts without answers", "kto": "completions judged one by one, not conversations to score"}
 
 
-def eval_rows(recipe: Recipe, data: str | None, on_train: bool = False) -> tuple[str, str, list[str]]:
-    """(kind, the rows' format, files): preference pairs or conversations from --data, else data.eval, else
-    (with --on-train) data.train."""
+def eval_rows(recipe: Recipe, data: str | list[str] | None, on_train: bool = False) -> tuple[str, str, list[str]]:
+    """(kind, the rows' format, files): preference pairs or conversations from --data (one file, or the
+    files another run's eval read, for --against), else data.eval, else (with --on-train) data.train."""
     d = recipe.data
-    if data and not Path(data).is_file():
-        raise DsftError(f"--data {data}: file not found")
-    if data and not on_train:
-        trained = training_file(recipe, Path(data))
+    given = [data] if isinstance(data, str) else list(data or [])
+    for path in given:
+        if not Path(path).is_file():
+            raise DsftError(f"--data {path}: file not found")
+        trained = None if on_train else training_file(recipe, Path(path))
         if trained:
-            raise DsftError(f"--data {data}: the run trained on this file ({trained}, same sha256), so its loss is not a "
+            raise DsftError(f"--data {path}: the run trained on this file ({trained}, same sha256), so its loss is not a "
                             "held-out measure; pass rows it did not train on, or add --on-train to score it labelled as "
                             "training data")
-    if not data and not d.eval and not on_train:
+    if not given and not d.eval and not on_train:
         raise DsftError("--data: the run has no held-out data (its recipe sets no data.eval); pass --data FILE with "
                         "rows it did not train on, or --on-train to score its training data (not a held-out measure)")
-    if not data and d.format in UNSCORED:
+    if not given and d.format in UNSCORED:
         raise DsftError(f"--data: the run's rows ({'data.eval' if d.eval else 'data.train'}) are {UNSCORED[d.format]} "
                         f"(data.format: {d.format}), which have no loss to score; pass --data FILE with conversations or "
                         "preference pairs it did not train on")
-    files = [data] if data else (d.eval or d.train)
+    files = given or (d.train if on_train or not d.eval else d.eval)  # --on-train: the training rows, as it says
     kind, fmt = file_kind(files)
     if kind == "pairs":
         return kind, "preference", files
-    return kind, fmt if data else (d.format if d.format != "preference" else fmt), files
+    return kind, fmt if given else (d.format if d.format != "preference" else fmt), files
 
 
 def first_conversations(files: list[str], kind: str, fmt: str, system_prompt: str | None, count: int) -> list[Messages]:
@@ -170,11 +171,42 @@ def mean_of(losses: list[tuple[float, int]]) -> float:
 
 
 def pair_scores(chosen: list[tuple[float, int]], rejected: list[tuple[float, int]]) -> dict[str, Any]:
-    """Per pair, log p(chosen answer) - log p(rejected answer) (summed over each answer's tokens): the
-    accuracy (share of pairs with a positive margin) and the mean margin."""
+    """Per pair, log p(chosen answer) - log p(rejected answer), summed over each answer's tokens (`accuracy`:
+    share of pairs with a positive margin; `margin`: its mean) and per token (`normalized_accuracy`: the
+    same with each answer's log-prob divided by its token count, so the shorter answer is not favoured)."""
     margins = [rc - cc for (cc, _), (rc, _) in zip(chosen, rejected, strict=True)]
+    per_token = [rc / max(rn, 1) - cc / max(cn, 1) for (cc, cn), (rc, rn) in zip(chosen, rejected, strict=True)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "normalized_accuracy": sum(m > 0 for m in per_token) / len(per_token), "margins": margins}
+
+
+IMPLICIT_BETA = 0.1  # the implicit reward's scale where the run's objective sets no beta (TRL's DPO default)
+
+
+def implicit_rewards(policy: tuple[list, list], reference: tuple[list, list], beta: float) -> dict[str, Any]:
+    """DPO's implicit reward, r(answer) = beta * (log p_policy(answer) - log p_reference(answer)) summed over
+    the answer's tokens, per pair: `accuracy` the share with r(chosen) > r(rejected) (what DPO logs as
+    rewards/accuracies), `margin` the mean r(chosen) - r(rejected)."""
+    (pc, pr), (rc, rr) = policy, reference
+    margins = [beta * ((rc_ - pc_) - (rr_ - pr_)) for (pc_, _), (pr_, _), (rc_, _), (rr_, _) in
+               zip(pc, pr, rc, rr, strict=True)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
             "margins": margins}
+
+
+def reference_of(recipe: Recipe) -> tuple[Path | None, float, str]:
+    """(the adapter the run continued, whose frozen copy is its reference, or None for the base; beta;
+    the reference's name) for the implicit reward."""
+    from dsft.config.schema import sections
+
+    init, beta = None, IMPLICIT_BETA
+    for name, section in sections(recipe).items():
+        if getattr(section, "init_adapter", None):
+            path = Path(section.init_adapter)
+            init = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+        if name in ("dpo", "kto") and getattr(section, "beta", None):
+            beta = float(section.beta)
+    return init, beta, (f"the adapter it continued ({init})" if init else "the base")
 
 
 @torch.no_grad()
@@ -196,7 +228,7 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
     return out
 
 
-def evaluate(run: Path, data: str | None = None, samples: int = 256, generations: int = 3,
+def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256, generations: int = 3,
              max_new_tokens: int = 48, force: bool = False, on_train: bool = False) -> dict[str, Any]:
     """Score base and adapter on the same rows: loss per assistant token (pairs: on the chosen answer) and,
     for preference pairs, the log-prob margin chosen - rejected and its accuracy; routing drift; greedy
@@ -223,10 +255,20 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
     if rejected is not None:
         truncated += int((prepared.column("rejected_length")[:count] > max_length).sum())
     conversations = first_conversations(files, kind, fmt, recipe.data.system_prompt, generations)
-    model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
-    model.eval()
     batch = recipe.training.micro_batch_size
     pad = tokenizer.pad_token_id
+    init, beta, reference_name = reference_of(recipe)
+    reference = None
+    if rejected is not None and init is not None:  # the continued adapter's log-probs first, then the run's
+        if not (init / "adapter_config.json").is_file():
+            raise DsftError(f"{init}: the adapter this run continued (its reference) is gone; eval needs it for the "
+                            "implicit reward")
+        ref_model = load_lora(load_model(recipe.model, model_path), str(init))
+        ref_model.eval()
+        reference = (example_losses(ref_model, tokens, batch, pad), example_losses(ref_model, rejected, batch, pad))
+        del ref_model
+    model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
+    model.eval()
     moe = bool(routers(model))  # a dense model has no routing to drift
     scored: dict[str, dict[str, Any]] = {}
     routes = {}
@@ -237,7 +279,9 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
             scored[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
                             "example_loss": [total / max(n, 1) for total, n in losses]}
             if rejected is not None:
-                scored[name]["pairs"] = pair_scores(losses, example_losses(model, rejected, batch, pad))
+                rejected_losses = example_losses(model, rejected, batch, pad)
+                scored[name]["pairs"] = pair_scores(losses, rejected_losses)
+                scored[name]["logps"] = (losses, rejected_losses)
             if moe:
                 routes[name] = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
     drift = {}
@@ -245,14 +289,20 @@ def evaluate(run: Path, data: str | None = None, samples: int = 256, generations
         k = top_k(model)
         drift = routing_profile.load_moved(routing_profile.summarize(routes["base"], k, {}),
                                            routing_profile.summarize(routes["adapter"], k, {}))
+    implicit = None
+    if rejected is not None:
+        logps = {name: scored[name].pop("logps") for name in ("base", "adapter")}
+        implicit = {"reference": reference_name, "beta": beta,
+                    **implicit_rewards(logps["adapter"], reference or logps["base"], beta)}
     report = {
         "data": files,
-        "data_kind": ("training data" if on_train else "given") if data else "held-out" if recipe.data.eval else "training data",
+        "data_kind": ("training data" if on_train else "given") if data else "training data" if on_train or not recipe.data.eval else "held-out",
         "rows": kind,
         "examples": count,
         "max_length": max_length,
         "truncated": truncated,
         **scored,
+        "implicit_reward": implicit,
         "routing_drift": drift,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens, max_length),
     }

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dsft.config.schema import ObjectiveSection, Recipe
+from dsft.config.schema import OPTIMIZERS, ObjectiveSection, Recipe
 from dsft.console import Phase, run_log, show
 from dsft.errors import DsftError
 from dsft.train import run_dir
@@ -84,6 +84,8 @@ class Objective:
     formats: tuple[str, ...] = ()
     panels: dict[str, tuple[tuple[str, str], ...]] = LOSS_PANELS
 
+    mixes = False  # takes data.train's {path, weight | rows} entries (dsft.data.prepared.prepare_mix)
+
     def settings(self, recipe: Recipe) -> Any:
         """The recipe's section of this objective, or its defaults when the recipe leaves it out."""
         if self.section is None:
@@ -96,6 +98,9 @@ class Objective:
         if self.formats and recipe.data.format not in self.formats:
             raise DsftError(f"data.format: `dsft {self.name}` trains on {' or '.join(self.formats)} rows; set data.format "
                             f"to {self.formats[0]} (got {recipe.data.format})")
+        if recipe.data.mix and not self.mixes:
+            raise DsftError(f"data.train: `dsft {self.name}` takes its files whole; write them as plain paths (weights "
+                            "and row counts mix sft data)")
 
     def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
         """An adapter to continue rather than a fresh one (the section's init_adapter), checked against the
@@ -236,7 +241,8 @@ def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=run_dir.CHECKPOINTS_KEPT,
+        save_total_limit=t.checkpoints_kept,
+        optim=OPTIMIZERS[t.optimizer],
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         bf16=dtype == torch.bfloat16,
@@ -282,6 +288,20 @@ def tracker_env(recipe: Recipe, run: Path) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
+def check_optimizer(recipe: Recipe) -> None:
+    """bitsandbytes' 8-bit optimizers run on CUDA only: refused up front elsewhere, not at the first step."""
+    name = recipe.training.optimizer
+    if name == "adamw":
+        return
+    if not torch.cuda.is_available():
+        raise DsftError(f"training.optimizer: {name} (bitsandbytes' 8-bit optimizer states) needs a CUDA GPU and "
+                        "this machine has none; use adamw here")
+    from importlib.util import find_spec
+
+    if find_spec("bitsandbytes") is None:
+        raise DsftError(f"training.optimizer: {name} needs bitsandbytes; pip install bitsandbytes, or use adamw")
+
+
 def check_disk_for(recipe: Recipe, config: dict[str, Any], selection: dict[int, list[int] | None] | None) -> None:
     """Room for this recipe's checkpoints; a policy's selection is not known yet, so count every expert."""
     from dsft.adapters.plan import build_plan
@@ -289,7 +309,8 @@ def check_disk_for(recipe: Recipe, config: dict[str, Any], selection: dict[int, 
 
     if selection is None:
         selection = dict.fromkeys(moe_layout(config)[0])
-    run_dir.check_disk(Path(recipe.output_dir), build_plan(recipe, config, selection)["trainable_params"])
+    run_dir.check_disk(Path(recipe.output_dir), build_plan(recipe, config, selection)["trainable_params"],
+                       recipe.training.checkpoints_kept)
 
 
 def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[str, int]:
@@ -347,6 +368,7 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     if check_output:
         run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
     check_trackers(recipe)
+    check_optimizer(recipe)
     rows = goal.load_rows(recipe)
     model_path = resolve_model_path(recipe.model.path)
     check_checkpoint(model_path)
@@ -408,7 +430,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     from dsft.models.identity import model_identity
     from dsft.models.load import resolve_dtype
     from dsft.train import resume
-    from dsft.train.callbacks import ConsoleProgress, JsonlMetrics, TrackerFiles
+    from dsft.train.callbacks import ConsoleProgress, EarlyStop, JsonlMetrics, TrackerFiles
     from dsft.train.resume import trim_metrics
 
     recipe = prepared.recipe
@@ -422,8 +444,11 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own
         metrics = JsonlMetrics(run_dir.metrics(out))
         progress = ConsoleProgress(f"{goal.name} training")
+        callbacks = [metrics, progress, TrackerFiles(out, list(recipe.training.report_to))]
+        stopping = recipe.training.early_stopping
+        early = EarlyStop(stopping.patience, stopping.min_delta) if stopping else None
         with Phase("preparing the trainer (TRL prepares the datasets)", None) if is_main() else contextlib.nullcontext():
-            trainer = goal.trainer(model, args, prepared, [metrics, progress, TrackerFiles(out, list(recipe.training.report_to))])
+            trainer = goal.trainer(model, args, prepared, callbacks + ([early] if early else []))
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         if checkpoint is not None:
@@ -440,6 +465,9 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         groups = group_params(trainer.model, targets)
         result, own = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
         summary = {**spine_summary(trainer, prepared, groups, targets), **own}
+        if early is not None:  # where training stopped and why, or that it ran to the end
+            summary["early_stopping"] = early.report or {"stopped_at_step": None, "patience": stopping.patience,
+                                                         "min_delta": stopping.min_delta}
         if is_main():
             write_reports(out, goal, recipe, info, summary, plan)
         run_dir.complete(out, info, summary)
@@ -512,7 +540,8 @@ def spine_summary(trainer: Any, prepared: Prepared, groups: dict[str, int], targ
             "train_tokens": int(np.minimum(prepared.train.column("length"), max_length).sum()),
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "peak_host_gib": peak_host_gib(), "processes": world_size(),
-            "expert_codes": expert_codes_layout(trainer.model), "targets": targets}
+            "expert_codes": expert_codes_layout(trainer.model), "targets": targets,
+            **({"data_mix": prepared.train.meta["mix"]} if prepared.train.meta.get("mix") else {})}
 
 
 def peak_host_gib() -> float | None:

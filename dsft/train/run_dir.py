@@ -117,7 +117,6 @@ def check_usable(run: Path, force: bool, command: str) -> str | None:
     return status
 
 
-CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit
 
 
 
@@ -314,10 +313,10 @@ class RunDir:
         return check_usable(self.path, force, command)
 
 
-def check_disk(path: Path, trainable_params: int) -> None:
-    """Preflight: room for the kept checkpoints (fp32 weights and two Adam moments each, while a new one
-    is written next to them) and the final adapter."""
-    needed = trainable_params * (12 * (CHECKPOINTS_KEPT + 1) + 4)
+def check_disk(path: Path, trainable_params: int, kept: int = 2) -> None:
+    """Preflight: room for the `kept` checkpoints (training.checkpoints_kept: fp32 weights and two Adam
+    moments each, while a new one is written next to them) and the final adapter."""
+    needed = trainable_params * (12 * (kept + 1) + 4)
     probe = nearest_existing(Path(os.path.abspath(path)))
     free = shutil.disk_usage(probe).free
     if free < needed:
@@ -370,6 +369,9 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     if not recipe.model.path.startswith(BUILTIN_PREFIX):
         data["model"]["path"] = absolute(recipe.model.path)
     data["data"]["train"] = [absolute(p) for p in recipe.data.train]
+    if recipe.data.mix:  # a mixed file's share goes back into its entry, as the user wrote it
+        data["data"]["train"] = [{"path": p, **share} if share else p
+                                 for p, share in zip(data["data"]["train"], recipe.data.mix)]
     data["data"]["eval"] = [absolute(p) for p in recipe.data.eval]
     if recipe.data.chat_template:
         data["data"]["chat_template"] = absolute(recipe.data.chat_template)

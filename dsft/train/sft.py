@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
+from dsft.data.formats import CONVERSATION_FORMATS
 from dsft.errors import DsftError
 from dsft.train import pipeline, run_dir
 from dsft.train.dist import is_main
@@ -72,24 +73,26 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
 
 class SFT(pipeline.Objective):
     name = "sft"
-    formats = ("messages", "prompt_completion", "alpaca")
+    formats = CONVERSATION_FORMATS
+    mixes = True
 
     def load_rows(self, recipe: Recipe) -> None:
         if recipe.data.format == "preference":
             raise DsftError("data.format: preference rows are for `dsft dpo`, `dsft orpo`, `dsft simpo` or `dsft kto`; "
-                            "use messages, prompt_completion or alpaca for sft")
+                            f"use {', '.join(CONVERSATION_FORMATS)} for sft")
         super().load_rows(recipe)
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
         """Every row checked and tokenized once into the prepared-data cache (dsft.data.prepared), or taken
         from it; truncation counted at data.max_length, packed or not."""
-        from dsft.data.prepared import Spec, prepare
+        from dsft.data.prepared import Spec, prepare, prepare_mix
         from dsft.data.tokenize import check_truncation
 
         data = recipe.data
         spec = lambda files, what: Spec("sft", list(files), data.format, what, data.system_prompt,  # noqa: E731
                                         data.assistant_only_loss)
-        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        train = prepare_mix(lambda files: spec(files, "data.train"), data.train, data.mix, recipe.training.seed,
+                            tokenizer, data.num_proc)
         cut = train.stats(data.max_length)
         check_truncation(cut, data.max_length)
         return {"train": train, "eval": prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None,
