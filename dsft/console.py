@@ -105,7 +105,8 @@ class Phase:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.out)
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.out,
+                                     transient=True)  # the bar goes when the phase ends; its last line stays
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=self.total, completed=self.completed, info="")
         return self
@@ -153,7 +154,7 @@ class Phase:
         last = f"{self._status()}  ({_clock(time.monotonic() - self.started)})"
         if self.progress is not None:
             self.progress.stop()
-        elif kind is None:
+        if kind is None:  # every phase ends with what it did and its elapsed time, on a terminal too
             self.out.print(last, soft_wrap=True, highlight=False)
         LOG.info(last + ("" if kind is None else f"; stopped by {kind.__name__}"))
 

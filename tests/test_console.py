@@ -55,6 +55,8 @@ def test_the_demo_learns_and_beats_the_base_on_held_out_data(demo) -> None:
     assert summary["last_loss"] < summary["first_loss"] - 1.0
     assert summary["eval_loss"] < summary["base_eval_loss"] - 1.0  # held-out: the adapter beats the base
     assert re.search(r"held-out loss \(data\.eval\).*base [\d.]+ -> [\d.]+", printed)
+    assert printed.count("held-out loss") == 1  # once, in the final table (run.log has the evaluation's line too)
+    assert "base model's held-out loss" in (run / "run.log").read_text()
 
 
 def test_curves_png_draws_metrics_jsonl(demo) -> None:
@@ -86,7 +88,10 @@ def test_dpo_curves_have_reward_panels() -> None:
                                                                 "eval_rewards/accuracies": 0.8, "eval_rewards/margins": 1.5}]
     fig = build_figure(rows, objective("dpo").panels)
     axes = {ax.get_title(): ax for ax in fig.axes}
-    assert list(axes) == ["loss", "learning rate", "reward accuracy", "reward margin (chosen - rejected)"]
+    # a constant learning rate is said in the title, not drawn as a flat panel
+    assert list(axes) == ["loss", "reward accuracy", "reward margin (chosen - rejected)"]
+    assert "learning rate constant at 0.001" in fig._suptitle.get_text()
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss (nats per token)", "share of pairs", "beta x log-ratio (nats)"]
     acc = {line.get_label(): list(line.get_ydata()) for line in axes["reward accuracy"].get_lines()}
     assert acc == {"train": [0.1, 0.5, 1.0], "eval": [0.8]}
     margin = {line.get_label(): list(line.get_xdata()) for line in axes["reward margin (chosen - rejected)"].get_lines()}
@@ -286,3 +291,61 @@ def _rewrite_card(run: Path) -> None:
     info = _json.loads((run / "run.json").read_text())
     plan = _json.loads((run / "plan.json").read_text()) if (run / "plan.json").exists() else None
     write_card(run, "dpo", load_run_recipe(run), info, info["summary"], plan)
+
+
+def _outside(fig) -> list[str]:
+    """What is drawn outside the figure: the drawn artists' tight box (titles, labels, tick labels, the
+    colour bar's label; undrawn ticks do not count) against the figure's edges, in inches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    tight = fig.get_tightbbox(canvas.get_renderer())
+    width, height = fig.get_size_inches()
+    eps = 0.02
+    return [f"{side} {value:.2f}" for side, value, ok in (
+        ("left", tight.x0, tight.x0 >= -eps), ("bottom", tight.y0, tight.y0 >= -eps),
+        ("right", tight.x1, tight.x1 <= width + eps), ("top", tight.y1, tight.y1 <= height + eps)) if not ok]
+
+
+@pytest.mark.parametrize("experts,layers", [(8, 2), (64, 26), (256, 58)])
+def test_no_title_or_label_leaves_the_figure(tmp_path: Path, monkeypatch, experts: int, layers: int) -> None:
+    """Every figure dsft writes, at the sizes it writes them (the tiny model's 8 experts x 2 layers to
+    DeepSeek-V3's 256 x 58): heatmaps with their long titles and the diff's colour bar, curves.png, eval.png."""
+    from matplotlib.figure import Figure
+
+    from dsft.moe import profile as routing_profile
+    from dsft.train.curves import build_figure
+    from dsft.train.evaluate import eval_figure
+    from dsft.train.pipeline import objective
+
+    drawn = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), original(self, *a, **k))[1])
+
+    def profile(shift: float) -> dict:
+        share = [[(e + shift * layer) % experts / experts for e in range(experts)] for layer in range(layers)]
+        return {"top_k": 6, "tokens_counted": 12345, "layers": {str(layer + 1): {"token_share": row}
+                                                                 for layer, row in enumerate(share)}}
+
+    selected = {1: [0, 3], 2: list(range(min(experts, 20)))}
+    routing_profile.heatmap(profile(0), tmp_path / "a.png", "routing profile", selected=selected, vmax=1.0)
+    routing_profile.heatmap(profile(1), tmp_path / "b.png", "routing change after training", diff_from=profile(0),
+                            selected=selected)
+    rows = [{"step": s, "loss": 1 / s, "learning_rate": 1e-3 * s, "rewards/accuracies": 0.5, "rewards/margins": s}
+            for s in range(1, 6)]
+    drawn.append(build_figure(rows, objective("dpo").panels, "dsft dpo: a-run-with-a-rather-long-name-for-its-directory"))
+    report = {"examples": 3, "data_kind": "held-out", "base": {"example_loss": [1, 2, 3], "pairs": {"margins": [1, -1, 2]}},
+              "adapter": {"example_loss": [0.5, 1, 2], "pairs": {"margins": [2, 0, 3]}}}
+    drawn.append(eval_figure(report))
+    assert len(drawn) == 4
+    for fig in drawn:
+        assert _outside(fig) == []
+
+
+def test_before_and_after_heatmaps_share_one_scale(tmp_path: Path, monkeypatch) -> None:
+    from dsft.moe import profile as routing_profile
+
+    before = {"top_k": 2, "layers": {"1": {"token_share": [0.4, 0.1]}}}
+    after = {"top_k": 2, "layers": {"1": {"token_share": [0.3, 0.2]}}}
+    assert routing_profile.share_max(before, after) == pytest.approx(0.4)

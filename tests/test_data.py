@@ -57,7 +57,7 @@ def test_csv_rows_and_line_numbers(tmp_path: Path) -> None:
     path.write_text('prompt,completion\n"What is a deed?","A signed instrument."\n"What is a lien?",\n')
     with pytest.raises(DsftError) as err:
         load_conversations([str(path)], "prompt_completion")
-    assert err.value.lines == [f"{path}:3: missing field 'completion'"]
+    assert err.value.lines == [f"{path}:3: field 'completion' is empty"]  # an empty cell, not a missing column
 
 
 def test_bad_rows_report_every_line(tmp_path: Path) -> None:

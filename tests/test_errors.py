@@ -56,7 +56,8 @@ def csv(text: str) -> Callable[[Path], dict]:
 
 # (id, recipe changes (a dict, or a function of tmp_path returning one), command, expected text)
 CASES: list[tuple[str, Any, str, str]] = [
-    ("unknown-top-key", {"trainer": {}}, "validate", "trainer: unknown key; remove it"),
+    ("unknown-top-key", {"trainer": {}}, "validate", "trainer: unknown key; did you mean training?"),
+    ("unknown-far-key", {"zzz": {}}, "validate", "zzz: unknown key; remove it (valid keys here: model, data"),
     ("unknown-nested-key", {"model": {"colour": "blue"}}, "validate", "model.colour: unknown key"),
     ("wrong-type", {"data": {"max_length": "lots"}}, "validate", "data.max_length: must be an integer"),
     ("negative-lr", {"training": {"lr": -1}}, "validate", "training.lr: must be > 0"),
@@ -100,7 +101,7 @@ CASES: list[tuple[str, Any, str, str]] = [
      "d.jsonl:1: missing field 'completion'"),
     ("alpaca-output-type", lambda tmp: {"data": {"train": str(write_jsonl(tmp / "d.jsonl", [
         {"instruction": "Do.", "output": 3}])), "format": "alpaca"}}, "sft", "d.jsonl:1: field 'output' must be a string"),
-    ("csv-missing-column", csv("prompt\nWhat is a deed?\n"), "sft", "d.csv:2: missing field 'completion'"),
+    ("csv-missing-column", csv("prompt\nWhat is a deed?\n"), "sft", "d.csv:1: the header has columns prompt; data.format prompt_completion needs prompt, completion (missing completion)"),
     ("unsupported-file-type", lambda tmp: {"data": {"train": str(write_jsonl(tmp / "d.txt", ["x"]))}}, "sft",
      "d.txt: unsupported file type '.txt'"),
     ("preference-under-sft", lambda tmp: {"data": {"train": str(write_jsonl(tmp / "p.jsonl", [GOOD_PAIR])),

@@ -64,10 +64,13 @@ def test_moe_export_rebuilds_the_merge_by_vllms_rules(moe_run: tuple[Path, Path]
     assert not change["model.layers.1.mlp.experts.1.up_proj.weight"].any()  # expert 1 was not adapted
 
 
-def test_dense_export_rebuilds_the_merge(tmp_path: Path) -> None:
+def test_dense_export_rebuilds_the_merge(tmp_path: Path, cli) -> None:
     adapter = AdapterSection(r=4, alpha=8, attention={"r": 8, "alpha": 32})
     run, merged = _run_and_merge(tmp_path, "builtin:tiny-deepseek-llm", adapter, {})
-    export_vllm(resolve(run, None), tmp_path / "vllm")
+    result = cli("export", "--adapter", run, "--format", "vllm", "--out", tmp_path / "vllm")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # head_dim 16: no `vllm serve` line vLLM could not keep
+    assert "vllm serve" not in flat and "attention heads are 16 wide and vLLM serves heads from 32 wide" in flat
     assert check(tmp_path / "vllm", _config("builtin:tiny-deepseek-llm")) == []
     assert mismatches(tmp_path / "vllm", merged, "builtin:tiny-deepseek-llm") == []
 

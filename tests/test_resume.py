@@ -108,6 +108,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous(make_recipe, cli, tmp_pat
     assert f"warning: skipping {newest}: adapter_model.safetensors is missing or truncated" in result.output
     info = json.loads((tmp_path / "dmg/run.json").read_text())
     assert int(Path(info["resumed_from"]).name.split("-")[1]) < int(newest.name.split("-")[1])
+    # the console says where it resumed: the run, the checkpoint and its step
+    step = Path(info["resumed_from"]).name.split("-")[1]
+    assert f"resuming {tmp_path / 'dmg'} from checkpoint-{step}: step {step} of " in " ".join(result.output.split())
 
 
 def test_resume_refusals(make_recipe, cli, tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ def build_plan(recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[in
         experts = {str(layer): ids if ids is not None else list(range(num_experts)) for layer, ids in selection.items()}
         groups["routed_experts"] = {"r": r, "alpha": alpha, "mode": routed.mode,
                                     "experts": experts, "params": per_expert * sum(len(v) for v in experts.values()),
-                                    "selected": f"{sum(len(v) for v in experts.values())} of {num_experts * len(moe_layers)}"}
+                                    "selected": f"{sum(len(v) for v in experts.values())} experts (of {num_experts} per "
+                                                f"layer, {len(moe_layers)} MoE layers)"}
     if adapter.router == "trainable":
         groups["router"] = {"modules": len(moe_layers), "params": num_experts * h * len(moe_layers)}
     trainable = sum(g["params"] for g in groups.values())
@@ -130,8 +131,8 @@ def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None, cud
     for group, g in plan["groups"].items():
         if group == "routed_experts":
             kind = "full weights" if g["mode"] == "full" else f"lora r={g['r']}"
-            what = f"{kind}, {g['selected']} experts: " + "; ".join(
-                f"L{layer}: {ids}" for layer, ids in g["experts"].items())
+            what = f"{kind}, {g['selected']}: " + "; ".join(
+                f"L{layer}: {len(ids)} {ids}" for layer, ids in g["experts"].items())
         elif group == "router":
             what = f"{g['modules']} routers (full weights)"
         else:

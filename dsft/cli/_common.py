@@ -16,7 +16,19 @@ from dsft.errors import DsftError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.", show_default=False)]
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML file (or give it positionally).",
+                                                show_default=False)]
+RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML file (or --recipe).", show_default=False)]
+
+
+def one_recipe(positional: Path | None, option: Path | None) -> Path:
+    """The recipe given positionally or with --recipe, once."""
+    if positional is not None and option is not None and positional != option:
+        raise DsftError(f"--recipe: given twice ({positional} and --recipe {option}); give one recipe")
+    recipe = positional or option
+    if recipe is None:
+        raise DsftError("--recipe: give the recipe file, e.g. `dsft sft recipes/tiny-legal.yaml` or --recipe FILE")
+    return recipe
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.lr=1e-4 (repeatable).", show_default=False),
@@ -47,8 +59,11 @@ def offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # the kernels package (bitsandbytes' optional kernels) says it skips a hub trust check in offline mode
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def quiet_bars() -> None:
@@ -144,9 +159,9 @@ def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callab
     """A command training objective `kind` (`dsft sft`, `dsft dpo`, ...): the shared options, the shared
     body, and on the main rank a table of `rows(result)` under `columns`."""
 
-    def command(recipe: RecipeOpt, set_: SetOpt = None, force: ForceOpt = False, resume: ResumeOpt = False,
-                resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
-        result = run_training(kind, recipe, set_, force, resume, resume_from, num_processes)
+    def command(recipe_file: RecipeArg = None, recipe: RecipeOpt = None, set_: SetOpt = None, force: ForceOpt = False,
+                resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
+        result = run_training(kind, one_recipe(recipe_file, recipe), set_, force, resume, resume_from, num_processes)
         from dsft.train.dist import is_main
 
         if is_main():

@@ -11,53 +11,112 @@ import typer
 from dsft.cli._common import at_least, errors_exit_2
 
 
+HELP = ("/help       these commands\n"
+        "/reset      forget the conversation (the system message stays)\n"
+        "/system T   set the system message to T and start over\n"
+        "/quit       end (so do an empty line and Ctrl-D)")
+
+
 @errors_exit_2
 def chat(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory (or its adapter/).", show_default=False)],
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A question (repeatable: a conversation); "
                                                      "without it, questions are read from the terminal or a pipe.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 answers greedily (the same answer "
+                                               "every time).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set of tokens whose probability "
+                                         "reaches top-p (with --temperature above 0).")] = 1.0,
+    base: Annotated[bool, typer.Option("--base", help="Also answer with the base model (the adapter switched off), "
+                                       "beside the adapter's answer.")] = False,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Chat with a failed or interrupted run's adapter, or on a base whose weights are not the ones it was "
                                         "trained on.")] = False,
 ) -> None:
-    """Answer with the run's adapter, streaming tokens, in the run's chat template (empty line or Ctrl-D ends)."""
+    """Answer with the run's adapter, streaming tokens, in the run's chat template. Commands: /help, /reset,
+    /system TEXT, /quit (an empty line or Ctrl-D ends too)."""
+    import contextlib
+
     import torch
     from transformers import TextStreamer
 
     from dsft.adapters.lora import load_lora
+    from dsft.errors import DsftError
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe.fused import autocast_for
     from dsft.train.evaluate import open_run
+    from dsft.train.run_dir import run_of
 
     at_least("--max-new-tokens", max_new_tokens, 1)
+    if not 0 <= temperature < float("inf"):
+        raise DsftError(f"--temperature: must be >= 0 (got {temperature}); 0 answers greedily")
+    if not 0 < top_p <= 1:
+        raise DsftError(f"--top-p: must be in (0, 1] (got {top_p})")
     for option, values in (("--prompt", prompt or []), ("--system", [system] if system else [])):
         for value in values:
             _text(value, option)
-    recipe, adapter_dir, model_path = open_run(adapter, force, "chat with")
+    run = run_of(adapter)
+    recipe, adapter_dir, model_path = open_run(run, force, "chat with")
     tokenizer = load_tokenizer(adapter_dir)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
-    history = [{"role": "system", "content": system}] if system else []
     piped = not sys.stdin.isatty()
-    questions = prompt if prompt else _ask(piped)
+    interactive = not prompt and not piped
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input() (not on every platform)
+            import readline  # noqa: F401
+    if interactive:  # a transcript (a pipe, --prompt) is questions and answers only
+        typer.echo(f"dsft chat: {run} (base {recipe.model.path}; "
+                   f"{'greedy' if temperature == 0 else f'temperature {temperature:g}, top-p {top_p:g}'}, up to "
+                   f"{max_new_tokens} new tokens{'; the base answers too' if base else ''})\n"
+                   "commands: /help /reset /system TEXT /quit; an empty line or Ctrl-D ends")
+    speakers = ["adapter", "base"] if base else ["adapter"]
+    histories = {name: [] for name in speakers}
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+
+    def start(system_text: str | None) -> None:
+        for history in histories.values():
+            history[:] = [{"role": "system", "content": system_text}] if system_text else []
+
+    start(system)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    for question in questions:
+    for question in (prompt if prompt else _ask(piped)):
         if prompt or piped:  # a transcript: the question, then its answer
             typer.echo(f"you> {question}")
-        history.append({"role": "user", "content": question})
-        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(tokens) > recipe.data.max_length:  # the context the run trained on; older turns go first
-            typer.echo(f"(the conversation is {len(tokens)} tokens; the model sees its last {recipe.data.max_length}, "
-                       "the run's data.max_length)", err=True)
-            tokens = tokens[-recipe.data.max_length:]
-        ids = torch.tensor([tokens], device=next(model.parameters()).device)
-        with torch.no_grad(), autocast_for(model):
-            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        # the streamer ends each answer with a newline
-        history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+        if question.startswith("/"):
+            command, _, rest = question.partition(" ")
+            if command == "/quit":
+                return
+            if command == "/help":
+                typer.echo(HELP)
+            elif command == "/reset":
+                start(system)
+                typer.echo("(conversation reset)")
+            elif command == "/system" and rest.strip():
+                system = rest.strip()
+                start(system)
+                typer.echo("(system message set; conversation reset)")
+            else:
+                typer.echo(f"({command}: not a command; /help lists them)")
+            continue
+        for name in speakers:
+            history = histories[name]
+            history.append({"role": "user", "content": question})
+            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(tokens) > recipe.data.max_length:  # the context the run trained on; older turns go first
+                typer.echo(f"(the conversation is {len(tokens)} tokens; the model sees its last {recipe.data.max_length}, "
+                           "the run's data.max_length)", err=True)
+                tokens = tokens[-recipe.data.max_length:]
+            ids = torch.tensor([tokens], device=next(model.parameters()).device)
+            if base:
+                typer.echo(f"{name}> ", nl=False)
+            off = model.disable_adapter() if name == "base" else contextlib.nullcontext()
+            with torch.no_grad(), autocast_for(model), off:
+                out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, streamer=streamer,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+            # the streamer ends each answer with a newline
+            history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
 
 
 def _text(value: str, where: str) -> str:

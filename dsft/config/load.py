@@ -144,7 +144,7 @@ def _source(err: dict[str, Any], source: str, overrides: dict[str, str]) -> str:
     """The recipe file, or `--set KEY=VALUE` when the value at fault came from it."""
     path = ".".join(str(p) for p in err["loc"])
     for key, item in overrides.items():
-        if path == key or path.startswith(key + "."):
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):  # `--set traning.lr`: traning
             return f"--set {item}"
     return source
 
@@ -183,7 +183,13 @@ def describe(err: dict[str, Any]) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
         keys = _section_keys(loc)
-        what = "unknown key; remove it" + (f" (valid keys here: {', '.join(keys)})" if keys else "")
+        import difflib
+
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6) if loc else []
+        if close:
+            what = f"unknown key; did you mean {close[0]}?"
+        else:
+            what = "unknown key; remove it" + (f" (valid keys here: {', '.join(keys)})" if keys else "")
     elif kind == "missing":
         what = "required; add it"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

@@ -123,7 +123,7 @@ def _text(row: dict, key: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None or value == "":
         if required:
-            raise RowError(f"missing field {key!r}")
+            raise RowError(f"missing field {key!r}" if key not in row else f"field {key!r} is empty")
         return ""
     if not isinstance(value, str):
         raise RowError(f"field {key!r} must be a string, got {type(value).__name__}")
@@ -153,11 +153,55 @@ def register_converter(fmt: str, convert: Callable[[dict], Messages]) -> None:
 
 
 def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Messages:
-    """One row of `fmt` as chat messages; raises RowError if the row does not fit the format."""
+    """One row of `fmt` as chat messages; raises RowError if the row does not fit the format (naming the
+    format its fields fit, when that is another)."""
     if isinstance(row, RowError):
         raise row
     if not isinstance(row, dict):
         raise RowError(f"a row must be an object, got {type(row).__name__}")
+    try:
+        return _to_messages(row, fmt, system_prompt)
+    except RowError as e:
+        other = row_format(row)
+        if str(e).startswith("missing field") and other != fmt and fits(row, other):
+            raise RowError(f"{e}; the row has the fields of {other}: set data.format: {other}") from None
+        raise
+
+
+def fits(row: dict, fmt: str) -> bool:
+    """Whether a row has every field `fmt` requires."""
+    return all(row.get(k) not in (None, "") for k in COLUMNS.get(fmt, (fmt,)))
+
+
+# the fields (a CSV's columns) each row format needs; messages and sharegpt hold lists, which CSV cannot
+COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion"),
+           "alpaca": ("instruction", "output"), "preference": ("prompt", "chosen", "rejected"),
+           "kto": ("prompt", "completion", "label"), "prompt": ("prompt",)}
+LISTS = ("messages", "sharegpt")
+
+
+def header_problem(path: Path, fmt: str | None) -> str | None:
+    """A CSV file that cannot hold `fmt` rows, or whose header lacks the format's columns: one line naming
+    the columns found, the ones needed and the format they fit. None for other files and good headers."""
+    if fmt is None or path.suffix.lower() != ".csv" or fmt not in COLUMNS:
+        return None
+    if fmt in LISTS:
+        return (f"{path}: CSV cannot hold {fmt} rows (a list of turns per row); use JSONL or Parquet, or CSV columns "
+                "of prompt_completion (prompt, completion) or alpaca (instruction, input, output)")
+    header = next(csv.reader(_text_lines(path)), None)
+    if not header:
+        return None
+    found = [h.strip() for h in header]
+    needed = [c for c in COLUMNS[fmt] if c not in found]
+    if not needed:
+        return None
+    fit = next((f for f, cols in COLUMNS.items() if f not in LISTS and all(c in found for c in cols)), None)
+    return (f"{path}:1: the header has columns {', '.join(found)}; data.format {fmt} needs "
+            f"{', '.join(COLUMNS[fmt])} (missing {', '.join(needed)})"
+            + (f"; these columns fit data.format {fit}" if fit else "; rename the columns or set data.format"))
+
+
+def _to_messages(row: dict, fmt: str, system_prompt: str | None) -> Messages:
     if fmt == "messages":
         if "messages" not in row:
             raise RowError("missing field 'messages' (data.format is messages)")
@@ -219,12 +263,17 @@ def row_format(row: Any) -> str:
 
 
 def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[str], what: str = "examples",
-                 locate: bool = False) -> Iterator[Any]:
+                 locate: bool = False, fmt: str | None = None) -> Iterator[Any]:
     """Every row of every file converted by `convert` (to_messages, to_pair), read streaming; a row it
-    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows. `locate`: each converted
-    row (a dict) gets its `FILE:LINE` as `where`."""
+    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows. A CSV file whose header
+    cannot hold `fmt` rows is one error for the file (header_problem). `locate`: each converted row (a
+    dict) gets its `FILE:LINE` as `where`."""
     for name in paths:
         path, count, good = Path(name), len(errors), 0
+        problem = header_problem(path, fmt)
+        if problem:
+            errors.append(problem)
+            continue
         for where, row in iter_rows(path):
             try:
                 converted = convert(row)
@@ -249,6 +298,6 @@ def load_conversations(paths: list[str], fmt: str, system_prompt: str | None = N
     """All rows of all files as messages (small files: training data goes through dsft.data.prepared), or a
     DsftError listing every bad row."""
     errors: list[str] = []
-    conversations = list(checked_rows(paths, lambda row: to_messages(row, fmt, system_prompt), errors))
+    conversations = list(checked_rows(paths, lambda row: to_messages(row, fmt, system_prompt), errors, fmt=fmt))
     raise_row_errors(errors)
     return conversations

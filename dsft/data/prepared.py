@@ -481,15 +481,15 @@ def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
     from dsft.data.preference import to_pair, to_unpaired
 
     if spec.kind == "sft":
-        return checked_rows(spec.files, lambda row: to_messages(row, spec.fmt, spec.system_prompt), errors)
+        return checked_rows(spec.files, lambda row: to_messages(row, spec.fmt, spec.system_prompt), errors, fmt=spec.fmt)
     if spec.kind == "kto":
-        rows = checked_rows(spec.files, lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions")
+        rows = checked_rows(spec.files, lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions", fmt=spec.fmt)
         return (unpaired for pair in rows for unpaired in pair)
     if spec.kind == PROMPTS:
         from dsft.data.prompts import to_prompt
 
-        return checked_rows(spec.files, lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True)
-    return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs")
+        return checked_rows(spec.files, lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True, fmt=spec.fmt)
+    return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs", fmt=spec.fmt)
 
 
 def _chunks(rows: Iterator[Any], errors: list[str]) -> Iterator[list[Any]]:

@@ -126,23 +126,25 @@ def share_matrix(profile: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
 
 
 def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str, Any] | None = None,
-            selected: dict[Any, list[int] | None] | None = None) -> Any:
-    """Layers x experts image of token share (or of its change against `diff_from`); the experts in
-    `selected` ({layer: expert ids}, those that carry the adapter) are boxed. Returns the boxes drawn
-    as (layer, expert) pairs."""
-    import matplotlib
+            selected: dict[Any, list[int] | None] | None = None, vmax: float | None = None) -> Any:
+    """Layers x experts image of token share (or of its change against `diff_from`, on a scale centred on
+    zero); the experts in `selected` ({layer: expert ids}, those that carry the adapter) are boxed. `vmax`:
+    the top of the share scale, so that maps meant to be compared (before / after training) share one.
+    Title and labels are laid out to fit the figure (constrained layout, the title wrapped to its width).
+    Returns the boxes drawn as (layer, expert) pairs."""
+    import textwrap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     layers, share = share_matrix(profile)
-    cmap, label, vmin, vmax = "viridis", "token share", 0.0, None
+    cmap, label, vmin = "viridis", "token share (0-1)", 0.0
     if diff_from is not None:
         share = share - share_matrix(diff_from)[1]
         bound = float(share.abs().max()) or 1.0
-        cmap, label, vmin, vmax = "coolwarm", "change in token share", -bound, bound
+        cmap, label, vmin, vmax = "coolwarm", "share change", -bound, bound
     width = max(6.0, min(4 + 0.12 * share.shape[1], 24))
-    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.3 * len(layers)))
+    fig = Figure(figsize=(width, max(3.0, 1.8 + 0.3 * len(layers))), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(share.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -160,12 +162,16 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
                 ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
                 boxed.append((layer, expert))
         title += " - boxed: experts with the adapter"
-    ax.set_title(f"{title} ({profile.get('tokens_counted', '?')} tokens, top-{profile['top_k']})")
+    full = f"{title} ({profile.get('tokens_counted', '?')} tokens, top-{profile['top_k']})"
+    ax.set_title("\n".join(textwrap.wrap(full, width=int(width * 9))), fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return boxed
+
+
+def share_max(*profiles: dict[str, Any]) -> float:
+    """The largest token share in any of `profiles`: one colour scale for maps compared side by side."""
+    return max(float(share_matrix(p)[1].max()) for p in profiles) or 1.0
 
 
 def load_moved(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:

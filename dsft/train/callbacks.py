@@ -164,9 +164,11 @@ class ConsoleProgress(TrainerCallback):
         shown[1:1] = reward_parts(logs)
         if self.phase is None:  # after training: the final held-out evaluation
             if shown:
-                from dsft.console import say
+                from dsft.console import LOG, say
 
-                say(f"step {state.global_step}: " + "  ".join(shown), highlight=False)
+                line = f"step {state.global_step}: " + "  ".join(shown)
+                # the held-out losses are in the command's final table: logged here, printed once there
+                LOG.info(line) if set(logs) & set(SHOWN) <= {"eval_loss", "base_eval_loss"} else say(line, highlight=False)
             return
         if "num_tokens" in logs:
             now, tokens = time.monotonic(), float(logs["num_tokens"])

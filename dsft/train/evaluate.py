@@ -32,9 +32,10 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     from dsft.models.files import model_dir_error, read_model_config
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import RunDir, refuse_checkpoint
+    from dsft.train.run_dir import RunDir, refuse_checkpoint, run_of
 
     refuse_checkpoint(run)
+    run = run_of(run)
     if not run.is_dir():
         raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft sft or dpo run")
     rundir = RunDir(run)
@@ -241,6 +242,9 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
     from dsft.train.curves import save_figure
     from dsft.train import run_dir
 
+    from dsft.train.run_dir import run_of
+
+    run = run_of(run)
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)

@@ -324,6 +324,13 @@ def check_disk(path: Path, trainable_params: int, kept: int = 2) -> None:
                         f"{probe} has {human_size(free)}; free space or choose another output_dir")
 
 
+def run_of(path: Path) -> Path:
+    """A run directory given as itself or as its adapter/ (what `merge` and `export` accept too)."""
+    if path.name == ADAPTER and (path / "adapter_config.json").is_file() and (path.parent / RECIPE).is_file():
+        return path.parent
+    return path
+
+
 def read_run_json(run: Path) -> dict[str, Any]:
     return read_json(run / RUN_JSON, "the run directory is damaged: train it again with --force or restore run.json")
 

@@ -65,6 +65,10 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
         routing_profile.write_profile(directory / "after", after, "routing with the adapter")
         plan = run / run_dir.PLAN
         selected = json.loads(plan.read_text())["groups"].get("routed_experts", {}).get("experts") if plan.is_file() else None
+        top = routing_profile.share_max(before, after)  # before and after on one colour scale
+        routing_profile.heatmap(before, directory / "heatmap.png", "routing profile", selected=selected, vmax=top)
+        routing_profile.heatmap(after, directory / "after" / "heatmap.png", "routing with the adapter",
+                                selected=selected, vmax=top)
         routing_profile.heatmap(after, directory / "heatmap_diff.png", "routing change after training", diff_from=before,
                                 selected=selected)
         show(routing_profile.diff_table(before, after, f"the profiled sample of {len(sample['input_ids']):,} training rows"))

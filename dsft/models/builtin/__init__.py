@@ -50,7 +50,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-deepseek-v3": {
         **_COMMON,
         "model_type": "deepseek_v3",
-        # routing keys as DeepSeek-V3 releases them: transformers ignores them, vLLM and llama.cpp read them
+        # routing keys as DeepSeek-V3 releases them: transformers ignores scoring_func and topk_method (it
+        # always scores with a sigmoid and groups with noaux_tc), vLLM and llama.cpp read them
         "topk_method": "noaux_tc",
         "scoring_func": "sigmoid",
         "q_lora_rank": 48,
