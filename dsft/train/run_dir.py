@@ -331,6 +331,11 @@ def run_of(path: Path) -> Path:
     return path
 
 
+def adapter_of(path: Path) -> Path:
+    """The adapter directory of a run directory (its adapter/), or `path` itself (an adapter directory)."""
+    return path / ADAPTER if (path / ADAPTER / "adapter_config.json").is_file() else path
+
+
 def read_run_json(run: Path) -> dict[str, Any]:
     return read_json(run / RUN_JSON, "the run directory is damaged: train it again with --force or restore run.json")
 
