@@ -13,17 +13,14 @@ from safetensors.torch import load_file
 
 from dsft.config.schema import AdapterSection
 from dsft.export.merge import merge, resolve
-from dsft.export.vllm import check, deltas, export_vllm
+from dsft.export.unmerged import export
+from dsft.export.vllm import check, deltas
 from dsft.models.load import resolve_model_path
 from test_merge import make_run
 
 # per-group ranks and alphas: the scales differ by group, which vLLM's single r / lora_alpha cannot express
 MOE_ADAPTER = AdapterSection(r=4, alpha=8, attention={"r": 8, "alpha": 4}, dense_mlp={"r": 2, "alpha": 16},
                              routed_experts={"experts": {1: [0, 3], 2: [5]}, "r": 6, "alpha": 3})
-
-
-def _config(base: Path | str) -> dict:
-    return json.loads((resolve_model_path(str(base)) / "config.json").read_text())
 
 
 def mismatches(export: Path, merged: Path, base: Path | str) -> list[str]:
@@ -54,7 +51,7 @@ def test_moe_export_rebuilds_the_merge_by_vllms_rules(moe_run: tuple[Path, Path]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 8 and "rank_pattern" not in config and not config["modules_to_save"]
     assert "--max-lora-rank 8" in result.output
-    assert check(out, _config("builtin:tiny-deepseek-v3")) == []
+    assert check(out, resolve_model_path("builtin:tiny-deepseek-v3")) == []
     keys = load_file(out / "adapter_model.safetensors").keys()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     experts = {k.split(".mlp.experts.")[1].split(".")[0] for k in keys if ".layers.1.mlp.experts." in k}
@@ -71,7 +68,7 @@ def test_dense_export_rebuilds_the_merge(tmp_path: Path, cli) -> None:
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())  # head_dim 16: no `vllm serve` line vLLM could not keep
     assert "vllm serve" not in flat and "attention heads are 16 wide and vLLM serves heads from 32 wide" in flat
-    assert check(tmp_path / "vllm", _config("builtin:tiny-deepseek-llm")) == []
+    assert check(tmp_path / "vllm", resolve_model_path("builtin:tiny-deepseek-llm")) == []
     assert mismatches(tmp_path / "vllm", merged, "builtin:tiny-deepseek-llm") == []
 
 
@@ -108,7 +105,7 @@ def _broken_export(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
 
     monkeypatch.setattr(vllm, "vllm_tensors", tensors)
     monkeypatch.setattr(vllm, "adapter_config", config)
-    monkeypatch.setattr(vllm, "check", lambda directory, config: [])  # let the broken export be written
+    monkeypatch.setattr(vllm, "check", lambda directory, base: [])  # let the broken export be written
 
 
 @pytest.mark.parametrize("how", ["rank-pattern", "missing-expert", "swapped-gate-up", "wrong-index"])
@@ -117,8 +114,8 @@ def test_a_broken_export_is_caught(how: str, moe_run: tuple[Path, Path], tmp_pat
     run, merged = moe_run
     with monkeypatch.context() as patch:
         _broken_export(patch, how)
-        export_vllm(resolve(run, None), tmp_path / "vllm")
-    problems = check(tmp_path / "vllm", _config("builtin:tiny-deepseek-v3"))
+        export(resolve(run, None), tmp_path / "vllm", "vllm")
+    problems = check(tmp_path / "vllm", resolve_model_path("builtin:tiny-deepseek-v3"))
     wrong = mismatches(tmp_path / "vllm", merged, "builtin:tiny-deepseek-v3")
     assert problems or wrong, how
     if how == "rank-pattern":
@@ -150,6 +147,6 @@ def test_vllms_own_loader_accepts_the_export(moe_run: tuple[Path, Path], tmp_pat
     """Only where vLLM is installed (not in CI): its PEFT helper reads the export's config and weights."""
     peft_helper = pytest.importorskip("vllm.lora.peft_helper")
     run, _ = moe_run
-    export_vllm(resolve(run, None), tmp_path / "vllm")
+    export(resolve(run, None), tmp_path / "vllm", "vllm")
     helper = peft_helper.PEFTHelper.from_local_dir(str(tmp_path / "vllm"), max_position_embeddings=1024)
     helper.validate_legal(type("LoRAConfig", (), {"max_lora_rank": 8, "bias_enabled": False})())

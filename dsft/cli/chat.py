@@ -62,10 +62,9 @@ def chat(
     model.eval()
     piped = not sys.stdin.isatty()
     interactive = not prompt and not piped
-    if interactive:
+    if interactive:  # a transcript (a pipe, --prompt) is questions and answers only: no banner
         with contextlib.suppress(ImportError):  # line editing and history for input() (not on every platform)
             import readline  # noqa: F401
-    if interactive:  # a transcript (a pipe, --prompt) is questions and answers only
         typer.echo(f"dsft chat: {run} (base {recipe.model.path}; "
                    f"{'greedy' if temperature == 0 else f'temperature {temperature:g}, top-p {top_p:g}'}, up to "
                    f"{max_new_tokens} new tokens{'; the base answers too' if base else ''})\n"

@@ -104,12 +104,13 @@ def _same_base(run: Path, other: Path) -> None:
     """--against: both runs' adapters were trained on the same base weights (read from their metadata)."""
     from dsft.adapters.metadata import read_metadata
     from dsft.errors import DsftError
+    from dsft.train.run_dir import adapter_dir
 
     ids = []
     for path in (run, other):
-        if not (path / "adapter" / "adapter_config.json").is_file():
+        if not (adapter_dir(path) / "adapter_config.json").is_file():
             raise DsftError(f"--against {other}: {path} is not a finished dsft run directory (no adapter/)")
-        base = read_metadata(path / "adapter").get("base_model") or {}
+        base = read_metadata(adapter_dir(path)).get("base_model") or {}
         ids.append((base.get("config_sha256"), base.get("weights_fingerprint")))
     if ids[0] != ids[1]:
         raise DsftError(f"--against {other}: trained on another base than {run} (config or weights differ); "

@@ -57,6 +57,7 @@ PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: star
 KINDS = ("sft", "pairs", "dpo", "kto", "prompt")
 ANSWERS = {"dpo": "chosen_ids", "kto": "completion_ids"}  # kinds stored as prompt + answers: the answer profiled
 PROMPTS = "prompt"  # the kind stored as prompts alone: every prompt token profiled
+PROMPT_FIRST = (*ANSWERS, PROMPTS)  # kinds with a `prompt_length`, kept while the prompt fits max_length
 IGNORE = -100
 
 
@@ -183,7 +184,7 @@ class Tokens:
         return dict(known)
 
     def _stats(self, max_length: int) -> dict[str, int]:
-        if self.kind in ANSWERS or self.kind == PROMPTS:
+        if self.kind in PROMPT_FIRST:
             lengths = self.column("length")
             return {"rows": len(self), "truncated": int((lengths > max_length).sum())}
         length, first_loss, loss_count = self.column("length"), self.column("first_loss"), self.column("loss_count")
@@ -219,7 +220,7 @@ class Tokens:
     def trainable(self, max_length: int) -> Any:
         """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
         (TRL's rule: a row left with none teaches nothing), or, for DPO, a prompt shorter than max_length."""
-        if self.kind in ANSWERS or self.kind == PROMPTS:
+        if self.kind in PROMPT_FIRST:
             keep = self.column("prompt_length") < max_length
         else:
             first = self.column("first_mask")
@@ -635,7 +636,7 @@ def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_
 
             raise_row_errors(errors)
             if writer is None:
-                if (spec.kind in ANSWERS or spec.kind == PROMPTS) and counts.get("dropped"):
+                if spec.kind in PROMPT_FIRST and counts.get("dropped"):
                     raise DsftError(f"max_prompt_length {spec.dpo['max_prompt_length']}: every row's prompt is longer; "
                                     "raise it, or set prompt_overflow: truncate")
                 raise DsftError(f"{spec.what}: no rows to train on")

@@ -80,12 +80,11 @@ def adapter_config(tensors: dict[str, torch.Tensor], rank: int, base: str) -> di
             "task_type": "CAUSAL_LM"}
 
 
-def check(directory: Path, base: Path | dict[str, Any]) -> list[str]:
-    """What vLLM's loader would reject or mis-scale in an export: problems, one line each."""
+def check(directory: Path, base: Path) -> list[str]:
+    """What vLLM's loader would reject or mis-scale in an export for the checkpoint `base`: problems, one line each."""
     from safetensors import safe_open
 
-    config = base if isinstance(base, dict) else json.loads((base / "config.json").read_text())
-
+    config = json.loads((base / "config.json").read_text())
     problems = []
     cfg = json.loads((directory / "adapter_config.json").read_text())
     for key in ("rank_pattern", "alpha_pattern"):
@@ -139,9 +138,3 @@ def build(adapter: Adapter, config: dict[str, Any], base: str) -> tuple[dict[str
     """(tensors, adapter_config.json, facts for the export's record) for dsft.export.unmerged."""
     tensors, rank = vllm_tensors(adapter, config)
     return tensors, adapter_config(tensors, rank, base), {"max_lora_rank": rank}
-
-
-def export_vllm(source: Any, out: Path, force: bool = False) -> dict[str, Any]:
-    from dsft.export.unmerged import export
-
-    return export(source, out, "vllm", force)

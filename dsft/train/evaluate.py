@@ -242,9 +242,7 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
     from dsft.train.curves import save_figure
     from dsft.train import run_dir
 
-    from dsft.train.run_dir import run_of
-
-    run = run_of(run)
+    run = run_dir.run_of(run)
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
     check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)

@@ -117,9 +117,6 @@ def check_usable(run: Path, force: bool, command: str) -> str | None:
     return status
 
 
-
-
-
 def adapter_dir(run: Path) -> Path:
     return Path(run) / ADAPTER
 
