@@ -11,7 +11,10 @@ time and peak RSS (the largest of the process and its workers):
   dsft-cold    dsft.data.prepared.prepare on an empty cache: rows read and checked streaming from the
                JSONL file, assistant-only labels, Arrow written (data.num_proc = the cores).
   dsft-cold-1  the same with one process.
-  dsft-warm    prepare again in a new process (a second run, a second rank): the cache is hit.
+  dsft-warm    prepare again in a new process (a second run, a second rank): the cache is hit (its checksum
+               and seal checked: every byte of the tokens read once).
+  dsft-check   that check alone (dsft.data.store.problem on the entry, full): what a hit pays for trusting no
+               byte it did not check; its note gives the rate in GiB/s.
   dsft-resume  what `--resume` adds: the data file's sha256 re-checked, then the hit.
   dsft-before  (with --before N) the per-row tokenization dsft used before the cache (tests/reference_tokenize.py)
                on the first N rows, for the record.
@@ -39,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ("baseline", "dsft-cold", "dsft-cold-1", "dsft-warm", "dsft-resume", "dsft-before")
+CASES = ("baseline", "dsft-cold", "dsft-cold-1", "dsft-warm", "dsft-check", "dsft-resume", "dsft-before")
 WORDS = ("the court held that the contract was void because the statute requires a written instrument signed by the "
          "party to be charged and the plaintiff failed to show any exception under section twelve of the act so the "
          "appeal is dismissed with costs liability negligence damages evidence ruling clause tenant landlord lease "
@@ -110,6 +113,17 @@ def child(case: str, data: Path, cache: Path, before_rows: int) -> dict:
         started = time.perf_counter()
         out = reference_tokenize.tokenize_all(tokenizer, conversations, None, True)
         row.update(rows=before_rows, tokens=sum(map(len, out["input_ids"])), note=f"first {before_rows:,} rows, in memory")
+    elif case == "dsft-check":
+        from dsft.data.store import entries, problem
+
+        entry = entries()[0]
+        size = (entry / "data.arrow").stat().st_size
+        started = time.perf_counter()
+        assert problem(entry, full=True) is None
+        seconds = time.perf_counter() - started
+        meta = json.loads((entry / "meta.json").read_text())
+        row.update(rows=meta["rows"], tokens=meta["tokens"], seconds=seconds,
+                   note=f"{size / 2**20:.0f} MiB checked at {size / 2**30 / seconds:.2f} GiB/s (page cache warm)")
     else:
         spec = Spec("sft", [str(data)], "messages")
         if case == "dsft-resume":

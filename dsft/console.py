@@ -19,7 +19,7 @@ LOG.propagate = False
 LOG.setLevel(logging.INFO)
 # Whose log records a run's run.log takes (and keeps off the console while the run lasts).
 LIBRARIES = ("transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "bitsandbytes", "torch",
-             "py.warnings")
+             "math_verify", "latex2sympy2_extended", "py.warnings")
 PLAIN_EVERY_S = 30.0  # without a terminal: a progress line at most this often (and one at the end)
 
 

@@ -2,7 +2,8 @@
 file-system errors reported as one line.
 
 - `check_location`: before anything is created, an output path may not be a file, sit under a file,
-  equal or contain any input of the command, or lie inside a model checkpoint; its nearest existing
+  equal or contain any input of the command, or lie inside a model checkpoint, an adapter directory or a
+  run's checkpoints (`protected`: one rule for every writer); its nearest existing
   parent must take a new entry (probed by making and removing one, since CI runs as root and
   permission bits say nothing there).
 - `OutputLock`: a POSIX advisory lock on a file inside the output, holding the owner's pid. The kernel
@@ -59,9 +60,36 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def is_checkpoint(path: Path) -> bool:
-    """A model checkpoint directory: config.json beside weights."""
-    return (path / "config.json").is_file() and any((path / m).is_file() for m in WEIGHT_MARKERS)
+    """A model checkpoint directory: config.json beside weights (any safetensors, .bin, .pt/.pth or GGUF file,
+    an index or none: `.bin` releases often ship without one)."""
+    if not (path / "config.json").is_file():
+        return False
+    if any((path / m).is_file() for m in WEIGHT_MARKERS):
+        return True
+    try:
+        return any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def protected(path: Path) -> str | None:
+    """What `path` is, when it is a directory no output may be written inside: a model checkpoint, an adapter
+    (adapter_config.json: a run's adapter/ or any PEFT adapter), a run's checkpoints/ or one checkpoint in it."""
+    if not path.is_dir():
+        return None
+    if is_checkpoint(path):
+        return "model checkpoint"
+    if (path / "adapter_config.json").is_file():
+        return "adapter directory"
+    if path.name == "checkpoints" and (path.parent / "run.json").is_file():
+        return "run's checkpoints directory"
+    if path.name.startswith("checkpoint-") and (path / "trainer_state.json").is_file():
+        return "training checkpoint"
+    return None
 
 
 def read_json(path: Path, what: str = "", mapping: bool = True) -> Any:
@@ -120,11 +148,12 @@ def check_location(out: Path, key: str, inputs: dict[str, list[Path]] | None = N
             if _within(target, resolved):
                 raise DsftError(f"{key}: {out} contains the {label} {p}; dsft never writes over its inputs: "
                                 "choose another directory")
-    parents = resolved.parents if replaceable else (resolved, *resolved.parents)
-    for parent in parents:
-        if parent.is_dir() and is_checkpoint(parent):
-            raise DsftError(f"{key}: {out} is inside the model checkpoint {parent}; write outside checkpoint "
-                            "directories")
+    itself = [resolved] if not replaceable and resolved.is_dir() and is_checkpoint(resolved) else []
+    for parent in (*itself, *resolved.parents):  # an output itself may be an adapter: an export dsft replaces
+        what = protected(parent)
+        if what:
+            raise DsftError(f"{key}: {out} is inside the {what} {parent}; dsft writes nothing inside a model checkpoint, "
+                            "an adapter or a run's checkpoints: choose a directory outside it")
     check_writable(out_abs, key)
 
 

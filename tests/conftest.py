@@ -111,3 +111,49 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = CliRunner().invoke(app, ["sft", "--recipe", str(root / "recipe.yaml")])
     assert result.exit_code == 0, result.output
     return root / "run"
+
+
+def released_v3(tmp_path: Path) -> Path:
+    """The tiny V3 laid out as DeepSeek-V3 ships: bf16 storage, FP8 e4m3 projections with block scales
+    and partial edge blocks, an MTP layer at index num_hidden_layers, vocab padded past the tokenizer,
+    sharded with an index."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dsft.models.fp8 import quantize
+    from dsft.models.load import resolve_model_path
+
+    src = resolve_model_path("builtin:tiny-deepseek-v3")
+    dst = tmp_path / "v3"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    layers, block = config["num_hidden_layers"], 32
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = torch.cat([t, torch.zeros(64, t.shape[1])])  # vocab padded past the tokenizer's 1024
+        if t.dim() == 2 and key.endswith(("proj.weight", "proj_with_mqa.weight")):
+            out[key], out[key + "_scale_inv"] = quantize(t, (block, block))  # kv_a_proj_with_mqa: 40 rows, a partial tile
+        else:
+            out[key] = t.to(torch.bfloat16)
+        if key.startswith(f"model.layers.{layers - 1}."):  # DeepSeek-V3's MTP layer, after the last
+            for k in (key, key + "_scale_inv"):
+                if k in out:
+                    out[k.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = out[k].clone()
+    out[f"model.layers.{layers}.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    weights = sorted(k for k in out if not k.endswith("_scale_inv"))  # a scale in its weight's shard, as released
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": [k for w in weights[i::2] for k in (w, w + "_scale_inv") if k in out]
+              for i in range(2)}
+    for shard, keys in shards.items():
+        save_file({k: out[k] for k in keys}, dst / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.update(vocab_size=1088, torch_dtype="bfloat16", num_nextn_predict_layers=1,
+                  quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block],
+                                       "activation_scheme": "dynamic"})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, legal_rows, write_jsonl
-from dsft.data.prepared import data_root
+from conftest import REPO, legal_rows, released_v3, write_jsonl
+from dsft.data.store import data_root
 
 PAIR = {"prompt": "Q?", "chosen": "A.", "rejected": "B."}
 
@@ -816,7 +816,8 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("grpo-reward-file-does-not-import", grpo_reward("import not_a_module\n"),
      "grpo.rewards[0].function: {root}/rewards.py does not import (ModuleNotFoundError", None),
     ("grpo-reward-raises", grpo_reward("def f(prompts, completions, **k):\n    return [1 / len(c[0]['content']) for c in completions]\n"),
-     "grpo.rewards[0] (f): raised ZeroDivisionError: division by zero on the row at {root}/prompts.jsonl:1", None),
+     "grpo.rewards[0] (f): raised ZeroDivisionError: division by zero (line 2 of rewards.py) on the row at "
+     "{root}/prompts.jsonl:1", None),
     ("grpo-reward-wrong-count", grpo_reward("def f(prompts, completions, **k):\n    return [1.0]\n"),
      "grpo.rewards[0] (f): returned 1 rewards for 2 completions", None),
     ("grpo-reward-nan", grpo_reward("def f(prompts, completions, **k):\n    return [float('nan')] * len(completions)\n"),
@@ -843,6 +844,59 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "training.save_steps 3: one generation spans 2 optimizer steps", None),
     ("grpo-sequence-too-long", lambda r: ["validate", recipe(r, prompts(r, max_prompt_length=100, max_completion_length=64))],
      "data.max_length 128: a sequence is grpo.max_prompt_length 100 + grpo.max_completion_length 64 tokens", None),
+    # a reward function is user code: every way out of it is its named failure, before anything is created
+    ("grpo-reward-sys-exit", grpo_reward("import sys\ndef f(prompts, completions, **k):\n    sys.exit(0)\n"),
+     "grpo.rewards[0] (f): raised SystemExit: sys.exit(0) inside the function (line 3 of rewards.py) on the row at", None),
+    ("grpo-reward-os-exit", grpo_reward("import os\ndef f(prompts, completions, **k):\n    os._exit(0)\n"),
+     "grpo.rewards[0] (f): exited (code 0: sys.exit or os._exit inside the function or its imports) on the row at", None),
+    ("grpo-reward-hangs", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, rewards=reward_file(
+        r, "def f(prompts, completions, **k):\n    while True:\n        pass\n"), reward_timeout=1))],
+     "grpo.rewards[0] (f): did not return within 1 s for one batch (grpo.reward_timeout", None),
+    ("grpo-reward-exits-on-import", grpo_reward("import sys\nsys.exit(3)\n"),
+     "grpo.rewards[0].function: {root}/rewards.py does not import (SystemExit: 3 (line 2 of rewards.py))", None),
+    ("grpo-row-field-dsft-own", lambda r: ["grpo", "--recipe", recipe(r, prompts(r, [{"prompt": "Q?", "dsft_row": "mine"}]))],
+     "prompts.jsonl:1: field 'dsft_row': names starting with 'dsft_' are dsft's own", None),
+    ("grpo-cispo-epsilon", lambda r: ["validate", recipe(r, prompts(r, loss_type="cispo", epsilon=0.1))],
+     "grpo.epsilon: the cispo loss does not read it; remove it (cispo caps its weights at epsilon_high)", None),
+    ("grpo-sapo-epsilon-high", lambda r: ["validate", recipe(r, prompts(r, loss_type="sapo", epsilon_high=0.3))],
+     "grpo.epsilon_high: the sapo loss does not read it; remove it", None),
+    ("grpo-kl-correction-without-kl", lambda r: ["validate", recipe(r, prompts(r, kl_bias_correction=False))],
+     "grpo.kl_bias_correction: only read with a KL term; set grpo.beta above 0 or remove it", None),
+    # every data edge where all rows are dropped: one line before any run directory (and no cache entry)
+    ("grpo-every-prompt-dropped", lambda r: ["grpo", "--recipe", recipe(r, prompts(
+        r, [{"prompt": "Why? " * 60, "answer": "4"}] * 2, max_prompt_length=16, prompt_overflow="drop"))],
+     "grpo.max_prompt_length 16: every prompt of data.train is longer (2 rows dropped by grpo.prompt_overflow: drop)", None),
+    ("dpo-every-prompt-dropped", lambda r: ["dpo", "--recipe", recipe(r, _deep(pref(r, [{**PAIR, "prompt": "Why? " * 60}] * 2), {
+        "dpo": {"max_prompt_length": 16, "prompt_overflow": "drop"}}))],
+     "dpo.max_prompt_length 16: every prompt of data.train is longer (2 rows dropped by dpo.prompt_overflow: drop)", None),
+    ("mix-rows-absurd", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(write_jsonl(r / "a.jsonl", legal_rows(2))),
+                                                                             "rows": 100_000_000_000}]}})],
+     "data.train[0].rows: a whole number of rows from 1 to 1,000,000,000 (got 100000000000)", None),
+    ("mix-weight-absurd", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": [
+        {"path": str(write_jsonl(r / "a.jsonl", legal_rows(4))), "weight": 1e12}]}})],
+     "data.train[0]: the mix would take 4,000,000,000,000 rows in all", None),
+    # a recipe section another objective owns is never silently ignored
+    ("simpo-on-a-dpo-recipe", lambda r: ["simpo", "--recipe", recipe(r, {**pref(r), "dpo": {"beta": 0.3, "max_prompt_length": 64}})],
+     "dpo: this section is for `dsft dpo`; `dsft simpo` does not read it (it sets beta, max_prompt_length): run `dsft dpo`, "
+     "or rename the section to `simpo:` and check its keys", None),
+    ("sft-on-a-grpo-recipe", lambda r: ["sft", "--recipe", recipe(r, {"grpo": prompts(r)["grpo"], "training": {"micro_batch_size": 2}})],
+     "grpo: this section is for `dsft grpo`; `dsft sft` does not read it", None),
+    ("recipe-two-objectives", lambda r: ["validate", recipe(r, {**pref(r), "dpo": {"max_prompt_length": 64},
+                                                            "simpo": {"max_prompt_length": 64}})],
+     "dpo, simpo: a recipe is for one objective", None),
+    # outputs never inside a checkpoint, an adapter or a run's checkpoints
+    ("export-out-inside-run-adapter", export_into(lambda r, run: run / "adapter" / "vllm"),
+     "is inside the adapter directory {root}/run/adapter", None),
+    ("export-out-inside-run-checkpoints", export_into(lambda r, run: run / "checkpoints" / "vllm"),
+     "is inside the run's checkpoints directory {root}/run/checkpoints", None),
+    ("convert-fp8-dtype-unknown", lambda r: ["convert", "--model", released_v3(r), "--out", r / "plain", "--dtype", "fp16"],
+     "--dtype: must be one of bfloat16, float32 (got 'fp16')", None),
+    ("convert-bin-dtype", lambda r: ["convert", "--model", bin_release(r, {"pytorch_model.bin": {"a": 1}}, index=False),
+                                     "--out", r / "st", "--dtype", "float32"],
+     "--dtype float32: only an FP8 checkpoint is dequantized; a .bin checkpoint keeps its dtype", None),
+    ("convert-out-inside-bin-release", lambda r: ["convert", "--model", bin_release(r, {
+        "pytorch_model-00001-of-00002.bin": {"a": 1}, "pytorch_model-00002-of-00002.bin": {"b": 1}}, index=False),
+        "--out", r / "bin" / "st"], "is inside the model checkpoint {root}/bin", None),
     # the prepared-data cache: a writer like any other
     ("cache-data-readonly", lambda r: sft({"data": {"system_prompt": f"Rows first seen in {r}."}})(r),
      "(Read-only file system); point DSFT_CACHE at a writable directory",
@@ -854,13 +908,34 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("cache-remove-bad-age", lambda r: ["cache", "remove", "--older-than", "a while"],
      "--older-than 'a while': give an age like 30d, 12h, 2w or 90m", None),
     ("cache-verify-unknown-key", lambda r: ["cache", "verify", "0123abc"], "0123abc: no cache entry has this key", None),
+    ("cache-remove-empty-key", lambda r: ["cache", "remove", ""], "KEY '': empty (an unset shell variable?)", None),
+    ("cache-remove-not-a-key", lambda r: ["cache", "remove", "../data"], "../data: not a cache key", None),
+    ("cache-remove-ambiguous-key", lambda r: (fake_entries("aaaa0", "aaaa1"), ["cache", "remove", "aaaa"])[1],
+     "aaaa: the start of 2 entries' keys", None),
+    ("cache-remove-all-and-a-key", lambda r: ["cache", "remove", "--all", "aaaa"], "--all removes every entry; give it alone", None),
 ]
 
 
+def fake_entries(*prefixes: str) -> None:
+    """Entry directories of these key prefixes (padded to 20 hex digits) in the cache, holding nothing."""
+    from dsft.data.store import data_root
+
+    for prefix in prefixes:
+        (data_root() / prefix.ljust(20, "0")).mkdir(exist_ok=True)
+
+
 def _snapshot(*roots: Path) -> dict[str, str]:
+    """Every path under `roots` with its content's hash; the cache's per-process views (scratch links this
+    process makes to the entries it maps, removed when it ends) left out."""
+    from dsft.data.store import VIEWS
+    from dsft.outputs import cache_root
+
+    views = cache_root() / VIEWS
     out = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
+            if p == views or views in p.parents:
+                continue
             key = str(p)
             if p.is_symlink():
                 out[key] = "link:" + os.readlink(p)
@@ -908,9 +983,9 @@ def _without_new_entries(after: dict[str, str], before: dict[str, str]) -> dict[
     prepared-data entry (valid tokens of valid rows, found again by the next run), or note in an entry's
     meta.json another way to reach it (its fast-path key): not changes to refuse. Anything else in the cache,
     an entry's tokens, a temporary or a lock file included, is."""
-    from dsft.data.prepared import DATA, META, _problem, entries
+    from dsft.data.store import DATA, META, entries, problem
 
-    complete = {str(e) for e in entries() if _problem(e) is None}
+    complete = {str(e) for e in entries() if problem(e) is None}
     kept = {}
     for k, v in after.items():
         entry = next((e for e in complete if k == e or k.startswith(e + os.sep)), None)

@@ -78,7 +78,8 @@ def test_data_benchmark_smoke_runs_every_case(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {r["case"]: r for r in json.loads(rows_file.read_text())}
-    assert set(rows) == {"baseline", "dsft-cold", "dsft-cold-1", "dsft-warm", "dsft-resume", "dsft-before"}
+    assert set(rows) == {"baseline", "dsft-cold", "dsft-cold-1", "dsft-warm", "dsft-check", "dsft-resume", "dsft-before"}
+    assert "checked at" in rows["dsft-check"]["note"]
     # every dsft case holds the baseline's tokens (the mask is extra); the warm ones are hits
     assert {r["tokens"] for c, r in rows.items() if c != "dsft-before"} == {rows["baseline"]["tokens"]}
     assert rows["dsft-warm"]["seconds"] < rows["dsft-cold-1"]["seconds"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pydantic import BaseModel
 
 from conftest import REPO
@@ -123,3 +125,24 @@ def test_piped_chat_is_a_transcript(make_recipe, cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "you> What is a deed?" and "you> What is a lease?" in lines and result.output.endswith("\n")
+
+
+def test_chat_with_prompt_never_asks_a_closed_stdin(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--prompt` under nohup or a scheduler with stdin closed: the answer, no traceback; without --prompt, one line."""
+    import io
+    import types
+
+    from typer.testing import CliRunner
+
+    from dsft.cli import chat
+    from dsft.cli.app import app
+
+    closed = io.TextIOWrapper(io.BytesIO())
+    closed.close()
+    monkeypatch.setattr(chat, "sys", types.SimpleNamespace(stdin=closed))
+    result = CliRunner().invoke(app, ["chat", "--adapter", str(finished_run), "--prompt", "What is a deed?",
+                                      "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and result.output.startswith("you> What is a deed?\n"), result.output
+    monkeypatch.setattr(chat, "sys", types.SimpleNamespace(stdin=None))
+    result = CliRunner().invoke(app, ["chat", "--adapter", str(finished_run), "--max-new-tokens", "2"])
+    assert result.exit_code == 2 and "stdin: closed, so there are no questions to read" in result.output, result.output

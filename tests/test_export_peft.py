@@ -87,10 +87,13 @@ def test_stock_peft_loads_the_export_with_dsfts_logits(loaded: dict, name: str, 
     assert after["wrapped_modules"] == sorted(written["target_modules"])
     assert after["target_parameters"] == sorted(written["target_parameters"])
     assert after["rank_pattern"] == written["rank_pattern"] and after["alpha_pattern"] == written["alpha_pattern"]
+    # PEFT warns about exactly the pattern keys the export's record (and the printed load line) owns up to
+    record = json.loads((loaded["tmp"] / f"{name}-peft" / "dsft-export.json").read_text())
+    assert len(loaded["out"][name]["unmatched_pattern_keys"]) == record["pattern_keys_peft_warns_about"]
     if name == "moe":
         assert not any(m.endswith(("gate_proj", "up_proj", "down_proj")) for m in written["target_modules"])
         assert f"{EXPERTS.removeprefix('base_model.model.')}.gate_up_proj" in written["target_parameters"]
-        assert set(written["rank_pattern"].values()) == {8, 4, 2, 6}  # attention, shared, dense_mlp, routed
+        assert {written["r"], *written["rank_pattern"].values()} == {8, 4, 2, 6}  # attention, shared, dense_mlp, routed
     else:
         assert written["target_parameters"] == [] and any(m.endswith(".gate_proj") for m in written["target_modules"])
 
@@ -135,3 +138,63 @@ def test_what_peft_cannot_hold_is_refused(tmp_path: Path, cli) -> None:
     assert "dsft merge" in result.output and not (tmp_path / "a").exists()
     result = cli("export", "--adapter", router, "--format", "tgi", "--out", tmp_path / "a")
     assert result.exit_code == 2 and "--format: must be one of vllm, peft (got 'tgi')" in result.output
+
+
+def test_uniform_ranks_give_no_pattern_and_peft_no_warning(tmp_path: Path) -> None:
+    """One rank and alpha everywhere: r / lora_alpha say it, no pattern is written, nothing for PEFT to warn about;
+    per-group ranks: patterns only where a group differs from the parameters' most common rank."""
+    from dsft.export.peft import patterns
+
+    same = patterns({"a": 8, "b": 8, "c": 8}, {"a": 16.0, "b": 16.0, "c": 16.0}, {"b", "c"})
+    assert same == {"r": 8, "lora_alpha": 16.0, "rank_pattern": {}, "alpha_pattern": {}}
+    mixed = patterns({"attn": 8, "p1": 4, "p2": 4, "p3": 6}, {"attn": 4.0, "p1": 8.0, "p2": 8.0, "p3": 3.0}, {"p1", "p2", "p3"})
+    assert (mixed["r"], mixed["lora_alpha"]) == (4, 8.0)
+    assert mixed["rank_pattern"] == {"attn": 8, "p3": 6} and mixed["alpha_pattern"] == {"attn": 4.0, "p3": 3.0}
+
+
+def test_an_fp8_base_loads_through_the_printed_recipe_with_dsfts_logits(tmp_path: Path, cli,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek-V3 as released (FP8 e4m3 with partial edge blocks, an MTP layer, vocab padded, sharded): the export
+    prints a recipe that dequantizes the base with `dsft convert`; run as printed, the load line (in a process
+    that never imports dsft) gives dsft's logits. The naive load of the FP8 base is wrong in stock transformers
+    (an error, or partial edge blocks mis-scaled), and the export's own check refuses a base config that still
+    declares its quantization."""
+    import re
+
+    from conftest import released_v3
+    from dsft.export.peft import check
+
+    v3 = released_v3(tmp_path)
+    run = make_run(tmp_path, v3, MOE_ADAPTER, {1: [0, 3], 2: [5]})
+    out = tmp_path / "v3-peft"
+    exported = cli("export", "--adapter", run, "--format", "peft", "--out", out)
+    assert exported.exit_code == 0, exported.output
+    assert "the base is FP8 block-scaled" in exported.output
+    convert = re.search(r"dsft convert --model (\S+) --out (\S+)", exported.output)
+    load = re.search(r'PeftModel\.from_pretrained\(AutoModelForCausalLM\.from_pretrained\("([^"]+)"\), "([^"]+)"\)',
+                     exported.output)
+    assert convert and load and convert.group(1) == str(v3) and load.group(1) == convert.group(2), exported.output
+    assert "--dtype float32" in exported.output  # the printed option for dsft's exact values
+    converted = cli("convert", "--model", convert.group(1), "--out", convert.group(2), "--dtype", "float32")
+    assert converted.exit_code == 0, converted.output
+    plain = Path(convert.group(2))
+    config = json.loads((plain / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 1
+    assert "model.layers.3.eh_proj.weight" in (plain / "model.safetensors.index.json").read_text()  # the MTP layer kept
+    assert "_scale_inv" not in (plain / "model.safetensors.index.json").read_text()
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"ids": IDS.tolist(), "out": str(tmp_path / "out.pt"), "exports": {
+        "printed": {"base": load.group(1), "adapter": load.group(2)},
+        "naive": {"base": str(v3), "adapter": load.group(2), "may_fail": True}}}))
+    done = subprocess.run([sys.executable, str(HERE / "peft_load.py"), str(jobs)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    want = _dsft_logits(run, str(v3))
+    assert (got["printed"]["logits"] - want).abs().max() < 1e-4
+    # the load the printed text warns against: it fails, or (measured here) mis-scales the partial edge block of
+    # kv_a_proj_with_mqa without a word
+    assert got["naive"].get("failed") or (got["naive"]["logits"] - want).abs().max() > 1e-3
+    # the check builds the base as the recipe loads it: skipping the conversion is caught
+    monkeypatch.setattr("dsft.export.peft.as_loaded", lambda config: config)
+    problems = check(out, v3)
+    assert problems and "quantization_config 'fp8'" in problems[0]

@@ -196,53 +196,37 @@ def test_a_reward_failing_during_training_fails_the_run_and_keeps_its_checkpoint
     result = cli("grpo", "--recipe", recipe)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1, result.output
-    assert "grpo.rewards[0] (flaky): raised RuntimeError: statute table unavailable on the row at" in errors[0]
+    assert "grpo.rewards[0] (flaky): raised RuntimeError: statute table unavailable (line 6 of flaky.py) on the row at" in errors[0]
     assert "prompts.jsonl:" in errors[0]
     info = json.loads((tmp_path / "run/run.json").read_text())
     assert info["status"] == "failed"
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").glob("checkpoint-*"))  # kept
 
 
-@pytest.mark.parametrize("text, marker, answer, expected", [
-    ("so \\boxed{42}", None, "42", 1.0), ("\\boxed{\\frac{1}{2}} then \\boxed{1,250}", None, "1250", 1.0),
-    ("\\boxed{41}", None, "42", 0.0), ("no box, 42", None, "42", 0.0),
-    ("<think>\\boxed{7}</think> \\boxed{8}", None, "8", 1.0), ("Answer: $42.50", "Answer:", "42.5", 1.0),
-    ("Answer: 17 U.S.C. § 106.\nmore", "Answer:", "17 u.s.c. §  106", 1.0), ("Answer:", "Answer:", "1", 0.0),
-    ("Answer: 3.0", "Answer:", "3", 1.0), ("anything", None, None, None),
+@pytest.mark.parametrize("loss, grpo, expected", [
+    ("dapo", {}, {"epsilon": 0.2, "epsilon_high": 0.28}),
+    ("grpo", {}, {"epsilon": 0.2, "epsilon_high": 0.2}),
+    ("dr_grpo", {"epsilon": 0.1}, {"epsilon": 0.1, "epsilon_high": 0.1}),
+    ("bnpo", {"epsilon_high": 0.3}, {"epsilon": 0.2, "epsilon_high": 0.3}),
+    ("cispo", {}, {"epsilon_high": 5.0}),
+    ("cispo", {"epsilon_high": 3.0}, {"epsilon_high": 3.0}),
+    ("sapo", {"sapo_temperature_neg": 1.2}, {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.2}),
+    ("dapo", {"beta": 0.04, "kl_bias_correction": False}, {"beta": 0.04, "use_bias_correction_kl": False}),
+    ("dapo", {"beta": 0.04}, {"beta": 0.04, "use_bias_correction_kl": True}),
 ])
-def test_answer_match(text: str, marker: str | None, answer: str | None, expected: float | None) -> None:
-    from dsft.config.schema import RewardSpec
-    from dsft.train.rewards import BUILTINS
+def test_each_loss_type_gets_its_settings_in_trls_config(tmp_path: Path, loss: str, grpo: dict, expected: dict) -> None:
+    """The GRPOConfig dsft builds: CISPO's cap is not the 0.2 TRL would take from epsilon, DAPO clips higher,
+    SAPO gets its temperatures, the KL's bias correction follows the recipe; and the trainer reads them so."""
+    from dsft.config import load_recipe
+    from dsft.train import pipeline
 
-    reward = BUILTINS["answer_match"](RewardSpec(builtin="answer_match", marker=marker))
-    assert reward(completions=[[{"role": "assistant", "content": text}]], answer=[answer]) == [expected]
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("<think>\nsteps\n</think>\n\nThe answer is 4.", 1.0), ("steps\n</think>\nfour", 1.0),  # the prompt opened it
-    ("<think>\n</think>\n\nfour", 0.0), ("<think>steps</think>   ", 0.0), ("no reasoning, four", 0.0),
-    ("<think>a</think>b<think>c</think>d", 0.0),
-])
-def test_think_format(text: str, expected: float) -> None:
-    from dsft.config.schema import RewardSpec
-    from dsft.train.rewards import BUILTINS
-
-    assert BUILTINS["think_format"](RewardSpec(builtin="think_format"))(completions=[text]) == [expected]
-
-
-def test_regex_and_length() -> None:
-    from dsft.config.schema import RewardSpec
-    from dsft.train.rewards import BUILTINS
-
-    cite = r"\d+ U\.S\.C\. § \d+"
-    partial = BUILTINS["regex"](RewardSpec(builtin="regex", pattern=cite))
-    full = BUILTINS["regex"](RewardSpec(builtin="regex", pattern=cite, match="full"))
-    texts = ["See 17 U.S.C. § 106.", " 17 U.S.C. § 106 ", "section 106"]
-    assert partial(completions=texts) == [1.0, 1.0, 0.0] and full(completions=texts) == [0.0, 1.0, 0.0]
-    tokens = BUILTINS["length"](RewardSpec(builtin="length", target=4))
-    chars = BUILTINS["length"](RewardSpec(builtin="length", target=4, unit="characters"))
-    assert tokens(completions=["x", "y"], completion_ids=[[1, 2, 3, 4], [1, 2]]) == [1.0, 0.5]
-    assert chars(completions=["abcd", "abcdefghijkl"], completion_ids=[[1], [1]]) == [1.0, -1.0]
+    recipe = load_recipe(grpo_recipe(tmp_path, grpo={"loss_type": loss, **grpo}))
+    config = pipeline.trl_config(pipeline.objective("grpo"), recipe, None, tmp_path / "run", torch.float32)
+    assert config.loss_type == loss
+    for key, value in expected.items():
+        assert getattr(config, key) == pytest.approx(value), key
+    if loss == "cispo":  # what GRPOTrainer clamps CISPO's importance weights at
+        assert (config.epsilon_high if config.epsilon_high is not None else config.epsilon) == expected["epsilon_high"]
 
 
 # ---------------------------------------------------------------- resume and processes (subprocesses: slow)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import released_v3
 from test_bad_inputs import _snapshot, refused, run_copy
 
 HOLD = ("import sys, time; from pathlib import Path; from dsft.outputs import OutputLock; "
@@ -164,49 +165,6 @@ def test_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> No
     assert rows == [[{"role": "user", "content": "What is a deed?"}, {"role": "assistant", "content": "A signed instrument."}]]
 
 
-def _released_v3(tmp_path: Path) -> Path:
-    """The tiny V3 laid out as DeepSeek-V3 ships: bf16 storage, FP8 e4m3 projections with block scales
-    and partial edge blocks, an MTP layer at index num_hidden_layers, vocab padded past the tokenizer,
-    sharded with an index."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from dsft.models.fp8 import quantize
-    from dsft.models.load import resolve_model_path
-
-    src = resolve_model_path("builtin:tiny-deepseek-v3")
-    dst = tmp_path / "v3"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
-    tensors = load_file(src / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    layers, block = config["num_hidden_layers"], 32
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            t = torch.cat([t, torch.zeros(64, t.shape[1])])  # vocab padded past the tokenizer's 1024
-        if t.dim() == 2 and key.endswith(("proj.weight", "proj_with_mqa.weight")):
-            out[key], out[key + "_scale_inv"] = quantize(t, (block, block))  # kv_a_proj_with_mqa: 40 rows, a partial tile
-        else:
-            out[key] = t.to(torch.bfloat16)
-        if key.startswith(f"model.layers.{layers - 1}."):  # DeepSeek-V3's MTP layer, after the last
-            for k in (key, key + "_scale_inv"):
-                if k in out:
-                    out[k.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = out[k].clone()
-    out[f"model.layers.{layers}.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
-    weights = sorted(k for k in out if not k.endswith("_scale_inv"))  # a scale in its weight's shard, as released
-    shards = {f"model-0000{i + 1}-of-00002.safetensors": [k for w in weights[i::2] for k in (w, w + "_scale_inv") if k in out]
-              for i in range(2)}
-    for shard, keys in shards.items():
-        save_file({k: out[k] for k in keys}, dst / shard, metadata={"format": "pt"})
-    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.update(vocab_size=1088, torch_dtype="bfloat16", num_nextn_predict_layers=1,
-                  quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block],
-                                       "activation_scheme": "dynamic"})
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
 def test_the_checkpoint_check_accepts_every_layout_as_released(tmp_path: Path) -> None:
     """bf16 per-expert V2, fused experts, FP8 V3 with partial blocks + MTP + padded vocab, sharded, Mixtral's
     old names, Qwen: accepted; and the same V3 with one block scale of the wrong grid refused."""
@@ -220,7 +178,7 @@ def test_the_checkpoint_check_accepts_every_layout_as_released(tmp_path: Path) -
     for name in ("tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"):
         check_checkpoint(resolve_model_path(f"builtin:{name}"))
     check_checkpoint(fused_checkpoint(tmp_path))
-    v3 = _released_v3(tmp_path)
+    v3 = released_v3(tmp_path)
     check_checkpoint(v3)
     assert "kv_a_proj_with_mqa.weight_scale_inv" in (v3 / "model.safetensors.index.json").read_text()
     shard = next(v3.glob("model-*.safetensors"))
@@ -234,7 +192,7 @@ def test_the_checkpoint_check_accepts_every_layout_as_released(tmp_path: Path) -
 
 def test_a_released_layout_trains(tmp_path: Path, make_recipe, cli) -> None:
     """The FP8 / MTP / padded-vocab / sharded V3 passes the preflight and trains a step."""
-    v3 = _released_v3(tmp_path)
+    v3 = released_v3(tmp_path)
     result = cli("sft", "--recipe", make_recipe(model={"path": str(v3)}, training={"max_steps": 1}))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "complete"

@@ -16,7 +16,8 @@ import reference_tokenize as reference
 from conftest import REPO, legal_rows, write_jsonl
 from dsft.data.formats import load_conversations
 from dsft.data.preference import load_pairs
-from dsft.data.prepared import Spec, entries, prepare
+from dsft.data.prepared import Spec, prepare
+from dsft.data.store import entries
 from dsft.errors import DsftError
 from dsft.models.load import load_tokenizer, resolve_model_path
 from test_bad_inputs import refused
@@ -119,8 +120,10 @@ def test_parallel_workers_write_the_same_tokens(cache: Path, tmp_path: Path, mon
     tokenizer = _tokenizer()
     one = prepare(Spec("sft", [str(path)], "messages"), tokenizer, num_proc=1, quiet=True)
     expected = one.rows(range(len(one)))
+    from dsft.data import store
+
     for entry in entries():
-        prepared.remove(prepared.Entry(entry))
+        store.remove(store.Entry(entry))
     monkeypatch.setattr(prepared, "PARALLEL_BYTES", 0)
     monkeypatch.setattr(prepared, "CHUNK", 100)
     two = prepare(Spec("sft", [str(path)], "messages"), tokenizer, num_proc=2, quiet=True)
@@ -274,6 +277,8 @@ def test_packing_drops_rows_without_a_loss_token_and_reports_truncation(make_rec
 
     tokens = prepare(S("sft", [str(data)], "messages"), _tokenizer(), quiet=True)
     assert len(tokens.trainable(96)) == 12
+    # what datasets derived for the run (packed rows) went to the run's own view, never into the shared entry
+    assert sorted(p.name for p in tokens.path.iterdir()) == ["data.arrow", "meta.json"]
 
 
 # ---------------------------------------------------------------- dsft cache
@@ -294,3 +299,95 @@ def test_cache_list_verify_remove(cache: Path, tmp_path: Path, cli) -> None:
     assert kept.exit_code == 0 and "removed 0 entries" in kept.output and entry.path.is_dir()
     gone = cli("cache", "remove", "--all")
     assert gone.exit_code == 0 and "removed 1 entries" in gone.output and not entry.path.exists()
+
+
+# ---------------------------------------------------------------- any changed byte is found
+
+def _rewrite_a_token(entry_path: Path, tokens) -> tuple[int, int]:
+    """Rewrite one token id of the first row in place: same size, still a valid id."""
+    import numpy as np
+
+    ids = tokens.rows([0])["input_ids"][0]
+    data = bytearray((entry_path / "data.arrow").read_bytes())
+    at = bytes(data).find(np.asarray(ids[:8], dtype=np.int32).tobytes())
+    assert at > 0
+    old = ids[3]
+    data[at + 12:at + 16] = np.asarray([old + 1 if old + 1 < 1000 else old - 1], dtype=np.int32).tobytes()
+    (entry_path / "data.arrow").write_bytes(bytes(data))
+    return old, ids[3]
+
+
+def test_a_token_rewritten_in_place_is_found_by_verify_and_by_a_run(cache: Path, tmp_path: Path, cli, capsys) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", legal_rows(20))
+    tokenizer = _tokenizer()
+    entry = prepare(_spec(path), tokenizer, quiet=True)
+    expected = entry.rows(range(len(entry)))
+    _rewrite_a_token(entry.path, entry)
+    result = cli("cache", "verify", entry.path.name)
+    assert result.exit_code == 1 and "data.arrow changed after dsft wrote it (its xxh3-128 checksum differs)" in result.output
+    capsys.readouterr()
+    again = prepare(_spec(path), tokenizer)
+    out = capsys.readouterr()
+    assert "is damaged (data.arrow changed after dsft wrote it" in out.err and "tokenized 20 rows" in out.out
+    assert again.rows(range(len(again))) == expected
+    assert cli("cache", "verify").exit_code == 0
+
+
+@pytest.mark.parametrize("edit", ["value", "whitespace", "seal"])
+def test_a_changed_byte_of_the_metadata_is_found(cache: Path, tmp_path: Path, cli, edit: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", legal_rows(5))
+    entry = prepare(_spec(path), _tokenizer(), quiet=True)
+    meta = entry.path / "meta.json"
+    text = meta.read_text()
+    changed = {"value": lambda t: t.replace('"rows": 5', '"rows": 6'), "whitespace": lambda t: t.replace(": ", ":  ", 1),
+               "seal": lambda t: t.replace('"seal": "', '"seal": "0', 1)[:-3] + '\n}\n'}[edit](text)
+    assert changed != text
+    meta.write_text(changed)
+    result = cli("cache", "verify")
+    assert result.exit_code == 1 and "meta.json" in result.output, result.output
+
+
+def test_cache_administration_never_trusts_an_entry_and_goes_on(cache: Path, tmp_path: Path, cli) -> None:
+    """`remove --all` over: a good entry (removed), an entry that is a link to another disk (kept: dsft never
+    makes one), an entry holding a user's folder named like dsft's file (kept whole), an entry whose meta.json
+    has another shape (removed: only dsft's two files); `list` and `verify` show every one in a line."""
+    from dsft.data.store import data_root
+
+    path = write_jsonl(tmp_path / "d.jsonl", legal_rows(5))
+    good = prepare(_spec(path), _tokenizer(), quiet=True).path
+    root = data_root()
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (root / ("b" * 20)).symlink_to(elsewhere)
+    folder = root / ("c" * 20)
+    (folder / "data.arrow").mkdir(parents=True)
+    (folder / "data.arrow" / "notes.txt").write_text("mine")
+    odd = root / ("d" * 20)
+    odd.mkdir()
+    (odd / "meta.json").write_text('["not", "a", "mapping"]')
+    (odd / "data.arrow").write_bytes(b"x")
+    listed = cli("cache", "list")
+    assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
+    assert all(k in listed.output for k in (good.name, "b" * 20, "c" * 20, "d" * 20))
+    verified = cli("cache", "verify")
+    assert verified.exit_code == 1 and "Traceback" not in verified.output
+    assert f"{'b' * 20}: a symbolic link, which dsft never makes" in verified.output
+    removed = cli("cache", "remove", "--all")
+    assert removed.exit_code == 1 and "Traceback" not in removed.output, removed.output
+    assert "removed 2 entries" in removed.output and "2 kept" in removed.output
+    assert not good.exists() and not odd.exists()
+    assert (elsewhere / "keep.txt").read_text() == "mine" and (root / ("b" * 20)).is_symlink()
+    assert (folder / "data.arrow" / "notes.txt").read_text() == "mine"
+
+
+def test_a_zero_row_entry_is_never_cached(cache: Path, tmp_path: Path) -> None:
+    """Every prompt over max_prompt_length with `drop`: one line, and nothing left in the cache."""
+    from dsft.errors import DsftError
+
+    rows = [{"prompt": "Why? " * 60, "answer": "4"}] * 3
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    spec = Spec("prompt", [str(path)], "prompt", dpo={"max_prompt_length": 16, "prompt_overflow": "drop"}, section="grpo")
+    with pytest.raises(DsftError, match="grpo.max_prompt_length 16: every prompt of data.train is longer"):
+        prepare(spec, _tokenizer(), quiet=True)
+    assert entries() == [] and not list((cache / "data").iterdir())

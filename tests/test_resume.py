@@ -128,3 +128,23 @@ def test_resume_refusals(make_recipe, cli, tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "run/checkpoints")
     none = cli("sft", "--recipe", recipe, "--resume")
     assert none.exit_code == 2 and "no complete checkpoint" in none.output
+
+
+def test_a_second_signal_records_the_run_as_interrupted_before_exiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second SIGINT/SIGTERM exits at once (os._exit), and run.json says so first instead of `running`."""
+    import json
+    import signal
+
+    from dsft.train import resume
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "command": "grpo"}))
+    exits = []
+    monkeypatch.setattr(resume.os, "_exit", lambda code: exits.append(code))
+    stop = resume.GracefulStop(tmp_path)
+    stop.step = 6
+    stop._handle(signal.SIGTERM, None)  # the first: stop after this step
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "running" and not exits
+    stop._handle(signal.SIGTERM, None)  # the second: at once
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert exits == [128 + signal.SIGTERM] and info["status"] == "interrupted" and info["command"] == "grpo"
+    assert info["error"].startswith("SIGTERM twice: stopped at once during step 7")

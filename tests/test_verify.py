@@ -20,7 +20,7 @@ from dsft.export.merge import merge, resolve
 from dsft.export.verify import verify
 from dsft.models.load import resolve_model_path
 from test_merge import make_run
-from test_never_destroy import _released_v3
+from conftest import released_v3
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -46,7 +46,7 @@ def v2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def v3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("v3")
-    return make_run(tmp, _released_v3(tmp))
+    return make_run(tmp, released_v3(tmp))
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -60,7 +60,7 @@ def chat(
     tokenizer = load_tokenizer(adapter_dir)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
-    piped = not sys.stdin.isatty()
+    piped = not prompt and not _terminal_stdin()  # with --prompt, stdin is never read (it may be closed)
     interactive = not prompt and not piped
     if interactive:  # a transcript (a pipe, --prompt) is questions and answers only: no banner
         with contextlib.suppress(ImportError):  # line editing and history for input() (not on every platform)
@@ -137,6 +137,8 @@ def _ask(piped: bool):
     from dsft.errors import DsftError
 
     if piped:
+        if sys.stdin is None or sys.stdin.closed:
+            raise DsftError("stdin: closed, so there are no questions to read; give them with --prompt, or pipe them in")
         stream = getattr(sys.stdin, "buffer", sys.stdin)
         for n, raw in enumerate(stream, start=1):
             try:
@@ -157,3 +159,11 @@ def _ask(piped: bool):
         if not line:
             return
         yield _text(line, "stdin")
+
+
+def _terminal_stdin() -> bool:
+    """stdin is a terminal (False when it is closed or absent, as under `nohup ... <&-` or some schedulers)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):
+        return False

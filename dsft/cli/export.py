@@ -54,5 +54,17 @@ def export(
                        f"--enable-lora --max-lora-rank {record['max_lora_rank']} --lora-modules NAME={out} (vLLM uses "
                        "the base's tokenizer; the run's is copied beside the export for reference)")
     else:
-        typer.echo(f"{out}: {record['tensors']} LoRA tensors for PEFT; load with: PeftModel.from_pretrained("
-                   f"AutoModelForCausalLM.from_pretrained(\"{source.base}\"), \"{out}\")")
+        from dsft.export.peft import load_recipe
+
+        steps = load_recipe(source.base, out)
+        lines = [f"{out}: {record['tensors']} LoRA tensors for PEFT; load with:"]
+        if len(steps) > 1:
+            lines.append("  the base is FP8 block-scaled: do not load it as it is (stock transformers mis-scales or "
+                         "refuses its partial edge blocks on CPU, and on a GPU PEFT adds the LoRA to FP8 values before "
+                         "their scale); load it dequantized:")
+        lines += [f"  {step}" for step in steps]
+        if record.get("pattern_keys_peft_warns_about"):
+            lines.append(f"  (PEFT 0.21 warns that {record['pattern_keys_peft_warns_about']} rank/alpha pattern keys \"did "
+                         "not match any targeted module and were ignored\": they name parameters (per-group ranks), which that "
+                         "warning does not look at; PEFT applies them, and the loaded model's logits are dsft's)")
+        typer.echo("\n".join(lines))

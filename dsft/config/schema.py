@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from dsft.data import MAX_MIX_ROWS
 from dsft.errors import shown
 from dsft.models.builtin import CONFIGS
 from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
@@ -142,8 +143,8 @@ class DataSection(Section):
                 raise ValueError(f"train[{i}].weight: a positive number (got {shown(w)}); 2 repeats every row, 0.5 "
                                  "takes half")
             n = entry.get("rows")
-            if "rows" in entry and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"train[{i}].rows: a positive integer (got {shown(n)})")
+            if "rows" in entry and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MIX_ROWS):
+                raise ValueError(f"train[{i}].rows: a whole number of rows from 1 to {MAX_MIX_ROWS:,} (got {shown(n)})")
             paths.append(entry["path"])
             mix.append({"weight": float(w)} if "weight" in entry else {"rows": n})
         return {**data, "train": paths, "mix": mix}
@@ -457,8 +458,9 @@ class RewardSpec(Section):
     name: str | None = Field(None, description="The name it is logged under; default: the built-in's or the function's name.")
     weight: float = Field(1.0, description="Its weight in the summed reward.")
     marker: str | None = Field(
-        None, description="answer_match: the final answer is the text after the last MARKER (e.g. `Answer:`); "
-        "default: the last \\boxed{...}, else the last line.")
+        None, description="answer_match: the final answer is the first line after the last MARKER (e.g. `Answer:`), "
+        "after any closed reasoning block; default: every \\boxed{...} there (they must agree). No marker or box: no "
+        "answer, score 0 (docs/objectives.md).")
     pattern: str | None = Field(None, description="regex: the pattern (Python re syntax).")
     match: Literal["partial", "full"] = Field("partial", description="regex: search anywhere, or match the whole answer.")
     target: PositiveInt | None = Field(None, description="length: the target length.")
@@ -523,8 +525,25 @@ class GrpoSection(PromptFit):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the generation.")
     beta: float = Field(0.0, ge=0, description="KL penalty towards the reference (0: none, no reference forward; "
                         "TRL's default). The reference is the adapter switched off, or the SFT adapter continued.")
-    loss_type: Literal[GRPO_LOSSES] = Field("dapo", description="TRL's GRPO loss (dapo: TRL's default, no length bias).")
-    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    kl_bias_correction: bool | None = Field(
+        None, description="With beta > 0: multiply the per-token KL by the policy ratio, so its gradient is the unbiased "
+        "reverse-KL gradient (DeepSeek-V3.2; TRL 1.16's use_bias_correction_kl); default true; false: the plain k3 "
+        "estimator of the R1 paper.")
+    loss_type: Literal[GRPO_LOSSES] = Field("dapo", description="TRL's GRPO loss (dapo: TRL's default, no length bias; "
+                                            "each type's aggregation in docs/objectives.md).")
+    epsilon: float | None = Field(None, gt=0, description="Lower clip of the policy ratio, 1 - epsilon (grpo, dr_grpo, "
+                                  "bnpo, dapo); default 0.2.")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip: the ratio is clipped at 1 + epsilon_high (grpo, dr_grpo, bnpo, dapo), and "
+        "CISPO caps its importance weights at epsilon_high. Default per loss type: dapo 0.28 (DAPO's clip-higher), "
+        "cispo 5.0 (ScaleRL's cap; TRL's advice), grpo / dr_grpo / bnpo epsilon (symmetric).")
+    sapo_temperature_pos: float | None = Field(None, gt=0, description="sapo: gate temperature for tokens with positive "
+                                               "advantage; default 1.0.")
+    sapo_temperature_neg: float | None = Field(None, gt=0, description="sapo: gate temperature for tokens with "
+                                               "non-positive advantage; default 1.05.")
+    reward_timeout: float = Field(
+        60.0, gt=0, description="Seconds one call of a user's reward function (`function:`) may take on one batch; longer "
+        "stops the run naming the reward. Each function runs in a process of its own.")
     steps_per_generation: PositiveInt | None = Field(
         None, description="Micro-batches one generation feeds (default: training.grad_accum, one optimizer step).")
     num_iterations: PositiveInt = Field(1, description="Optimization passes over each generated batch.")
@@ -541,6 +560,7 @@ class GrpoSection(PromptFit):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             problems.append(f"{name}.rewards: {', '.join(twice)} named twice; give each its own `name`")
+        problems += self._loss_keys(name)
         if self.use_vllm:
             problems.append(f"{name}.use_vllm: not supported yet: TRL's vLLM weight sync merges the adapter into full "
                             "weights every step, which dsft's NF4 expert codes cannot take; remove it (generation runs "
@@ -570,6 +590,35 @@ class GrpoSection(PromptFit):
                             f"must fall between generations to resume exactly; set save_steps to {nearest}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _loss_keys(self, name: str) -> list[str]:
+        """A key the chosen loss (or beta 0) never reads is refused, never silently ignored."""
+        unread = {"cispo": ("epsilon", "sapo_temperature_pos", "sapo_temperature_neg"),
+                  "sapo": ("epsilon", "epsilon_high")}.get(self.loss_type, ("sapo_temperature_pos", "sapo_temperature_neg"))
+        problems = [f"{name}.{key}: the {self.loss_type} loss does not read it; remove it"
+                    + (" (cispo caps its weights at epsilon_high)" if self.loss_type == "cispo" and key == "epsilon" else "")
+                    for key in unread if getattr(self, key) is not None]
+        if self.kl_bias_correction is not None and self.beta == 0:
+            problems.append(f"{name}.kl_bias_correction: only read with a KL term; set {name}.beta above 0 or remove it")
+        return problems
+
+    def clip_low(self) -> float:
+        return 0.2 if self.epsilon is None else self.epsilon
+
+    def clip_high(self) -> float | None:
+        """The epsilon_high TRL gets: the recipe's, else the loss type's default (None where the loss has no clip)."""
+        if self.loss_type == "sapo":
+            return None
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        return {"dapo": 0.28, "cispo": 5.0}.get(self.loss_type, self.clip_low())
+
+    def sapo_temperatures(self) -> tuple[float, float]:
+        return (1.0 if self.sapo_temperature_pos is None else self.sapo_temperature_pos,
+                1.05 if self.sapo_temperature_neg is None else self.sapo_temperature_neg)
+
+    def kl_corrected(self) -> bool:
+        return self.kl_bias_correction is not False
 
     def generation_span(self, grad_accum: int) -> int:
         """Optimizer steps between the starts of two generations' use (checkpoints fall on multiples of it)."""
@@ -622,7 +671,11 @@ class Recipe(Section):
         if self.training.early_stopping is not None and (not self.data.eval or self.training.eval_steps is None):
             raise ValueError("training.early_stopping watches the held-out loss: it needs data.eval and "
                              "training.eval_steps (how often to evaluate); set both or remove early_stopping")
-        for name, section in sections(self).items():
+        own = sections(self)
+        if len(own) > 1:
+            raise ValueError(f"{', '.join(own)}: a recipe is for one objective and no command reads {len(own) - 1} of these "
+                             "sections; keep the section of the command you run (one recipe per objective)")
+        for name, section in own.items():
             section.check(self, name)
         if self.training.balance_loss and self.adapter.router != "trainable":
             raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
@@ -638,6 +691,19 @@ class Recipe(Section):
 def sections(recipe: Recipe) -> dict[str, ObjectiveSection]:
     """The objective sections a recipe sets, by name."""
     return {name: section for name in SECTIONS if isinstance(section := getattr(recipe, name, None), ObjectiveSection)}
+
+
+def foreign_section(recipe: Recipe, command: str) -> str | None:
+    """The one line refusing `dsft COMMAND` on a recipe whose objective section is another command's (it would
+    be silently ignored); None when the recipe fits the command."""
+    for name, section in sections(recipe).items():
+        if name == command:
+            continue
+        given = ", ".join(sorted(section.model_fields_set)) or "nothing but defaults"
+        fix = f"rename the section to `{command}:` and check its keys" if command in SECTIONS else "remove the section"
+        return (f"{name}: this section is for `dsft {name}`; `dsft {command}` does not read it (it sets {given}): run "
+                f"`dsft {name}`, or {fix}")
+    return None
 
 
 _MODELS: dict[tuple, type[Recipe]] = {}

@@ -39,19 +39,18 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dsft.data import MAX_MIX_ROWS
+from dsft.data.store import CHECKSUM, DATA, FORMAT, META, checksum, data_root, discard, entries, problem, view, write_meta
 from dsft.errors import DsftError
-from dsft.outputs import cache_error, cache_root, human_size
+from dsft.outputs import cache_error, human_size
 
-VERSION = 2  # of the tokenization rules (dsft.data.tokenize, dsft.data.preference): bump when tokens change
-FORMAT = "dsft-tokens"
-DATA, META = "data.arrow", "meta.json"
-ENTRY_FILES = {DATA, META}
+VERSION = 3  # of the tokenization rules and the entry layout (dsft.data.store): bump when either changes
 CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
 PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
 KINDS = ("sft", "pairs", "dpo", "kto", "prompt")
@@ -115,6 +114,7 @@ class Spec:
     system_prompt: str | None = None
     assistant_only: bool = True
     dpo: dict[str, Any] | None = None  # prompt fitting of dpo / kto rows: max_prompt_length, prompt_overflow
+    section: str = ""  # the recipe section those settings come from, to name its keys in errors (not in the key)
 
     def parts(self, tokenizer: Any, files: list[Any]) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "files": files, "row_format": self.fmt,
@@ -132,19 +132,6 @@ def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_root() -> Path:
-    """DSFT_CACHE/data, created; one line naming DSFT_CACHE when it cannot be."""
-    root = cache_root() / "data"
-    existing = next((p for p in (root, *root.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise cache_error(f"{existing} is a file, not a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise cache_error(f"cannot write {e.filename or root} ({e.strerror or e})") from None
-    return root
-
-
 # ---------------------------------------------------------------- an entry
 
 class Tokens:
@@ -154,7 +141,7 @@ class Tokens:
         from datasets import Dataset
 
         self.path, self.meta = path, meta
-        self.dataset = Dataset.from_file(str(path / DATA))
+        self.dataset = Dataset.from_file(str(view(path)))  # what datasets derives goes to this process's view
         self.kind = meta["kind"]
 
     def __len__(self) -> int:
@@ -180,7 +167,7 @@ class Tokens:
             known = self._stats(max_length)
             self.meta.setdefault("stats", {})[str(max_length)] = known
             with contextlib.suppress(OSError):  # a read-only cache computes it each time
-                _write_meta(self.path, self.meta)
+                write_meta(self.path, self.meta)
         return dict(known)
 
     def _stats(self, max_length: int) -> dict[str, int]:
@@ -305,10 +292,16 @@ def mix_counts(sizes: list[int], mix: list[dict[str, float] | None], seed: int) 
     """Per file, the rows taken (local indices): all of them (no share), `rows: N` exactly N, `weight: W`
     round(W x its rows) (at least 1). Beyond a file's size its rows repeat whole, then a seeded sample of
     the rest; below it, a seeded sample. Sorted, so the same recipe and seed take the same rows."""
+    wants = [n if not share else share["rows"] if "rows" in share else max(1, round(share["weight"] * n))
+             for n, share in zip(sizes, mix)]
+    if sum(wants) > MAX_MIX_ROWS:  # by arithmetic, before any index is allocated
+        i = max(range(len(wants)), key=lambda k: wants[k])
+        raise DsftError(f"data.train[{i}]: the mix would take {sum(wants):,} rows in all ({wants[i]:,} from this file of "
+                        f"{sizes[i]:,}; an index of {human_size(8 * sum(wants))}); give shares that total at most "
+                        f"{MAX_MIX_ROWS:,} rows")
     rng = np.random.default_rng(seed)
     takes = []
-    for n, share in zip(sizes, mix):
-        want = n if not share else share["rows"] if "rows" in share else max(1, round(share["weight"] * n))
+    for n, want in zip(sizes, wants):
         whole, rest = divmod(int(want), n)
         take = np.concatenate([np.tile(np.arange(n), whole), np.sort(rng.choice(n, rest, replace=False))])
         takes.append(np.sort(take))
@@ -328,68 +321,27 @@ def prepare_mix(spec_for: Callable[[list[str]], Spec], files: list[str], mix: li
     return Mixed(parts, takes, record)
 
 
-def _problem(path: Path) -> str | None:
-    """What is wrong with an entry directory: None when its metadata reads and its data file has the size
-    it was written with."""
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return f"{META} missing or unreadable"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"{META} is not dsft's"
-    try:
-        size = (path / DATA).stat().st_size
-    except OSError:
-        return f"{DATA} missing"
-    if size != meta.get("bytes"):
-        return f"{DATA} is {size} bytes, {meta.get('bytes')} when written (truncated or overwritten)"
-    return None
-
-
 def _open(path: Path) -> Tokens | None:
-    """The entry at `path`, or None when there is none or it is damaged (reported, moved aside)."""
-    if not path.is_dir():
+    """The entry at `path`, or None when there is none or it is damaged or changed (reported, moved aside): its
+    metadata's seal and its tokens' checksum are checked before anything in it is trusted (dsft.data.store)."""
+    if not (path.is_dir() or path.is_symlink()):
         return None
-    problem = _problem(path)
-    if problem is None:
+    wrong = problem(path, full=True)
+    if wrong is None:
         try:
             return Tokens(path, json.loads((path / META).read_text(encoding="utf-8")))
         except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise several types for a damaged file
-            problem = f"{DATA} cannot be read ({str(e).splitlines()[0][:120]})"
+            wrong = f"{DATA} cannot be read ({str(e).splitlines()[0][:120]})"
     from dsft.console import say
 
-    say(f"warning: the prepared-data cache entry {path} is damaged ({problem}); building it again", stderr=True)
-    _discard(path)
+    say(f"warning: the prepared-data cache entry {path} is damaged ({wrong}); building it again", stderr=True)
+    discard(path)
     return None
-
-
-def ours(path: Path) -> bool:
-    """An entry directory holds only what dsft writes there: its data and metadata, and the files datasets
-    derives from them for a run (packed rows, precomputed reference log-probs: `cache-*.arrow`)."""
-    return all(p.name in ENTRY_FILES or p.name.startswith(f".{META}.tmp") or
-               (p.name.startswith("cache-") and p.suffix == ".arrow") for p in path.iterdir())
-
-
-def _discard(path: Path) -> None:
-    """Remove a damaged entry directory of dsft's; one holding anything else is renamed aside, so the key
-    can be built again."""
-    if ours(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.rename(path.with_name(f"{path.name}.damaged-{os.getpid()}"))
-
-
-def entries(root: Path | None = None) -> list[Path]:
-    """Every entry directory in the cache (a name of 20 hex digits)."""
-    root = root or (cache_root() / "data")
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 20 and all(c in "0123456789abcdef" for c in p.name))
 
 
 def _find_stat(root: Path, stat_key: str) -> Path | None:
     for path in entries(root):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
             if stat_key in json.loads((path / META).read_text(encoding="utf-8")).get("stat_keys", []):
                 return path
     return None
@@ -436,12 +388,6 @@ def _locked(lock: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-    tmp = path / f".{META}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path / META)
-
-
 def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool = False) -> Tokens:
     """The split's tokens from the cache, built first if no entry has them (see the module docstring)."""
     from dsft.console import say
@@ -457,7 +403,7 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
         if tokens is not None and stat_key not in tokens.meta.get("stat_keys", []):
             tokens.meta["stat_keys"] = [*tokens.meta.get("stat_keys", []), stat_key][-16:]
             with contextlib.suppress(OSError):
-                _write_meta(path, tokens.meta)
+                write_meta(path, tokens.meta)
     if tokens is None:
         try:
             with _locked(root / f".{key[:20]}.lock"):
@@ -635,19 +581,22 @@ def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_
             from dsft.data.formats import raise_row_errors
 
             raise_row_errors(errors)
-            if writer is None:
+            if writer is None or rows == 0:  # an entry of no rows is never cached
                 if spec.kind in PROMPT_FIRST and counts.get("dropped"):
-                    raise DsftError(f"max_prompt_length {spec.dpo['max_prompt_length']}: every row's prompt is longer; "
-                                    "raise it, or set prompt_overflow: truncate")
+                    fit = spec.dpo or {}
+                    section = f"{spec.section}." if spec.section else ""
+                    raise DsftError(f"{section}max_prompt_length {fit.get('max_prompt_length')}: every prompt of "
+                                    f"{spec.what} is longer ({counts['dropped']:,} rows dropped by {section}prompt_overflow: "
+                                    f"drop); raise {section}max_prompt_length, or set {section}prompt_overflow: truncate")
                 raise DsftError(f"{spec.what}: no rows to train on")
             writer.close()
         files = [{"path": str(Path(f).resolve()), "sha256": file_sha256(Path(f)), "stat": list(_stat(Path(f)))}
                  for f in spec.files]
         meta = {"format": FORMAT, "version": VERSION, "key": key, "stat_keys": [stat_key], "kind": spec.kind,
                 "what": spec.what, "row_format": spec.fmt, "files": files, "rows": rows, "tokens": tokens,
-                "bytes": (tmp / DATA).stat().st_size, "created": time.time(),
+                "bytes": (tmp / DATA).stat().st_size, CHECKSUM: checksum(tmp / DATA), "created": time.time(),
                 "seconds": round(time.monotonic() - started, 2), "counts": counts}
-        _write_meta(tmp, meta)
+        write_meta(tmp, meta)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -659,55 +608,22 @@ def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_
 
 # ---------------------------------------------------------------- the cache as a whole (dsft cache)
 
-@dataclass
-class Entry:
-    path: Path
-    meta: dict[str, Any] = field(default_factory=dict)
-    problem: str | None = None
-
-    @property
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
-
-    @property
-    def age(self) -> float:
-        return time.time() - float(self.meta.get("created") or self.path.stat().st_mtime)
-
-
-def listing() -> list[Entry]:
-    out = []
-    for path in entries():
-        problem = _problem(path)
-        meta = {}
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads((path / META).read_text(encoding="utf-8"))
-        out.append(Entry(path, meta if isinstance(meta, dict) else {}, problem))
-    return out
-
-
-def verify(entry: Entry, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Problems of an entry: damaged files, and source files that are gone or whose sha256 differs from the
-    one recorded when the entry was built (the entry then holds another file's tokens: harmless, it is only
-    found by that content's key, but it is stale)."""
-    if entry.problem:
-        return [entry.problem]
+def verify(entry: Any) -> list[str]:
+    """Problems of an entry (a dsft.data.store.Entry): any byte of its files changed since dsft wrote them, and
+    source files that are gone or whose sha256 differs from the one recorded when the entry was built (the entry
+    then holds another file's tokens: harmless, it is only found by that content's key, but it is stale)."""
+    wrong = problem(entry.path, full=True)
+    if wrong:
+        return [wrong]
     problems = []
-    for record in entry.meta.get("files", []):
+    for record in entry.files:
         path = Path(record["path"])
         if not path.is_file():
             problems.append(f"source {path} is gone")
-        elif file_sha256(path) != record["sha256"]:
+        elif file_sha256(path) != record.get("sha256"):
             problems.append(f"source {path} changed since it was tokenized (sha256 differs)")
     try:
         Tokens(entry.path, entry.meta).dataset.data.validate(full=False)
     except Exception as e:  # noqa: BLE001
         problems.append(f"{DATA} cannot be read ({str(e)[:120]})")
     return problems
-
-
-def remove(entry: Entry) -> bool:
-    """Delete an entry of dsft's (only the files an entry holds; a directory with anything else is kept)."""
-    if not ours(entry.path):
-        return False
-    shutil.rmtree(entry.path)
-    return True

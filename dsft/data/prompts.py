@@ -15,8 +15,9 @@ from dsft.data.formats import RowError
 from dsft.data.preference import _prompt, _truncate
 
 RESERVED = ("prompt", "messages", "completion", "completions", "completion_ids", "prompts", "trainer_state",
-            "log_extra", "log_metric")  # names TRL passes reward functions itself
+            "log_extra", "log_metric", "environments")  # names TRL passes reward functions itself
 ROW = "dsft_row"  # the column holding a row's FILE:LINE (for errors naming the row; not passed to rewards)
+OWN = "dsft_"  # fields named so are dsft's (ROW): a row's own field of such a name is refused, never replaced
 # The cache stores a row's place as `INDEX:LINE` (its file's index in data.train): an entry is keyed by content,
 # so the same rows in a file elsewhere share it, and their places are read against the files of the run.
 
@@ -39,6 +40,10 @@ def to_prompt(row: Any, system_prompt: str | None = None) -> dict[str, Any]:
     clash = sorted(set(rest) & set(RESERVED))
     if clash:
         raise RowError(f"field {clash[0]!r}: TRL passes reward functions a keyword of that name itself; rename the column")
+    own = sorted(k for k in rest if str(k).startswith(OWN))
+    if own:
+        raise RowError(f"field {own[0]!r}: names starting with {OWN!r} are dsft's own (`{ROW}` carries a row's "
+                       "FILE:LINE); rename the column")
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
     return {"prompt": prompt, "columns": rest}

@@ -29,7 +29,7 @@ from dsft.export.safetensors_io import (
     DTYPES, ByteMeter, build_header, copy_bytes, iter_entries, read_header, read_tensor, tensor_bytes,
 )
 from dsft.arch import canonical, missing_engine_keys
-from dsft.models.fp8 import dequantize, quantize
+from dsft.models.fp8 import block_size, dequantize, dequantized_config, quantize
 from dsft.models.identity import check_base
 from dsft.arch import FUSED, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
@@ -127,8 +127,9 @@ class ShardWriter:
     the retention sums: how much of the fine-tune's delta the written values carry."""
 
     def __init__(self, adapter: Adapter, dtype: str, fp8_block: tuple[int, int] | None, meter: ByteMeter,
-                 requantize: bool = False) -> None:
+                 requantize: bool = False, dequantized: str = "BF16") -> None:
         self.adapter, self.dtype, self.block, self.meter = adapter, dtype, fp8_block, meter
+        self.dequantized = dequantized  # the dtype FP8 weights are written in when they are not kept FP8
         self.requantize = requantize
         self.touched = 0
         self.dot = self.norm2 = 0.0
@@ -156,7 +157,7 @@ class ShardWriter:
                 out.append((name, e["dtype"], e["shape"], "scale" if self.adapter.touches(weight) else "copy"))
             elif e["dtype"] in FP8:
                 if self.dtype != "fp8" or (self.unit_touched(name) and not self.requantize):
-                    out.append((name, "BF16", e["shape"], "dequant"))
+                    out.append((name, self.dequantized, e["shape"], "dequant"))
                 else:
                     out.append((name, e["dtype"], e["shape"], "requant" if self.adapter.touches(name) else "copy"))
             else:
@@ -242,11 +243,6 @@ def retention(dot: float, norm2: float) -> float | None:
     return dot / norm2 if norm2 > 0 else None
 
 
-def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
-    quant = config.get("quantization_config") or {}
-    return tuple(quant.get("weight_block_size", (128, 128))) if quant.get("quant_method") == "fp8" else None
-
-
 def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", meter: ByteMeter | None = None,
           progress: bool = True, requantize: bool = False) -> dict[str, Any]:
     """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
@@ -261,7 +257,7 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
     shards = shard_files(source.base)
     headers = check(source, adapter, shards)
     config = json.loads((source.base / "config.json").read_text())
-    block = _fp8_block(config)
+    block = block_size(config)
     if dtype == "fp8" and block is None:
         raise DsftError(f"--dtype fp8: {source.base} is not an FP8 block-scaled checkpoint; leave --dtype at bf16")
     if requantize and dtype != "fp8":
@@ -358,8 +354,7 @@ def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, An
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (*WEIGHT_FILES, "config.json"):
             shutil.copy2(f, tmp / f.name)
     if to_bf16:
-        config.pop("quantization_config", None)
-        config["torch_dtype"] = config["dtype"] = "bfloat16"
+        config = dequantized_config(config)
     elif bf16_units:  # FP8 output: touched units are bf16; both keys, as transformers and vLLM read them
         quant = config["quantization_config"]
         for key in ("modules_to_not_convert", "ignored_layers"):
@@ -367,15 +362,20 @@ def _write_side_files(source: Source, tmp: Path, headers: dict[str, dict[str, An
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     index = source.base / "model.safetensors.index.json"
     if index.is_file():
-        data = json.loads(index.read_text())
-        weight_map, total = {}, 0
-        for shard, header in headers.items():
-            for name, dtype, shape, _ in writer.plan(header):
-                weight_map[name] = shard
-                total += DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
-        data["weight_map"] = dict(sorted(weight_map.items()))
-        data.setdefault("metadata", {})["total_size"] = total
-        (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")
+        write_index(index, tmp / index.name, writer, headers)
     template = (source.recipe or {}).get("data", {}).get("chat_template")
     if template and (source.adapter_dir / "chat_template.jinja").is_file():
         shutil.copy2(source.adapter_dir / "chat_template.jinja", tmp / "chat_template.jinja")
+
+
+def write_index(src: Path, dst: Path, writer: ShardWriter, headers: dict[str, dict[str, Any]]) -> None:
+    """The base's shard index for what `writer` writes: its tensors (dropped scales left out) and total size."""
+    data = json.loads(src.read_text())
+    weight_map, total = {}, 0
+    for shard, header in headers.items():
+        for name, dtype, shape, _ in writer.plan(header):
+            weight_map[name] = shard
+            total += DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+    data["weight_map"] = dict(sorted(weight_map.items()))
+    data.setdefault("metadata", {})["total_size"] = total
+    dst.write_text(json.dumps(data, indent=2) + "\n")

@@ -18,13 +18,21 @@ dsft for resume, eval, merge); this export is the same weight changes in PEFT 0.
   parameters are registered: `gate_up_proj` is the inner one (`P.base_layer.lora_*`), `down_proj` the
   outer (`P.lora_*`).
 
-Every module's rank and alpha go in `rank_pattern` / `alpha_pattern` keyed by its exact name (PEFT scales
-each by alpha / r); `lora_dropout` is 0 (ParamWrapper refuses dropout), which changes nothing at inference.
+`r` / `lora_alpha` are the parameter targets' most common rank and alpha, and `rank_pattern` /
+`alpha_pattern` hold, by exact name, only the targets that differ (PEFT scales each by alpha / r; it warns
+about a pattern naming a parameter even though it applies it, so none is written where none is needed); `lora_dropout` is 0 (ParamWrapper refuses dropout), which changes nothing at inference.
 What PEFT cannot express is refused with one line: a router trained whole (`adapter.router: trainable`) and
 whole trained experts (`routed_experts.mode: full`); merge those (`dsft merge`).
 
-`check` builds the base's architecture with no weights (meta device), applies this export's config with
-PEFT exactly as `PeftModel.from_pretrained` does, and compares PEFT's config afterwards (unchanged: nothing
+An FP8 block-scaled base (DeepSeek-V3/R1 as released) is not loaded as it is: on CPU stock transformers
+mis-scales its partial edge blocks (the tiny V3's 40-row kv_a_proj_with_mqa, silently) or refuses them (V3's
+576-row one), and on a GPU builds FP8 modules to which PEFT adds the LoRA of
+the MLPs and experts before the block scale (~3e-5 of the update lands). `load_recipe` says to dequantize it
+first (`dsft convert`, dsft.export.dequantize) and load that.
+
+`check` builds the base's architecture with no weights (meta device) from its config as the load recipe
+gives it to transformers (`as_loaded`: quantization_config included; a quantized config is refused), applies
+this export's config with PEFT exactly as `PeftModel.from_pretrained` does, and compares PEFT's config afterwards (unchanged: nothing
 rewritten onto the experts) and the adapter tensors PEFT expects (names and shapes) with the written ones.
 It runs on every export before it is renamed into place.
 """
@@ -41,6 +49,7 @@ import torch
 from dsft import arch
 from dsft.adapters.weights import Adapter
 from dsft.errors import DsftError
+from dsft.models.fp8 import block_size, dequantized_config
 
 PREFIX = "base_model.model."
 # module names PEFT moves from target_modules onto the routed experts (peft.utils.transformers_weight_conversion)
@@ -98,17 +107,38 @@ def peft_tensors(adapter: Adapter, config: dict[str, Any]) -> tuple[dict[str, to
                 tensors[f"{where}.lora_B.weight"] = b.reshape(b.shape[0], r * experts).contiguous()
                 parameters.append(f"{module}.{proj}")
                 ranks[_pattern(f"{module}.{proj}")], alphas[_pattern(f"{module}.{proj}")] = r, ex.scale * r
-    r0 = max(ranks.values(), default=8)
-    fields = {"r": r0, "lora_alpha": r0, "target_modules": modules, "target_parameters": parameters,
-              "rank_pattern": ranks, "alpha_pattern": alphas}
-    return tensors, fields
+    return tensors, {"target_modules": modules, "target_parameters": parameters,
+                     **patterns(ranks, alphas, {_pattern(p) for p in parameters})}
+
+
+def patterns(ranks: dict[str, int], alphas: dict[str, float], parameters: set[str]) -> dict[str, Any]:
+    """r / lora_alpha and the patterns for the targets that differ from them. The default is the parameter
+    targets' most common (rank, alpha), else the modules': PEFT 0.21 looks a parameter's rank up by its full
+    name but warns about any pattern matching no targeted *module*, so a pattern is written only where a
+    target's rank or alpha differs from the default (`unmatched_warning` counts those PEFT will warn about)."""
+    from collections import Counter
+
+    pairs = {k: (ranks[k], alphas[k]) for k in ranks}
+    pool = [v for k, v in pairs.items() if k in parameters] or list(pairs.values())
+    r0, a0 = Counter(pool).most_common(1)[0][0] if pool else (8, 8.0)
+    differ = sorted(k for k, v in pairs.items() if v != (r0, a0))
+    return {"r": r0, "lora_alpha": a0, "rank_pattern": {k: ranks[k] for k in differ if ranks[k] != r0},
+            "alpha_pattern": {k: alphas[k] for k in differ if alphas[k] != a0}}
+
+
+def unmatched_warning(config: dict[str, Any]) -> int:
+    """Pattern keys naming parameters, which stock PEFT 0.21 applies and still lists as "did not match any
+    targeted module and were ignored" (its check looks at module names only)."""
+    params = {_pattern(p) for p in config.get("target_parameters") or ()}
+    return len({*config.get("rank_pattern", {}), *config.get("alpha_pattern", {})} & params)
 
 
 def build(adapter: Adapter, config: dict[str, Any], base: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, adapter_config.json, facts for the export's record) for dsft.export.unmerged."""
     tensors, fields = peft_tensors(adapter, config)
     return tensors, adapter_config(fields, base), {"target_modules": len(fields["target_modules"]),
-                                                   "target_parameters": len(fields["target_parameters"])}
+                                                   "target_parameters": len(fields["target_parameters"]),
+                                                   "pattern_keys_peft_warns_about": unmatched_warning(fields)}
 
 
 def adapter_config(fields: dict[str, Any], base: str) -> dict[str, Any]:
@@ -117,8 +147,26 @@ def adapter_config(fields: dict[str, Any], base: str) -> dict[str, Any]:
             "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
 
 
+def as_loaded(config: dict[str, Any]) -> dict[str, Any]:
+    """The base's config as the printed load recipe gives it to transformers: an FP8 block-scaled base through
+    `dsft convert` (dequantized, no quantization_config; `load_recipe`), any other as it is."""
+    return dequantized_config(config) if block_size(config) is not None else config
+
+
+def load_recipe(base: Path, out: Path) -> list[str]:
+    """The lines that load the export with stock transformers + PEFT (an FP8 base first dequantized)."""
+    config = json.loads((base / "config.json").read_text())
+    load = lambda b: f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{b}"), "{out}")'  # noqa: E731
+    if block_size(config) is None:
+        return [load(base)]
+    plain = base.with_name(f"{base.name}-bf16")
+    return [f"dsft convert --model {base} --out {plain}   (once: the FP8 weights dequantized to bf16, partial edge "
+            "blocks exact; add --dtype float32 for exactly dsft's values, at twice the size)", load(plain)]
+
+
 def check(directory: Path, base: Path) -> list[str]:
     """What stock PEFT would do differently from what the export says: one line each (see the module doc)."""
+    import tempfile
     import warnings
 
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -128,9 +176,16 @@ def check(directory: Path, base: Path) -> list[str]:
     written = json.loads((directory / "adapter_config.json").read_text())
     fields = {k: v for k, v in written.items() if k in LoraConfig.__dataclass_fields__}
     lora = LoraConfig(**fields)
-    with torch.device("meta"), warnings.catch_warnings():
+    config = as_loaded(json.loads((base / "config.json").read_text()))
+    quant = config.get("quantization_config")
+    if quant:
+        return [f"{base}/config.json: quantization_config {quant.get('quant_method')!r}: stock transformers would build "
+                "quantized modules, and PEFT adds LoRA to their stored values before the scale; load the base "
+                "dequantized (`dsft convert`) and export for that"]
+    with torch.device("meta"), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp))
         peft_model = get_peft_model(model, lora)
     problems = []
     after, tuner = peft_model.peft_config["default"], peft_model.base_model

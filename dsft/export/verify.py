@@ -33,7 +33,7 @@ from dsft.export.adapter import retention_sums
 from dsft.export.merge import MERGE_RECORD, Source, machine
 from dsft.export.safetensors_io import read_header, read_tensor
 from dsft.arch import canonical, selects
-from dsft.models.fp8 import dequantize
+from dsft.models.fp8 import block_size, dequantize
 from dsft.models.fp8 import quantize as quantize_fp8
 from dsft.arch import FUSED, LAYER, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
@@ -225,8 +225,7 @@ def exact_check(source: Source, out: Path, record: dict[str, Any], ref: Referenc
     `floor` (the fp32 base model) as it goes, which makes it the in-memory merge the logit check needs."""
     base, merged = _Files(source.base), _Files(out)
     config = json.loads((source.base / "config.json").read_text())
-    quant = config.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size", (128, 128))) if quant.get("quant_method") == "fp8" else None
+    block = block_size(config)
     limit = 0 if record.get("machine") == machine() else 1
     report = ExactReport()
     expected_names = {k for k in base.index if not (k.endswith(SCALE_SUFFIX) and _dropped_scale(k, base, merged))}

@@ -9,9 +9,25 @@ tensor or looping in Python (the loop took 0.12 s per V3 expert weight on 2 core
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 E4M3_MAX = 448.0
+
+
+def block_size(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The FP8 block of a block-scaled checkpoint's config.json (DeepSeek-V3/R1: 128 x 128), or None."""
+    quant = config.get("quantization_config") or {}
+    return tuple(quant.get("weight_block_size", (128, 128))) if quant.get("quant_method") == "fp8" else None
+
+
+def dequantized_config(config: dict[str, Any], dtype: str = "bfloat16") -> dict[str, Any]:
+    """config.json of the checkpoint with every FP8 weight dequantized to `dtype`: what `dsft convert` and a
+    bf16 `dsft merge` write, and what the PEFT export's check builds its base from (dsft.export.peft)."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    out["torch_dtype"] = out["dtype"] = dtype
+    return out
 
 
 def _tiles(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:

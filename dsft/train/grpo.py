@@ -40,6 +40,15 @@ def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def loss_settings(settings: GrpoSection) -> str:
+    """The loss type's own settings as TRL gets them (the card and the summary show them)."""
+    if settings.loss_type == "sapo":
+        return "gate temperatures {:g} / {:g}".format(*settings.sapo_temperatures())
+    if settings.loss_type == "cispo":
+        return f"weights capped at {settings.clip_high():g}"
+    return f"ratio clipped to [{1 - settings.clip_low():g}, {1 + settings.clip_high():g}]"
+
+
 def reference(settings: GrpoSection, init_adapter: Path | None) -> str:
     if settings.beta == 0:
         return "none (beta 0: no KL term)"
@@ -57,13 +66,17 @@ class GRPO(pipeline.Objective):
         from dsft.train.rewards import build
 
         super().load_rows(recipe)
-        return build(self.settings(recipe).rewards)
+        settings = self.settings(recipe)
+        return build(settings.rewards, settings.reward_timeout)
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rewards: Any) -> dict[str, Any]:
         from dsft.data.prepared import PROMPTS, Spec, prepare
+        from dsft.train.rewards import set_reasoning_opened
 
         data, settings = recipe.data, self.settings(recipe)
-        spec = lambda files, what: Spec(PROMPTS, list(files), "prompt", what, data.system_prompt, dpo=settings.fit())  # noqa: E731
+        spec = lambda files, what: Spec(PROMPTS, list(files), "prompt", what, data.system_prompt, dpo=settings.fit(),  # noqa: E731
+                                        section=self.name)
+        set_reasoning_opened(rewards, tokenizer)
         train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
         check_rewards(rewards, first_row(train, data.train), tokenizer)
@@ -77,9 +90,13 @@ class GRPO(pipeline.Objective):
 
     def config_args(self, recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
         g = self.settings(recipe)
+        pos, neg = g.sapo_temperatures()
+        clip = {"epsilon": g.clip_low(), "epsilon_high": g.clip_high()} if g.loss_type != "sapo" else \
+            {"sapo_temperature_pos": pos, "sapo_temperature_neg": neg}
         return {"num_generations": g.num_generations, "max_completion_length": g.max_completion_length,
                 "temperature": g.temperature, "top_p": g.top_p, "top_k": 0, "beta": g.beta, "loss_type": g.loss_type,
-                "epsilon": g.epsilon, "steps_per_generation": g.steps_per_generation, "num_iterations": g.num_iterations,
+                **clip, "use_bias_correction_kl": g.kl_corrected(),
+                "steps_per_generation": g.steps_per_generation, "num_iterations": g.num_iterations,
                 "reward_weights": [r.weight for r in g.rewards], "per_device_eval_batch_size": g.num_generations,
                 "log_completions": False, "remove_unused_columns": False, "disable_dropout": True,
                 "generation_kwargs": {"use_cache": True}, "shuffle_dataset": True}
@@ -122,13 +139,17 @@ class GRPO(pipeline.Objective):
         g = self.settings(recipe)
         rewards = ", ".join(f"{r.label} x{r.weight:g}" + (f" (`{r.function}`)" if r.function else "") for r in g.rewards)
         return [f"- grpo: rewards {rewards}; {g.num_generations} completions per prompt of at most "
-                f"{g.max_completion_length} tokens, temperature {g.temperature:g}, top_p {g.top_p:g}; loss {g.loss_type}, "
-                f"beta {g.beta:g} (reference: {summary.get('reference', reference(g, None))})"
+                f"{g.max_completion_length} tokens, temperature {g.temperature:g}, top_p {g.top_p:g}; loss {g.loss_type} "
+                f"({loss_settings(g)}), beta {g.beta:g} (reference: {summary.get('reference', reference(g, None))}"
+                + (f"; KL {'bias-corrected' if g.kl_corrected() else 'k3, uncorrected'})" if g.beta else ")")
                 + (f", continues `{g.init_adapter}`" if g.init_adapter else ""),
                 f"- sampled completions with their rewards: `{run_dir.COMPLETIONS}`"]
 
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
                targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
+        from dsft.train.rewards import close_all
+
+        close_all(prepared.data["rewards"])  # the user's functions' processes
         settings = self.settings(prepared.recipe)
         logged = [r for r in metrics.rows if "reward" in r and "loss" in r]
         keys = ["reward", *(f"rewards/{r.label}/mean" for r in settings.rewards), "completions/mean_length",
@@ -142,7 +163,8 @@ class GRPO(pipeline.Objective):
                             share, mean_of(logged, "generation/tokens_per_s"))
         summary = {"rows": result.counts, "first": result.first, "last": result.last, "reference": result.reference,
                    "generation_share": share, "generated_tokens_per_s": result.tokens_per_s,
-                   "settings": {"loss_type": settings.loss_type, "beta": settings.beta,
+                   "settings": {"loss_type": settings.loss_type, "loss": loss_settings(settings), "beta": settings.beta,
+                                "kl_bias_correction": settings.kl_corrected() if settings.beta else None,
                                 "num_generations": settings.num_generations,
                                 "max_completion_length": settings.max_completion_length,
                                 "temperature": settings.temperature, "top_p": settings.top_p,
@@ -212,9 +234,19 @@ def warm_up(trainer: Any, rewards: list[Any]) -> None:
     scores = call_all(rewards, *_group(row, completions, completion_ids))
     trainer.timing = {"generation": 0.0, "tokens": 0, "since": time.monotonic()}
     if is_main():
-        means = ", ".join(f"{name} {mean_of([{'v': v} for v in values], 'v') or 0:.3g}" for name, values in scores.items())
         say(f"rewards checked on {len(prompts)} completions generated for the first prompt "
-            f"({time.monotonic() - started:.1f} s): {means}")
+            f"({time.monotonic() - started:.1f} s): {shown_scores(scores)}")
+
+
+def shown_scores(scores: dict[str, list[float | None]]) -> str:
+    """Each reward's mean over the completions it scored, or that it scored none (never a made-up 0)."""
+    parts = []
+    for name, values in scores.items():
+        mean = mean_of([{"v": v} for v in values if v is not None], "v")
+        n = sum(v is not None for v in values)
+        parts.append(f"{name} {mean:.3g}" + (f" ({n} of {len(values)} scored)" if n < len(values) else "")
+                     if mean is not None else f"{name}: none scored (None for all {len(values)})")
+    return ", ".join(parts)
 
 
 OBJECTIVE = pipeline.register(GRPO())

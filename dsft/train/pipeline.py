@@ -365,6 +365,11 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     from dsft.models.check import check_checkpoint
     from dsft.models.load import load_tokenizer, resolve_model_path
 
+    from dsft.config.schema import foreign_section
+
+    problem = foreign_section(recipe, goal.name)
+    if problem:
+        raise DsftError(problem)
     if check_output:
         run_dir.check_output_dir(Path(recipe.output_dir), force, resume, run_dir.run_inputs(recipe))
     check_trackers(recipe)

@@ -42,7 +42,7 @@ class PairObjective(pipeline.Objective):
 
         data, settings = recipe.data, self.settings(recipe)
         spec = lambda files, what: Spec(self.kind, list(files), data.format, what, data.system_prompt,  # noqa: E731
-                                        dpo=settings.fit())
+                                        dpo=settings.fit(), section=self.name)
         train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
         counts = dict(train.meta["counts"])

@@ -51,17 +51,34 @@ class GracefulStop(TrainerCallback):
     """First SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. Second: exit at once
     (the last complete checkpoint is untouched: only marked checkpoints are resumed from)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: Path | None = None) -> None:
         self.signum: int | None = None
         self.step = 0
+        self.run = run
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
+            self._mark_stopped(signum)
             os._exit(128 + signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
               "(signal again to stop at once)", file=sys.stderr, flush=True)
+
+    def _mark_stopped(self, signum: int) -> None:
+        """run.json says how the run ended before the process exits at once (it would otherwise read `running`)."""
+        if self.run is None:
+            return
+        path = self.run / "run.json"
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            info.update(status="interrupted", error=f"{signal.Signals(signum).name} twice: stopped at once during step "
+                        f"{self.step + 1}; resume from the last checkpoint")
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if os.environ.get(SIGNALS_ENV) != "1":
@@ -227,7 +244,7 @@ def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> Non
             trainer._load_from_checkpoint(str(checkpoint))  # the weights as trained; optimizer state is not needed
             trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
             return
-    stop = GracefulStop()
+    stop = GracefulStop(run if is_main() else None)
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

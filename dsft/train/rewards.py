@@ -1,19 +1,22 @@
 """GRPO's rewards (`grpo.rewards`): the built-in ones and the user's own functions, each wrapped so that a
-reward that raises, returns the wrong count, a non-number, NaN or infinity stops the run with one line naming
-the reward and the row (a row's FILE:LINE travels with it as `dsft_row`), never a bad number trained on.
+reward that raises, exits, hangs, returns the wrong count, a non-number, NaN or infinity stops the run with one
+line naming the reward and the row (a row's FILE:LINE travels with it as `dsft_row`), never a bad number
+trained on.
 
 Every reward is called as TRL calls one: `reward(prompts=..., completions=..., completion_ids=..., **columns)`,
-the row's other fields by name, returning one float (or None: not applicable to that completion) per
-completion. The built-ins read the completion's text; a user's function gets TRL's completions as they are
-(conversational prompts give `[{"role": "assistant", "content": ...}]` per completion).
+the row's other fields by name (and TRL's `trainer_state`, `log_extra`, `log_metric`), returning one float
+(or None: not applicable to that completion) per completion. The built-ins read the completion's text
+(`answer_match` judges answers with math-verify, dsft.train.answers); a user's function runs in a process of
+its own (dsft.train.sandbox: copies of the arguments, a time limit per call) and gets TRL's completions as
+they are (conversational prompts give `[{"role": "assistant", "content": ...}]` per completion).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,59 +40,18 @@ def text_of(completion: Any) -> str:
 
 # ---------------------------------------------------------------- the built-ins
 
-BOXED = "\\boxed{"
-NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+@dataclass
+class Context:
+    """What the built-ins know of the run beyond a completion: whether the chat template's generation prompt
+    opens a reasoning block (R1-Distill's does: a completion without `</think>` was then cut off)."""
+
+    reasoning_opened: bool = False
 
 
-def boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (braces inside it balanced), or None."""
-    start = text.rfind(BOXED)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(BOXED)
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
-def final_answer(text: str, marker: str | None) -> str | None:
-    """The completion's final answer: the first line after the last `marker`, or with no marker the last
-    \\boxed{...}; None when there is none. The reasoning before a `</think>` is never the answer."""
-    text = text.rpartition("</think>")[2] if "</think>" in text else text
-    if marker:
-        if marker not in text:
-            return None
-        after = text.rpartition(marker)[2].strip()
-        return after.splitlines()[0].strip() if after else None
-    return boxed(text)
-
-
-def _number(text: str) -> float | None:
-    """The text as a number when it is one (`1,250`, `$42.50`, `12 %`, `3.0.`), else None."""
-    core = text.strip().strip("$€£%. ").replace(" ", "")
-    if not NUMBER.fullmatch(core):
-        return None
-    try:
-        return float(core.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def same_answer(got: str, expected: Any) -> bool:
-    """Numbers compared as numbers (1e-6 relative), anything else as text with case, spacing and a final
-    period ignored."""
-    want = str(expected)
-    a, b = _number(got), _number(want)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    norm = lambda s: " ".join(s.strip().rstrip(".").split()).casefold()  # noqa: E731
-    return norm(got) == norm(want)
-
-
-def answer_match(spec: RewardSpec) -> Callable[..., list[float | None]]:
-    """1 when the final answer equals the row's `answer`, else 0; None for a row without an answer."""
+def answer_match(spec: RewardSpec, context: Context) -> Callable[..., list[float | None]]:
+    """1 when the completion's final answer is the row's `answer` (dsft.train.answers), else 0; None for a row
+    without an answer."""
+    from dsft.train.answers import matches
 
     def reward(completions: list[Any], answer: list[Any] | None = None, **_: Any) -> list[float | None]:
         if answer is None:
@@ -97,8 +59,10 @@ def answer_match(spec: RewardSpec) -> Callable[..., list[float | None]]:
                               "an `answer` field to the rows, or remove the reward")
         out: list[float | None] = []
         for completion, expected in zip(completions, answer):
-            got = final_answer(text_of(completion), spec.marker)
-            out.append(None if expected in (None, "") else float(got is not None and same_answer(got, expected)))
+            if expected is None or not str(expected).strip():
+                out.append(None)
+                continue
+            out.append(float(matches(text_of(completion), expected, spec.marker, context.reasoning_opened)))
         return out
 
     return reward
@@ -107,7 +71,7 @@ def answer_match(spec: RewardSpec) -> Callable[..., list[float | None]]:
 THINK = re.compile(r"^\s*(?:<think>)?(?P<think>.*?)</think>(?P<answer>.*)$", re.DOTALL)
 
 
-def think_format(spec: RewardSpec) -> Callable[..., list[float]]:
+def think_format(spec: RewardSpec, context: Context) -> Callable[..., list[float]]:
     """1 for R1's shape: a non-empty reasoning closed by `</think>` (opened by `<think>`, or by the generation
     prompt as R1-Distill's newer templates do), then a non-empty answer with no second think block; else 0."""
 
@@ -123,7 +87,7 @@ def think_format(spec: RewardSpec) -> Callable[..., list[float]]:
     return reward
 
 
-def regex(spec: RewardSpec) -> Callable[..., list[float]]:
+def regex(spec: RewardSpec, context: Context) -> Callable[..., list[float]]:
     """1 when the pattern is found in the completion (`match: partial`) or matches all of it (`full`,
     surrounding whitespace ignored); else 0."""
     pattern = re.compile(spec.pattern or "", re.DOTALL if spec.match == "full" else 0)
@@ -135,7 +99,7 @@ def regex(spec: RewardSpec) -> Callable[..., list[float]]:
     return reward
 
 
-def length(spec: RewardSpec) -> Callable[..., list[float]]:
+def length(spec: RewardSpec, context: Context) -> Callable[..., list[float]]:
     """1 - |n - target| / target for a completion of n tokens (or characters): 1 at the target, falling
     linearly on both sides (below 0 beyond twice the target)."""
     target = float(spec.target or 1)
@@ -150,61 +114,60 @@ def length(spec: RewardSpec) -> Callable[..., list[float]]:
     return reward
 
 
-BUILTINS: dict[str, Callable[[RewardSpec], Callable[..., list[Any]]]] = {
+BUILTINS: dict[str, Callable[[RewardSpec, Context], Callable[..., list[Any]]]] = {
     "answer_match": answer_match, "think_format": think_format, "regex": regex, "length": length}
 
 
 # ---------------------------------------------------------------- the user's own
 
-def load_function(spec: RewardSpec, key: str) -> Callable[..., Any]:
-    """`FILE.py:NAME` imported once (a file that does not exist or does not import, a name it lacks or that
-    is not callable: one line naming `key`)."""
+def load_function(spec: RewardSpec, key: str, timeout: float) -> Callable[..., Any]:
+    """`FILE.py:NAME` imported once, in its own process (dsft.train.sandbox); a file that does not exist or
+    does not import, a name it lacks or that is not callable: one line naming `key`."""
+    from dsft.train.sandbox import FunctionFailed, UserFunction
+
     file, _, name = (spec.function or "").rpartition(":")
     path = Path(file)
     if not path.is_file():
         raise DsftError(f"{key}: file not found: {path} (paths are relative to the current directory)")
-    module_name = f"dsft_reward_{abs(hash(str(path.resolve()))):x}"
     try:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ImportError("not a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - whatever the user's file raises on import
-        raise DsftError(f"{key}: {path} does not import ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                        "fix the file") from None
-    func = getattr(module, name, None)
-    if func is None:
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module_name)
-        raise DsftError(f"{key}: {path} has no function {name!r}" + (f" (it has {', '.join(found)})" if found else ""))
-    if not callable(func):
-        raise DsftError(f"{key}: {path}:{name} is a {type(func).__name__}, not a function")
-    return func
+        return UserFunction(path, name, timeout, spec.label)
+    except FunctionFailed as e:
+        raise DsftError(f"{key}: {e.reason}") from None
 
 
 # ---------------------------------------------------------------- checked, as TRL calls them
 
 class CheckedReward:
     """A reward as the trainer calls it (TRL names it by `__name__`): the row locations taken out of its
-    keywords, its output checked."""
+    keywords, its failures named with the reward at fault, its output checked."""
 
-    def __init__(self, spec: RewardSpec, index: int, func: Callable[..., Any], builtin: bool) -> None:
-        self.spec, self.func, self.builtin = spec, func, builtin
+    def __init__(self, spec: RewardSpec, index: int, func: Callable[..., Any], builtin: bool, context: Context) -> None:
+        self.spec, self.func, self.builtin, self.context = spec, func, builtin, context
         self.key = f"grpo.rewards[{index}] ({spec.label})"
         self.__name__ = spec.label
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
+        from dsft.train.sandbox import FunctionFailed
+
         rows = kwargs.pop(ROW, None) or [None] * len(completions)
+        at = f"on the row at {rows[0] or 'an unknown row'} (or another of its batch)"
         try:
             out = self.func(prompts=prompts, completions=completions, **kwargs)
         except RewardError:
             raise
-        except Exception as e:  # noqa: BLE001 - the user's function may raise anything
+        except FunctionFailed as e:
+            self.close()  # the run stops here: its process goes too, hung or not
+            raise RewardError(f"{self.key}: {e.reason} {at}; fix the function (return None for a completion it "
+                              "cannot score)") from None
+        except Exception as e:  # noqa: BLE001 - a built-in's library may raise anything
             raise RewardError(f"{self.key}: raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
-                              f"on the row at {rows[0] or 'an unknown row'} (or another of its batch); fix the function "
-                              "(return None for a completion it cannot score)") from None
+                              f"{at}; fix it (return None for a completion it cannot score)") from None
         return self.check(out, rows)
+
+    def close(self) -> None:
+        """End a user's function's process (built-ins have none)."""
+        if hasattr(self.func, "close"):
+            self.func.close()
 
     def check(self, out: Any, rows: list[str | None]) -> list[float | None]:
         n = len(rows)
@@ -227,14 +190,44 @@ class CheckedReward:
         return [None if v is None else float(v) for v in values]
 
 
-def build(specs: list[RewardSpec]) -> list[CheckedReward]:
-    """The recipe's rewards, the user's functions imported (once each)."""
-    out = []
-    for i, spec in enumerate(specs):
-        key = f"grpo.rewards[{i}].function"
-        func = BUILTINS[spec.builtin](spec) if spec.builtin else load_function(spec, key)
-        out.append(CheckedReward(spec, i, func, spec.builtin is not None))
+def build(specs: list[RewardSpec], timeout: float) -> list[CheckedReward]:
+    """The recipe's rewards, the user's functions imported (once each, each in its own process, a call at most
+    `timeout` seconds); the built-ins share one Context (set_reasoning_opened)."""
+    out: list[CheckedReward] = []
+    context = Context()
+    try:
+        for i, spec in enumerate(specs):
+            key = f"grpo.rewards[{i}].function"
+            func = BUILTINS[spec.builtin](spec, context) if spec.builtin else load_function(spec, key, timeout)
+            out.append(CheckedReward(spec, i, func, spec.builtin is not None, context))
+    except BaseException:
+        close_all(out)
+        raise
     return out
+
+
+def close_all(rewards: list[CheckedReward]) -> None:
+    for r in rewards:
+        r.close()
+
+
+def set_reasoning_opened(rewards: list[CheckedReward], tokenizer: Any) -> bool:
+    """Tell the built-ins whether the chat template's generation prompt opens a reasoning block (`<think>` after
+    the user's turn with no `</think>`: R1-Distill's templates), so that a completion never closing it counts as
+    cut off. Returns it."""
+    from dsft.train.answers import THINK_CLOSE, THINK_OPEN
+
+    marker = "dsft-probe-7f3a"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render this is checked with the data
+        return False
+    after = str(text).rpartition(marker)[2]
+    opened = THINK_OPEN in after and THINK_CLOSE not in after.rpartition(THINK_OPEN)[2]
+    for r in rewards:
+        r.context.reasoning_opened = opened
+    return opened
 
 
 def call_all(rewards: list[CheckedReward], prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
@@ -243,3 +236,9 @@ def call_all(rewards: list[CheckedReward], prompts: list[Any], completions: list
     a completion the model generated, and with synthetic ones)."""
     return {r.__name__: r(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             for r in rewards}
+
+
+def scored(scores: dict[str, list[float | None]]) -> int:
+    """Completions some reward scored (not None from every reward)."""
+    columns = list(scores.values())
+    return sum(any(c[i] is not None for c in columns) for i in range(len(columns[0]))) if columns else 0

@@ -212,6 +212,36 @@ class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
         self.beta = beta
         self.completions_path, self.shown = completions, shown
         self.timing = {"generation": 0.0, "tokens": 0, "since": time.monotonic()}
+        self.scored_any, self.unscored_said = False, False
+
+    def _calculate_rewards(self, inputs: list, prompts: list, completions: list, completion_ids_list: list) -> Any:
+        """TRL's rewards of a generation, and a stop when nothing has been scored: a run whose first generation no
+        reward scored (every reward None for every completion, across processes) would train on nothing and report
+        complete; later unscored generations are said once (they carry no signal)."""
+        import torch
+
+        from dsft.data.prompts import ROW
+        from dsft.train.rewards import RewardError
+
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if not self.model.training:
+            return rewards
+        if not bool(torch.isnan(rewards).all()):
+            self.scored_any = True
+            return rewards
+        where = next((r.get(ROW) for r in inputs if r.get(ROW)), None) or "an unknown row"
+        if not self.scored_any:
+            raise RewardError(f"grpo.rewards: no completion of the first generation was scored (every reward returned "
+                              f"None for all {rewards.shape[0]} completions; the batch has the row at {where}); a run "
+                              "scoring nothing trains nothing: give the rows what the rewards read (answer_match: an "
+                              "`answer`), or make the function return numbers")
+        if not self.unscored_said:
+            from dsft.console import say
+
+            say(f"warning: step {self.state.global_step + 1}: no completion of this generation was scored (every reward "
+                f"returned None; the batch has the row at {where}); it trains nothing", stderr=True)
+            self.unscored_said = True
+        return rewards
 
     def _generate(self, prompts: list) -> tuple:
         import time
