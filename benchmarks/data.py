@@ -26,7 +26,7 @@ cold >= 0.8x the baseline, warm and resume < 2 s for 100k rows, peak RSS < 3 GB 
 
     python benchmarks/data.py                       # 100,000 rows (~85M tokens)
     python benchmarks/data.py --rows 1000000 --cases dsft-cold,dsft-warm   # the 1M-row memory check
-    python benchmarks/data.py --smoke               # 2,000 rows, every case: checks the script (CI runs it)
+    python benchmarks/data.py --smoke               # 600 rows, every case: checks the script (CI runs it)
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--cases", default=",".join(c for c in CASES if c != "dsft-before"))
     parser.add_argument("--before", type=int, default=0, help="rows for the dsft-before case (adds it when > 0)")
-    parser.add_argument("--smoke", action="store_true", help="2,000 rows, every case")
+    parser.add_argument("--smoke", action="store_true", help="600 rows, every case")
     parser.add_argument("--dir", help="where the data file and the cache go (default: a temporary directory)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -171,7 +171,7 @@ def main() -> None:
         print(json.dumps(child(args.child, Path(args.data), Path(args.cache), args.before)))
         return
     if args.smoke:
-        args.rows, args.before, args.cases = 2000, 500, ",".join(CASES)
+        args.rows, args.before, args.cases = 600, 150, ",".join(CASES)
     cases = [c for c in args.cases.split(",") if c]
     if args.before and "dsft-before" not in cases:
         cases.append("dsft-before")

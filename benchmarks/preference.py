@@ -61,9 +61,9 @@ def time_objective(name: str, path: Path) -> list[float]:
 
     original = resume.train
 
-    def timed(trainer, run, command, checkpoint):  # noqa: ANN001, ANN202
+    def timed(trainer, run, command, checkpoint, metadata=None):  # noqa: ANN001, ANN202
         trainer.add_callback(Timer())
-        return original(trainer, run, command, checkpoint)
+        return original(trainer, run, command, checkpoint, metadata)
 
     resume.train = timed
     try:

@@ -46,14 +46,20 @@ def say(text: Any, stderr: bool = False, highlight: bool | None = None) -> None:
 
 
 def show(table: Any) -> None:
-    """Print a rich Table; one wider than the console becomes records (title, then `column: value`
-    lines, a value too long for its line on a line of its own), so no value is cut or wrapped
-    mid-way. Logged to the run's log either way."""
+    """Print a rich Table. On a terminal, one wider than the console becomes records (title, then `column:
+    value` lines, a value too long for its line on a line of its own), so no value is cut or wrapped mid-way.
+    Without a terminal (nohup, SLURM, a pipe, tee) the table is printed whole as run.log holds it, at a fixed
+    width that does not depend on the environment: the same text for every run, for a file to keep and a
+    script to read. Logged to the run's log either way."""
     from rich.measure import Measurement
     from rich.text import Text
 
     out = console()
-    LOG.info(_plain(table))
+    plain = _plain(table)
+    LOG.info(plain)
+    if not out.is_terminal:
+        out.print(Text(plain), soft_wrap=True)
+        return
     # measured unconstrained: rich clamps a measurement to the width it is given
     width = Measurement.get(out, out.options.update(max_width=1 << 16), table).maximum
     if width <= out.width:

@@ -16,6 +16,7 @@ class DsftError(Exception):
     """A problem with the user's input, reported without a traceback (exit code 2)."""
 
     exit_code = 2
+    label = "error"  # how the CLI starts its lines ("stopped" for a run stopped on a signal: not an error)
 
     def __init__(self, *lines: str) -> None:
         self.lines = [line for line in lines if line]

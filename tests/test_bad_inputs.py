@@ -103,6 +103,16 @@ def write(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def saved_before_metadata(checkpoint: Path) -> Path:
+    """A checkpoint as a dsft before 2026-12-07 saved it: complete, without dsft_adapter.json."""
+    (checkpoint / "dsft_adapter.json").unlink()
+    marker = checkpoint / "dsft-complete.json"
+    data = json.loads(marker.read_text())
+    data["files"].pop("dsft_adapter.json")
+    marker.write_text(json.dumps(data))
+    return checkpoint
+
+
 def truncate(path: Path, by: int = 100) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[:-by])
@@ -463,9 +473,9 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("mix-weight-zero", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(r / "train.jsonl"), "weight": 0}]}})],
      "data.train[0].weight: a positive number (got 0)", None),
     ("mix-both-shares", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(r / "train.jsonl"), "weight": 1, "rows": 2}]}})],
-     "data.train[0]: a mixed entry is {path: FILE, weight: W} or {path: FILE, rows: N}", None),
+     "data.train[0]: give weight (a share of the mix) or rows (a count), not both", None),
     ("mix-key-written", lambda r: ["validate", recipe(r, {"data": {"mix": [None]}})],
-     "data.mix: not a key to write; give a file's share as a data.train entry", None),
+     "data.mix: not a key to write; give a file's share, format or columns in its data.train entry", None),
     ("set-typo-key", sft(None, "--set", "traning.lr=1e-3"), "--set traning.lr=1e-3: traning: unknown key; did you mean training?", None),
     ("recipe-typo-section", lambda r: ["validate", recipe(r, {"adaptor": {"r": 4}})], "recipe.yaml: adaptor: unknown key; did you mean adapter?", None),
     ("csv-header-other-format", lambda r: ["sft", "--recipe", recipe(r, {"data": {"format": "alpaca", "train": str(write(
@@ -568,7 +578,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "output_dir: cannot write in {root}/ro (Read-only file system)", lambda mp, r: deny(mp, r / "ro", errno.EROFS)),
     # dsft eval
     ("eval-run-missing", lambda r: ["eval", "--adapter", r / "nope"], "--adapter {root}/nope: no such run directory", None),
-    ("eval-not-a-run", lambda r: ["eval", "--adapter", r], "{root}: no recipe.yaml; not a dsft run directory", None),
+    ("eval-not-a-run", lambda r: ["eval", "--adapter", r], "{root}: neither a dsft run directory nor an adapter directory", None),
     ("eval-run-json-garbage", with_run(lambda run, r: write(run / "run.json", "{oops") and None, "eval"), "run/run.json: not valid JSON", None),
     ("eval-run-json-list", with_run(lambda run, r: write(run / "run.json", "[]") and None, "eval"), "run.json: must be a JSON object", None),
     ("eval-recipe-garbage", with_run(lambda run, r: write(run / "recipe.yaml", "model: [\n") and None, "eval"), "run/recipe.yaml:2: not valid YAML", None),
@@ -609,7 +619,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "adapter_config.json: must be a JSON object", None),
     ("chat-adapter-no-rank", with_run(lambda run, r: write(run / "adapter/adapter_config.json", "{}") and None, "chat"),
      "no LoRA rank `r`", None),
-    ("chat-not-a-run", lambda r: ["chat", "--adapter", r], "no recipe.yaml; not a dsft run directory", None),
+    ("chat-not-a-run", lambda r: ["chat", "--adapter", r], "neither a dsft run directory nor an adapter directory", None),
     ("chat-tokenizer-garbage", with_run(lambda run, r: write(run / "adapter/tokenizer.json", "{oops") and None, "chat"),
      "adapter: the tokenizer files cannot be read", None),
     # dsft merge: never over its inputs or a user's directory
@@ -717,11 +727,15 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("dpo-init-adapter-other-weights", with_run(lambda run, r: ["--recipe", recipe(r, {
         **pref(r), "model": {"path": str(other_weights(r))}, "dpo": {"init_adapter": str(run), "max_prompt_length": 64},
         "output_dir": str(r / "dpo")})], "dpo"), "dpo.init_adapter: {root}/other has the architecture but not the weights", None),
-    ("merge-adapter-is-checkpoint", needs_run(lambda r, source: ["merge", "--adapter", run_copy(r, source) / "checkpoints/checkpoint-2",
-                                                                 "--out", r / "merged"]),
-     "a training checkpoint of the run {root}/run", None),
-    ("eval-adapter-is-checkpoint", needs_run(lambda r, source: ["eval", "--adapter", run_copy(r, source) / "checkpoints/checkpoint-2"]),
-     "pass --adapter {root}/run for the run's adapter", None),
+    ("merge-adapter-checkpoint-damaged", needs_run(lambda r, source: ["merge", "--adapter", truncate(
+        run_copy(r, source) / "checkpoints/checkpoint-2/adapter_model.safetensors").parent, "--out", r / "merged"]),
+     "checkpoint-2: the checkpoint is damaged (adapter_model.safetensors is missing or truncated)", None),
+    ("eval-adapter-checkpoint-without-metadata", needs_run(lambda r, source: ["eval", "--adapter", saved_before_metadata(
+        run_copy(r, source) / "checkpoints/checkpoint-2"), "--on-train"]),
+     "a checkpoint saved by a dsft before 2026-12-07, without its adapter's metadata", None),
+    ("dpo-init-adapter-is-checkpoint", needs_run(lambda r, source: ["dpo", "--recipe", recipe(r, {
+        **pref(r), "dpo": {"init_adapter": str(run_copy(r, source) / "checkpoints/checkpoint-2"), "max_prompt_length": 64},
+        "output_dir": str(r / "dpo")})]), "a training checkpoint of the run {root}/run", None),
     # rule 3: links resolved before any decision; staging locked; a tracker directory is dsft's only as far as it wrote it
     ("merge-out-link-loop", merge_into(lambda r, run: loop(r)), "--out: {root}/loop-a is a loop of symbolic links", None),
     ("export-out-link-into-base", export_into(lambda r, run: link(r / "vllm", ckpt(r))), "is inside the model checkpoint", None),
@@ -784,9 +798,9 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("kto-wrong-format", lambda r: ["kto", "--recipe", recipe(r, {"kto": {"max_prompt_length": 64}, "training": {"micro_batch_size": 2}})],
      "data.format: `dsft kto` trains on kto or preference rows; set data.format to kto (got messages)", None),
     ("kto-missing-label", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A."}]))],
-     "feedback.jsonl:1: missing field 'label' (true for a desirable completion", None),
+     "feedback.jsonl:1: missing field 'label' (true or 1 for a desirable completion", None),
     ("kto-label-not-bool", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A.", "label": "yes"}]))],
-     "feedback.jsonl:1: field 'label' must be true or false, got 'yes'", None),
+     "feedback.jsonl:1: field 'label' must be true or false (or 1 or 0), got 'yes'", None),
     ("kto-labels-one-value", lambda r: ["kto", "--recipe", recipe(r, feedback(r, [{"prompt": "Q?", "completion": "A.", "label": True},
                                                                                {"prompt": "R?", "completion": "B.", "label": True}]))],
      "data.train: every row is labelled true (desirable); KTO learns from both: add rows labelled false", None),
@@ -815,7 +829,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "grpo.rewards[0].function: {root}/rewards.py has no function 'f' (it has g)", None),
     ("grpo-reward-file-does-not-import", grpo_reward("import not_a_module\n"),
      "grpo.rewards[0].function: {root}/rewards.py does not import (ModuleNotFoundError", None),
-    ("grpo-reward-raises", grpo_reward("def f(prompts, completions, **k):\n    return [1 / len(c[0]['content']) for c in completions]\n"),
+    ("grpo-reward-raises", grpo_reward("def f(prompts, completions, **k):\n    return [1 / len(c) for c in completions]\n"),
      "grpo.rewards[0] (f): raised ZeroDivisionError: division by zero (line 2 of rewards.py) on the row at "
      "{root}/prompts.jsonl:1", None),
     ("grpo-reward-wrong-count", grpo_reward("def f(prompts, completions, **k):\n    return [1.0]\n"),
@@ -872,9 +886,10 @@ CASES: list[tuple[str, Any, str, Any]] = [
     ("mix-rows-absurd", lambda r: ["validate", recipe(r, {"data": {"train": [{"path": str(write_jsonl(r / "a.jsonl", legal_rows(2))),
                                                                              "rows": 100_000_000_000}]}})],
      "data.train[0].rows: a whole number of rows from 1 to 1,000,000,000 (got 100000000000)", None),
-    ("mix-weight-absurd", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": [
-        {"path": str(write_jsonl(r / "a.jsonl", legal_rows(4))), "weight": 1e12}]}})],
-     "data.train[0]: the mix would take 4,000,000,000,000 rows in all", None),
+    ("mix-rows-absurd-in-all", lambda r: ["sft", "--recipe", recipe(r, {"data": {"train": [
+        {"path": str(write_jsonl(r / "a.jsonl", legal_rows(4))), "rows": 900_000_000},
+        {"path": str(write_jsonl(r / "b.jsonl", legal_rows(4))), "rows": 900_000_000}]}})],
+     "data.train[0]: the mix would take 1,800,000,000 rows in all", None),
     # a recipe section another objective owns is never silently ignored
     ("simpo-on-a-dpo-recipe", lambda r: ["simpo", "--recipe", recipe(r, {**pref(r), "dpo": {"beta": 0.3, "max_prompt_length": 64}})],
      "dpo: this section is for `dsft dpo`; `dsft simpo` does not read it (it sets beta, max_prompt_length): run `dsft dpo`, "

@@ -79,6 +79,28 @@ def test_curves_png_draws_metrics_jsonl(demo) -> None:
     assert list(lr.get_ydata()) == [r["learning_rate"] for r in rows if "learning_rate" in r]
 
 
+def test_curves_read_honestly(tmp_path: Path) -> None:
+    """Five panels in rows of three (not a 5-wide strip); whole steps on the x axis; a loss between 15.8 and 16.0
+    drawn on a range of at least 5% of its size, not filling the panel; the loss axis in the objective's unit."""
+    from matplotlib.ticker import MaxNLocator
+
+    from dsft.train.curves import build_figure
+    from dsft.train.pipeline import objective
+
+    rows = [{"step": s, "loss": 15.8 + 0.05 * s, "learning_rate": 1e-3 * s, "rewards/accuracies": 0.5 + 0.1 * s,
+             "rewards/margins": 0.1 * s, "grad_norm": s, "extra": s * s} for s in range(1, 5)]
+    panels = {**objective("dpo").panels, "grad norm": (("train", "grad_norm"),), "other": (("train", "extra"),)}
+    fig = build_figure(rows, panels, "dsft dpo: run", {"loss": objective("dpo").loss_unit})
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 6 and fig.get_size_inches()[0] < 15 and fig.get_size_inches()[1] > 6  # 2 rows of 3
+    loss = next(ax for ax in visible if ax.get_title() == "loss")
+    low, high = loss.get_ylim()
+    assert high - low >= 0.05 * 16.0 - 1e-9
+    assert loss.get_ylabel() == "DPO loss per pair (sigmoid: -log sigmoid(beta x margin))"
+    assert all(isinstance(ax.xaxis.get_major_locator(), MaxNLocator) for ax in visible)
+    assert all(float(t).is_integer() for ax in visible for t in ax.get_xticks())
+
+
 def test_dpo_curves_have_reward_panels() -> None:
     from dsft.train.curves import build_figure
     from dsft.train.pipeline import objective
@@ -145,28 +167,63 @@ def test_a_tracker_that_is_not_installed_is_one_line(make_recipe, cli, monkeypat
     assert not (recipe.parent / "run").exists()
 
 
-def test_tables_never_cut_a_value(monkeypatch, capsys) -> None:
+def test_tables_never_cut_a_value(monkeypatch) -> None:
+    """On a terminal too narrow for a table: records, every value whole."""
+    import io
+
+    from rich.console import Console
     from rich.table import Table
 
-    from dsft.console import show
+    from dsft import console as dsft_console
 
+    buffer = io.StringIO()
+    monkeypatch.setattr(dsft_console, "console", lambda *a, **k: Console(file=buffer, force_terminal=True, width=60,
+                                                                          soft_wrap=True, color_system=None))
     path = "/tmp/some/long/place/runs/my-alpaca-with-a-long-name/adapter" * 2
-    monkeypatch.setenv("COLUMNS", "60")
     table = Table(title="dsft sft: a title long enough that rich would wrap it across lines")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("loss first -> last", "7.237 -> 4.786")
     table.add_row("adapter", path)
-    show(table)
-    out = capsys.readouterr().out
+    dsft_console.show(table)
+    out = buffer.getvalue()
     assert path in out.splitlines()[-1]  # whole, on a line of its own
     assert "loss first -> last: 7.237 -> 4.786" in out
     assert "dsft sft: a title long enough that rich would wrap it across lines" in out
     narrow = Table(title="t")
     narrow.add_column("a")
     narrow.add_row("b")
-    show(narrow)
-    assert "┃ a ┃" in capsys.readouterr().out  # a table that fits stays a table
+    buffer.truncate(0)
+    dsft_console.show(narrow)
+    assert "┃ a ┃" in buffer.getvalue()  # a table that fits stays a table
+
+
+def _summary_table():
+    """A GRPO run's summary table as `dsft grpo` prints it (dsft.cli._common.training_command)."""
+    from rich.table import Table
+
+    table = Table(title="dsft grpo: runs/tiny-grpo")
+    for i, column in enumerate(("what", "first 5 logged steps", "last 5 logged steps")):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in (("reward", "-1.712", "-1.485"), ("completion length (tokens)", "15.9", "15.9"),
+                ("time generating (generated tokens/s)", "", "49.6% (1,917)"),
+                ("reference", "", "none (beta 0: no KL term)"), ("trainable params: attention", "", "15,552"),
+                ("trainable params: routed_experts", "", "5,376")):
+        table.add_row(*row)
+    return table
+
+
+@pytest.mark.parametrize("columns", ["60", "80", "250"])
+def test_tables_without_a_terminal_are_the_same_text_for_every_run(monkeypatch, capsys, columns: str) -> None:
+    """nohup / SLURM / tee: the summary table printed whole, as run.log holds it, whatever COLUMNS says; the
+    text is a golden file (tests/data/summary-nohup.txt), not key / value fragments."""
+    from dsft.console import show
+
+    monkeypatch.setenv("COLUMNS", columns)
+    show(_summary_table())
+    out = capsys.readouterr().out
+    assert out == (REPO / "tests/data/summary-nohup.txt").read_text(encoding="utf-8")
+    assert "│ trainable params: attention          │" in out and "15,552 │" in out
 
 
 def test_the_plan_reports_host_memory_on_cpu() -> None:
@@ -335,7 +392,8 @@ def test_no_title_or_label_leaves_the_figure(tmp_path: Path, monkeypatch, expert
     rows = [{"step": s, "loss": 1 / s, "learning_rate": 1e-3 * s, "rewards/accuracies": 0.5, "rewards/margins": s}
             for s in range(1, 6)]
     drawn.append(build_figure(rows, objective("dpo").panels, "dsft dpo: a-run-with-a-rather-long-name-for-its-directory"))
-    report = {"examples": 3, "data_kind": "held-out", "base": {"example_loss": [1, 2, 3], "pairs": {"margins": [1, -1, 2]}},
+    report = {"examples": 3, "data_kind": "held-out", "data_source": "data.eval", "run": "runs/legal",
+              "base": {"example_loss": [1, 2, 3], "pairs": {"margins": [1, -1, 2]}},
               "adapter": {"example_loss": [0.5, 1, 2], "pairs": {"margins": [2, 0, 3]}}}
     drawn.append(eval_figure(report))
     assert len(drawn) == 4

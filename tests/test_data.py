@@ -39,10 +39,10 @@ def test_mask_covers_assistant_tokens_only(tokenizer) -> None:
     assert full["labels"] == full["input_ids"] == out["input_ids"]
 
 
-@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "alpaca"])
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "alpaca", "sharegpt"])
 def test_example_files_parse(fmt: str) -> None:
     rows = load_conversations([str(REPO / f"data_templates/examples/{fmt}.jsonl")], fmt)
-    assert len(rows) == 2 and all(any(m["role"] == "assistant" for m in r) for r in rows)
+    assert len(rows) >= 2 and all(any(m["role"] == "assistant" for m in r) for r in rows)
 
 
 def test_alpaca_input_joins_instruction() -> None:
@@ -69,7 +69,8 @@ def test_bad_rows_report_every_line(tmp_path: Path) -> None:
         load_conversations([str(path), str(empty)], "messages")
     lines = err.value.lines
     assert lines[0].startswith(f"{path}:2: not valid JSON")
-    assert lines[1] == f"{path}:3: missing field 'messages' (data.format is messages)"
+    assert lines[1] == (f"{path}:3: missing field 'messages' (data.format is messages); this row's fields are text: if one "
+                        "of them holds messages, map it in the file's data.train entry: {path: FILE, columns: {messages: COLUMN}}")
     assert lines[2] == f"{path}:5: no assistant message: nothing to learn from this row"
     assert lines[3] == f"{empty}:1: the file has no rows; add examples or remove it from the recipe"
 
@@ -98,3 +99,13 @@ def test_v2_template_masks_answers(tokenizer) -> None:
         assert tokenizer.decode(kept) == f" A security interest.{tokenizer.eos_token}"
     finally:
         tokenizer.chat_template = (REPO / "data_templates/chat_templates/deepseek-v3.jinja").read_text()
+
+
+def test_a_json_error_reads_once(tmp_path) -> None:
+    """json's own message ends in "at" for some errors ("Invalid control character at"): said once."""
+    from dsft.data.formats import iter_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"messages": "a\tb"}\n')
+    (where, error), = list(iter_rows(path))
+    assert str(error) == "not valid JSON (Invalid control character at column 16); fix or remove the line"

@@ -98,7 +98,7 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
                      "--generations", 0, *extra)
         assert scored.exit_code == 0, scored.output
         report = json.loads((run / "eval.json").read_text())
-        assert report["rows"] == rows and report["data_kind"] == ("training data" if extra else "given")
+        assert report["rows"] == rows and report["data_kind"] == ("training data" if extra else "held-out")
 
 
 def test_dpo_from_sft_uses_the_sft_model_as_reference(sft_run: Path, make_recipe, tmp_path: Path, monkeypatch) -> None:
@@ -211,9 +211,14 @@ def test_eval_implicit_reward_agrees_with_training_and_against_compares_runs(sft
     assert report["examples"] == 24  # the same 24 held-out pairs (3 whole eval batches), the same final adapter, no dropout: equal
     assert report["implicit_reward"]["accuracy"] == pytest.approx(held_out["eval_rewards/accuracies"], abs=1e-6)
     assert report["implicit_reward"]["margin"] == pytest.approx(held_out["eval_rewards/margins"], rel=1e-3, abs=1e-4)
-    result = cli("eval", "--adapter", tmp_path / "dpo", "--on-train", "--generations", 0, "--against", sft_run)
+    sft_files = {p.name: p.read_bytes() for p in sft_run.iterdir() if p.is_file()}
+    result = cli("eval", "--adapter", tmp_path / "dpo", "--on-train", "--generations", 1, "--max-new-tokens", 3,
+                 "--against", sft_run)
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "dpo/eval.json").read_text())
+    assert {p.name: p.read_bytes() for p in sft_run.iterdir() if p.is_file()} == sft_files  # nothing written there
+    comparison = json.loads((tmp_path / "dpo/comparison.json").read_text())
+    assert (tmp_path / "dpo/comparison.png").read_bytes()[:4] == b"\x89PNG"
+    report, against = (comparison["reports"][name] for name in comparison["runs"])
     implicit = report["implicit_reward"]
     assert implicit["reference"] == f"the adapter it continued ({sft_run / 'adapter'})" and implicit["beta"] == 0.1
     assert implicit["accuracy"] > 0.6 and implicit["margin"] > 0
@@ -221,8 +226,12 @@ def test_eval_implicit_reward_agrees_with_training_and_against_compares_runs(sft
     # training pair after the last step: the same measure, so close; the held-out check above is the exact one
     last_epoch = accuracies[-11:]
     assert abs(implicit["accuracy"] - sum(last_epoch) / len(last_epoch)) <= 0.2, (implicit, last_epoch)
-    against = json.loads((sft_run / "eval.json").read_text())
     assert against["data"] == report["data"] and against["examples"] == report["examples"]
     assert against["implicit_reward"]["reference"] == "the base"
+    # the DPO run's training pairs are training data for it, and held-out for the SFT run, which never saw them
+    assert report["data_kind"] == "training data" and against["data_kind"] == "held-out"
+    assert against["data_source"] == f"data.train (--on-train) of {tmp_path / 'dpo'}"
+    assert len(comparison["answers"]) == 1 and set(comparison["answers"][0]) == {"prompt", "reference", *comparison["runs"]}
     text = result.output.replace("\n", " ")
-    assert str(sft_run) in text and "implicit reward acc" in text
+    assert str(sft_run) in text and "implicit reward acc" in text and "held-out for sft" in text.replace(sft_run.name, "sft")
+    assert "tokens from cache" not in text or "--data:" not in text

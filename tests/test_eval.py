@@ -24,7 +24,8 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     assert report["adapter"]["loss"] < report["base"]["loss"] - 0.5
     assert set(report["routing_drift"]) == {"1", "2"} and len(report["answers"]) == 2
     assert "dsft eval:" in result.output and "routing drift" in result.output
-    assert "held-out data.eval" in result.output
+    assert "57 examples, data.eval: held-out" in result.output.replace("\n", " ")
+    assert report["data_kind"] == "held-out" and report["data_source"] == "data.eval" and report["run"] == str(tmp_path / "run")
 
     # the figure: base and adapter per example, exactly the losses in eval.json
     from dsft.train.evaluate import eval_figure
@@ -33,7 +34,9 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     (ax,) = eval_figure(report).axes
     order = sorted(range(57), key=lambda i: report["base"]["example_loss"][i])
     drawn = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-    assert drawn == {name: [report[name]["example_loss"][i] for i in order] for name in ("base", "adapter")}
+    assert drawn == {label: [report[name]["example_loss"][i] for i in order] for label, name in (("base", "base"), ("run", "adapter"))}
+    assert ax.get_ylabel() == "loss (nats per assistant token)"
+    assert eval_figure(report)._suptitle.get_text().startswith("dsft eval: run: 57 examples (held-out, data.eval)")
     assert sum(report["adapter"]["example_loss"]) < sum(report["base"]["example_loss"])
 
     # preference rows are scored as pairs, for an SFT run too: the chosen answer gains on the rejected one
@@ -61,9 +64,38 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     assert f"{mixed}:4: a preference pair (chosen, rejected) in a file of conversations" in refused.output
 
 
-def test_eval_refuses_an_unfinished_run(tmp_path: Path, cli) -> None:
+def test_eval_refuses_a_directory_that_is_no_run(tmp_path: Path, cli) -> None:
     result = cli("eval", "--adapter", tmp_path)
-    assert result.exit_code == 2 and "not a finished dsft run" in result.output
+    assert result.exit_code == 2 and "neither a dsft run directory nor an adapter directory" in result.output
+
+
+def test_a_killed_runs_checkpoint_is_evaluated_chatted_merged_and_exported(make_recipe, cli, tmp_path: Path) -> None:
+    """kill -9 leaves a run `running`, with checkpoints and no adapter/: eval on the run names its last
+    checkpoint (with --force too); eval, chat, merge and export take the checkpoint itself, say which it is,
+    and eval writes RUN/eval-checkpoint.json, not the run's eval.json."""
+    import shutil
+
+    assert cli("sft", "--recipe", make_recipe(training={"max_steps": 4, "save_steps": 2, "logging_steps": 2})).exit_code == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "adapter")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    checkpoint = run / "checkpoints/checkpoint-4"
+    for extra in ((), ("--force",)):
+        result = cli("eval", "--adapter", run, "--on-train", *extra)
+        assert result.exit_code == 2 and (f"the run has no adapter/ (it stopped before it finished); evaluate its last "
+                                          f"checkpoint with --adapter {checkpoint}") in result.output.replace("\n", " ")
+    result = cli("eval", "--adapter", checkpoint, "--on-train", "--generations", 1, "--max-new-tokens", 3)
+    assert result.exit_code == 0, result.output
+    assert f"dsft eval: checkpoint-4 (step 4 of 4) of the stopped run {run}" in result.output.replace("\n", " ")
+    report = json.loads((run / "eval-checkpoint.json").read_text())
+    assert report["evaluated"].startswith("checkpoint-4") and not (run / "eval.json").exists()
+    assert cli("chat", "--adapter", checkpoint, "--prompt", "What is a deed?", "--max-new-tokens", 2).exit_code == 0
+    merged = cli("merge", "--adapter", checkpoint, "--out", tmp_path / "merged")
+    assert merged.exit_code == 0 and "checkpoint-4 (step 4 of 4) of the stopped run" in merged.output.replace("\n", " ")
+    assert json.loads((tmp_path / "merged/dsft-merge.json").read_text())["adapter"] == str(checkpoint)
+    exported = cli("export", "--adapter", checkpoint, "--format", "peft", "--out", tmp_path / "peft")
+    assert exported.exit_code == 0 and "checkpoint-4 (step 4 of 4)" in exported.output.replace("\n", " ")
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -146,3 +178,40 @@ def test_chat_with_prompt_never_asks_a_closed_stdin(finished_run: Path, monkeypa
     monkeypatch.setattr(chat, "sys", types.SimpleNamespace(stdin=None))
     result = CliRunner().invoke(app, ["chat", "--adapter", str(finished_run), "--max-new-tokens", "2"])
     assert result.exit_code == 2 and "stdin: closed, so there are no questions to read" in result.output, result.output
+
+
+def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_session(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while an answer is written stops that answer and asks again (the question dropped from the
+    history); Ctrl-C at the prompt clears the line; the session ends with an empty line, exit 0."""
+    import builtins
+
+    from peft import PeftModelForCausalLM as PeftModel
+    from typer.testing import CliRunner
+
+    from dsft.cli import chat
+    from dsft.cli.app import app
+
+    typed = iter(["What is a deed?", KeyboardInterrupt, "What is a lease?", ""])
+
+    def fake_input(prompt: str = "") -> str:
+        item = next(typed)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        print(prompt + item)
+        return item
+
+    calls, real = [], PeftModel.generate
+
+    def generate(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first answer
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "_terminal_stdin", lambda: True)
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(PeftModel, "generate", generate)
+    result = CliRunner().invoke(app, ["chat", "--adapter", str(finished_run), "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "(answer stopped; the question is dropped from the conversation" in result.output
+    assert len(calls) == 2 and calls[1] < calls[0] + 12  # the second prompt holds the second question only

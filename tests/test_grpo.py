@@ -85,7 +85,8 @@ def test_completions_file_curves_card_and_summary(grpo_run: Path) -> None:
     recipe = RunDir(grpo_run).recipe()
     panels = objective("grpo").curve_panels(recipe)
     drawn = series(read_metrics(grpo_run / "metrics.jsonl")[0], panels)
-    assert set(drawn["reward (weighted sum, and each reward)"]) == {"total", "length"}
+    assert set(drawn["reward (length)"]) == {"length"}  # one reward of weight 1: the total is that line, drawn once
+    assert "groups with no reward spread (share; 1: nothing learned)" in drawn
     assert "completion length (tokens)" in drawn and (grpo_run / "curves.png").stat().st_size > 10_000
     card = (grpo_run / "README.md").read_text()
     assert "- grpo: rewards length x1" in card and "completions.jsonl" in card

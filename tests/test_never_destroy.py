@@ -45,6 +45,21 @@ def test_a_run_in_use_is_refused_naming_its_pid_and_freed_by_kill_9(finished_run
             refused(cli(command[0], "--adapter", run, *command[1:]), f"the run is still training (dsft process {proc.pid})")
         refused(cli("experts", "plan", "--recipe", run / "recipe.yaml"), f"(pid {proc.pid})")
         assert _snapshot(run) == before and not (tmp_path / "merged").exists()
+        # a first training still under way (no adapter/ yet): every command says the same, dpo.init_adapter too
+        shutil.rmtree(run / "adapter")
+        before = _snapshot(run)
+        for command in (["eval"], ["chat", "--prompt", "hi"], ["merge", "--out", tmp_path / "merged"],
+                        ["export", "--format", "peft", "--out", tmp_path / "peft"]):
+            refused(cli(command[0], "--adapter", run, *command[1:]), f"the run is still training (dsft process {proc.pid})")
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text(json.dumps({"prompt": "Q?", "chosen": "A.", "rejected": "B."}) + "\n")
+        dpo = yaml.safe_load((run / "recipe.yaml").read_text())
+        dpo.update(data={"train": [str(pairs)], "format": "preference", "max_length": 128},
+                   dpo={"init_adapter": str(run), "max_prompt_length": 64}, output_dir=str(tmp_path / "dpo"))
+        (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+        refused(cli("dpo", "--recipe", tmp_path / "dpo.yaml"), f"dpo.init_adapter {run}: the run is still training "
+                f"(dsft process {proc.pid})")
+        assert _snapshot(run) == before and not (tmp_path / "merged").exists() and not (tmp_path / "dpo").exists()
     finally:
         proc.kill()
         proc.wait()

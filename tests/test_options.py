@@ -108,37 +108,81 @@ def test_early_stopping_decides_from_the_history() -> None:
     assert not stop.decide([(1, 2.0), (2, 2.1), (3, 1.9)])["stop"]  # improvement resets the count
 
 
-def test_weighted_files_are_mixed_as_the_recipe_says_and_recorded(tmp_path: Path, make_recipe, cli) -> None:
-    """Two files, one repeated twice (weight 2), one sampled (rows 3): the trainer sees exactly that mix,
-    run.json records it, the resolved recipe keeps the entries, and --resume reads the same mix."""
+def _sharegpt(rows: list[dict]) -> list[dict]:
+    """legal_rows as ShareGPT rows (`conversations` of {from, value})."""
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [{"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in r["messages"]]} for r in rows]
+
+
+def test_weights_are_shares_of_a_mix_of_formats_stated_in_the_plan_and_the_card(tmp_path: Path, make_recipe, cli) -> None:
+    """A messages file and a ShareGPT file with weights 3 and 1: they hold 16 rows together, and the mix takes
+    12 and 4 of them (3:1), each file in its own format; a third file with `rows: 3` adds exactly 3. run.json,
+    the plan and the model card state the split; the resolved recipe keeps the entries as written."""
     a = write_jsonl(tmp_path / "a.jsonl", legal_rows(6))
-    b = write_jsonl(tmp_path / "b.jsonl", legal_rows(10)[4:])
-    recipe = make_recipe(data={"train": [{"path": str(a), "weight": 2}, {"path": str(b), "rows": 3}]},
-                         training={"max_steps": 2, "micro_batch_size": 5})
+    b = write_jsonl(tmp_path / "b.jsonl", _sharegpt(legal_rows(10)))
+    c = write_jsonl(tmp_path / "c.jsonl", legal_rows(8)[5:])
+    entries = [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1, "format": "sharegpt"},
+               {"path": str(c), "rows": 3}]
+    recipe = make_recipe(data={"train": entries}, training={"max_steps": 2, "micro_batch_size": 5})
     result = cli("sft", "--recipe", recipe)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "run/run.json").read_text())
     mix = info["summary"]["data_mix"]
-    assert [(m["rows_in_file"], m["rows_used"]) for m in mix] == [(6, 12), (6, 3)]
-    assert mix[0]["weight"] == 2.0 and mix[1]["rows"] == 3 and info["summary"]["train_rows"] == 15
+    assert [(m["rows_in_file"], m["rows_used"]) for m in mix] == [(6, 12), (10, 4), (3, 3)]
+    assert mix[0]["rows_used"] == 3 * mix[1]["rows_used"] and info["summary"]["train_rows"] == 19
+    assert [m["format"] for m in mix] == ["messages", "sharegpt", "messages"]
+    text = result.output.replace("\n", " ")
+    assert "a.jsonl: 12 rows (63%; weight 3, 6 in the file, messages)" in text
+    assert "b.jsonl: 4 rows (21%; weight 1, 10 in the file, sharegpt)" in text and "prepared in None" not in text
+    card = (tmp_path / "run/README.md").read_text()
+    assert "12 of its 6 rows, 63% of the mix (weight 3)" in card and "format `sharegpt`" in card
     import yaml
 
     resolved = yaml.safe_load((tmp_path / "run/recipe.yaml").read_text())["data"]["train"]
-    assert resolved == [{"path": str(a.resolve()), "weight": 2.0}, {"path": str(b.resolve()), "rows": 3}]
+    assert resolved == [{"path": str(a.resolve()), "weight": 3.0}, {"path": str(b.resolve()), "weight": 1.0, "format": "sharegpt"},
+                        {"path": str(c.resolve()), "rows": 3}]
 
-    from dsft.data.prepared import Spec, mix_counts, prepare_mix
+    from dsft.data.prepared import Spec, mix_counts, prepare, prepare_mix
     from dsft.models.load import load_tokenizer, resolve_model_path
 
-    takes = mix_counts([6, 6], [{"weight": 2.0}, {"rows": 3}], 42)
-    assert list(takes[0]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and len(set(takes[1])) == 3
-    assert [len(t) for t in mix_counts([10], [{"weight": 0.3}], 1)] == [3]
+    takes = mix_counts([6, 10, 3], [{"weight": 3.0}, {"weight": 1.0}, {"rows": 3}], 42)
+    assert [len(t) for t in takes] == [12, 4, 3] and list(takes[0]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert len(set(takes[1])) == 4 and [len(t) for t in mix_counts([10, 30], [{"weight": 1.0}, None], 1)] == [10, 30]
     tokenizer = load_tokenizer(resolve_model_path("builtin:tiny-deepseek-v3"))
-    mixed = prepare_mix(lambda files: Spec("sft", files, "messages", "t"), [str(a), str(b)],
-                        [{"weight": 2.0}, {"rows": 3}], 42, tokenizer)
-    whole_b = prepare_mix(lambda files: Spec("sft", files, "messages", "t"), [str(b)], None, 42, tokenizer)
+    spec = Spec("sft", [str(a), str(b)], "messages", "t", formats=["messages", "sharegpt"])
+    mixed = prepare_mix(spec, [{"weight": 3.0}, {"weight": 1.0}], 42, tokenizer)
+    plain = prepare(Spec("sft", [str(a)], "messages", "t"), tokenizer, quiet=True)
+    same = prepare(Spec("sft", [str(b)], "sharegpt", "t"), tokenizer, quiet=True)
     ids = mixed.dataset["input_ids"]
-    assert ids[0] == ids[1] and ids[12:] == [whole_b.dataset[int(i)]["input_ids"] for i in takes[1]]
-    assert mixed.stats(128)["rows"] == 15 and len(mixed.trainable(128)) == 15
+    assert ids[0] == ids[1] == plain.dataset[0]["input_ids"]  # weight 3 of 6 rows in a pool of 16: each twice
+    assert ids[12:] == [same.dataset[int(i)]["input_ids"] for i in mix_counts([6, 10], [{"weight": 3.0}, {"weight": 1.0}], 42)[1]]
+    assert sorted(mixed.distinct().tolist()) == [0, 2, 4, 6, 8, 10, 12, 13, 14, 15]  # a repeated row counts once
+
+
+def test_a_column_map_and_0_1_labels_read_a_users_kto_file(tmp_path: Path, cli) -> None:
+    """`response` / `feedback` columns mapped with `columns`, labels written 1 / 0: KTO trains; without the map,
+    each row's error names its fields and the entry that maps them."""
+    import yaml
+
+    rows = [{"question": f"What is a {w}?", "response": f"A {w} is a thing.", "feedback": i % 2}
+            for i, w in enumerate(["deed", "lease", "lien", "tort", "writ", "bond"])]
+    data = write_jsonl(tmp_path / "feedback.jsonl", rows)
+    recipe = {"model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"}, "output_dir": str(tmp_path / "run"),
+              "data": {"train": [{"path": str(data), "columns": {"prompt": "question", "completion": "response",
+                                                                  "label": "feedback"}}], "format": "kto", "max_length": 64},
+              "kto": {"max_prompt_length": 32}, "training": {"max_steps": 1, "micro_batch_size": 2}}
+    (tmp_path / "kto.yaml").write_text(yaml.safe_dump(recipe))
+    result = cli("kto", "--recipe", tmp_path / "kto.yaml")
+    assert result.exit_code == 0, result.output
+    counts = json.loads((tmp_path / "run/run.json").read_text())["summary"]["rows"]
+    assert counts["desirable"] == 3 and counts["undesirable"] == 3
+    recipe["data"]["train"] = [str(data)]
+    recipe["output_dir"] = str(tmp_path / "run2")
+    (tmp_path / "kto.yaml").write_text(yaml.safe_dump(recipe))
+    result = cli("kto", "--recipe", tmp_path / "kto.yaml")
+    assert result.exit_code == 2 and "feedback.jsonl:1: missing field 'label'" in result.output
+    assert ("this row's fields are feedback, question, response: if one of them holds label, map it in the file's "
+            "data.train entry: {path: FILE, columns: {label: COLUMN}}") in result.output.replace("\n", " ")
 
 
 def test_mixing_is_for_sft(tmp_path: Path, cli) -> None:
@@ -151,4 +195,4 @@ def test_mixing_is_for_sft(tmp_path: Path, cli) -> None:
     recipe.write_text(yaml.safe_dump({"model": {"path": "builtin:tiny-deepseek-v3"}, "output_dir": str(tmp_path / "run"),
                                       "data": {"train": [{"path": str(pairs), "weight": 2}], "format": "preference"}}))
     result = cli("dpo", "--recipe", recipe)
-    assert result.exit_code == 2 and "data.train: `dsft dpo` takes its files whole" in result.output
+    assert result.exit_code == 2 and "data.train: `dsft dpo` takes its files whole; leave weight and rows out" in result.output

@@ -82,6 +82,10 @@ def test_shipped_recipes_validate(recipe: Path, cli, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(REPO)
     result = cli("validate", recipe)
     assert result.exit_code == 0, result.output
+    # a recipe whose model or data are not in the repository says so in its first line, and validate names them
+    missing = "do not exist:" in result.output
+    assert missing == recipe.read_text().startswith("# Placeholders, not in this repository:"), result.output
+    assert "no model or data file was read" in result.output
     if recipe.name.startswith("tiny-"):
         # a preference recipe may continue an SFT run that a fresh clone has not trained yet
         import yaml
@@ -135,3 +139,35 @@ def test_shipped_accelerate_configs_load(config: Path) -> None:
     loaded = load_config_from_file(str(config))
     assert loaded.mixed_precision == "no" and loaded.num_processes >= 2
     assert "accelerate launch --config_file recipes/accelerate/" + config.name in config.read_text()
+
+
+@pytest.mark.parametrize("section, key, expected", [
+    ("training", "learning_rate", "training.learning_rate: unknown key; dsft's is training.lr"),
+    ("training", "gradient_accumulation_steps", "dsft's is training.grad_accum"),
+    ("training", "num_train_epochs", "dsft's is training.epochs"),
+    ("model", "load_in_4bit", "dsft's is model.quantization: nf4"),
+    ("data", "cutoff_len", "dsft's is data.max_length"),
+    ("adapter", "lora_alpha", "dsft's is adapter.alpha"),
+])
+def test_keys_other_tools_use_name_dsfts(section: str, key: str, expected: str, make_recipe, cli) -> None:
+    from test_bad_inputs import refused
+
+    refused(cli("validate", make_recipe(**{section: {key: 1}})), expected)
+
+
+def test_a_default_max_prompt_length_fits_a_short_max_length(make_recipe, cli) -> None:
+    """kto.max_prompt_length left at its default (512) with data.max_length 128: it becomes 64, never an error
+    about a key the recipe does not set; written, it is checked as written."""
+    from dsft.config import load_recipe
+
+    pairs = str(REPO / "data_templates/legal/preference.jsonl")
+    recipe = load_recipe(make_recipe(data={"train": pairs, "format": "preference", "max_length": 128}, kto={}))
+    assert recipe.kto.max_prompt_length == 64
+    grpo = load_recipe(make_recipe(data={"train": str(REPO / "data_templates/legal/prompts.jsonl"), "format": "prompt",
+                                         "max_length": 160}, grpo={"rewards": [{"builtin": "think_format"}],
+                                                                    "max_completion_length": 32},
+                                   training={"micro_batch_size": 8}))
+    assert grpo.grpo.max_prompt_length == 128
+    result = cli("validate", make_recipe(data={"train": pairs, "format": "preference", "max_length": 128},
+                                         kto={"max_prompt_length": 512}))
+    assert result.exit_code == 2 and "kto.max_prompt_length (512) must be below data.max_length (128)" in result.output

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dsft.train.resume import MARKER, latest_checkpoint
+from dsft.train.run_dir import MARKER, latest_checkpoint
 
 STEPS = 40
 
@@ -80,7 +80,10 @@ def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> Non
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
-    assert "SIGTERM: stopping after this step" in out and "resume with the same command plus --resume" in out
+    assert "SIGTERM: stopping after this step" in out
+    stopped = [line for line in out.splitlines() if line.startswith(("stopped:", "error:"))]
+    assert stopped == [f"stopped: interrupted at step {stopped[0].split()[4].rstrip(':')}: checkpoint saved in "
+                       f"{tmp_path / 'term/checkpoints'}", f"stopped: resume with: dsft sft --recipe {recipe} --resume"], out
     info = json.loads((tmp_path / "term/run.json").read_text())
     assert info["status"] == "interrupted"
     last = latest_checkpoint(tmp_path / "term/checkpoints")

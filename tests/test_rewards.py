@@ -264,3 +264,68 @@ def test_a_run_whose_first_generation_scores_nothing_stops(cli, tmp_path: Path) 
     assert "none scored" in result.output  # the check before the first step says so, no made-up 0
     assert "grpo.rewards: no completion of the first generation was scored" in errors[0]
     assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "failed"
+
+
+def test_string_prompts_give_the_reward_strings_and_a_flat_run_says_it_learns_nothing(cli, tmp_path: Path) -> None:
+    """Rows whose prompt is a string: the reward gets prompts and completions as strings (TRL's contract),
+    so `float(len(c))` works; a reward that scores every completion alike leaves no spread in any group, and
+    after 3 logged steps the console says the run learns nothing (curves.png draws the share)."""
+    from test_grpo import grpo_recipe
+
+    rewards = tmp_path / "shape.py"
+    rewards.write_text("def same(prompts, completions, **kw):\n"
+                       "    assert all(isinstance(p, str) for p in prompts), type(prompts[0])\n"
+                       "    assert all(isinstance(c, str) for c in completions), type(completions[0])\n"
+                       "    return [float(len(c) >= 0) for c in completions]\n")
+    recipe = grpo_recipe(tmp_path, grpo={"max_completion_length": 4, "rewards": [{"function": f"{rewards}:same"}]},
+                         training={"max_steps": 3, "micro_batch_size": 8, "save_steps": 3, "logging_steps": 1})
+    result = cli("grpo", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    assert "warning: steps 1-3: every group's completions got the same reward" in result.output.replace("\n", " ")
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["frac_reward_zero_std"] for r in logged if "loss" in r] == [1.0, 1.0, 1.0]
+
+
+def test_message_prompts_give_the_reward_message_completions() -> None:
+    from dsft.config.schema import RewardSpec
+    from dsft.data.prompts import PROMPT_TEXT
+    from dsft.train.rewards import CheckedReward, Context
+
+    seen = {}
+
+    def record(prompts, completions, **kw):
+        seen.update(prompts=prompts, completions=completions)
+        return [1.0] * len(completions)
+
+    reward = CheckedReward(RewardSpec(function="x.py:record"), 0, record, False, Context())
+    messages = [{"role": "user", "content": "Q?"}]
+    completion = [{"role": "assistant", "content": "A."}]
+    reward(prompts=[messages], completions=[completion], **{PROMPT_TEXT: [None]})
+    assert seen == {"prompts": [messages], "completions": [completion]}
+    reward(prompts=[messages], completions=[completion], **{PROMPT_TEXT: ["Q?"]})
+    assert seen == {"prompts": ["Q?"], "completions": ["A."]}
+
+
+def test_the_example_reward_file_scores_the_legal_prompts_as_documented() -> None:
+    """data_templates/rewards/legal.py, as recipes/legal-grpo.yaml names it, in its own process."""
+    from dsft.config.load import load_recipe
+    from dsft.train.rewards import build, call_all
+
+    recipe = load_recipe(REPO / "recipes/legal-grpo.yaml")
+    spec = next(r for r in recipe.grpo.rewards if r.function)
+    assert spec.function == "data_templates/rewards/legal.py:cites_statute"
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        (reward,) = build([spec], timeout=10)
+        row = json.loads((REPO / "data_templates/legal/prompts.jsonl").read_text().splitlines()[0])
+        completions = [f"See {row['statute']}. Answer: {row['answer']}", "See 17 U.S.C. § 106.", "No idea."]
+        scores = call_all([reward], [row["prompt"]] * 4, [*completions, "x"], [[1]] * 4,
+                          {"statute": [row["statute"]] * 3 + [None], "answer": [row["answer"]] * 4,
+                           "dsft_prompt": [row["prompt"]] * 4})
+        reward.close()
+    finally:
+        os.chdir(cwd)
+    assert scores == {"cites_statute": [1.0, 0.5, 0.0, None]}

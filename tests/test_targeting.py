@@ -147,6 +147,28 @@ def test_sft_with_gate_score_policy_adapts_exactly_the_planned_experts(biased_v3
     assert "routing change after training" in result.output
 
 
+def test_profiling_a_mix_counts_repeated_rows_once_says_its_time_and_can_skip_the_second_pass(make_recipe, cli,
+                                                                                                 tmp_path: Path) -> None:
+    """A mix of 16 rows whose second file's 2 rows are repeated 4 times (`rows: 8`): the profile samples the 10
+    distinct rows, not 16 (samples: 1000); the plan prints its rows and seconds; profile_after: false skips the
+    profile after training."""
+    from conftest import legal_rows, write_jsonl
+
+    a = write_jsonl(tmp_path / "a.jsonl", legal_rows(8))
+    b = write_jsonl(tmp_path / "b.jsonl", legal_rows(10)[8:])
+    recipe = make_recipe(data={"train": [{"path": str(a), "weight": 4}, {"path": str(b), "rows": 8}]},
+                         training={"max_steps": 1},
+                         adapter={"routed_experts": {"policy": "token_share", "top_p": 0.3, "profile_after": False}})
+    result = cli("sft", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["profile"]["rows"] == 10 and plan["profile"]["unique_rows"] == 10 and plan["profile"]["seconds"] > 0
+    assert json.loads((run / "routing/profile.json").read_text())["rows"] == 10
+    assert "10 rows sampled (10 distinct in data.train)" in result.output
+    assert not (run / "routing/after").exists() and "routing change after training" not in result.output
+
+
 def test_experts_commands_then_sft_reuses_the_profile(make_recipe, cli, tmp_path: Path) -> None:
     recipe = make_recipe(adapter={"routed_experts": {"policy": "token_share", "top_p": 0.3, "samples": 8}},
                          training={"max_steps": 2})

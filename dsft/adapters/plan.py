@@ -5,6 +5,7 @@ the recipe alone (no model load), checked against the live adapter by `dsft sft`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dsft.adapters.selection import moe_layout
@@ -147,5 +148,15 @@ def plan_table(plan: dict[str, Any], measured_peak_gib: float | None = None, cud
         peak += f" (measured {measured_peak_gib:.1f} GiB)"
     table.add_row("peak GPU memory" if cuda else "peak host memory (CPU run)", peak, "")
     for split, d in (plan.get("data") or {}).items():
-        table.add_row(split, f"{d['rows']:,} rows, {d['tokens']:,} tokens, prepared in {d['cache']}", "")
+        cache = ", ".join(d["cache"]) if isinstance(d["cache"], list) else d["cache"]
+        table.add_row(split, f"{d['rows']:,} rows, {d['tokens']:,} tokens, prepared in {cache}", "")
+        for m in d.get("mix") or []:
+            how = f"weight {m['weight']:g}" if "weight" in m else f"rows {m['rows']:,}" if "rows" in m else "whole"
+            table.add_row("", f"  {Path(m['path']).name}: {m['rows_used']:,} rows ({m['share']:.0%}; {how}, "
+                          f"{m['rows_in_file']:,} in the file, {m.get('format', '')})", "")
+    profile = plan.get("profile")
+    if profile:
+        table.add_row("routing profile", f"{profile['rows']:,} rows sampled ({profile['unique_rows']:,} distinct in "
+                      f"data.train), {profile['tokens_counted']:,} tokens, {profile['seconds']:.1f} s"
+                      + (" (cached)" if profile.get("cached") else ""), "")
     return table

@@ -52,8 +52,12 @@ def at_least(option: str, value: int | None, low: int) -> None:
 
 
 def offline() -> None:
-    """dsft never downloads weights, data or kernels: every hub client is told so before it is
-    imported, and the libraries' deprecation chatter about their own internals is silenced."""
+    """dsft's libraries never download weights, data or kernels on their own: every hub client is told so
+    before it is imported (a Hub id the recipe names is fetched by dsft.hub alone, and only when the user's
+    HF_HUB_OFFLINE, noted first, allows it), and the libraries' deprecation chatter is silenced."""
+    from dsft.hub import remember_user_offline
+
+    remember_user_offline()
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -145,6 +149,12 @@ def preference_rows(result: Any) -> list[tuple[str, str, str]]:
     fmt = lambda d, key: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
     rows = [(key, fmt(result.first, key), fmt(result.last, key)) for key in REWARDS
             if key in result.first or key in result.last]
+    held = getattr(result, "held_out", None) or {}
+    if held:
+        shown_keys = [(k, label) for k, label in (("eval_loss", "loss"), ("eval_rewards/accuracies", "reward accuracy"),
+                                                   ("eval_rewards/margins", "reward margin")) if k in held]
+        rows.append((f"held-out (data.eval): {', '.join(label for _, label in shown_keys)}", "",
+                     ", ".join(f"{held[k]:.1%}" if "accuracies" in k else f"{held[k]:.3f}" for k, _ in shown_keys)))
     c = result.counts
     rows.append(("rows (prompts truncated / dropped)", f"{c['rows']:,}", f"{c['truncated']} / {c['dropped']}"))
     if "desirable" in c:
@@ -209,7 +219,7 @@ def errors_exit_2(fn: F) -> F:
             if os.environ.get("DSFT_DEBUG"):
                 raise
             for line in capped(e.lines):
-                typer.secho(f"error: {line}", err=True, fg=typer.colors.RED)
+                typer.secho(f"{e.label}: {line}", err=True, fg=typer.colors.RED if e.label == "error" else None)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # a writer met a full disk, a read-only file system, a permission
             from dsft.outputs import os_error

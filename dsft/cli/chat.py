@@ -14,7 +14,8 @@ from dsft.cli._common import at_least, errors_exit_2
 HELP = ("/help       these commands\n"
         "/reset      forget the conversation (the system message stays)\n"
         "/system T   set the system message to T and start over\n"
-        "/quit       end (so do an empty line and Ctrl-D)")
+        "/quit       end (so do an empty line and Ctrl-D)\n"
+        "Ctrl-C      stop the answer being written (at the prompt: clear the line)")
 
 
 @errors_exit_2
@@ -111,9 +112,21 @@ def chat(
             if base:
                 typer.echo(f"{name}> ", nl=False)
             off = model.disable_adapter() if name == "base" else contextlib.nullcontext()
-            with torch.no_grad(), autocast_for(model), off:
-                out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, streamer=streamer,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+            try:
+                with torch.no_grad(), autocast_for(model), off:
+                    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, streamer=streamer,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         **sampling)
+            except KeyboardInterrupt:
+                if not interactive:  # a transcript (a pipe, --prompt): Ctrl-C stops the command
+                    raise
+                streamer.end()  # what was streamed so far, and its newline
+                typer.echo("(answer stopped; the question is dropped from the conversation: ask again, /quit or "
+                           "Ctrl-D to end)")
+                for h in histories.values():
+                    if h and h[-1] == {"role": "user", "content": question}:
+                        h.pop()
+                break
             # the streamer ends each answer with a newline
             history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
 
@@ -154,6 +167,9 @@ def _ask(piped: bool):
         except EOFError:
             typer.echo("")
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as a shell does
+            typer.echo("")
+            continue
         except UnicodeDecodeError:
             raise DsftError("stdin: not UTF-8 text; type questions as text") from None
         if not line:

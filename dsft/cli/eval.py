@@ -18,7 +18,9 @@ PAIR_CAPTION = ("log-prob acc: share of pairs whose chosen answer has the higher
 
 @errors_exit_2
 def eval_(
-    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A finished dsft run directory (or its adapter/).", show_default=False)],
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="A dsft run directory (or its adapter/), or one of its "
+                                          "checkpoints (RUN/checkpoints/checkpoint-N: a run interrupted or still "
+                                          "short of its end).", show_default=False)],
     data: Annotated[str | None, typer.Option(help="Held-out rows: preference pairs (chosen/rejected, scored as pairs) "
                                              "or conversations (messages, prompt/completion, alpaca), for SFT and DPO "
                                              "runs alike; default: the run's data.eval (without one: exit 2, or "
@@ -31,32 +33,45 @@ def eval_(
     on_train: Annotated[bool, typer.Option("--on-train", help="Without held-out data: score the training data "
                                            "(labelled so; not a held-out measure).")] = False,
     against: Annotated[Path | None, typer.Option("--against", help="A second run of the same base (say the SFT run "
-                                                 "a DPO run continued), scored on the same rows, side by side.",
+                                                 "a DPO run continued), scored on the same rows, side by side; the "
+                                                 "comparison is written to the first run (comparison.json, "
+                                                 "comparison.png) or --out, nothing into the second.",
                                                  show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="With --against: the directory the comparison is "
+                                             "written to instead of the first run.", show_default=False)] = None,
 ) -> None:
-    """Score a run on held-out data (base vs adapter), show a few answers; writes RUN/eval.json."""
+    """Score a run (or one of its checkpoints) on held-out data (base vs adapter), show a few answers; writes
+    RUN/eval.json and eval.png (a checkpoint: RUN/eval-checkpoint.json; --against: RUN/comparison.json)."""
     from dsft.console import console as dsft_console
     from dsft.console import show
-    from dsft.train.evaluate import evaluate
+    from dsft.errors import DsftError
+    from dsft.outputs import check_writable
+    from dsft.train import run_dir
+    from dsft.train.evaluate import eval_figure, evaluate, write_report
 
-    from dsft.train.run_dir import run_of
-
-    adapter, against = run_of(adapter), run_of(against) if against is not None else None
+    adapter, against = run_dir.run_of(adapter), run_dir.run_of(against) if against is not None else None
     at_least("--samples", samples, 1)
     at_least("--generations", generations, 0)
     at_least("--max-new-tokens", max_new_tokens, 1)
+    if out is not None and against is None:
+        raise DsftError("--out: only with --against (a run's own eval goes into the run directory)")
     if against is not None:
         _same_base(adapter, against)
-    report = evaluate(adapter, data, samples, generations if against is None else 0, max_new_tokens, force, on_train)
-    reports = {str(adapter): report}
+    target = _target(adapter, against, out)
+    check_writable(target.parent, "--out" if out is not None else "--adapter")
+    report = evaluate(adapter, data, samples, generations, max_new_tokens, force, on_train)
+    reports = {report["evaluated"]: report}
     if against is not None:
-        reports[str(against)] = evaluate(against, report["data"], samples, 0, max_new_tokens, force, True)
+        other = evaluate(against, report["data"], samples, generations, max_new_tokens, force, False,
+                         rows_of=f"{report['data_source']} of {report['run']}")
+        reports[other["evaluated"]] = other
     console = dsft_console()
     pairs = report["rows"] == "pairs"
-    source = {"held-out": "held-out data.eval", "training data": "training data (--on-train), not held-out"}.get(
-        report["data_kind"], f"--data {data}")
-    what = f"{report['examples']} {'pairs' if pairs else 'examples'}, {source}"
-    show(_table(adapter, reports, what, pairs))
+    kinds = {r["data_kind"] for r in reports.values()}
+    what = f"{report['examples']} {'pairs' if pairs else 'examples'}, {report['data_source']}: " + \
+        (" / ".join(f"{r['data_kind']} for {Path(r['run']).name}" for r in reports.values()) if len(kinds) > 1 else
+         next(iter(kinds)) + ("" if "training data" not in kinds else ", not a held-out measure"))
+    show(_table(report["evaluated"], reports, what, pairs))
     if pairs:
         for name, r in reports.items():
             i = r["implicit_reward"]
@@ -70,10 +85,63 @@ def eval_(
             drift = ", ".join(f"L{layer}: {moved:.1%}" for layer, moved in r["routing_drift"].items())
             console.print(f"routing drift of {name} on these {r['examples']} rows (share of each layer's "
                           f"expert load the adapter moved): {drift}", soft_wrap=True)
-    for a in report["answers"]:
-        console.print(f"[bold]Q:[/bold] {a['prompt']}\n[bold]A:[/bold] {a['answer']}\n[dim]reference: {a['reference']}[/dim]")
-    for name in reports:
-        console.print(f"{Path(name) / 'eval.json'}, {Path(name) / 'eval.png'}", soft_wrap=True)
+    _print_answers(console, reports)
+    if against is None:
+        write_report(report, target, eval_figure(report))
+    else:
+        others = dict(list(reports.items())[1:])
+        comparison = {"runs": list(reports), "data": report["data"], "data_source": report["data_source"],
+                      "reports": reports, "answers": _side_by_side(reports)}
+        write_report(comparison, target, eval_figure(report, others))
+    console.print(f"{target}, {target.with_suffix('.png')}", soft_wrap=True)
+
+
+def _target(adapter: Path, against: Path | None, out: Path | None) -> Path:
+    """Where the report goes: RUN/eval.json, RUN/eval-checkpoint.json for a checkpoint, RUN/comparison.json with
+    --against (or --out DIR/comparison.json): never into the second run."""
+    from dsft.outputs import check_location, resolve_output
+    from dsft.train import run_dir
+
+    checkpoint_of = run_dir.run_of_checkpoint(adapter)
+    run = checkpoint_of or adapter
+    if against is None:
+        return run / (run_dir.CHECKPOINT_EVAL if checkpoint_of else run_dir.EVAL)
+    if out is None:
+        return run / run_dir.COMPARISON
+    from dsft.errors import DsftError
+
+    out = resolve_output(out, "--out")
+    second = against.resolve()
+    if out == second or second in out.parents:
+        raise DsftError(f"--out {out}: inside the second run {against}; a comparison writes nothing into it: choose a "
+                        "directory outside it (or leave --out out: the comparison goes into the first run)")
+    check_location(out, "--out", {"second run (--against)": [against]})
+    out.mkdir(parents=True, exist_ok=True)
+    return out / run_dir.COMPARISON
+
+
+def _side_by_side(reports: dict) -> list[dict]:
+    """The sample answers of every run to the same prompts, with the reference answer."""
+    first = next(iter(reports.values()))["answers"]
+    out = []
+    for i, a in enumerate(first):
+        row = {"prompt": a["prompt"], "reference": a["reference"]}
+        for name, r in reports.items():
+            row[name] = r["answers"][i]["answer"] if i < len(r["answers"]) else None
+        out.append(row)
+    return out
+
+
+def _print_answers(console, reports: dict) -> None:
+    if len(reports) == 1:
+        for a in next(iter(reports.values()))["answers"]:
+            console.print(f"[bold]Q:[/bold] {a['prompt']}\n[bold]A:[/bold] {a['answer']}\n[dim]reference: {a['reference']}[/dim]")
+        return
+    for row in _side_by_side(reports):
+        console.print(f"[bold]Q:[/bold] {row['prompt']}")
+        for name in reports:
+            console.print(f"[bold]{Path(reports[name]['run']).name}:[/bold] {row[name]}")
+        console.print(f"[dim]reference: {row['reference']}[/dim]")
 
 
 def _table(adapter: Path, reports: dict, what: str, pairs: bool):
@@ -104,13 +172,12 @@ def _same_base(run: Path, other: Path) -> None:
     """--against: both runs' adapters were trained on the same base weights (read from their metadata)."""
     from dsft.adapters.metadata import read_metadata
     from dsft.errors import DsftError
-    from dsft.train.run_dir import adapter_dir
+    from dsft.train.run_dir import adapter_source
 
     ids = []
-    for path in (run, other):
-        if not (adapter_dir(path) / "adapter_config.json").is_file():
-            raise DsftError(f"--against {other}: {path} is not a finished dsft run directory (no adapter/)")
-        base = read_metadata(adapter_dir(path)).get("base_model") or {}
+    for path, key in ((run, "--adapter"), (other, "--against")):
+        _, adapter, _ = adapter_source(path, key, "evaluate")
+        base = read_metadata(adapter).get("base_model") or {}
         ids.append((base.get("config_sha256"), base.get("weights_fingerprint")))
     if ids[0] != ids[1]:
         raise DsftError(f"--against {other}: trained on another base than {run} (config or weights differ); "

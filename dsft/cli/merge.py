@@ -30,16 +30,18 @@ def merge(
     from dsft.console import console as dsft_console
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
-    from dsft.train.run_dir import RunDir
+    from dsft.train.run_dir import RunDir, describe_checkpoint
 
     at_least("--verify-layers", verify_layers, 1)
     source = resolve(adapter, base)
-    if source.run is not None:
+    if source.run is not None and source.checkpoint is None:  # a checkpoint was chosen as it is
         RunDir(source.run).check_usable(force, "merge")
     record = run_merge(source, out, force=force, dtype=dtype, requantize=requantize)
     console = dsft_console()
     console.print(f"merged {record['touched_tensors']} tensors of {source.base} into {out} "
-                  f"({len(record['shards_sha256'])} shards, sha256 in dsft-merge.json)")
+                  f"({len(record['shards_sha256'])} shards, sha256 in dsft-merge.json)"
+                  + (f"; the adapter of {describe_checkpoint(source.checkpoint)}" if source.checkpoint else ""),
+                  soft_wrap=True)
     if verify:
         from dsft.export.verify import verify as run_verify
 

@@ -120,6 +120,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None, check_files: boo
     for key in [k for k in data if isinstance(k, str) and k.startswith(SCRATCH)]:
         del data[key]  # `x-defaults: &d {...}`: a place for anchors to merge (`<<: *d`), not a recipe section
     recipe = validate_recipe(data, source=str(path), check_files=check_files, overrides=given)
+    if check_files:
+        resolve_hub_data(recipe)
     if check_files:  # a run directory reached through a symbolic link is written at its target
         import os
 
@@ -129,6 +131,42 @@ def load_recipe(path: Path, overrides: list[str] | None = None, check_files: boo
         if target != Path(os.path.abspath(recipe.output_dir)):
             recipe.output_dir = str(target)
     return recipe
+
+
+def resolve_hub_data(recipe: Recipe) -> None:
+    """data.train / data.eval's Hub datasets (dsft.hub) as the local files of their split, in place: each file
+    takes its entry's share, format and columns, and data.sources records where it came from. A share (weight,
+    rows) of a split held in several files is refused: the shares are per file."""
+    from dsft.hub import dataset_files, parse_data_uri
+
+    d = recipe.data
+    if not any(parse_data_uri(p) for p in [*d.train, *d.eval]):
+        return
+    sources: dict[str, dict[str, Any]] = {}
+
+    def expand(paths: list[str], mix: list[Any], split: str, defaults: tuple[str, ...]) -> tuple[list[str], list[Any]]:
+        files, records = [], []
+        for i, (path, record) in enumerate(zip(paths, mix)):
+            hub = parse_data_uri(path)
+            if hub is None:
+                files.append(path)
+                records.append(record)
+                continue
+            found, source = dataset_files(hub["repo"], hub["split"], hub["name"], hub["revision"], f"data.{split}[{i}]",
+                                          defaults)
+            if record and ("weight" in record or "rows" in record) and len(found) > 1:
+                raise DsftError(f"data.{split}[{i}]: {hub['repo']} split {source['split']} is {len(found)} files, and a "
+                                "share (weight, rows) is per file; list its files as entries of their own, or leave the "
+                                "share out")
+            for f in found:
+                files.append(f)
+                records.append(record)
+                sources[f] = source
+        return files, records
+
+    train, mix = expand(d.train, d.mix or [None] * len(d.train), "train", ("train",))
+    d.eval, _ = expand(d.eval, [None] * len(d.eval), "eval", ("validation", "test"))
+    d.train, d.mix, d.sources = train, (mix if any(mix) else None), sources
 
 
 def validate_recipe(data: dict[str, Any], source: str, check_files: bool = False,
@@ -170,6 +208,20 @@ def _section_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+# keys of transformers' TrainingArguments, PEFT, Axolotl and LLaMA-Factory, and what dsft calls them
+ALIASES = {
+    "learning_rate": "training.lr", "lr_scheduler_type": "training.scheduler", "lr_scheduler": "training.scheduler",
+    "num_train_epochs": "training.epochs", "num_epochs": "training.epochs",
+    "gradient_accumulation_steps": "training.grad_accum", "per_device_train_batch_size": "training.micro_batch_size",
+    "micro_batch_size": "training.micro_batch_size", "gradient_checkpointing": "training.activation_checkpointing",
+    "load_in_4bit": "model.quantization: nf4", "quantization_bit": "model.quantization: nf4",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "sequence_len": "data.max_length",
+    "max_length": "data.max_length", "lora_r": "adapter.r", "lora_rank": "adapter.r", "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout", "lora_target_modules": "adapter's groups (attention, shared_experts, ...)",
+    "model_name_or_path": "model.path", "base_model": "model.path", "dataset": "data.train", "datasets": "data.train",
+    "bf16": "model.dtype: bfloat16", "torch_dtype": "model.dtype", "seed": "training.seed",
+}
+
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
     "dict": "a mapping", "model": "a mapping", "list": "a list",
@@ -186,7 +238,10 @@ def describe(err: dict[str, Any]) -> str:
         import difflib
 
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6) if loc else []
-        if close:
+        alias = ALIASES.get(str(loc[-1])) if loc else None
+        if alias:
+            what = f"unknown key; dsft's is {alias} (the name other tools use for it is not read)"
+        elif close:
             what = f"unknown key; did you mean {close[0]}?"
         else:
             what = "unknown key; remove it" + (f" (valid keys here: {', '.join(keys)})" if keys else "")

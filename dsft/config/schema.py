@@ -42,7 +42,11 @@ def _checking_files(info: ValidationInfo) -> bool:
 class ModelSection(Section):
     """Which checkpoint to start from and how to hold it in memory."""
 
-    path: str = Field(description="A local checkpoint directory, or `builtin:tiny-deepseek-v3` / `builtin:tiny-deepseek-v2`.")
+    path: str = Field(description="A local checkpoint directory, a Hugging Face Hub id (`deepseek-ai/DeepSeek-V2-Lite`: "
+                      "resolved through the Hugging Face cache; fetched unless HF_HUB_OFFLINE is set), or "
+                      "`builtin:tiny-deepseek-v3` / `builtin:tiny-deepseek-v2`.")
+    revision: str | None = Field(None, description="With a Hub id: the branch, tag or commit (default: main); the commit "
+                                 "used is recorded in run.json and the model card.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype: `auto` is bfloat16 on GPU and float32 on CPU."
     )
@@ -66,10 +70,23 @@ class ModelSection(Section):
             if name not in BUILTIN_MODELS:
                 raise ValueError(f"unknown built-in model {name!r}; use one of: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
             return v
-        if _checking_files(info):
+        from dsft.hub import is_repo_id
+
+        if _checking_files(info) and not is_repo_id(v):  # a hub id is resolved (and its files checked) in the preflight
             from dsft.models.files import check_model_dir
 
             check_model_dir(Path(v))
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from dsft.hub import is_repo_id
+
+        path = info.data.get("path")
+        if v is not None and (not v.strip() or not isinstance(path, str) or not is_repo_id(path)):
+            raise ValueError("only with a Hugging Face Hub id in model.path (a branch, tag or commit of it); remove it"
+                             if v.strip() else "empty; give a branch, tag or commit, or remove it")
         return v
 
     @field_validator("shard_experts")
@@ -83,12 +100,17 @@ class ModelSection(Section):
 class DataSection(Section):
     """Training data: files, their format, and how they become token sequences."""
 
-    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list); an entry may be "
-                             "`{path: FILE, weight: W}` (W times its rows: 2 repeats each row, 0.3 a seeded 30% "
-                             "sample) or `{path: FILE, rows: N}` (exactly N rows) to mix several files (sft).")
-    mix: list[dict[str, float] | None] | None = Field(
-        None, exclude=True, description="Set by data.train's `{path, weight | rows}` entries, one per file (not a "
-        "key to write).")
+    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list). An entry may be a "
+                             "mapping `{path: FILE, ...}` with: `weight: W`, the file's share of the mix's weighted rows "
+                             "(files given weights share the rows they hold together: weights 3 and 1 give a 3:1 split of "
+                             "it; sft), or `rows: N` (exactly N rows from the file; sft); `format: F`, the file's own "
+                             "data.format (sft mixes of messages, sharegpt, alpaca... files); `columns: {FIELD: COLUMN}`, "
+                             "the file's column that holds each field dsft reads (e.g. `{completion: response, label: "
+                             "feedback}`; every objective).")
+    mix: list[dict[str, Any] | None] | None = Field(
+        None, exclude=True, description="Set by data.train's `{path, ...}` entries, one per file (not a key to write).")
+    sources: dict[str, dict[str, Any]] | None = Field(
+        None, exclude=True, description="Set by dsft: the Hub dataset, split and commit each resolved file came from.")
     eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
     format: str = Field(
         "messages",
@@ -109,6 +131,19 @@ class DataSection(Section):
         "machine's cores; inputs under 8 MiB are tokenized in one). Does not change the tokens."
     )
 
+    def shares(self) -> list[dict[str, Any] | None] | None:
+        """Per training file its share of a mix ({weight} or {rows}), or None when no file has one."""
+        out = [{k: v for k, v in (m or {}).items() if k in ("weight", "rows")} or None for m in (self.mix or [])]
+        return out if any(out) else None
+
+    def file_formats(self) -> list[str]:
+        """Per training file the data.format its rows are in (its entry's `format`, else data.format)."""
+        return [(m or {}).get("format") or self.format for m in (self.mix or [None] * len(self.train))]
+
+    def file_columns(self) -> list[dict[str, str] | None]:
+        """Per training file its column map (`columns`), or None."""
+        return [(m or {}).get("columns") for m in (self.mix or [None] * len(self.train))]
+
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
@@ -119,12 +154,14 @@ class DataSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _mix_entries(cls, data: Any) -> Any:
-        """`{path, weight}` / `{path, rows}` entries of data.train: the path stays in train, the share in mix."""
+        """`{path, weight | rows, format, columns}` entries of data.train: the path stays in train, the rest in mix."""
         if not isinstance(data, dict):
             return data
-        if "mix" in data:
-            raise ValueError("mix: not a key to write; give a file's share as a data.train entry "
-                             "{path: FILE, weight: W} or {path: FILE, rows: N}")
+        for key in ("mix", "sources"):
+            if key in data:
+                raise ValueError(f"{key}: not a key to write; give a file's share, format or columns in its data.train "
+                                 "entry {path: FILE, weight: W}")
+        data = {**data, **{split: _hub_strings(data[split], split) for split in ("train", "eval") if split in data}}
         train = data.get("train")
         if not isinstance(train, list) or not any(isinstance(e, dict) for e in train):
             return data
@@ -134,19 +171,8 @@ class DataSection(Section):
                 paths.append(entry)
                 mix.append(None)
                 continue
-            extra = sorted(set(entry) - {"path", "weight", "rows"})
-            if extra or "path" not in entry or ("weight" in entry) == ("rows" in entry):
-                raise ValueError(f"train[{i}]: a mixed entry is {{path: FILE, weight: W}} or {{path: FILE, rows: N}}"
-                                 + (f" (unknown key {extra[0]!r})" if extra else ""))
-            w = entry.get("weight")
-            if "weight" in entry and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf")):
-                raise ValueError(f"train[{i}].weight: a positive number (got {shown(w)}); 2 repeats every row, 0.5 "
-                                 "takes half")
-            n = entry.get("rows")
-            if "rows" in entry and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MIX_ROWS):
-                raise ValueError(f"train[{i}].rows: a whole number of rows from 1 to {MAX_MIX_ROWS:,} (got {shown(n)})")
-            paths.append(entry["path"])
-            mix.append({"weight": float(w)} if "weight" in entry else {"rows": n})
+            paths.append(_hub_entry(entry, f"train[{i}]") if "hub" in entry else entry.get("path"))
+            mix.append(_train_entry({k: v for k, v in entry.items() if k not in HUB_KEYS} | {"path": paths[-1]}, i))
         return {**data, "train": paths, "mix": mix}
 
     @field_validator("train", "eval", mode="before")
@@ -165,8 +191,10 @@ class DataSection(Section):
     @field_validator("train", "eval")
     @classmethod
     def _files_exist(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from dsft.hub import SCHEME
+
         if _checking_files(info):
-            missing = [p for p in v if not Path(p).is_file()]
+            missing = [p for p in v if not p.startswith(SCHEME) and not Path(p).is_file()]
             if missing:
                 raise ValueError(f"file not found: {', '.join(missing)} (paths are relative to the current directory)")
         return v
@@ -191,6 +219,87 @@ class LoraGroup(Section):
     @classmethod
     def _from_bool(cls, v: Any) -> Any:
         return {"enabled": v} if isinstance(v, bool) else v
+
+
+ENTRY_KEYS = ("path", "weight", "rows", "format", "columns")
+HUB_KEYS = ("hub", "split", "name", "revision")
+
+
+def _hub_entry(entry: dict, where: str) -> str:
+    """A `{hub: OWNER/NAME, split, name, revision}` entry as its data_uri string (resolved in the preflight)."""
+    from dsft.hub import REPO_ID, data_uri
+
+    if "path" in entry:
+        raise ValueError(f"{where}: give path (a local file) or hub (a Hugging Face dataset id), not both")
+    repo = entry.get("hub")
+    if not isinstance(repo, str) or not REPO_ID.match(repo):
+        raise ValueError(f"{where}.hub: a Hugging Face dataset id OWNER/NAME (got {shown(repo)})")
+    for key in ("split", "name", "revision"):
+        if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
+            raise ValueError(f"{where}.{key}: a non-empty string (got {shown(entry[key])}), or leave it out")
+    return data_uri(repo, entry.get("split"), entry.get("name"), entry.get("revision"))
+
+
+def _hub_strings(value: Any, split: str) -> Any:
+    """data.train / data.eval with every Hub id (`OWNER/NAME` that is no local file, or a `{hub: ...}` entry of
+    data.eval) as its data_uri string."""
+    from dsft.hub import data_uri, is_repo_id
+
+    items = value if isinstance(value, list) else [value] if isinstance(value, str) else None
+    if items is None:
+        return value
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and is_repo_id(_expand(item)):
+            out.append(data_uri(item))
+        elif split == "eval" and isinstance(item, dict) and "hub" in item:
+            extra = sorted(set(map(str, item)) - set(HUB_KEYS))
+            if extra:
+                raise ValueError(f"eval[{i}]: a Hub entry of data.eval is {{hub, split, name, revision}} (unknown key "
+                                 f"{extra[0]!r})")
+            out.append(_hub_entry(item, f"eval[{i}]"))
+        else:
+            out.append(item)
+    return out
+
+
+def _train_entry(entry: dict, i: int) -> dict[str, Any]:
+    """One `{path, ...}` entry of data.train as its mix record ({weight | rows, format, columns}), or the line
+    saying what is wrong with it."""
+    extra = sorted(set(map(str, entry)) - set(ENTRY_KEYS))
+    if extra or "path" not in entry or not isinstance(entry["path"], str):
+        raise ValueError(f"train[{i}]: an entry is {{path: FILE}} or {{hub: OWNER/NAME, split, name, revision}} with "
+                         "any of weight, rows, format, columns"
+                         + (f" (unknown key {extra[0]!r})" if extra else " (path missing)" if "path" not in entry else ""))
+    if "weight" in entry and "rows" in entry:
+        raise ValueError(f"train[{i}]: give weight (a share of the mix) or rows (a count), not both")
+    record: dict[str, Any] = {}
+    w = entry.get("weight")
+    if "weight" in entry:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+            raise ValueError(f"train[{i}].weight: a positive number (got {shown(w)}); weights 3 and 1 give the files a "
+                             "3:1 share of the mix")
+        record["weight"] = float(w)
+    n = entry.get("rows")
+    if "rows" in entry:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MIX_ROWS:
+            raise ValueError(f"train[{i}].rows: a whole number of rows from 1 to {MAX_MIX_ROWS:,} (got {shown(n)})")
+        record["rows"] = n
+    if "format" in entry:
+        if entry["format"] not in FORMATS:
+            raise ValueError(f"train[{i}].format: must be one of {', '.join(repr(f) for f in FORMATS)} (got "
+                             f"{shown(entry['format'])})")
+        record["format"] = entry["format"]
+    if "columns" in entry:
+        columns = entry["columns"]
+        if not isinstance(columns, dict) or not columns or not all(
+                isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in columns.items()):
+            raise ValueError(f"train[{i}].columns: a mapping of the fields dsft reads to this file's columns, e.g. "
+                             f"{{completion: response, label: feedback}} (got {shown(columns)})")
+        if len(set(columns.values())) != len(columns):
+            raise ValueError(f"train[{i}].columns: one column given for two fields ({shown(columns)})")
+        record["columns"] = dict(columns)
+    return record
 
 
 def _parse_selection(v: Any) -> Any:
@@ -227,7 +336,8 @@ def _expand(path: str) -> str:
     return os.path.expanduser(path) if path.startswith("~") else path
 
 
-ROUTED_KEYS = {"experts", "policy", "top_p", "min_per_layer", "max_per_layer", "samples", "count", "mode", "r", "alpha"}
+ROUTED_KEYS = {"experts", "policy", "top_p", "min_per_layer", "max_per_layer", "samples", "count", "mode", "r", "alpha",
+               "profile_after"}
 
 
 class RoutedExperts(Section):
@@ -241,7 +351,10 @@ class RoutedExperts(Section):
     top_p: float = Field(0.2, gt=0, le=1, description="With `policy`: per layer, the fewest experts whose share of the score reaches top_p.")
     min_per_layer: NonNegInt = Field(1, description="With `policy`: at least this many experts per layer.")
     max_per_layer: PositiveInt | None = Field(None, description="With `policy`: at most this many experts per layer.")
-    samples: PositiveInt = Field(1000, description="With `policy`: training rows profiled (a seeded sample).")
+    samples: PositiveInt = Field(1000, description="With `policy`: training rows profiled (a seeded sample of distinct "
+                                 "rows: a row a data mix repeats counts once); the profile's rows and time are in the plan.")
+    profile_after: bool = Field(True, description="With `policy`: profile the same rows again after training and report how "
+                                "each layer's expert load moved (routing/heatmap_diff.png); false skips it.")
     count: Literal["loss", "all"] = Field("loss", description="With `policy`: profile the tokens the loss is on, or all tokens.")
     mode: Literal["lora", "full"] = Field("lora", description="`lora`: low-rank A/B per expert; `full`: train the selected experts' whole weights.")
     r: PositiveInt | None = Field(None, description="Rank of expert LoRA; defaults to `adapter.r`.")
@@ -367,7 +480,9 @@ class ObjectiveSection(Section):
         v = _expand(v) if v is not None else v
         if v is not None and _checking_files(info):
             path = Path(v)
-            if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()):
+            if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()
+                    or ((path / "recipe.yaml").is_file() and (path / "run.json").is_file())):  # a run not finished:
+                # the preflight says how it stands
                 raise ValueError(f"{v} is neither a dsft run directory nor an adapter directory; point it at an SFT run")
         return v
 
@@ -388,9 +503,19 @@ class PromptFit(ObjectiveSection):
     )
 
     def check(self, recipe: "Recipe", name: str) -> None:
+        self.fit_default(recipe.data.max_length)
         if self.max_prompt_length >= recipe.data.max_length:
             raise ValueError(f"{name}.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
                              f"({recipe.data.max_length}) to leave room for the answers")
+
+    def fit_default(self, max_length: int, room: int | None = None) -> None:
+        """max_prompt_length left at its default fits data.max_length: half of it (or what `room` leaves, GRPO's
+        completions) when 512 would not fit; never an error about a key the recipe does not set."""
+        if "max_prompt_length" in self.model_fields_set:
+            return
+        limit = max_length - room if room is not None else max_length - 1
+        if self.max_prompt_length > limit:
+            self.max_prompt_length = max(1, limit if room is not None else max_length // 2)
 
     def fit(self) -> dict[str, Any]:
         """The settings that change a row's tokens (dsft.data.prepared keys on them)."""
@@ -575,6 +700,7 @@ class GrpoSection(PromptFit):
                             f"({per_generation} = micro_batch_size x {name}.steps_per_generation or grad_accum) must hold "
                             f"whole groups of {name}.num_generations {self.num_generations}; set micro_batch_size to a "
                             f"multiple of {self.num_generations // math.gcd(self.num_generations, per_generation // t.micro_batch_size)}")
+        self.fit_default(recipe.data.max_length, self.max_completion_length)
         if self.max_prompt_length + self.max_completion_length > recipe.data.max_length:
             problems.append(f"data.max_length {recipe.data.max_length}: a sequence is {name}.max_prompt_length "
                             f"{self.max_prompt_length} + {name}.max_completion_length {self.max_completion_length} "

@@ -7,6 +7,7 @@ No torch, no tokenizer: this runs in preflight before anything heavy is loaded.
 from __future__ import annotations
 
 import csv
+import re
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +109,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{path}:{n}", RowError(f"not valid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+                yield f"{path}:{n}", RowError(f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); fix or remove the line")
                 continue
             except RecursionError:
                 yield f"{path}:{n}", RowError("nested too deeply to read (JSON arrays or objects over ~1000 levels deep); "
@@ -180,9 +181,10 @@ COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_co
 LISTS = ("messages", "sharegpt")
 
 
-def header_problem(path: Path, fmt: str | None) -> str | None:
-    """A CSV file that cannot hold `fmt` rows, or whose header lacks the format's columns: one line naming
-    the columns found, the ones needed and the format they fit. None for other files and good headers."""
+def header_problem(path: Path, fmt: str | None, columns: dict[str, str] | None = None) -> str | None:
+    """A CSV file that cannot hold `fmt` rows, or whose header lacks the format's columns (after the file's
+    column map): one line naming the columns found, the ones needed and the format they fit. None for other
+    files and good headers."""
     if fmt is None or path.suffix.lower() != ".csv" or fmt not in COLUMNS:
         return None
     if fmt in LISTS:
@@ -192,7 +194,10 @@ def header_problem(path: Path, fmt: str | None) -> str | None:
     if not header:
         return None
     found = [h.strip() for h in header]
-    needed = [c for c in COLUMNS[fmt] if c not in found]
+    mapped = {(columns or {}).get(c, c) for c in COLUMNS[fmt]}
+    needed = [c for c in COLUMNS[fmt] if (columns or {}).get(c, c) not in found]
+    if not needed or mapped <= set(found):
+        return None
     if not needed:
         return None
     fit = next((f for f, cols in COLUMNS.items() if f not in LISTS and all(c in found for c in cols)), None)
@@ -262,19 +267,57 @@ def row_format(row: Any) -> str:
     return "messages"
 
 
+def renamed(row: Any, columns: dict[str, str] | None) -> Any:
+    """A row with its columns renamed to the fields dsft reads (`columns`: {FIELD: COLUMN}, a data.train
+    entry's map); a row holding both a field and the column mapped to it is refused (which one is meant?)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    out = dict(row)
+    for field, column in columns.items():
+        if column not in row:
+            continue
+        if field in row and field != column:
+            raise RowError(f"has both field {field!r} and column {column!r}, which the file's columns map to {field!r}; "
+                           "drop one, or the mapping")
+        out[field] = out.pop(column)
+    return out
+
+
+MISSING = re.compile(r"^missing field '([^']+)'")
+
+
+def _with_fields(error: RowError, row: Any, columns: dict[str, str] | None) -> RowError:
+    """A missing-field error with the row's own fields and how to map one to the field (once: a format's own
+    hint about another format it fits stays as it is)."""
+    m = MISSING.match(str(error))
+    if not m or not isinstance(row, dict) or "; the row has" in str(error) or not row:
+        return error
+    field = m.group(1)
+    fields = ", ".join(sorted(map(str, row)))
+    mapped = f" (mapped from column {columns[field]!r}, which this row lacks)" if columns and field in columns else ""
+    return RowError(f"{error}{mapped}; this row's fields are {fields}: if one of them holds {field}, map it in the "
+                    f"file's data.train entry: {{path: FILE, columns: {{{field}: COLUMN}}}}")
+
+
 def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[str], what: str = "examples",
-                 locate: bool = False, fmt: str | None = None) -> Iterator[Any]:
-    """Every row of every file converted by `convert` (to_messages, to_pair), read streaming; a row it
-    refuses goes to `errors` as `FILE:LINE: why`, and so does a file with no rows. A CSV file whose header
-    cannot hold `fmt` rows is one error for the file (header_problem). `locate`: each converted row (a
-    dict) gets its `FILE:LINE` as `where`."""
+                 locate: bool = False, fmt: str | None = None, columns: dict[str, str] | None = None) -> Iterator[Any]:
+    """Every row of every file converted by `convert` (to_messages, to_pair), read streaming, its columns
+    first renamed by `columns` ({FIELD: COLUMN}); a row it refuses goes to `errors` as `FILE:LINE: why`
+    (a missing field with the row's fields and how to map one), and so does a file with no rows. A CSV file
+    whose header cannot hold `fmt` rows is one error for the file (header_problem). `locate`: each converted
+    row (a dict) gets its `FILE:LINE` as `where`."""
     for name in paths:
         path, count, good = Path(name), len(errors), 0
-        problem = header_problem(path, fmt)
+        problem = header_problem(path, fmt, columns)
         if problem:
             errors.append(problem)
             continue
-        for where, row in iter_rows(path):
+        for where, raw in iter_rows(path):
+            try:
+                row = renamed(raw, columns)
+            except RowError as e:
+                errors.append(f"{where}: {e}")
+                continue
             try:
                 converted = convert(row)
                 if locate:
@@ -282,7 +325,7 @@ def checked_rows(paths: list[str], convert: Callable[[Any], Any], errors: list[s
                 yield converted
                 good += 1
             except RowError as e:
-                errors.append(f"{where}: {e}")
+                errors.append(f"{where}: {_with_fields(e, row, columns)}")
         if not good and len(errors) == count:
             errors.append(f"{path}:1: the file has no rows; add {what} or remove it from the recipe")
 

@@ -73,12 +73,14 @@ def to_unpaired(row: Any, system_prompt: str | None = None) -> list[dict[str, An
     if not isinstance(row, dict):
         raise RowError(f"a row must be an object, got {type(row).__name__}")
     label = row.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV has no booleans
-        label = label.strip().lower() == "true"
+    if isinstance(label, str) and label.strip().lower() in ("true", "false", "1", "0"):  # CSV has no booleans
+        label = label.strip().lower() in ("true", "1")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):  # 1 / 0, as many datasets write it
+        label = bool(label)
     if label is None or label == "":
-        raise RowError("missing field 'label' (true for a desirable completion, false for an undesirable one)")
+        raise RowError("missing field 'label' (true or 1 for a desirable completion, false or 0 for an undesirable one)")
     if not isinstance(label, bool):
-        raise RowError(f"field 'label' must be true or false, got {shown(label)}")
+        raise RowError(f"field 'label' must be true or false (or 1 or 0), got {shown(label)}")
     if "messages" in row and "completion" not in row:
         messages = row["messages"]
         if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) \

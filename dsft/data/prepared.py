@@ -50,7 +50,7 @@ from dsft.data.store import CHECKSUM, DATA, FORMAT, META, checksum, data_root, d
 from dsft.errors import DsftError
 from dsft.outputs import cache_error, human_size
 
-VERSION = 3  # of the tokenization rules and the entry layout (dsft.data.store): bump when either changes
+VERSION = 4  # of the tokenization rules and the entry layout (dsft.data.store): bump when either changes
 CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
 PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
 KINDS = ("sft", "pairs", "dpo", "kto", "prompt")
@@ -115,9 +115,19 @@ class Spec:
     assistant_only: bool = True
     dpo: dict[str, Any] | None = None  # prompt fitting of dpo / kto rows: max_prompt_length, prompt_overflow
     section: str = ""  # the recipe section those settings come from, to name its keys in errors (not in the key)
+    formats: list[str] | None = None  # per file its own row format (data.train's `{path, format}`); None: fmt for all
+    columns: list[dict[str, str] | None] | None = None  # per file its column map (`{path, columns}`), or None
+
+    def file_format(self, i: int) -> str:
+        return (self.formats[i] if self.formats else None) or self.fmt
+
+    def file_columns(self, i: int) -> dict[str, str] | None:
+        return self.columns[i] if self.columns else None
 
     def parts(self, tokenizer: Any, files: list[Any]) -> dict[str, Any]:
+        per_file = [[self.file_format(i), self.file_columns(i)] for i in range(len(self.files))]
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "files": files, "row_format": self.fmt,
+                "per_file": per_file if (self.formats or self.columns) else None,
                 "system_prompt": self.system_prompt, "assistant_only": self.assistant_only, "dpo": self.dpo,
                 "tokenizer": tokenizer_fingerprint(tokenizer)}
 
@@ -237,12 +247,17 @@ class Tokens:
         labels = [[t if m else IGNORE for t, m in zip(r, mask)] for r, mask in zip(picked["rejected_ids"], picked["rejected_mask"])]
         return {"input_ids": [r[cut] for r in picked["rejected_ids"]], "labels": [r[cut] for r in labels]}
 
+    def distinct(self) -> np.ndarray:
+        """The positions of rows that are not repeats of an earlier one (all of them, outside a mix)."""
+        return np.arange(len(self))
+
     def sample(self, samples: int, seed: int, max_length: int | None = None) -> dict[str, list[list[int]]]:
-        """A seeded sample of `samples` rows (all rows when there are fewer), in their original order."""
+        """A seeded sample of `samples` distinct rows (all of them when there are fewer; a row a mix repeats is
+        one row), in their original order."""
         import random
 
-        n = len(self)
-        keep = sorted(random.Random(seed).sample(range(n), samples)) if samples < n else list(range(n))
+        pool = self.distinct().tolist()
+        keep = sorted(random.Random(seed).sample(pool, samples)) if samples < len(pool) else pool
         return self.rows(keep, max_length)
 
     def remember_hashes(self) -> None:
@@ -272,6 +287,9 @@ class Mixed(Tokens):
     def column(self, name: str) -> np.ndarray:
         return np.concatenate([p.column(name) for p in self.parts])[self.index]
 
+    def distinct(self) -> np.ndarray:
+        return np.sort(np.unique(self.index, return_index=True)[1])
+
     def stats(self, max_length: int) -> dict[str, int]:
         if max_length not in self._memo:
             self._memo[max_length] = self._stats(max_length)
@@ -288,13 +306,18 @@ class Mixed(Tokens):
             p.remember_hashes()
 
 
-def mix_counts(sizes: list[int], mix: list[dict[str, float] | None], seed: int) -> list[np.ndarray]:
-    """Per file, the rows taken (local indices): all of them (no share), `rows: N` exactly N, `weight: W`
-    round(W x its rows) (at least 1). Beyond a file's size its rows repeat whole, then a seeded sample of
-    the rest; below it, a seeded sample. Sorted, so the same recipe and seed take the same rows."""
-    wants = [n if not share else share["rows"] if "rows" in share else max(1, round(share["weight"] * n))
-             for n, share in zip(sizes, mix)]
-    if sum(wants) > MAX_MIX_ROWS:  # by arithmetic, before any index is allocated
+def mix_counts(sizes: list[int], shares: list[dict[str, float] | None], seed: int) -> list[np.ndarray]:
+    """Per file, the rows taken (local indices): all of them (no share); `rows: N` exactly N; `weight: W` its
+    share of the weighted rows: the files given weights hold R rows together, and a file of weight W takes
+    round(R x W / the weights' sum) of them (at least 1), so weights 3 and 1 split R 3:1. Beyond a file's
+    size its rows repeat whole, then a seeded sample of the rest; below it, a seeded sample. Sorted, so the
+    same recipe and seed take the same rows. The total is checked by arithmetic before anything is allocated."""
+    weighted = [i for i, s in enumerate(shares) if s and "weight" in s]
+    pool = sum(sizes[i] for i in weighted)
+    weights = sum(shares[i]["weight"] for i in weighted)
+    wants = [n if not share else share["rows"] if "rows" in share else max(1, round(pool * share["weight"] / weights))
+             for n, share in zip(sizes, shares)]
+    if sum(wants) > MAX_MIX_ROWS:
         i = max(range(len(wants)), key=lambda k: wants[k])
         raise DsftError(f"data.train[{i}]: the mix would take {sum(wants):,} rows in all ({wants[i]:,} from this file of "
                         f"{sizes[i]:,}; an index of {human_size(8 * sum(wants))}); give shares that total at most "
@@ -308,16 +331,21 @@ def mix_counts(sizes: list[int], mix: list[dict[str, float] | None], seed: int) 
     return takes
 
 
-def prepare_mix(spec_for: Callable[[list[str]], Spec], files: list[str], mix: list[dict[str, float] | None] | None,
-                seed: int, tokenizer: Any, num_proc: int | None = None) -> Tokens:
+def prepare_mix(spec: Spec, shares: list[dict[str, float] | None] | None, seed: int, tokenizer: Any,
+                num_proc: int | None = None) -> Tokens:
     """data.train prepared: one entry for all files, or, when data.train gives shares, one entry per file
-    (each reused by any run of that file) mixed as `mix_counts` says."""
-    if not mix:
-        return prepare(spec_for(files), tokenizer, num_proc)
-    parts = [prepare(spec_for([f]), tokenizer, num_proc) for f in files]
-    takes = mix_counts([len(p) for p in parts], mix, seed)
-    record = [{"path": str(Path(f).resolve()), "rows_in_file": len(p), "rows_used": len(t), **(share or {})}
-              for f, p, t, share in zip(files, parts, takes, mix)]
+    (each reused by any run of that file, in its own format and column map) mixed as `mix_counts` says."""
+    import dataclasses
+
+    if not shares:
+        return prepare(spec, tokenizer, num_proc)
+    parts = [prepare(dataclasses.replace(spec, files=[f], formats=[spec.file_format(i)], columns=[spec.file_columns(i)]),
+                     tokenizer, num_proc) for i, f in enumerate(spec.files)]
+    takes = mix_counts([len(p) for p in parts], shares, seed)
+    total = sum(len(t) for t in takes)
+    record = [{"path": str(Path(f).resolve()), "rows_in_file": len(p), "rows_used": len(t),
+               "share": round(len(t) / total, 4), "format": spec.file_format(i), **(share or {})}
+              for i, (f, p, t, share) in enumerate(zip(spec.files, parts, takes, shares))]
     return Mixed(parts, takes, record)
 
 
@@ -423,20 +451,29 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
 # ---------------------------------------------------------------- building an entry
 
 def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
-    """The split's rows, converted for its kind and read streaming; bad rows go to `errors` as FILE:LINE."""
+    """The split's rows, file by file in its own format and column map, converted for its kind and read
+    streaming; bad rows go to `errors` as FILE:LINE."""
+    for i, name in enumerate(spec.files):
+        yield from _file_rows(spec, name, spec.file_format(i), spec.file_columns(i), errors)
+
+
+def _file_rows(spec: Spec, name: str, fmt: str, columns: dict[str, str] | None, errors: list[str]) -> Iterator[Any]:
     from dsft.data.formats import checked_rows, to_messages
     from dsft.data.preference import to_pair, to_unpaired
 
     if spec.kind == "sft":
-        return checked_rows(spec.files, lambda row: to_messages(row, spec.fmt, spec.system_prompt), errors, fmt=spec.fmt)
+        return checked_rows([name], lambda row: to_messages(row, fmt, spec.system_prompt), errors, fmt=fmt, columns=columns)
     if spec.kind == "kto":
-        rows = checked_rows(spec.files, lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions", fmt=spec.fmt)
+        rows = checked_rows([name], lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions", fmt=fmt,
+                            columns=columns)
         return (unpaired for pair in rows for unpaired in pair)
     if spec.kind == PROMPTS:
         from dsft.data.prompts import to_prompt
 
-        return checked_rows(spec.files, lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True, fmt=spec.fmt)
-    return checked_rows(spec.files, lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs", fmt=spec.fmt)
+        return checked_rows([name], lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True, fmt=fmt,
+                            columns=columns)
+    return checked_rows([name], lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs", fmt=fmt,
+                        columns=columns)
 
 
 def _chunks(rows: Iterator[Any], errors: list[str]) -> Iterator[list[Any]]:

@@ -17,7 +17,8 @@ from dsft.data.preference import _prompt, _truncate
 RESERVED = ("prompt", "messages", "completion", "completions", "completion_ids", "prompts", "trainer_state",
             "log_extra", "log_metric", "environments")  # names TRL passes reward functions itself
 ROW = "dsft_row"  # the column holding a row's FILE:LINE (for errors naming the row; not passed to rewards)
-OWN = "dsft_"  # fields named so are dsft's (ROW): a row's own field of such a name is refused, never replaced
+PROMPT_TEXT = "dsft_prompt"  # a row's prompt as its own string (None for messages): rewards get strings for strings
+OWN = "dsft_"  # fields named so are dsft's (ROW, PROMPT_TEXT): a row's own field of such a name is refused, never replaced
 # The cache stores a row's place as `INDEX:LINE` (its file's index in data.train): an entry is keyed by content,
 # so the same rows in a file elsewhere share it, and their places are read against the files of the run.
 
@@ -28,8 +29,10 @@ def to_prompt(row: Any, system_prompt: str | None = None) -> dict[str, Any]:
         raise row
     if not isinstance(row, dict):
         raise RowError(f"a row must be an object, got {type(row).__name__}")
+    text = None
     if "prompt" in row:
         prompt, rest = _prompt(row["prompt"]), {k: v for k, v in row.items() if k != "prompt"}
+        text = row["prompt"] if isinstance(row["prompt"], str) else None
     elif "messages" in row:
         messages = row["messages"]
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
@@ -46,7 +49,7 @@ def to_prompt(row: Any, system_prompt: str | None = None) -> dict[str, Any]:
                        "FILE:LINE); rename the column")
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
-    return {"prompt": prompt, "columns": rest}
+    return {"prompt": prompt, "columns": rest, "text": text}
 
 
 def _place(where: str, files: list[str]) -> str:
@@ -88,16 +91,19 @@ def tokenize_prompts(tokenizer: Any, rows: list[dict[str, Any]], max_prompt_leng
     return {"prompt_ids": list_column(ids, np.int32), "prompt_length": lengths, "length": lengths.copy(),
             "prompt": text([json.dumps(r["prompt"], ensure_ascii=False) for r, _ in kept]),
             "columns": text([json.dumps(r["columns"], ensure_ascii=False, default=str) for r, _ in kept]),
+            PROMPT_TEXT: text([json.dumps(r.get("text"), ensure_ascii=False) for r, _ in kept]),
             ROW: text([_place(r.get("where", ""), files or []) for r, _ in kept]),
             "rows": len(rows), "truncated": truncated, "dropped": dropped}
 
 
 def as_rows(batch: dict[str, list[Any]], files: list[str]) -> dict[str, list[Any]]:
     """A batch of prepared prompt rows as the trainer reads them (a datasets transform): `prompt` messages, the
-    row's own fields by name (None where a row lacks one) and its FILE:LINE in `files` (the split's)."""
+    row's own fields by name (None where a row lacks one), its FILE:LINE in `files` (the split's) and its prompt
+    as the row's own string (PROMPT_TEXT; None for messages)."""
     prompts = [json.loads(p) for p in batch["prompt"]]
     columns = [json.loads(c) for c in batch["columns"]]
     names = sorted({k for c in columns for k in c})
     out: dict[str, list[Any]] = {"prompt": prompts, **{k: [c.get(k) for c in columns] for k in names}}
     out[ROW] = [place(p, files) for p in batch[ROW]]
+    out[PROMPT_TEXT] = [json.loads(t) for t in batch[PROMPT_TEXT]]
     return out

@@ -48,41 +48,34 @@ class Source:
     run: Path | None
     recipe: dict[str, Any] | None
     base_key: str = "--base"  # where the base came from, named in its errors
+    checkpoint: Path | None = None  # --adapter was one of the run's checkpoints (RUN/checkpoints/checkpoint-N)
 
 
 def resolve(adapter_arg: Path, base: Path | None) -> Source:
-    """`--adapter` may be a run directory (RUN/adapter inside) or an adapter directory; the base is
+    """`--adapter` may be a run directory (RUN/adapter inside), one of its checkpoints, or an adapter directory; the base is
     `--base`, else the run's recipe.yaml, else a local base_model_name_or_path of a plain PEFT adapter.
     The adapter's files and the base's config and shard headers are checked before anything is read."""
     from dsft.adapters.weights import check_adapter_dir
     from dsft.models.files import model_dir_error
     from dsft.config.load import load_run_recipe
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import refuse_checkpoint
+    from dsft.train.run_dir import adapter_source
 
-    refuse_checkpoint(adapter_arg)
-    if (adapter_arg / "adapter" / "adapter_config.json").is_file():
-        run, adapter_dir = adapter_arg, adapter_arg / "adapter"
-    elif (adapter_arg / "adapter_config.json").is_file():
-        adapter_dir = adapter_arg
-        run = adapter_arg.parent if (adapter_arg.parent / "recipe.yaml").is_file() else None
-    elif not adapter_arg.exists():
-        raise DsftError(f"--adapter {adapter_arg}: no such directory; give a dsft run directory or an adapter directory")
-    else:
-        raise DsftError(f"--adapter {adapter_arg}: neither a dsft run directory nor an adapter directory (no adapter_config.json)")
+    run, adapter_dir, checkpoint = adapter_source(adapter_arg, "--adapter", "use")
     config = check_adapter_dir(adapter_dir)
     recipe = load_run_recipe(run).model_dump(mode="json") if run else None
     key = "--base"
     if base is None:
         if recipe:
-            base, key = resolve_model_path(recipe["model"]["path"]), f"{run / 'recipe.yaml'}: model.path"
+            base = resolve_model_path(recipe["model"]["path"], recipe["model"].get("revision"))
+            key = f"{run / 'recipe.yaml'}: model.path"
         else:
             name = config.get("base_model_name_or_path")
             if not isinstance(name, str) or not Path(name).is_dir():
                 raise DsftError(f"--adapter {adapter_arg}: no run recipe names the base model; pass --base /path/to/checkpoint")
             base = Path(name)
     model_dir_error(Path(base), key, tokenizer=False)
-    return Source(adapter_dir, Path(base), run, recipe, key)
+    return Source(adapter_dir, Path(base), run, recipe, key, checkpoint)
 
 
 def read_checked(source: Source, force: bool) -> Adapter:

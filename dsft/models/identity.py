@@ -63,8 +63,12 @@ def model_identity(path: Path, model_path: str) -> dict[str, Any]:
     raw = (path / "config.json").read_bytes()
     cfg = json.loads(raw)
     keys = ("architectures", *IDENTITY)
+    from dsft.hub import commit_of
+
+    commit = commit_of(path)  # a Hub id's snapshot: the commit it was
     return {"path": model_path, "resolved_path": str(path.resolve()), "config_sha256": hashlib.sha256(raw).hexdigest(),
-            FINGERPRINT: weights_fingerprint(path), **{k: cfg.get(k) for k in keys}}
+            FINGERPRINT: weights_fingerprint(path), **({"hub_commit": commit} if commit else {}),
+            **{k: cfg.get(k) for k in keys}}
 
 
 def architecture_mismatches(config: dict[str, Any], recorded: dict[str, Any]) -> list[str]:

@@ -18,11 +18,19 @@ from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(path: str) -> Path:
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """model.path as a local checkpoint directory: a built-in model (built once into DSFT_CACHE), a Hugging Face
+    Hub id (its snapshot in the Hugging Face cache, dsft.hub), or the path itself."""
     if path.startswith(BUILTIN_PREFIX):
         from dsft.models.builtin import builtin_path
 
         return builtin_path(path[len(BUILTIN_PREFIX):])
+    from dsft.hub import is_repo_id
+
+    if is_repo_id(path):
+        from dsft.hub import model_snapshot
+
+        return model_snapshot(path, revision)
     return Path(path)
 
 

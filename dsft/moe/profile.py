@@ -21,7 +21,7 @@ from torch import nn
 from dsft.data.tokenize import IGNORE
 from dsft.moe.routing import LayerStats, RoutingRecorder
 
-VERSION = 1
+VERSION = 2  # 2: a mix's repeated rows are profiled once
 
 
 def batches(tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int):
@@ -128,10 +128,10 @@ def share_matrix(profile: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
 def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str, Any] | None = None,
             selected: dict[Any, list[int] | None] | None = None, vmax: float | None = None) -> Any:
     """Layers x experts image of token share (or of its change against `diff_from`, on a scale centred on
-    zero); the experts in `selected` ({layer: expert ids}, those that carry the adapter) are boxed. `vmax`:
+    zero); the experts in `selected` ({layer: expert ids}, those that carry the adapter) are marked with a dot. `vmax`:
     the top of the share scale, so that maps meant to be compared (before / after training) share one.
     Title and labels are laid out to fit the figure (constrained layout, the title wrapped to its width).
-    Returns the boxes drawn as (layer, expert) pairs."""
+    Returns the (layer, expert) pairs marked."""
     import textwrap
 
     from matplotlib.figure import Figure
@@ -151,17 +151,18 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     boxed = []
     if selected:
-        from matplotlib.patches import Rectangle
-
         chosen = {str(layer): ids for layer, ids in selected.items()}  # plan.json's keys are strings
         for row, layer in enumerate(layers):
             if str(layer) not in chosen:
                 continue
             ids = chosen[str(layer)]
             for expert in range(share.shape[1]) if ids is None else ids:  # None: every expert of the layer
-                ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
                 boxed.append((layer, expert))
-        title += " - boxed: experts with the adapter"
+        # a filled dot in the middle of each chosen cell: it cannot be read as its neighbour's, as an outline on
+        # the shared edge of two cells can
+        ax.scatter([e for _, e in boxed], [layers.index(layer) for layer, _ in boxed], s=min(60.0, 900.0 / share.shape[1]),
+                   c="white", edgecolors="black", linewidths=0.8, marker="o", zorder=3)
+        title += " - dots: experts with the adapter"
     full = f"{title} ({profile.get('tokens_counted', '?')} tokens, top-{profile['top_k']})"
     ax.set_title("\n".join(textwrap.wrap(full, width=int(width * 9))), fontsize=10)
     fig.colorbar(image, ax=ax, label=label)

@@ -69,10 +69,20 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
                                                 if base.get("resolved_path") and base.get("resolved_path") != base.get("path") else ""),
              f"- architecture: {', '.join(base.get('architectures') or [])} (`model_type: {base.get('model_type')}`), "
              f"{base.get('num_hidden_layers')} layers, hidden size {base.get('hidden_size')}",
+             *([f"- Hugging Face Hub commit: `{base['hub_commit']}`"] if base.get("hub_commit") else []),
              f"- config.json sha256: `{base.get('config_sha256')}`",
              f"- weights fingerprint: `{base.get('weights_fingerprint')}` (merge, export, eval and chat check it)",
              "", "## Data", ""]
-    lines += [f"- `{path}` sha256 `{sha}`" for path, sha in info.get("data_sha256", {}).items()]
+    mix = {m["path"]: m for m in summary.get("data_mix") or []}
+    for path, sha in info.get("data_sha256", {}).items():
+        m = mix.get(path)
+        share = (f": {m['rows_used']:,} of its {m['rows_in_file']:,} rows, {m['share']:.0%} of the mix"
+                 + (f" (weight {m['weight']:g})" if "weight" in m else f" (rows {m['rows']:,})" if "rows" in m else "")
+                 + (f", format `{m['format']}`" if m.get("format") and m["format"] != r.data.format else "")) if m else ""
+        hub = (r.data.sources or {}).get(path) or (info.get("data_sources") or {}).get(path)
+        origin = (f" (Hub dataset `{hub['hub']}`" + (f" subset `{hub['name']}`" if hub.get("name") else "")
+                  + f", split `{hub['split']}`, commit `{hub.get('commit')}`)") if hub else ""
+        lines.append(f"- `{path}`{origin} sha256 `{sha}`{share}")
     lines += [f"- format `{r.data.format}`, max_length {r.data.max_length}, packing {r.data.packing}", "",
               "## Recipe highlights (full: recipe.yaml)", "",
               "- adapter: " + "; ".join(_groups(meta)) + f"; router {r.adapter.router}",

@@ -24,9 +24,12 @@ def series(rows: list[dict[str, Any]], panels: Panels) -> dict[str, dict[str, tu
     return out
 
 
-# the y axis of the panels every objective shares, with units; any other panel's title is its label
+# the y axis of the panels every objective shares, with units; any other panel's title is its label. The loss
+# panel's unit is the objective's (Objective.loss_unit): nats per token for SFT, a loss per pair for DPO, ...
 YLABELS = {"loss": "loss (nats per token)", "learning rate": "learning rate", "reward accuracy": "share of pairs",
            "reward margin (chosen - rejected)": "beta x log-ratio (nats)"}
+COLUMNS = 3  # panels per row: a 5-panel figure is 3 + 2, readable when scaled, not 5 in a strip
+MIN_SPAN = 0.05  # a panel's y range is at least this share of its values' size: 15.8-16.0 is not drawn as a swing
 
 
 def constant(lines: dict[str, tuple[list[int], list[float]]]) -> float | None:
@@ -35,24 +38,46 @@ def constant(lines: dict[str, tuple[list[int], list[float]]]) -> float | None:
     return next(iter(values)) if len(values) == 1 and sum(len(vs) for _, vs in lines.values()) > 1 else None
 
 
-def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "") -> Any:
-    """A matplotlib Figure (no pyplot state) with one axis per panel of `series`, each with its y label; a
-    panel whose every point is one value (a constant learning rate) is said in the title instead."""
-    from matplotlib.figure import Figure
+def _honest_range(ax: Any, lines: dict[str, tuple[list[int], list[float]]]) -> None:
+    """Widen a y range narrower than MIN_SPAN of the values' size (around their middle), so that a change of
+    1% does not fill the panel."""
+    values = [v for _, vs in lines.values() for v in vs]
+    low, high = min(values), max(values)
+    size = max(abs(low), abs(high))
+    if size > 0 and high - low < MIN_SPAN * size:
+        middle, half = (low + high) / 2, MIN_SPAN * size / 2
+        ax.set_ylim(middle - half, middle + half)
 
+
+def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "", ylabels: dict[str, str] | None = None) -> Any:
+    """A matplotlib Figure (no pyplot state) with one axis per panel of `series`, COLUMNS to a row, each with
+    its y label (`ylabels` overrides YLABELS: the objective's units), whole steps on the x axis, and no range
+    that makes a small change look large; a panel whose every point is one value (a constant learning rate) is
+    said in the title instead."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    labels = {**YLABELS, **(ylabels or {})}
     data = series(rows, panels)
     flat = {panel: value for panel, lines in data.items() if (value := constant(lines)) is not None}
     data = {panel: lines for panel, lines in data.items() if panel not in flat}
-    fig = Figure(figsize=(5.0 * max(1, len(data)), 3.6), layout="constrained")
-    axes = fig.subplots(1, max(1, len(data)), squeeze=False)[0]
+    count = max(1, len(data))
+    columns = min(COLUMNS, count)
+    grid = -(-count // columns)
+    fig = Figure(figsize=(4.6 * columns, 3.4 * grid), layout="constrained")
+    axes = list(fig.subplots(grid, columns, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
     for ax, (panel, lines) in zip(axes, data.items()):
         for label, (steps, values) in lines.items():
             ax.plot(steps, values, marker="o" if label == "eval" or len(steps) < 3 else None, markersize=3, label=label)
-        ax.set_title(panel)
+        ax.set_title(panel, fontsize="medium")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(YLABELS.get(panel, panel))
+        ax.set_ylabel(labels.get(panel, panel))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _honest_range(ax, lines)
         if len(lines) > 1:
-            ax.legend()
+            ax.legend(fontsize="small")
     if not data:
         axes[0].set_title("no metrics logged")
     notes = "; ".join(f"{panel} constant at {value:.3g}" for panel, value in flat.items())
@@ -61,14 +86,14 @@ def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "") ->
     return fig
 
 
-def write_curves(run: Path, kind: str, panels: Panels) -> Path:
+def write_curves(run: Path, kind: str, panels: Panels, ylabels: dict[str, str] | None = None) -> Path:
     """Draw RUN/metrics.jsonl into RUN/curves.png (written beside it, then renamed)."""
     from dsft.train import run_dir
     from dsft.train.callbacks import read_metrics
 
     path = run_dir.metrics(run)
     rows = read_metrics(path)[0] if path.is_file() else []
-    return save_figure(build_figure(rows, panels, f"dsft {kind}: {Path(run).name}"), run_dir.curves(run))
+    return save_figure(build_figure(rows, panels, f"dsft {kind}: {Path(run).name}", ylabels), run_dir.curves(run))
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -23,28 +23,30 @@ from dsft.errors import DsftError
 
 
 def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple[Recipe, Path, Path]:
-    """(recipe, adapter directory, base model path) of a finished run, every file checked before a model
-    is loaded: not while it trains, a failed or interrupted one only with --force, the adapter's files,
-    and the base it names is still the model the adapter was trained on."""
+    """(recipe, adapter directory, base model path) of a finished run, or of one of a run's checkpoints
+    (`RUN/checkpoints/checkpoint-N`: its adapter as saved there, whatever the run's status), every file
+    checked before a model is loaded: not while it trains, a failed or interrupted run only with --force, the
+    adapter's files, and the base it names is still the model the adapter was trained on."""
     from dsft.adapters.metadata import read_metadata
     from dsft.adapters.weights import check_adapter_dir
     from dsft.models.check import check_checkpoint
     from dsft.models.files import model_dir_error, read_model_config
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import RunDir, refuse_checkpoint, run_of
+    from dsft.train.run_dir import RunDir, adapter_source
 
-    refuse_checkpoint(run)
-    run = run_of(run)
-    if not run.is_dir():
-        raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft sft or dpo run")
-    rundir = RunDir(run)
+    if not Path(run).is_dir():
+        raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft run (or one of its "
+                        "checkpoints)")
+    owner, adapter_dir, checkpoint = adapter_source(Path(run), "--adapter", command)
+    if owner is None:
+        raise DsftError(f"--adapter {run}: an adapter directory outside a dsft run; give the run directory (its recipe "
+                        "names the base and the data)")
+    rundir = RunDir(owner)
     recipe = rundir.recipe()
-    rundir.check_usable(force, command)
-    adapter_dir = rundir.adapter
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise DsftError(f"--adapter {run}: the run has no adapter/ (it never finished); resume or train it first")
-    model_path = resolve_model_path(recipe.model.path)
+    if checkpoint is None:  # a checkpoint was chosen as it is: the run's status does not stop it
+        rundir.check_usable(force, command)
+    model_path = resolve_model_path(recipe.model.path, recipe.model.revision)
     key = f"{rundir.recipe_file}: model.path"
     model_dir_error(model_path, key, tokenizer=False)
     recorded = read_metadata(adapter_dir).get("base_model")
@@ -230,25 +232,25 @@ def answers(model: torch.nn.Module, tokenizer: Any, conversations: list[Messages
 
 
 def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256, generations: int = 3,
-             max_new_tokens: int = 48, force: bool = False, on_train: bool = False) -> dict[str, Any]:
+             max_new_tokens: int = 48, force: bool = False, on_train: bool = False,
+             rows_of: str | None = None) -> dict[str, Any]:
     """Score base and adapter on the same rows: loss per assistant token (pairs: on the chosen answer) and,
     for preference pairs, the log-prob margin chosen - rejected and its accuracy; routing drift; greedy
-    answers. Writes RUN/eval.json and RUN/eval.png."""
+    answers. `run` is a run directory or one of its checkpoints; `rows_of` names whose rows `data` are when
+    they are another run's (`--against`). Returns the report (write_report writes it)."""
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
     from dsft.moe.routing import routers, top_k
-    from dsft.outputs import check_writable
-    from dsft.train.curves import save_figure
     from dsft.train import run_dir
 
     run = run_dir.run_of(run)
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
-    check_writable(run, "--adapter")  # eval.json goes there
     tokenizer = load_tokenizer(adapter_dir)
-    kind, fmt, files = eval_rows(recipe, data, on_train)
-    prepared = prepare(Spec("pairs" if kind == "pairs" else "sft", files, fmt, "--data" if data else "eval rows",
-                            recipe.data.system_prompt), tokenizer, recipe.data.num_proc)
+    kind, fmt, files = eval_rows(recipe, data, on_train or rows_of is not None)
+    label = rows_of or ("--data" if data else "data.train (--on-train)" if on_train or not recipe.data.eval else "data.eval")
+    prepared = prepare(Spec("pairs" if kind == "pairs" else "sft", files, fmt, label, recipe.data.system_prompt),
+                       tokenizer, recipe.data.num_proc)
     count = min(samples, len(prepared))
     max_length = recipe.data.max_length  # every row cut to it, as training did
     tokens = prepared.rows(range(count), max_length)
@@ -296,9 +298,13 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
         logps = {name: scored[name].pop("logps") for name in ("base", "adapter")}
         implicit = {"reference": reference_name, "beta": beta,
                     **implicit_rewards(logps["adapter"], reference or logps["base"], beta)}
+    trained_on = [f for f in files if training_file(recipe, Path(f))]
     report = {
+        "evaluated": run_dir.describe_checkpoint(adapter_dir) if adapter_dir.name.startswith("checkpoint-") else str(run),
+        "run": str(run_dir.run_of_checkpoint(adapter_dir) or run),
         "data": files,
-        "data_kind": ("training data" if on_train else "given") if data else "training data" if on_train or not recipe.data.eval else "held-out",
+        "data_source": label,
+        "data_kind": "training data" if trained_on else "held-out",  # of this run, whoever chose the rows
         "rows": kind,
         "examples": count,
         "max_length": max_length,
@@ -308,32 +314,56 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
         "routing_drift": drift,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens, max_length),
     }
-    save_figure(eval_figure(report), run / run_dir.EVAL_PLOT)
-    run_dir.write_atomic(run / run_dir.EVAL, json.dumps(report, indent=2) + "\n")
     return report
 
 
-def eval_figure(report: dict[str, Any]) -> Any:
-    """Base vs adapter per example: the loss of each example (sorted by the base's), and for preference
-    pairs each pair's log-prob margin chosen - rejected."""
+def write_report(report: dict[str, Any], json_path: Path, figure: Any) -> None:
+    """A report (eval or comparison) and its picture, each written beside and renamed into place."""
+    from dsft.train import run_dir
+    from dsft.train.curves import save_figure
+
+    save_figure(figure, json_path.with_suffix(".png"))
+    run_dir.write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+
+
+LOSS_UNIT = "loss (nats per assistant token)"
+MARGIN_UNIT = "margin (nats, summed over the answer)"
+
+
+def eval_figure(report: dict[str, Any], others: dict[str, dict[str, Any]] | None = None) -> Any:
+    """Per example, sorted by the base's value: the loss (lower is better) of the base, the adapter and, when
+    comparing, the other runs' adapters; for preference pairs also each pair's log-prob margin chosen -
+    rejected. The title names the run(s) and what the rows are; the y axes carry their units."""
     from matplotlib.figure import Figure
 
     pairs = "pairs" in report["adapter"]
-    fig = Figure(figsize=(10.0 if pairs else 6.0, 3.8), layout="constrained")
+    runs = {"base": report["base"], _short(report): report["adapter"],
+            **{_short(r): r["adapter"] for r in (others or {}).values()}}
+    fig = Figure(figsize=(10.0 if pairs else 6.4, 4.2), layout="constrained")
     axes = fig.subplots(1, 2 if pairs else 1, squeeze=False)[0]
-    panels = [("loss per example (lower is better)", "example_loss")]
+    panels = [("loss per example (lower is better)", "example_loss", LOSS_UNIT)]
     if pairs:
-        panels.append(("margin log p(chosen) - log p(rejected) per pair", "margins"))
-    for ax, (title, key) in zip(axes, panels):
-        values = {n: report[n]["pairs"]["margins"] if key == "margins" else report[n][key] for n in ("base", "adapter")}
+        panels.append(("margin log p(chosen) - log p(rejected) per pair", "margins", MARGIN_UNIT))
+    for ax, (title, key, unit) in zip(axes, panels):
+        values = {n: r["pairs"]["margins"] if key == "margins" else r[key] for n, r in runs.items()}
         order = sorted(range(len(values["base"])), key=lambda i: values["base"][i])
-        for name in ("base", "adapter"):
-            ax.plot(range(len(order)), [values[name][i] for i in order], marker="o", markersize=3,
+        for name, series in values.items():
+            ax.plot(range(len(order)), [series[i] for i in order], marker="o", markersize=3,
                     linestyle="none" if len(order) > 1 else "-", label=name)
         if key == "margins":
             ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("example (sorted by the base's value)")
-        ax.legend()
-    fig.suptitle(f"dsft eval: {report['examples']} examples ({report['data_kind']})")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize="small")
+    names = " vs ".join(n for n in runs if n != "base")
+    fig.suptitle(f"dsft eval: {names}: {report['examples']} examples ({report['data_kind']}, {report['data_source']})",
+                 fontsize="medium")
     return fig
+
+
+def _short(report: dict[str, Any]) -> str:
+    """A run's name on a picture: its directory's name (and the checkpoint's, when one was evaluated)."""
+    run = Path(report.get("run") or "adapter").name
+    evaluated = report.get("evaluated", "")
+    return f"{run} {evaluated.split(' ')[0]}" if evaluated.startswith("checkpoint-") else run

@@ -74,10 +74,10 @@ class GRPO(pipeline.Objective):
         from dsft.train.rewards import set_reasoning_opened
 
         data, settings = recipe.data, self.settings(recipe)
-        spec = lambda files, what: Spec(PROMPTS, list(files), "prompt", what, data.system_prompt, dpo=settings.fit(),  # noqa: E731
-                                        section=self.name)
+        spec = lambda files, what, **per_file: Spec(PROMPTS, list(files), "prompt", what, data.system_prompt,  # noqa: E731
+                                                    dpo=settings.fit(), section=self.name, **per_file)
         set_reasoning_opened(rewards, tokenizer)
-        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        train = prepare(spec(data.train, "data.train", columns=data.file_columns()), tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
         check_rewards(rewards, first_row(train, data.train), tokenizer)
         return {"train": train, "eval": None, "truncation": train.stats(data.max_length),
@@ -125,8 +125,14 @@ class GRPO(pipeline.Objective):
 
     def curve_panels(self, recipe: Recipe) -> dict[str, tuple[tuple[str, str], ...]]:
         settings = self.settings(recipe)
-        panels = {"reward (weighted sum, and each reward)": (("total", "reward"), ("held-out", "eval_reward"),
-                                                            *((r.label, f"rewards/{r.label}/mean") for r in settings.rewards)),
+        rewards = settings.rewards
+        if len(rewards) == 1 and rewards[0].weight == 1:  # the total is that one reward: one line, not two on top
+            reward = (f"reward ({rewards[0].label})", ((rewards[0].label, "reward"), ("held-out", "eval_reward")))
+        else:
+            reward = ("reward (weighted sum, and each reward)", (("total", "reward"), ("held-out", "eval_reward"),
+                                                                 *((r.label, f"rewards/{r.label}/mean") for r in rewards)))
+        panels = {reward[0]: reward[1],
+                  "groups with no reward spread (share; 1: nothing learned)": (("train", "frac_reward_zero_std"),),
                   "completion length (tokens)": (("mean", "completions/mean_length"), ("max", "completions/max_length")),
                   "cut at max_completion_length (share)": (("train", "completions/clipped_ratio"),),
                   "policy loss": (("train", "loss"),),
@@ -180,16 +186,16 @@ def rows_view(tokens: Any, files: list[str], max_length: int) -> Any:
     in `files` (the split's files)."""
     import functools
 
-    from dsft.data.prompts import ROW, as_rows
+    from dsft.data.prompts import PROMPT_TEXT, ROW, as_rows
 
-    view = tokens.trainable(max_length).select_columns(["prompt", "columns", ROW])
+    view = tokens.trainable(max_length).select_columns(["prompt", "columns", ROW, PROMPT_TEXT])
     return view.with_transform(functools.partial(as_rows, files=list(files)))
 
 
 def first_row(tokens: Any, files: list[str]) -> dict[str, Any]:
-    from dsft.data.prompts import ROW, as_rows
+    from dsft.data.prompts import PROMPT_TEXT, ROW, as_rows
 
-    batch = as_rows(tokens.dataset.select([0]).select_columns(["prompt", "columns", ROW])[:], list(files))
+    batch = as_rows(tokens.dataset.select([0]).select_columns(["prompt", "columns", ROW, PROMPT_TEXT])[:], list(files))
     return {k: v[0] for k, v in batch.items()}
 
 

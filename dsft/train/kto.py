@@ -21,6 +21,7 @@ from dsft.train.preference import PairObjective
 
 class KTO(PairObjective):
     name = "kto"
+    loss_unit = "KTO loss per completion"
     section = KtoSection
     formats = ("kto", "preference")
     kind = "kto"

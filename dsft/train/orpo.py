@@ -14,6 +14,7 @@ from dsft.train.preference import PairObjective
 
 class ORPO(PairObjective):
     name = "orpo"
+    loss_unit = "nats per token + beta x odds-ratio loss"
     section = OrpoSection
     module, trainer_name, config_name = "orpo", "ORPOTrainer", "ORPOConfig"
 

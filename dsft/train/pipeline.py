@@ -84,7 +84,8 @@ class Objective:
     formats: tuple[str, ...] = ()
     panels: dict[str, tuple[tuple[str, str], ...]] = LOSS_PANELS
 
-    mixes = False  # takes data.train's {path, weight | rows} entries (dsft.data.prepared.prepare_mix)
+    mixes = False  # takes data.train's {path, weight | rows} shares (dsft.data.prepared.prepare_mix)
+    loss_unit = "loss (nats per token)"  # the y axis of curves.png's loss panel: what the objective's loss is
 
     def settings(self, recipe: Recipe) -> Any:
         """The recipe's section of this objective, or its defaults when the recipe leaves it out."""
@@ -98,9 +99,13 @@ class Objective:
         if self.formats and recipe.data.format not in self.formats:
             raise DsftError(f"data.format: `dsft {self.name}` trains on {' or '.join(self.formats)} rows; set data.format "
                             f"to {self.formats[0]} (got {recipe.data.format})")
-        if recipe.data.mix and not self.mixes:
-            raise DsftError(f"data.train: `dsft {self.name}` takes its files whole; write them as plain paths (weights "
-                            "and row counts mix sft data)")
+        for i, fmt in enumerate(recipe.data.file_formats()):
+            if self.formats and fmt not in self.formats:
+                raise DsftError(f"data.train[{i}].format: `dsft {self.name}` trains on {' or '.join(self.formats)} rows "
+                                f"(got {fmt})")
+        if recipe.data.shares() and not self.mixes:
+            raise DsftError(f"data.train: `dsft {self.name}` takes its files whole; leave weight and rows out of its "
+                            "entries (they mix sft data; format and columns work for every objective)")
 
     def init_adapter(self, recipe: Recipe, config: dict[str, Any]) -> Path | None:
         """An adapter to continue rather than a fresh one (the section's init_adapter), checked against the
@@ -200,8 +205,9 @@ def check_init_adapter(recipe: Recipe, key: str, path: Path, config: dict[str, A
     from dsft.models.load import resolve_model_path
 
     run_dir.refuse_checkpoint(path, key)
-    adapter = run_dir.adapter_of(path)
-    check_base(read_metadata(adapter).get("base_model"), resolve_model_path(recipe.model.path), key, force_hint=None)
+    _, adapter, _ = run_dir.adapter_source(path, key, "continue")
+    check_base(read_metadata(adapter).get("base_model"), resolve_model_path(recipe.model.path, recipe.model.revision), key,
+               force_hint=None)
     check_adapter_dir(adapter, key, config)
     return adapter
 
@@ -334,17 +340,18 @@ def fp32_adapter(model: torch.nn.Module) -> None:
 
 
 def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identity: dict[str, Any],
-                   data_sha: dict[str, str]) -> dict[int, list[int] | None]:
-    """The static selection, or the policy applied to the (cached) routing profile."""
+                   data_sha: dict[str, str]) -> tuple[dict[int, list[int] | None], dict[str, Any] | None]:
+    """The static selection, or the policy applied to the (cached) routing profile; and what the plan says of
+    the profile (None without one)."""
     if prepared.selection is not None:
-        return prepared.selection
-    from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key
+        return prepared.selection, None
+    from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key, profile_summary
 
     spec = prepared.recipe.adapter.routed_experts
     key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
-    profile, _ = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
-                                run / ROUTING_DIR, spec.samples, spec.count)
-    return policy_selection(prepared.recipe, profile, run / ROUTING_DIR)
+    profile, computed = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
+                                       run / ROUTING_DIR, spec.samples, spec.count)
+    return policy_selection(prepared.recipe, profile, run / ROUTING_DIR), profile_summary(profile, computed)
 
 
 def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: bool = False) -> Path | None:
@@ -375,7 +382,7 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     check_trackers(recipe)
     check_optimizer(recipe)
     rows = goal.load_rows(recipe)
-    model_path = resolve_model_path(recipe.model.path)
+    model_path = resolve_model_path(recipe.model.path, recipe.model.revision)
     check_checkpoint(model_path)
     config = read_config(model_path)
     init = goal.init_adapter(recipe, config)
@@ -404,8 +411,8 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
         model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
         meta = read_metadata(prepared.init_adapter)
         return model, recorded_targets(meta), meta, None
-    selection = target_experts(prepared, base, run, identity, info["data_sha256"])
-    plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval))
+    selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"])
+    plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval), profile)
     if is_main():
         show(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
@@ -413,11 +420,20 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     return model, targets, None, plan
 
 
-def _save(trainer: Any, prepared: Prepared, run: Path, targets: dict[str, list[str]], identity: dict[str, Any],
-          init_meta: dict[str, Any] | None, extra_meta: dict[str, Any]) -> None:
+def adapter_meta(model: torch.nn.Module, prepared: Prepared, targets: dict[str, list[str]], identity: dict[str, Any],
+                 init_meta: dict[str, Any] | None, goal: "Objective") -> dict[str, Any]:
+    """dsft_adapter.json of the run's adapter (and of each checkpoint: it describes the adapter's structure,
+    which training does not change)."""
+    from dsft.adapters.metadata import build_metadata
+
+    meta = init_meta or build_metadata(model, prepared.recipe.adapter, targets, identity)
+    return {**meta, **goal.adapter_metadata(prepared)}
+
+
+def _save(trainer: Any, prepared: Prepared, run: Path, meta: dict[str, Any]) -> None:
     """The trained adapter (TRL's frozen "ref" copy left out), tokenizer and dsft_adapter.json, written to
     a temporary directory and renamed into place."""
-    from dsft.adapters.metadata import build_metadata, write_metadata
+    from dsft.adapters.metadata import write_metadata
 
     state = full_trainable_state(trainer.model)
     if not is_main():
@@ -425,8 +441,7 @@ def _save(trainer: Any, prepared: Prepared, run: Path, targets: dict[str, list[s
     tmp = run_dir.adapter_tmp(run)
     trainer.model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state)
     prepared.tokenizer.save_pretrained(tmp)
-    meta = init_meta or build_metadata(trainer.model, prepared.recipe.adapter, targets, identity)
-    write_metadata(tmp, {**meta, **extra_meta})
+    write_metadata(tmp, meta)
     run_dir.publish(tmp, run_dir.adapter_dir(run))
 
 
@@ -459,14 +474,15 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         if checkpoint is not None:
             for log in run_dir.step_logs(out):
                 trim_metrics(log, run_dir.checkpoint_step(checkpoint))
+        meta = adapter_meta(trainer.model, prepared, targets, identity, init_meta, goal)
         try:
-            resume.train(trainer, out, goal.name, checkpoint)
+            resume.train(trainer, out, goal.name, checkpoint, meta)
         except BaseException as e:  # the display ends as stopped, not with a finished line
             progress.close(e)
             raise
         progress.close()
         extra = goal.after_train(trainer, prepared, out)
-        _save(trainer, prepared, out, targets, identity, init_meta, goal.adapter_metadata(prepared))
+        _save(trainer, prepared, out, meta)
         groups = group_params(trainer.model, targets)
         result, own = goal.finish(out, prepared, trainer, metrics, groups, targets, plan, extra)
         summary = {**spine_summary(trainer, prepared, groups, targets), **own}
@@ -517,7 +533,7 @@ def write_reports(run: Path, goal: Objective, recipe: Recipe, info: dict[str, An
     from dsft.train.card import write_card
     from dsft.train.curves import write_curves
 
-    write_curves(run, goal.name, goal.curve_panels(recipe))
+    write_curves(run, goal.name, goal.curve_panels(recipe), {"loss": goal.loss_unit})
     write_card(run, goal.name, recipe, info, summary, plan, goal.card_lines(recipe, summary))
 
 

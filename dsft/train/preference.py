@@ -5,6 +5,7 @@ of the first and last logged rewards."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,15 @@ PAIR_PANELS = {**LOSS_PANELS,
                "reward margin (chosen - rejected)": (("train", "rewards/margins"), ("eval", "eval_rewards/margins"))}
 
 
+@dataclass
 class PreferenceResult(pipeline.StepsResult):
-    """What a preference run prints: the first and last logged rewards, the rows it trained on."""
+    """What a preference run prints: the first and last logged rewards, the rows it trained on, and the held-out
+    pairs' scores after training (data.eval)."""
+
+    held_out: dict[str, float] = field(default_factory=dict)
+
+
+HELD_OUT = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 def rewards(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -41,9 +49,10 @@ class PairObjective(pipeline.Objective):
         from dsft.data.prepared import Spec, prepare
 
         data, settings = recipe.data, self.settings(recipe)
-        spec = lambda files, what: Spec(self.kind, list(files), data.format, what, data.system_prompt,  # noqa: E731
-                                        dpo=settings.fit(), section=self.name)
-        train = prepare(spec(data.train, "data.train"), tokenizer, data.num_proc)
+        spec = lambda files, what, **per_file: Spec(self.kind, list(files), data.format, what, data.system_prompt,  # noqa: E731
+                                                    dpo=settings.fit(), section=self.name, **per_file)
+        train = prepare(spec(data.train, "data.train", formats=data.file_formats(), columns=data.file_columns()),
+                        tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
         counts = dict(train.meta["counts"])
         return {"train": train, "eval": None, "truncation": train.stats(data.max_length),
@@ -64,10 +73,20 @@ class PairObjective(pipeline.Objective):
                                     eval_dataset=self.rows(held_out, args) if held_out is not None else None,
                                     processing_class=prepared.tokenizer, callbacks=callbacks)
 
+    def after_train(self, trainer: Any, prepared: Prepared, run: Path) -> dict[str, Any]:
+        """The held-out pairs (data.eval) scored by the trained model once training ends, whatever
+        training.eval_steps: TRL's evaluation (loss, reward accuracy and margin), logged to metrics.jsonl like
+        any evaluation, for every pair objective alike."""
+        if trainer.eval_dataset is None:
+            return {}
+        metrics = trainer.evaluate()
+        return {"held_out": {k: float(v) for k, v in metrics.items() if k in HELD_OUT}}
+
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],
                targets: dict[str, list[str]], plan: dict[str, Any] | None, extra: dict[str, Any]) -> tuple[Any, dict]:
         logged = [r for r in metrics.rows if self.logged in r]
         counts = prepared.data["counts"]
         result = PreferenceResult(run, {g: n for g, n in groups.items() if n}, len(prepared.train),
-                                  rewards(logged[:1]), rewards(logged[-1:]), counts)
-        return result, {"rows": counts, "first": result.first, "last": result.last}
+                                  rewards(logged[:1]), rewards(logged[-1:]), counts, extra.get("held_out") or {})
+        return result, {"rows": counts, "first": result.first, "last": result.last,
+                        **({"held_out": result.held_out} if result.held_out else {})}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -20,27 +19,51 @@ from typing import Any
 from transformers import TrainerCallback
 
 from dsft.errors import DsftError
+from dsft.train.run_dir import CHECKPOINT_NAME, MARKER, damage, latest_checkpoint
 
-MARKER = "dsft-complete.json"
 RESUME_FREE = {"data.num_proc"}  # recipe keys a resume may change: they change no result
 # Set by the `dsft` entry point (dsft.cli.app.main): only a dsft process takes over SIGINT / SIGTERM, not a
 # library caller or pytest (whose Ctrl-C must stop the session, not fail one test).
 SIGNALS_ENV = "DSFT_HANDLE_SIGNALS"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunInterrupted(DsftError):
-    """Training stopped on a signal after saving a checkpoint."""
+    """Training stopped on a signal after saving a checkpoint (not an error: its lines start with `stopped:`)."""
+
+    label = "stopped"
 
     def __init__(self, signum: int, *lines: str) -> None:
         super().__init__(*lines)
         self.exit_code = 128 + signum
 
 
+def resume_command(command: str, run: Path) -> str:
+    """The command line that continues this run: the user's own, with --resume (and without --force), when
+    this process is the `dsft` command; else the run's recipe with --resume."""
+    import shlex
+
+    argv = list(sys.argv)
+    if argv and (Path(argv[0]).name in ("dsft", "__main__.py") or argv[0] == "-m"):
+        words = [w for w in argv[1:] if w != "--force"]
+        words = [*words, "--resume"] if "--resume" not in words and not any(w.startswith("--resume-from") for w in words) else words
+        return "dsft " + " ".join(shlex.quote(w) for w in words)
+    return f"dsft {command} --recipe {shlex.quote(str(run / 'recipe.yaml'))} --resume"
+
+
 class CheckpointMarker(TrainerCallback):
+    """After the Trainer saved a checkpoint: the adapter's metadata beside its weights (so that eval, chat,
+    merge and export read a checkpoint as an adapter directory), then the completion marker, last."""
+
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+        self.metadata = metadata
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if self.metadata is not None:
+                from dsft.adapters.metadata import write_metadata
+
+                write_metadata(folder, self.metadata)
             sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
             tmp = folder / f".{MARKER}.tmp"
             tmp.write_text(json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
@@ -97,36 +120,6 @@ class GracefulStop(TrainerCallback):
             signal.signal(sig, handler)
 
 
-def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint: no completion marker, or files missing or of another size
-    than when it was completed (truncated or overwritten). None when it is intact."""
-    marker = checkpoint / MARKER
-    if not marker.is_file():
-        return "never completed"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
-        return "unreadable completion marker"
-    for name, size in files.items():
-        path = checkpoint / name
-        if not path.is_file() or path.stat().st_size != size:
-            return f"{name} is missing or truncated"
-    return None
-
-
-def latest_checkpoint(checkpoints: Path, quiet: bool = False) -> Path | None:
-    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
-    found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))),
-                   reverse=True)
-    for _, path in found:
-        problem = damage(path)
-        if problem is None:
-            return path
-        if not quiet:
-            print(f"warning: skipping {path}: {problem}; using an older checkpoint", file=sys.stderr)
-    return None
-
-
 def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None, dry: bool = False) -> Path:
     """Check that `run` can be resumed with this recipe and return the checkpoint to resume from; unless
     `dry` (the preflight, which changes nothing), remove the damaged checkpoints after it."""
@@ -165,7 +158,7 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
     check_weights(checkpoint, "--resume")
     step = int(checkpoint.name.split("-")[1])
     for later in [] if dry else rundir.checkpoints.glob("checkpoint-*"):  # damaged or half-written: trained again
-        m = _CHECKPOINT.match(later.name)
+        m = CHECKPOINT_NAME.match(later.name)
         if m and int(m.group(1)) > step:
             shutil.rmtree(later, ignore_errors=True)
     return checkpoint
@@ -200,7 +193,7 @@ def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
         if file_sha256(path) != sha:
             raise DsftError(f"--resume: data file {name} changed since the run started (its sha256 differs from "
                             f"{rundir.path / 'run.json'}); restore it, or start again with --force")
-    check_base(info.get("base_model"), resolve_model_path(recipe_data["model"]["path"]),
+    check_base(info.get("base_model"), resolve_model_path(recipe_data["model"]["path"], recipe_data["model"].get("revision")),
                "--resume: model.path", force_hint=None)
 
 
@@ -225,7 +218,7 @@ def saved_progress(checkpoint: Path) -> tuple[int, int]:
     return int(state.get("global_step", 0)), int(state.get("max_steps", 0))
 
 
-def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> None:
+def train(trainer: Any, run: Path, command: str, checkpoint: Path | None, metadata: dict[str, Any] | None = None) -> None:
     """trainer.train with completion markers and graceful stop; raises RunInterrupted after a signal. A
     checkpoint saved at the run's last step completes the run without training: the Trainer would train one
     step past max_steps when max_steps does not end an epoch (it skips the finished steps of the current
@@ -245,9 +238,9 @@ def train(trainer: Any, run: Path, command: str, checkpoint: Path | None) -> Non
             trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
             return
     stop = GracefulStop(run if is_main() else None)
-    trainer.add_callback(CheckpointMarker())
+    trainer.add_callback(CheckpointMarker(metadata))
     trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.signum is not None:
         raise RunInterrupted(stop.signum, f"interrupted at step {stop.step}: checkpoint saved in {run / 'checkpoints'}",
-                             f"resume with the same command plus --resume (dsft {command} --recipe RECIPE --resume)")
+                             f"resume with: {resume_command(command, run)}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.config.schema import RewardSpec
-from dsft.data.prompts import ROW
+from dsft.data.prompts import PROMPT_TEXT, ROW
 from dsft.errors import DsftError, shown
 
 
@@ -150,6 +150,9 @@ class CheckedReward:
         from dsft.train.sandbox import FunctionFailed
 
         rows = kwargs.pop(ROW, None) or [None] * len(completions)
+        texts = kwargs.pop(PROMPT_TEXT, None)
+        if texts and all(isinstance(t, str) for t in texts):  # string prompts: strings, as TRL gives them
+            prompts, completions = list(texts), [text_of(c) for c in completions]
         at = f"on the row at {rows[0] or 'an unknown row'} (or another of its batch)"
         try:
             out = self.func(prompts=prompts, completions=completions, **kwargs)

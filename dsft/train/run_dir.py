@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,8 @@ PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "acc
 ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
 LOG, CURVES, CARD, PLAN, EVAL, EVAL_PLOT = "run.log", "curves.png", "README.md", "plan.json", "eval.json", "eval.png"
 COMPLETIONS = "completions.jsonl"  # GRPO: sampled prompts, completions and their rewards per logged step
+CHECKPOINT_EVAL, CHECKPOINT_EVAL_PLOT = "eval-checkpoint.json", "eval-checkpoint.png"  # `dsft eval` of a checkpoint
+COMPARISON, COMPARISON_PLOT = "comparison.json", "comparison.png"  # `dsft eval --against`: this run vs another
 ROUTING = "routing"
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlruns", "wandb": "wandb"}
 TRACKER_FILES = ".dsft-tracker-files.json"  # what the run's trackers wrote in their directories (relative paths)
@@ -39,17 +42,22 @@ TRACKER_FILES = ".dsft-tracker-files.json"  # what the run's trackers wrote in t
 CACHE_ENTRIES = {ROUTING, PLAN, LOCK_NAME}  # written by `dsft experts` before a run; kept by --force
 # Everything a run directory can hold that dsft wrote (atomic writes' temporaries included). --force
 # replaces a run only when it holds nothing else: a user's own file in it stops the replacement.
-_STAGED = (ADAPTER, RECIPE, RUN_JSON, EVAL, PLAN, CURVES, CARD, EVAL_PLOT)  # written beside, then renamed
+_STAGED = (ADAPTER, RECIPE, RUN_JSON, EVAL, PLAN, CURVES, CARD, EVAL_PLOT, CHECKPOINT_EVAL, CHECKPOINT_EVAL_PLOT,
+           COMPARISON, COMPARISON_PLOT)  # written beside, then renamed
 RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, COMPLETIONS, LOG, TRACKER_FILES, *_STAGED,
                                *(f".{name}.tmp" for name in (*_STAGED, TRACKER_FILES)), *TRACKERS.values()}
 RESUMABLE = ("running", "interrupted", "failed")
+MARKER = "dsft-complete.json"  # in a checkpoint: written last, with every file's size (a checkpoint without it is torn)
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def run_inputs(recipe: Recipe) -> dict[str, list[Path]]:
     """The files a run reads, which its output_dir may never be, contain or replace."""
     inputs: dict[str, list[Path]] = {"base model (model.path)": [], "data file": [Path(p) for p in
                                                                           [*recipe.data.train, *recipe.data.eval]]}
-    if not recipe.model.path.startswith(BUILTIN_PREFIX):
+    from dsft.hub import is_repo_id
+
+    if not recipe.model.path.startswith(BUILTIN_PREFIX) and not is_repo_id(recipe.model.path):
         inputs["base model (model.path)"].append(Path(recipe.model.path))
     if recipe.data.chat_template:
         inputs["chat template (data.chat_template)"] = [Path(recipe.data.chat_template)]
@@ -375,7 +383,9 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     """The recipe with every path made absolute, so merge/eval can read it from anywhere."""
     data = recipe.model_dump(mode="json")
     absolute = lambda p: str(Path(p).resolve())  # noqa: E731
-    if not recipe.model.path.startswith(BUILTIN_PREFIX):
+    from dsft.hub import is_repo_id
+
+    if not recipe.model.path.startswith(BUILTIN_PREFIX) and not is_repo_id(recipe.model.path):  # a Hub id stays one
         data["model"]["path"] = absolute(recipe.model.path)
     data["data"]["train"] = [absolute(p) for p in recipe.data.train]
     if recipe.data.mix:  # a mixed file's share goes back into its entry, as the user wrote it
@@ -431,6 +441,7 @@ def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, *
         "versions": {p: _version(p) for p in PACKAGES},
         "git_sha": _git_sha(),
         "data_sha256": data_sha256(recipe),
+        **({"data_sources": recipe.data.sources} if recipe.data.sources else {}),  # Hub datasets: repo, split, commit
         "base_model": model,
         **extra,
     }
@@ -488,3 +499,91 @@ def publish(tmp: Path, final: Path) -> None:
     if not is_main():
         return
     replace_dir(tmp, final)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint: no completion marker, or files missing or of another size
+    than when it was completed (truncated or overwritten). None when it is intact."""
+    marker = checkpoint / MARKER
+    if not marker.is_file():
+        return "never completed"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable completion marker"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def latest_checkpoint(checkpoints: Path, quiet: bool = False) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are reported and skipped."""
+    found = sorted(((int(m.group(1)), p) for p in checkpoints.glob("checkpoint-*") if (m := CHECKPOINT_NAME.match(p.name))),
+                   reverse=True)
+    for _, path in found:
+        problem = damage(path)
+        if problem is None:
+            return path
+        if not quiet:
+            print(f"warning: skipping {path}: {problem}; using an older checkpoint", file=sys.stderr)
+    return None
+
+
+def describe_checkpoint(checkpoint: Path) -> str:
+    """`checkpoint-10 (step 10 of 40) of the interrupted run RUN`: how the commands that read a checkpoint name it."""
+    run = run_of_checkpoint(checkpoint)
+    status = read_status(run) if run else None
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        steps = f" (step {int(state.get('global_step', 0))} of {int(state.get('max_steps', 0))})"
+    except (OSError, ValueError, TypeError, AttributeError):
+        steps = ""
+    stopped = {"running": "stopped", "interrupted": "interrupted", "failed": "failed", "complete": "complete"}.get(status or "", "")
+    return f"{checkpoint.name}{steps} of the {stopped + ' ' if stopped else ''}run {run}"
+
+
+def adapter_source(path: Path, key: str = "--adapter", command: str = "read") -> tuple[Path | None, Path, Path | None]:
+    """What `KEY PATH` names for a command that reads an adapter (eval, chat, merge, export): (its run directory
+    or None, the adapter directory to read, the checkpoint when PATH is one of a run's checkpoints). The same
+    line for a run still training, whatever the command; a run that never finished names its last checkpoint."""
+    path = Path(path)
+    run = run_of_checkpoint(path)
+    if run is not None:
+        pid = holder(run)
+        if pid is not None:
+            raise DsftError(f"{key} {path}: the run {run} is still training (dsft process {pid}); wait for it to finish "
+                            "or stop it first")
+        problem = damage(path)
+        if problem is not None:
+            raise DsftError(f"{key} {path}: the checkpoint is damaged ({problem}); pass an intact one, e.g. "
+                            f"{latest_checkpoint(run / CHECKPOINTS, quiet=True) or 'none is left: train the run again'}")
+        if not (path / "dsft_adapter.json").is_file():
+            raise DsftError(f"{key} {path}: a checkpoint saved by a dsft before 2026-12-07, without its adapter's metadata; "
+                            f"resume the run (`dsft {read_command(run)} --recipe {run / RECIPE} --resume-from {path}`) "
+                            f"and {command} the finished run")
+        return run, path, path
+    if path.name == ADAPTER and (path / "adapter_config.json").is_file() and (path.parent / RECIPE).is_file():
+        path = path.parent
+    if (path / ADAPTER / "adapter_config.json").is_file():
+        return path, path / ADAPTER, None
+    if (path / RECIPE).is_file() and (path / RUN_JSON).is_file():  # a run directory (dsft writes both at its start)
+        pid = holder(path)
+        if pid is not None:
+            raise DsftError(f"{key} {path}: the run is still training (dsft process {pid}); wait for it to finish or "
+                            "stop it first")
+        if not (path / ADAPTER / "adapter_config.json").is_file():
+            last = latest_checkpoint(path / CHECKPOINTS, quiet=True)
+            how = f"`dsft {read_command(path)} --recipe {path / RECIPE} --resume`"
+            raise DsftError(f"{key} {path}: the run has no adapter/ (it stopped before it finished); "
+                            + (f"{command} its last checkpoint with {key} {last}, or resume it with {how}" if last else
+                               f"it saved no checkpoint: train it again, or resume it with {how}"))
+        return path, path / ADAPTER, None
+    if (path / "adapter_config.json").is_file():
+        return (path.parent if (path.parent / RECIPE).is_file() else None), path, None
+    if not path.exists():
+        raise DsftError(f"{key} {path}: no such directory; give a dsft run directory or an adapter directory")
+    raise DsftError(f"{key} {path}: neither a dsft run directory nor an adapter directory (no adapter_config.json)")

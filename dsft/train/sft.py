@@ -93,10 +93,10 @@ class SFT(pipeline.Objective):
         from dsft.data.tokenize import check_truncation
 
         data = recipe.data
-        spec = lambda files, what: Spec("sft", list(files), data.format, what, data.system_prompt,  # noqa: E731
-                                        data.assistant_only_loss)
-        train = prepare_mix(lambda files: spec(files, "data.train"), data.train, data.mix, recipe.training.seed,
-                            tokenizer, data.num_proc)
+        spec = lambda files, what, **per_file: Spec("sft", list(files), data.format, what, data.system_prompt,  # noqa: E731
+                                                    data.assistant_only_loss, **per_file)
+        train = prepare_mix(spec(data.train, "data.train", formats=data.file_formats(), columns=data.file_columns()),
+                            data.shares(), recipe.training.seed, tokenizer, data.num_proc)
         cut = train.stats(data.max_length)
         check_truncation(cut, data.max_length)
         return {"train": train, "eval": prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None,
@@ -127,7 +127,8 @@ class SFT(pipeline.Objective):
             eval_loss = trainer.evaluate()["eval_loss"]
             with trainer.model.disable_adapter():  # the same held-out rows on the base model
                 base_loss = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
-        routing = routing_report(trainer.model, prepared, run)
+        after = prepared.recipe.adapter.routed_experts.profile_after
+        routing = routing_report(trainer.model, prepared, run) if after else None
         return {"eval_loss": eval_loss, "base_eval_loss": base_loss, "routing": routing}
 
     def finish(self, run: Path, prepared: Prepared, trainer: Any, metrics: Any, groups: dict[str, int],

@@ -14,6 +14,7 @@ from dsft.train.pipeline import Prepared
 
 class SimPO(ORPO):
     name = "simpo"
+    loss_unit = "SimPO loss per pair (-log sigmoid)"
     section = SimpoSection
     module, trainer_name, config_name = "cpo", "CPOTrainer", "CPOConfig"
 

@@ -35,13 +35,17 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
         cached = routing_profile.read_profile(directory, key)
         if cached is not None:
             return cached, False
+    import time
+
+    started = time.monotonic()
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
     stats = routing_profile.collect(model, sample, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
                                     pad_id=pad_id)
     from dsft.moe.routing import top_k
 
     counted = next(iter(stats.values())).tokens
-    meta = {"key": key, "rows": len(sample["input_ids"]), "tokens_counted": counted, "count": count}
+    meta = {"key": key, "rows": len(sample["input_ids"]), "tokens_counted": counted, "count": count,
+            "unique_rows": len(tokens.distinct()), "seconds": round(time.monotonic() - started, 2)}
     profile = routing_profile.summarize(stats, top_k(model), meta)
     if is_main():
         routing_profile.write_profile(directory, profile)
@@ -57,23 +61,41 @@ def policy_selection(recipe: Recipe, profile: dict[str, Any], directory: Path | 
 
 
 def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[int, list[int] | None],
-               data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The plan (with `data`: where the prepared rows are, data_summary), written to RUN/plan.json."""
+               data: dict[str, Any] | None = None, profile: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plan (with `data`: where the prepared rows are, data_summary; `profile`: the routing profile's rows
+    and time, profile_summary), written to RUN/plan.json."""
     from dsft.models.load import world_size
 
     plan = build_plan(recipe, cfg, selection, world_size())
     if data:
         plan["data"] = data
+    if profile:
+        plan["profile"] = profile
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run / run_dir.PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     return plan
 
 
+def profile_summary(profile: dict[str, Any], computed: bool) -> dict[str, Any]:
+    """What the plan says of a routing profile: rows sampled (distinct rows of data.train), tokens, seconds."""
+    return {"rows": profile.get("rows", 0), "unique_rows": profile.get("unique_rows", profile.get("rows", 0)),
+            "tokens_counted": profile.get("tokens_counted", 0), "seconds": profile.get("seconds", 0.0),
+            "cached": not computed}
+
+
 def data_summary(train: Any, eval_: Any = None) -> dict[str, Any]:
-    """Rows, tokens and cache entry of the prepared splits (dsft.data.prepared.Tokens), for the plan."""
-    return {what: {"rows": len(t), "tokens": t.tokens, "cache": str(t.path)}
-            for what, t in (("data.train", train), ("data.eval", eval_)) if t is not None}
+    """Rows, tokens and cache entries of the prepared splits (dsft.data.prepared.Tokens; a mix: each file's
+    entry and its share), for the plan."""
+    out = {}
+    for what, t in (("data.train", train), ("data.eval", eval_)):
+        if t is None:
+            continue
+        parts = getattr(t, "parts", None)
+        out[what] = {"rows": len(t), "tokens": t.tokens,
+                     "cache": [str(p.path) for p in parts] if parts else str(t.path),
+                     **({"mix": t.meta["mix"]} if t.meta.get("mix") else {})}
+    return out
 
 
 def check_plan(plan: dict[str, Any], actual: dict[str, int]) -> None:

@@ -191,6 +191,9 @@ class DsftSFTTrainer(FsdpAdapterResume, SFTTrainer):
         return (result[0] + extra, result[1]) if return_outputs else result + extra
 
 
+FLAT_WINDOW = 3  # logged steps in a row with no reward spread before the console says the run is not learning
+
+
 class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
     """GRPO with dsft's adapters: a fresh adapter's reference (beta > 0) is the adapter switched off, not a
     "ref" copy of it (TRL copies any adapter it is given; an SFT adapter continued keeps that frozen copy).
@@ -213,6 +216,7 @@ class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
         self.completions_path, self.shown = completions, shown
         self.timing = {"generation": 0.0, "tokens": 0, "since": time.monotonic()}
         self.scored_any, self.unscored_said = False, False
+        self.flat_steps: list[int] = []  # logged steps in a row where no group had any reward spread
 
     def _calculate_rewards(self, inputs: list, prompts: list, completions: list, completion_ids_list: list) -> Any:
         """TRL's rewards of a generation, and a stop when nothing has been scored: a run whose first generation no
@@ -265,8 +269,25 @@ class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
             logs["generation/tokens_per_s"] = round(t["tokens"] / generation, 1) if generation else 0.0
             self.timing = {"generation": 0.0, "tokens": 0, "since": now}
         super().log(logs, start_time)
+        if step_row:
+            self.watch_spread(logs)
         if step_row and self.completions_path is not None and self.shown and self.accelerator.is_main_process:
             self.write_completions()
+
+    def watch_spread(self, logs: dict[str, float]) -> None:
+        """Say once when FLAT_WINDOW logged steps in a row had no reward spread in any group
+        (frac_reward_zero_std 1: every advantage 0, loss 0, nothing learned); curves.png draws the share too."""
+        if logs.get("frac_reward_zero_std", 0.0) < 1.0 - 1e-9:
+            self.flat_steps = []
+            return
+        self.flat_steps.append(self.state.global_step)
+        if len(self.flat_steps) == FLAT_WINDOW and self.accelerator.is_main_process:
+            from dsft.console import say
+
+            say(f"warning: steps {self.flat_steps[0]}-{self.flat_steps[-1]}: every group's completions got the same "
+                f"reward ({FLAT_WINDOW} logged steps in a row with frac_reward_zero_std 1.0): every advantage is 0 and "
+                "nothing is learned; make the rewards tell completions apart (partial credit), raise grpo.temperature or "
+                "grpo.num_generations, or start from an SFT run that sometimes succeeds", stderr=True)
 
     def write_completions(self) -> None:
         """The first `shown` completions of the latest generation (TRL keeps them gathered from every process),
