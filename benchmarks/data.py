@@ -26,7 +26,7 @@ cold >= 0.8x the baseline, warm and resume < 2 s for 100k rows, peak RSS < 3 GB 
 
     python benchmarks/data.py                       # 100,000 rows (~85M tokens)
     python benchmarks/data.py --rows 1000000 --cases dsft-cold,dsft-warm   # the 1M-row memory check
-    python benchmarks/data.py --smoke               # 600 rows, every case: checks the script (CI runs it)
+    python benchmarks/data.py --smoke               # 600 rows, every case in one process: checks the script (CI)
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--cases", default=",".join(c for c in CASES if c != "dsft-before"))
@@ -166,11 +166,11 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, Path(args.data), Path(args.cache), args.before)))
         return
-    if args.smoke:
+    if args.smoke:  # every case, in this process (a check of the script: no timing or memory to trust)
         args.rows, args.before, args.cases = 600, 150, ",".join(CASES)
     cases = [c for c in args.cases.split(",") if c]
     if args.before and "dsft-before" not in cases:
@@ -193,7 +193,7 @@ def main() -> None:
     for case in cases:
         if case in ("dsft-cold", "dsft-cold-1"):
             shutil.rmtree(cache / "data", ignore_errors=True)
-        rows.append(run_case(case, data, cache, args.before))
+        rows.append(child(case, data, cache, args.before) if args.smoke else run_case(case, data, cache, args.before))
         print(f"  {case}: {rows[-1]['seconds']:.2f} s", flush=True)
     print(table(rows))
     built = next((r for r in rows if r.get("entry_bytes") and r["case"].startswith("dsft-cold")), None)

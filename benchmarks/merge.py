@@ -176,8 +176,8 @@ def copy_speed(base: Path, scratch: Path) -> float:
     return seconds
 
 
-def child(base: str, adapter_dir: str, out: str, dtype: str) -> None:
-    """In a fresh process: merge, then print seconds and peak RSS as JSON."""
+def measure(base: str, adapter_dir: str, out: str, dtype: str) -> dict:
+    """Merge, and the seconds it took and this process's peak RSS."""
     from dsft.export.merge import Source, merge
 
     start = time.perf_counter()
@@ -186,12 +186,21 @@ def child(base: str, adapter_dir: str, out: str, dtype: str) -> None:
     # VmHWM, not getrusage: ru_maxrss survives execve and would report the parent's memory at fork
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     rss = int(hwm.split()[1]) * 1024
-    print(json.dumps({"seconds": seconds, "rss": rss, "touched": record["touched_tensors"],
-                      "retention": record["retention"]}))
+    return {"seconds": seconds, "rss": rss, "touched": record["touched_tensors"], "retention": record["retention"]}
 
 
-def merge_speed(base: Path, adapter_dir: Path, out: Path, dtype: str) -> dict:
+def child(base: str, adapter_dir: str, out: str, dtype: str) -> None:
+    """In a fresh process (its peak RSS the merge's own): measure, printed as JSON."""
+    print(json.dumps(measure(base, adapter_dir, out, dtype)))
+
+
+def merge_speed(base: Path, adapter_dir: Path, out: Path, dtype: str, inline: bool = False) -> dict:
+    """One merge timed in a child process (`inline`: in this one, for --smoke, which checks the script only)."""
     warm(base)
+    if inline:
+        result = measure(str(base), str(adapter_dir), str(out), dtype)
+        shutil.rmtree(out)
+        return result
     done = subprocess.run([sys.executable, __file__, "--child", str(base), str(adapter_dir), str(out), dtype],
                           capture_output=True, text=True, check=False)
     if done.returncode:
@@ -200,7 +209,7 @@ def merge_speed(base: Path, adapter_dir: Path, out: Path, dtype: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=24, help="routed experts per layer (V3 has 256)")
@@ -209,7 +218,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
         return
@@ -225,7 +234,7 @@ def main() -> None:
             copy_s = copy_speed(base, root / "copy")
             rows.append({"base": kind, "case": "copy", "mb": size / MB, "seconds": copy_s, "ratio": 1.0, "rss": None})
             for dtype in ("bf16", "fp8") if kind == "fp8" else ("bf16",):
-                run = merge_speed(base, root / "adapter", root / "out", dtype)
+                run = merge_speed(base, root / "adapter", root / "out", dtype, inline=args.smoke)
                 rows.append({"base": kind, "case": "merge" if dtype == "bf16" else "merge-fp8", "mb": size / MB,
                              "seconds": run["seconds"], "ratio": copy_s / run["seconds"], "rss": run["rss"],
                              "retention": run["retention"]})

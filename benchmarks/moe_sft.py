@@ -351,7 +351,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="stock-bf16,stock-nf4,dsft-bf16,dsft-nf4")
     parser.add_argument("--batches", default="2,8", help="micro-batch sizes (sequences of --seq tokens)")
@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny DeepSeek-V2 shapes instead of V2-Lite's, on CPU "
                         "(fp32) when there is no GPU: checks that the script runs, measures nothing worth quoting")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global DEVICE, DTYPE
     if not torch.cuda.is_available():
         if not args.smoke:

@@ -75,7 +75,7 @@ def time_objective(name: str, path: Path) -> list[float]:
     return durations
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="builtin:tiny-deepseek-v3")
     parser.add_argument("--steps", type=int, default=23)
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--smoke", action="store_true", help="5 steps each, 1 warm-up")
     parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.warmup = 5, 1
     import torch

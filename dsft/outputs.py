@@ -38,6 +38,12 @@ WEIGHT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
                   "pytorch_model.bin.index.json")
 
 
+def is_main() -> bool:
+    """Which process writes: under `accelerate launch` every rank runs the same command, and only the main one
+    creates the run directory and writes files (the Trainer does the same for its checkpoints)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cache_root() -> Path:
     """Where dsft keeps what it can rebuild (built-in models, prepared data): DSFT_CACHE, else
     $XDG_CACHE_HOME/dsft, else ~/.cache/dsft."""
@@ -183,6 +189,76 @@ def check_replaceable(out: Path, record: str, what: str, force: bool) -> None:
 def written_files(directory: Path) -> list[str]:
     """The entries of a finished output directory, as its record lists them (check_replaceable)."""
     return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
+
+
+def check_free(path: Path, needed: int, key: str, need: str) -> None:
+    """The one free-space check: `needed` bytes at `path` (or where it would be created), else one line: `need`
+    (what needs the room, with `{size}` where the size goes), what is free there, and the fix naming option `key`."""
+    probe = nearest_existing(Path(os.path.abspath(path)))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DsftError(f"{need.format(size=human_size(needed))}, {probe} has {human_size(free)}; free space or "
+                        f"choose another {key}")
+
+
+def write_atomic(path: Path, content: str | bytes | Callable[[Path], None], unique: bool = False) -> Path:
+    """The one way dsft writes a file: its content beside it as `.NAME.tmp` (`.NAME.tmp-PID` where two processes
+    may write the same file: a cache entry's meta.json), then renamed over `path`. A reader never sees half a
+    file, and a failure (a full disk) leaves no temporary behind. `content` is text, bytes, or a function that
+    writes the temporary path it is given (a figure's savefig)."""
+    tmp = path.with_name(f".{path.name}.tmp" + (f"-{os.getpid()}" if unique else ""))
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """One process at a time through the body, the others waiting (`on_wait` is called once when one has to): an
+    advisory lock the kernel drops when the process dies (never stale). The lock file is removed while still
+    held, so none is left behind; a waiter that then gets the lock of the removed file sees another inode at
+    the path and locks that one instead. A no-op where fcntl does not exist. (OutputLock is the other kind:
+    it refuses instead of waiting, and names the holder.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    waited = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 class OutputLock:

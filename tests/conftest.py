@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# `-n auto --dist loadfile`: a file's tests on one worker (its module fixtures built once); the tests that start
+# several processes give them a free port (accelerate's --main_process_port 0, torchrun --standalone).
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, for them and their subprocesses
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
@@ -157,3 +163,47 @@ def released_v3(tmp_path: Path) -> Path:
                                        "activation_scheme": "dynamic"})
     (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+def resume_at_every_checkpoint(cli, command: str, recipe: Path, whole: Path, root: Path) -> None:
+    """`dsft COMMAND --recipe RECIPE` (output_dir WHOLE, a constant learning rate, checkpoints kept) trained
+    in-process; then, for each of its checkpoints, the very last included, a copy of the run cut back to it (the
+    later checkpoints and the adapter gone, run.json `running` as a kill leaves it) and continued with --resume:
+    every continued run ends with the uninterrupted run's adapter and logged losses."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    result = cli(command, "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    expected = load_file(whole / "adapter/adapter_model.safetensors")
+    losses = _logged(whole, "loss")
+    checkpoints = sorted((whole / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) >= 2, checkpoints
+    for checkpoint in checkpoints:
+        step = int(checkpoint.name.split("-")[1])
+        cut = root / f"cut-{step}"
+        shutil.copytree(whole, cut)
+        shutil.rmtree(cut / "adapter")
+        for later in (cut / "checkpoints").glob("checkpoint-*"):
+            if int(later.name.split("-")[1]) > step:
+                shutil.rmtree(later)
+        info = json.loads((cut / "run.json").read_text())
+        (cut / "run.json").write_text(json.dumps({**info, "status": "running"}))
+        data = yaml.safe_load((cut / "recipe.yaml").read_text())
+        (cut / "recipe.yaml").write_text(yaml.safe_dump({**data, "output_dir": str(cut)}, sort_keys=False))
+        again = root / f"cut-{step}.yaml"
+        again.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "output_dir": str(cut)}))
+        resumed = cli(command, "--recipe", again, "--resume")
+        assert resumed.exit_code == 0, resumed.output
+        got = load_file(cut / "adapter/adapter_model.safetensors")
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{checkpoint.name}: {key}")
+        assert _logged(cut, "loss") == pytest.approx(losses, rel=1e-4, abs=1e-6), checkpoint.name
+
+
+def _logged(run: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r[key] for r in rows if key in r and "eval_loss" not in r}
+

@@ -41,10 +41,7 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     return logits.detach(), float(loss)
 
 
-def main(mode: str, out: str, path: str = "builtin:tiny-deepseek-v3") -> None:
-    resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def case(mode: str, path: str, rank: int, world: int) -> dict:
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(1))
     reference = build(path=path)
     ref_logits, _ = step(reference, ids)
@@ -66,7 +63,7 @@ def main(mode: str, out: str, path: str = "builtin:tiny-deepseek-v3") -> None:
         mine = slice(None)  # no gradient sync here: each rank takes the whole batch
     logits, _ = step(model, ids[mine])
     gathered = full_trainable_state(model) or {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    report = {
+    return {
         "packed_sharded": sharded,
         "packed_local_fraction": local / sum(c.packed_shape.numel() for c in codes),
         "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
@@ -74,6 +71,18 @@ def main(mode: str, out: str, path: str = "builtin:tiny-deepseek-v3") -> None:
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
         "expert_lora_params": sum("experts.lora_" in n for n in gathered),
     }
+
+
+def main(out: str, fused: str) -> None:
+    """Every case in one process group (one start-up): `fsdp2` and `codes` on the built-in model (saved in
+    DeepSeek's per-expert layout), and `codes` on the same weights saved in transformers' fused layout (`fused`:
+    tests/conftest.py fused_checkpoint)."""
+    resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {f"{mode}-{layout}": case(mode, path, rank, world)
+              for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
+                                         ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

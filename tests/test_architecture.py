@@ -1,5 +1,5 @@
 """The package layers written in docs/architecture.md hold: no module imports from a higher layer (lazy
-imports inside functions included), and no two packages import each other."""
+imports inside functions included), no two packages import each other, and no circle of modules."""
 
 from __future__ import annotations
 
@@ -57,6 +57,65 @@ def test_no_cycle_between_packages() -> None:
     assert not cycles, cycles
 
 
+def module_graph() -> dict[str, set[str]]:
+    """dotted module -> the dsft modules it imports anywhere in its text (function-level imports included; a
+    module's own parent package is not counted)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that reach each other (strongly connected, more than one module)."""
+    found, index, low, stack, on = [], {}, {}, [], set()
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v), on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other() -> None:
+    """No circle of modules, however long and wherever the import sits (a function-level import included)."""
+    assert not circles(module_graph()), circles(module_graph())
+
+
+def test_a_circle_is_found() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = module_graph()
+    graph["dsft.runs.run_dir"].add("dsft.train.resume")  # resume imports run_dir: the circle this test keeps out
+    assert any("dsft.runs.run_dir" in group and "dsft.train.resume" in group for group in circles(graph))
+
+
 def _sum_objective():
     """SFT with the loss summed over the batch's loss tokens instead of averaged, registered from here."""
     from dsft.train import pipeline
@@ -86,10 +145,16 @@ def test_an_objective_from_outside_dsft_trains_through_the_cli_body(make_recipe,
 
     from dsft.cli._common import run_training
 
+    from dsft.train import pipeline
+
     goal = _sum_objective()
     recipe = make_recipe(training={"max_steps": 2, "logging_steps": 1})
-    mean = run_training("sft", recipe, [f"output_dir={tmp_path / 'mean'}"], False, False, None, 1)
-    summed = run_training(goal.name, recipe, [f"output_dir={tmp_path / 'sum'}"], False, False, None, 1)
+    try:
+        mean = run_training("sft", recipe, [f"output_dir={tmp_path / 'mean'}"], False, False, None, 1)
+        summed = run_training(goal.name, recipe, [f"output_dir={tmp_path / 'sum'}"], False, False, None, 1)
+    finally:
+        pipeline.unregister(goal.name)
+    assert goal.name not in pipeline.OBJECTIVES and "messages" in pipeline.objective("sft").formats
     info = json.loads((tmp_path / "sum/run.json").read_text())
     assert info["command"] == "sft-sum" and info["status"] == "complete"
     assert (tmp_path / "sum/adapter/adapter_model.safetensors").is_file()

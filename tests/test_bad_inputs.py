@@ -917,7 +917,7 @@ CASES: list[tuple[str, Any, str, Any]] = [
      "(Read-only file system); point DSFT_CACHE at a writable directory",
      lambda mp, r: deny(mp, Path(os.environ["DSFT_CACHE"]) / "data", errno.EROFS)),
     ("cache-data-disk-full", lambda r: ["dpo", "--recipe", recipe(r, _deep(pref(r), {
-        "dpo": {"max_prompt_length": 64}, "data": {"system_prompt": f"Pairs first seen in {r}."}}))],
+        "dpo": {"max_prompt_length": 64}, "data": {"system_prompt": f"Pairs {abs(hash(str(r))) % 10**8}."}}))],
      "No space left on device); point DSFT_CACHE at a writable directory", lambda mp, r: full_cache(mp)),
     ("cache-remove-unnamed", lambda r: ["cache", "remove"], "name the entries (KEY...), or pass --older-than AGE or --all", None),
     ("cache-remove-bad-age", lambda r: ["cache", "remove", "--older-than", "a while"],

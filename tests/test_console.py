@@ -60,7 +60,7 @@ def test_the_demo_learns_and_beats_the_base_on_held_out_data(demo) -> None:
 
 
 def test_curves_png_draws_metrics_jsonl(demo) -> None:
-    from dsft.train.callbacks import read_metrics
+    from dsft.runs.metrics import read_metrics
     from dsft.train.curves import build_figure
     from dsft.train.pipeline import objective
 
@@ -373,7 +373,7 @@ def test_no_title_or_label_leaves_the_figure(tmp_path: Path, monkeypatch, expert
 
     from dsft.moe import profile as routing_profile
     from dsft.train.curves import build_figure
-    from dsft.train.evaluate import eval_figure
+    from dsft.evaluate import eval_figure
     from dsft.train.pipeline import objective
 
     drawn = []

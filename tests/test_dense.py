@@ -103,7 +103,9 @@ def test_sft_dpo_and_merge_on_a_dense_release(layout: str, make_recipe, cli, tmp
     report = json.loads((run / "eval.json").read_text())
     assert report["adapter"]["loss"] < report["base"]["loss"] and report["routing_drift"] == {}
     assert report["data_kind"] == "training data" and "training data" in evaluated.output
-    assert cli("chat", "--adapter", run, "--prompt", "What is a deed?", "--max-new-tokens", 4).exit_code == 0
+    chat = cli("chat", "--adapter", run, "--prompt", "What is a deed?", "--max-new-tokens", 4)
+    _, asked, answer = chat.output.partition("you> What is a deed?\n")  # after the loading line: the answer
+    assert chat.exit_code == 0 and asked and answer.strip(), chat.output
 
     merged = cli("merge", "--adapter", run, "--out", tmp_path / "merged", "--verify")
     assert merged.exit_code == 0, merged.output

@@ -1,6 +1,5 @@
 """Two processes (DDP over gloo on CPU) give the single-process result at the same global batch, and
-only the main rank writes the run: through `dsft sft --num-processes 2`, and through the shipped
-multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml, shrunk to one machine) with the
+only the main rank writes the run: through the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml, shrunk to one machine) with the
 NF4 expert codes sharded across the ranks (`model.shard_experts`)."""
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 
 
 REPO = Path(__file__).resolve().parent.parent
 MULTINODE = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/multinode-ddp.yaml"),
-             "--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+             "--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", "0"]
 
 
 def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -34,35 +33,34 @@ def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch
     assert diff.mean() < 1e-6, f"mean |difference| {diff.mean():.2e}"
 
 
-@pytest.mark.parametrize("model", [{}, {"quantization": "nf4", "shard_experts": True}], ids=["fp32", "nf4-sharded"])
-def test_two_processes_match_one(make_recipe, tmp_path: Path, model: dict) -> None:
-    common = {"adapter": {"routed_experts": {1: [0, 3]}}, **({"model": model} if model else {})}
+def test_two_processes_match_one(make_recipe, cli, tmp_path: Path) -> None:
+    """SFT under DDP once (the other objectives' two-process tests go through `--num-processes`): NF4 codes sharded,
+    launched by the shipped multi-node config."""
+    common = {"adapter": {"routed_experts": {1: [0, 3]}}, "model": {"quantization": "nf4", "shard_experts": True}}
     one = make_recipe("one.yaml", rows=16, output_dir=str(tmp_path / "one"), **common,
                       training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2})
     two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
                       training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2})
-    outputs = {}
-    two_procs = ([*MULTINODE, "-m", "dsft", "sft"], []) if model else (["-m", "dsft", "sft"], ["--num-processes", "2"])
-    for name, recipe, (launch, extra) in (("one", one, (["-m", "dsft", "sft"], [])), ("two", two, two_procs)):
-        cache = tmp_path / f"cache-{name}"  # each run prepares its data afresh
-        done = subprocess.run([sys.executable, *launch, "--recipe", str(recipe), *extra], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "DSFT_CACHE": str(cache)})
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        outputs[name] = done.stdout
-    assert outputs["two"].count("dsft sft:") == 1  # one summary: the main rank's
+    assert cli("sft", "--recipe", one).exit_code == 0  # one process: in-process
+    cache = tmp_path / "cache-two"  # the two processes prepare their data afresh
+    done = subprocess.run([sys.executable, *MULTINODE, "-m", "dsft", "sft", "--recipe", str(two)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "DSFT_CACHE": str(cache)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = done.stdout
+    assert printed.count("dsft sft:") == 1  # one summary: the main rank's
     # the data is tokenized once: by one rank, the other waits for it and maps the same entry
-    assert outputs["two"].count("data.train: tokenized 16 rows") == 1, outputs["two"]
-    assert outputs["two"].count("data.train: tokens from cache (16 rows") == 1, outputs["two"]
+    assert printed.count("data.train: tokenized 16 rows") == 1, printed
+    assert printed.count("data.train: tokens from cache (16 rows") == 1, printed
     info = json.loads((tmp_path / "two/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
-    assert info["summary"]["expert_codes"] == ("sharded" if model else None)
+    assert info["summary"]["expert_codes"] == "sharded"
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
     assert single.keys() == double.keys() and any("experts.lora_" in k for k in single)
     assert_same_training(double, single)
 
 
-def test_fsdp2_matches_one_process_and_resumes(make_recipe, tmp_path: Path) -> None:
+def test_fsdp2_matches_one_process_and_resumes(make_recipe, cli, tmp_path: Path) -> None:
     """The shipped recipes/accelerate/fsdp2.yaml on 2 CPU processes (tests/fsdp_launch.py keeps
     accelerate's FSDP plugin on without GPUs): NF4 codes and the adapter sharded by FSDP2, the adapter
     gathered for saving equals one process's; after losing everything past the first checkpoint,
@@ -73,13 +71,13 @@ def test_fsdp2_matches_one_process_and_resumes(make_recipe, tmp_path: Path) -> N
     two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
                       training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2})
     fsdp = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
-            "--num_processes", "2", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
+            "--num_processes", "2", "--main_process_port", "0", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
 
     def run(*args: str) -> None:
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    run("-m", "dsft", "sft", "--recipe", str(one))
+    assert cli("sft", "--recipe", one).exit_code == 0  # one process: in-process
     run(*fsdp, "--recipe", str(two))
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     sharded = load_file(tmp_path / "two/adapter/adapter_model.safetensors")

@@ -85,7 +85,7 @@ def test_rewards_improve_and_reference_stays_the_base(make_recipe, tmp_path: Pat
     assert json.loads((run / "plan.json").read_text())["trainable_params"] == sum(
         t.numel() for t in load_file(run / "adapter/adapter_model.safetensors").values())
 
-    from dsft.train.callbacks import read_metrics
+    from dsft.runs.metrics import read_metrics
     from dsft.train.curves import series
 
     drawn = series(read_metrics(run / "metrics.jsonl")[0], dpo_module.OBJECTIVE.panels)

@@ -160,7 +160,10 @@ def _merge(base: dict, changes: dict) -> dict:
 def test_bad_input(case: str, changes: Any, command: str, expected: str, tmp_path: Path, cli) -> None:
     from dsft.models.load import resolve_model_path
 
+    from dsft.data.store import data_root
+
     resolve_model_path("builtin:tiny-deepseek-v3")  # the cache is materialised before the snapshot
+    data_root()  # and its data/ directory (made by the first prepare of any run, whatever its order here)
     train = write_jsonl(tmp_path / "train.jsonl", legal_rows(4))
     recipe = {"model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
               "data": {"train": str(train), "max_length": 128}, "training": {"max_steps": 1},

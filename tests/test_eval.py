@@ -28,7 +28,7 @@ def test_eval_prefers_the_adapter_on_rephrased_held_out_answers(make_recipe, cli
     assert report["data_kind"] == "held-out" and report["data_source"] == "data.eval" and report["run"] == str(tmp_path / "run")
 
     # the figure: base and adapter per example, exactly the losses in eval.json
-    from dsft.train.evaluate import eval_figure
+    from dsft.evaluate import eval_figure
 
     assert (tmp_path / "run/eval.png").read_bytes()[:4] == b"\x89PNG"
     (ax,) = eval_figure(report).axes
@@ -90,7 +90,9 @@ def test_a_killed_runs_checkpoint_is_evaluated_chatted_merged_and_exported(make_
     assert f"dsft eval: checkpoint-4 (step 4 of 4) of the stopped run {run}" in result.output.replace("\n", " ")
     report = json.loads((run / "eval-checkpoint.json").read_text())
     assert report["evaluated"].startswith("checkpoint-4") and not (run / "eval.json").exists()
-    assert cli("chat", "--adapter", checkpoint, "--prompt", "What is a deed?", "--max-new-tokens", 2).exit_code == 0
+    chat = cli("chat", "--adapter", checkpoint, "--base", "--prompt", "What is a deed?", "--max-new-tokens", 4)
+    turn = chat.output[chat.output.index("you> What is a deed?\n"):].splitlines()  # the checkpoint's answer, the base's
+    assert chat.exit_code == 0 and turn[1].startswith("adapter> ") and turn[2].startswith("base> "), chat.output
     merged = cli("merge", "--adapter", checkpoint, "--out", tmp_path / "merged")
     assert merged.exit_code == 0 and "checkpoint-4 (step 4 of 4) of the stopped run" in merged.output.replace("\n", " ")
     assert json.loads((tmp_path / "merged/dsft-merge.json").read_text())["adapter"] == str(checkpoint)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from dsft.config.schema import ModelSection
-from dsft.models import arch
+from dsft import arch
 from dsft.models.load import load_model, resolve_model_path
 from dsft.models.stream import shard_files
 from dsft.moe.experts import DsftExperts

@@ -21,19 +21,24 @@ from dsft.moe.experts import DsftExperts
 pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
 
 
+@pytest.fixture(scope="module")
+def sharded_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One torchrun launch (two ranks) runs every case of tests/fsdp_worker.py."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = tmp / "report.json"
+    worker = Path(__file__).with_name("fsdp_worker.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(worker), str(out), str(fused_checkpoint(tmp))], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
-def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, tmp_path: Path) -> None:
+def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, sharded_report: dict) -> None:
     """`fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`: `model.shard_experts` has each
     rank read and quantize only its half of every layer's experts (from DeepSeek's per-expert layout or
     transformers' fused one) and gather the layer's codes when it runs (forward and backward)."""
-    out = tmp_path / "report.json"
-    worker = Path(__file__).with_name("fsdp_worker.py")
-    path = [str(fused_checkpoint(tmp_path))] if layout == "fused" else []
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), mode,
-                           str(out), *path],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = sharded_report[f"{mode}-{layout}"]
     assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
     assert report["logits_max_diff"] < 1e-4
     if mode == "codes":  # quantized in halves, bit-identical to quantizing each layer whole

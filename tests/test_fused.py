@@ -1,4 +1,4 @@
-"""The fused paths (dsft.models.fused, GatherRows) compute what transformers and PEFT compute."""
+"""The fused paths (dsft.moe.fused, GatherRows) compute what transformers and PEFT compute."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from dsft.adapters.lora import attach_lora
 from dsft.config.schema import AdapterSection, ModelSection
-from dsft.models.fused import fuse
+from dsft.moe.fused import fuse
 from dsft.models.load import load_model, resolve_model_path
 from dsft.moe.experts import GatherRows, expert_modules, layer_of
 
@@ -94,7 +94,7 @@ def test_gather_rows_backward_equals_indexing() -> None:
 def compile_on_cpu(monkeypatch):
     """The CUDA compile path, run through dynamo on CPU tensors (eager backend: guards and recompiles
     behave as on a GPU, without inductor's compile time)."""
-    from dsft.models import fused
+    from dsft.moe import fused
 
     monkeypatch.setattr(fused, "_wants_compile", lambda t: True)
     monkeypatch.setattr(fused, "_BACKEND", "eager")
@@ -132,7 +132,7 @@ def test_compile_failure_falls_back_to_eager(compile_on_cpu, monkeypatch, caplog
 
     monkeypatch.setattr(fused, "_BACKEND", failing_backend)
     gate, up = torch.randn(5, 8), torch.randn(5, 8)
-    with caplog.at_level("WARNING", logger="dsft.models.fused"):
+    with caplog.at_level("WARNING", logger="dsft.moe.fused"):
         out = fused.silu_mul(gate, up)
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up)
     assert fused._silu_mul in fused._broken and "running it eagerly" in caplog.text

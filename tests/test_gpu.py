@@ -48,7 +48,7 @@ def test_qlora_steps_on_cuda(make_recipe, cli, tmp_path) -> None:
 
 
 def test_compiled_kernels_match_eager_on_cuda() -> None:
-    from dsft.models import fused
+    from dsft.moe import fused
 
     assert fused._compile_enabled(), "torch.compile (triton) should be available on a CUDA machine"
     torch.manual_seed(0)

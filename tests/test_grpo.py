@@ -65,10 +65,10 @@ def test_the_tiny_moe_learns_its_reward(grpo_run: Path) -> None:
 
 
 def test_completions_file_curves_card_and_summary(grpo_run: Path) -> None:
-    from dsft.train.callbacks import read_metrics
+    from dsft.runs.metrics import read_metrics
     from dsft.train.curves import series
     from dsft.train.pipeline import objective
-    from dsft.train.run_dir import RunDir
+    from dsft.runs.run_dir import RunDir
 
     shown = _rows(grpo_run / "completions.jsonl")
     assert sorted({r["step"] for r in shown}) == list(range(1, 41))
@@ -230,42 +230,24 @@ def test_each_loss_type_gets_its_settings_in_trls_config(tmp_path: Path, loss: s
         assert (config.epsilon_high if config.epsilon_high is not None else config.epsilon) == expected["epsilon_high"]
 
 
-# ---------------------------------------------------------------- resume and processes (subprocesses: slow)
+# ---------------------------------------------------------------- resume, and two processes (a subprocess: slow)
 
 def _rewards(run: Path) -> dict[int, float]:
     return {r["step"]: r["reward"] for r in _rows(run / "metrics.jsonl") if "reward" in r and "loss" in r}
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_resume_at_every_checkpoint_equals_an_uninterrupted_run(cli, tmp_path: Path) -> None:
+    """In-process, cut back to each checkpoint (they fall between generations) and resumed: the same adapter and
+    losses as the uninterrupted run, and completions.jsonl holds every step once."""
+    from conftest import resume_at_every_checkpoint
 
-    from test_resume import _wait_for_checkpoint
-
-    training = {"max_steps": 12, "save_steps": 4, "micro_batch_size": 8, "logging_steps": 1}
-    grpo = {"max_completion_length": 8}
-    whole = grpo_recipe(tmp_path, "whole.yaml", output_dir=str(tmp_path / "whole"), training=training, grpo=grpo)
-    assert cli("grpo", "--recipe", whole).exit_code == 0
-    killed = grpo_recipe(tmp_path, "killed.yaml", output_dir=str(tmp_path / "killed"), training=training, grpo=grpo)
-    proc = subprocess.Popen([sys.executable, "-m", "dsft", "grpo", "--recipe", str(killed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(tmp_path / "killed", proc, min_step=4)
-    proc.kill()
-    proc.wait()
-    resumed = cli("grpo", "--recipe", killed, "--resume")
-    assert resumed.exit_code == 0, resumed.output
-    start = int(Path(json.loads((tmp_path / "killed/run.json").read_text())["resumed_from"]).name.split("-")[1])
-    assert 4 <= start < 12
-    whole_rewards, again = _rewards(tmp_path / "whole"), _rewards(tmp_path / "killed")
-    assert sorted(again) == sorted(whole_rewards) == list(range(1, 13))
-    for step in range(1, 13):
-        assert again[step] == pytest.approx(whole_rewards[step], abs=1e-6), step
-    assert sorted({r["step"] for r in _rows(tmp_path / "killed/completions.jsonl")}) == list(range(1, 13))
-    a = load_file(tmp_path / "whole/adapter/adapter_model.safetensors")
-    b = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    training = {"max_steps": 4, "save_steps": 2, "micro_batch_size": 8, "logging_steps": 1, "checkpoints_kept": 4}
+    whole = grpo_recipe(tmp_path, "whole.yaml", output_dir=str(tmp_path / "whole"), training=training,
+                        grpo={"max_completion_length": 8})
+    resume_at_every_checkpoint(cli, "grpo", whole, tmp_path / "whole", tmp_path)
+    assert _rewards(tmp_path / "cut-2") == pytest.approx(_rewards(tmp_path / "whole"), abs=1e-6)
+    steps = [r["step"] for r in _rows(tmp_path / "cut-2/completions.jsonl")]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and len(steps) == 4 * 4  # every step's 4 completions, once
 
 
 @pytest.mark.slow

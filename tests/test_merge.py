@@ -91,6 +91,29 @@ def test_merge_per_expert_layout_exactly(tmp_path: Path) -> None:
             assert b.get_tensor(key).numpy().tobytes() == m.get_tensor(key).numpy().tobytes()
 
 
+def test_merge_adds_exactly_the_training_layers_delta(tmp_path: Path) -> None:
+    """One weight change: what merge adds to an expert's weight (per-expert and fused layouts) is the training
+    layer's get_delta_weight, bit for bit (both are dsft.moe.delta.lora_delta)."""
+    from dsft.moe.lora import ExpertLoraLayer
+
+    run = make_run(tmp_path, "builtin:tiny-deepseek-v3")
+    merge(resolve(run, None), tmp_path / "merged", progress=False)
+    before, after = _tensors(resolve_model_path("builtin:tiny-deepseek-v3")), _tensors(tmp_path / "merged")
+    trained = load_lora(_base("builtin:tiny-deepseek-v3"), str(run / "adapter"))
+    layers = {n.split(".mlp.")[0].rsplit(".", 1)[-1]: m for n, m in trained.named_modules() if isinstance(m, ExpertLoraLayer)}
+    checked = 0
+    for layer, experts in SELECTION.items():
+        for e in experts:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                key = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                delta = layers[str(layer)].get_delta_weight("default", e, proj)
+                assert torch.equal(after[key], before[key] + delta), key
+                checked += 1
+    assert checked == 9
+    unchosen = "model.layers.1.mlp.experts.1.up_proj.weight"
+    assert torch.equal(after[unchosen], before[unchosen])
+
+
 def test_merge_fused_layout(tmp_path: Path) -> None:
     fused = fused_checkpoint(tmp_path)
     assert "model.layers.1.mlp.experts.gate_up_proj" in _tensors(fused)

@@ -32,7 +32,7 @@ def _hold(directory: Path) -> subprocess.Popen:
 
 def test_a_run_in_use_is_refused_naming_its_pid_and_freed_by_kill_9(finished_run: Path, tmp_path: Path, cli) -> None:
     from dsft.outputs import holder
-    from dsft.train.run_dir import check_usable
+    from dsft.runs.run_dir import check_usable
 
     run = run_copy(tmp_path, finished_run)
     proc = _hold(run)

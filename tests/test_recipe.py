@@ -57,9 +57,16 @@ def test_set_overrides(make_recipe, cli) -> None:
     assert "write it as section.key=value" in cli("validate", recipe, "--set", "nonsense").output
 
 
-@pytest.mark.parametrize("value", ["all", {1: [0, 3]}, {"experts": {"2": [7]}, "r": 4, "alpha": 8}])
-def test_routed_experts_forms(value, make_recipe, cli) -> None:
-    assert cli("validate", make_recipe(adapter={"routed_experts": value})).exit_code == 0
+@pytest.mark.parametrize("value,experts,rank", [("all", "all", None), ({1: [3, 0, 3]}, {1: [0, 3]}, None),
+                                               ({"experts": {"2": [7]}, "r": 4, "alpha": 8}, {2: [7]}, 4)])
+def test_routed_experts_forms(value, experts, rank, make_recipe, cli) -> None:
+    """The shorthand and the full form mean the same selection: integer layers, sorted distinct expert ids."""
+    from dsft.config import load_recipe
+
+    recipe = make_recipe(adapter={"routed_experts": value})
+    assert cli("validate", recipe).exit_code == 0
+    routed = load_recipe(recipe).adapter.routed_experts
+    assert routed.experts == experts and routed.r == rank and routed.enabled
 
 
 def test_routed_experts_bad_forms(make_recipe, cli) -> None:

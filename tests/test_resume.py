@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dsft.train.run_dir import MARKER, latest_checkpoint
+from dsft.runs.run_dir import MARKER, latest_checkpoint
 
 STEPS = 40
 
@@ -46,6 +48,8 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int, timeo
 
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Path) -> None:
+    """A real kill -9 mid-run: the run refuses to start over without --resume, resumes and ends as the uninterrupted
+    run; a copy with its newest checkpoint damaged resumes from the one before."""
     whole = _recipe(make_recipe, "whole.yaml", tmp_path / "whole")
     assert cli("sft", "--recipe", whole).exit_code == 0
     killed_recipe = _recipe(make_recipe, "killed.yaml", tmp_path / "killed")
@@ -54,6 +58,7 @@ def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Pa
     proc.kill()
     proc.wait()
     assert json.loads((tmp_path / "killed/run.json").read_text())["status"] == "running"
+    _damaged_checkpoint_falls_back_to_the_previous(tmp_path / "killed", whole, cli, tmp_path / "dmg")
     refused = cli("sft", "--recipe", killed_recipe)
     assert refused.exit_code == 2 and "pass --resume to continue it" in refused.output
     resumed = cli("sft", "--recipe", killed_recipe, "--resume")
@@ -66,6 +71,28 @@ def test_kill_9_then_resume_matches_uninterrupted(make_recipe, cli, tmp_path: Pa
     assert sorted(resumed_losses) == sorted(whole_losses)
     for step in range(start + 1, STEPS + 1):
         assert resumed_losses[step] == pytest.approx(whole_losses[step], rel=1e-4, abs=1e-6), step
+
+
+def _damaged_checkpoint_falls_back_to_the_previous(killed: Path, recipe: Path, cli, run: Path) -> None:
+    """A copy of the killed run, its newest complete checkpoint's weights cut in half: --resume skips it, says so,
+    and continues from the one before."""
+    shutil.copytree(killed, run)
+    again = run.parent / "dmg.yaml"
+    again.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "output_dir": str(run)}))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "recipe.yaml").read_text()),
+                                                     "output_dir": str(run)}, sort_keys=False))
+    checkpoints = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    newest = [c for c in checkpoints if (c / MARKER).is_file()][-1]
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = cli("sft", "--recipe", again, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipping {newest}: adapter_model.safetensors is missing or truncated" in result.output
+    info = json.loads((run / "run.json").read_text())
+    assert int(Path(info["resumed_from"]).name.split("-")[1]) < int(newest.name.split("-")[1])
+    # the console says where it resumed: the run, the checkpoint and its step
+    step = Path(info["resumed_from"]).name.split("-")[1]
+    assert f"resuming {run} from checkpoint-{step}: step {step} of " in " ".join(result.output.split())
 
 
 @pytest.mark.slow
@@ -93,27 +120,6 @@ def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> Non
     assert not (tmp_path / "term/adapter").exists()  # no final adapter from an interrupted run
     (last / "dsft_adapter.json").write_text(json.dumps({"routed_experts": {"experts": {"1": [0, 3]}}}))
     load_lora(base, str(last))
-
-
-@pytest.mark.slow
-def test_damaged_checkpoint_falls_back_to_the_previous(make_recipe, cli, tmp_path: Path) -> None:
-    recipe = _recipe(make_recipe, "dmg.yaml", tmp_path / "dmg")
-    proc = _start(recipe)
-    _wait_for_checkpoint(tmp_path / "dmg", proc, min_step=10)
-    proc.kill()
-    proc.wait()
-    checkpoints = sorted((tmp_path / "dmg/checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    newest = [c for c in checkpoints if (c / MARKER).is_file()][-1]
-    weights = newest / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = cli("sft", "--recipe", recipe, "--resume")
-    assert result.exit_code == 0, result.output
-    assert f"warning: skipping {newest}: adapter_model.safetensors is missing or truncated" in result.output
-    info = json.loads((tmp_path / "dmg/run.json").read_text())
-    assert int(Path(info["resumed_from"]).name.split("-")[1]) < int(newest.name.split("-")[1])
-    # the console says where it resumed: the run, the checkpoint and its step
-    step = Path(info["resumed_from"]).name.split("-")[1]
-    assert f"resuming {tmp_path / 'dmg'} from checkpoint-{step}: step {step} of " in " ".join(result.output.split())
 
 
 def test_resume_refusals(make_recipe, cli, tmp_path: Path) -> None:

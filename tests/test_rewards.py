@@ -25,7 +25,7 @@ def _graded() -> list[tuple[str, str, str | None, bool, float, str]]:
 
 
 def _builtin(name: str, reasoning_opened: bool = False, **options):
-    from dsft.config.schema import RewardSpec
+    from dsft.config.objectives import RewardSpec
     from dsft.train.rewards import BUILTINS, Context
 
     return BUILTINS[name](RewardSpec(builtin=name, **options), Context(reasoning_opened))
@@ -96,7 +96,7 @@ def test_length(target: int, unit: str, text: str, ids: list[int], expected: flo
 def test_a_template_that_opens_the_reasoning_makes_an_unclosed_completion_cut_off() -> None:
     """R1-Distill's chat template ends its generation prompt with `<think>\\n`: dsft reads that off the template,
     and then a completion that never writes `</think>` has no answer."""
-    from dsft.config.schema import RewardSpec
+    from dsft.config.objectives import RewardSpec
     from dsft.train.rewards import build, set_reasoning_opened
 
     class Template:
@@ -168,7 +168,7 @@ def user_file(tmp_path: Path) -> Path:
 
 
 def _user(path: Path, name: str, timeout: float = 10):
-    from dsft.config.schema import RewardSpec
+    from dsft.config.objectives import RewardSpec
     from dsft.train.rewards import build
 
     return build([RewardSpec(function=f"{path}:{name}")], timeout=timeout)[0]
@@ -241,7 +241,7 @@ def test_a_function_that_scores_nothing_says_so(user_file: Path) -> None:
     ("f = 3\n", "is not a function (it is of type int)"),
 ])
 def test_a_file_that_does_not_give_a_function_is_one_line(tmp_path: Path, source: str, expected: str) -> None:
-    from dsft.config.schema import RewardSpec
+    from dsft.config.objectives import RewardSpec
     from dsft.errors import DsftError
     from dsft.train.rewards import build
 
@@ -287,7 +287,7 @@ def test_string_prompts_give_the_reward_strings_and_a_flat_run_says_it_learns_no
 
 
 def test_message_prompts_give_the_reward_message_completions() -> None:
-    from dsft.config.schema import RewardSpec
+    from dsft.config.objectives import RewardSpec
     from dsft.data.prompts import PROMPT_TEXT
     from dsft.train.rewards import CheckedReward, Context
 

@@ -240,7 +240,7 @@ def test_force_removes_what_the_trackers_wrote_and_nothing_else(make_recipe, cli
 
 def test_the_deleter_itself_keeps_an_unrecorded_file(tmp_path: Path) -> None:
     """Even past the checks, --force's deletion inside a tracker directory takes only recorded paths."""
-    from dsft.train import run_dir
+    from dsft.runs import run_dir
 
     run = tmp_path / "run"
     (run / "tensorboard/sub").mkdir(parents=True)

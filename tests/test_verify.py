@@ -181,7 +181,7 @@ def test_verify_through_the_cli_exits_1_on_a_wrong_merge(v2_run: Path, tmp_path:
 
 
 def test_built_in_v3_carries_the_routing_keys_engines_read(tmp_path: Path, cli) -> None:
-    from dsft.models.arch import missing_engine_keys
+    from dsft.arch import missing_engine_keys
 
     config = json.loads((resolve_model_path("builtin:tiny-deepseek-v3") / "config.json").read_text())
     assert config["topk_method"] == "noaux_tc" and config["scoring_func"] == "sigmoid"

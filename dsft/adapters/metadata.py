@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from dsft.config.schema import AdapterSection
+from dsft.outputs import write_atomic
 
 FILENAME = "dsft_adapter.json"
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ def recorded_targets(meta: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def write_metadata(adapter_dir: Path, meta: dict[str, Any]) -> None:
-    (adapter_dir / FILENAME).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(adapter_dir / FILENAME, json.dumps(meta, indent=2) + "\n")
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:

@@ -109,8 +109,9 @@ def relaunch(num_processes: int) -> None:
             args.append(arg)
     # --multi_gpu starts N ranks through torchrun with or without GPUs (accelerate's --cpu starts one);
     # without CUDA dsft's Trainer arguments pick DDP over gloo (dsft.train.sft.cpu_args).
+    # on one machine the ranks meet on a free port (accelerate's 0), so two runs on one machine do not collide
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     raise typer.Exit(subprocess.call([*launch, "-m", "dsft", *args]))
 
 
@@ -123,7 +124,8 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     relaunch(num_processes)
-    from dsft.train import run_dir
+    untested()
+    from dsft.runs import run_dir
     from dsft.train.pipeline import objective, preflight, resume_point, run
 
     goal = objective(kind)
@@ -139,51 +141,40 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
         return run(prepared, goal, force, resume_point(resolved, resume, resume_from))
 
 
-REWARDS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-PREFERENCE_COLUMNS = ("what", "first step", "last step")
+def untested() -> None:
+    """One warning (main process) when an installed library is outside the minor versions dsft was checked on:
+    their FutureWarnings, which would announce a change dsft relies on, go to run.log, not the console."""
+    from dsft.compat import outside_tested
+
+    lines = outside_tested()
+    if lines and os.environ.get("RANK", "0") == "0":
+        from dsft.console import say
+
+        say(f"warning: outside the versions dsft was checked on: {'; '.join(lines)}; if training fails, install "
+            "the tested ones: pip install -e . (pyproject.toml's pins)", stderr=True)
 
 
-def preference_rows(result: Any) -> list[tuple[str, str, str]]:
-    """The table of a preference run (dsft.train.preference.PreferenceResult): rewards at its first and last
-    logged steps, its rows, its trainable parameters."""
-    fmt = lambda d, key: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
-    rows = [(key, fmt(result.first, key), fmt(result.last, key)) for key in REWARDS
-            if key in result.first or key in result.last]
-    held = getattr(result, "held_out", None) or {}
-    if held:
-        shown_keys = [(k, label) for k, label in (("eval_loss", "loss"), ("eval_rewards/accuracies", "reward accuracy"),
-                                                   ("eval_rewards/margins", "reward margin")) if k in held]
-        rows.append((f"held-out (data.eval): {', '.join(label for _, label in shown_keys)}", "",
-                     ", ".join(f"{held[k]:.1%}" if "accuracies" in k else f"{held[k]:.3f}" for k, _ in shown_keys)))
-    c = result.counts
-    rows.append(("rows (prompts truncated / dropped)", f"{c['rows']:,}", f"{c['truncated']} / {c['dropped']}"))
-    if "desirable" in c:
-        rows.append(("desirable / undesirable rows", f"{c['desirable']:,} / {c['undesirable']:,}",
-                     f"weights {c['desirable_weight']:.3g} / {c['undesirable_weight']:.3g}"))
-    rows += [(f"trainable params: {group}", "", f"{n:,}") for group, n in result.groups.items()]
-    return rows
-
-
-def training_command(kind: str, doc: str, columns: tuple[str, ...], rows: Callable[[Any], list[tuple[str, ...]]]
-                     ) -> Callable[..., None]:
-    """A command training objective `kind` (`dsft sft`, `dsft dpo`, ...): the shared options, the shared
-    body, and on the main rank a table of `rows(result)` under `columns`."""
+def training_command(kind: str, doc: str) -> Callable[..., None]:
+    """The command training objective `kind` (`dsft sft`, `dsft dpo`, ...): the shared options, the shared
+    body, and on the main rank the objective's result table (its `columns` and `table(result)`)."""
 
     def command(recipe_file: RecipeArg = None, recipe: RecipeOpt = None, set_: SetOpt = None, force: ForceOpt = False,
                 resume: ResumeOpt = False, resume_from: ResumeFromOpt = None, num_processes: ProcessesOpt = 1) -> None:
         result = run_training(kind, one_recipe(recipe_file, recipe), set_, force, resume, resume_from, num_processes)
-        from dsft.train.dist import is_main
+        from dsft.outputs import is_main
 
         if is_main():
             from rich.table import Table
 
             from dsft.console import run_log, say, show
-            from dsft.train import run_dir
+            from dsft.runs import run_dir
+            from dsft.train.pipeline import objective
 
+            goal = objective(kind)
             table = Table(title=f"dsft {kind}: {result.run}")
-            for i, column in enumerate(columns):
+            for i, column in enumerate(goal.columns):
                 table.add_column(column, justify="left" if i == 0 else "right")
-            for row in rows(result):
+            for row in goal.table(result):
                 table.add_row(*row)
             with run_log(run_dir.log(result.run)):
                 show(table)

@@ -1,11 +1,13 @@
-"""The `dsft` root: registers one command per module, nothing else."""
+"""The `dsft` root: registers one command per module, and one training command per built-in objective
+(dsft.train.BUILTIN), nothing else."""
 
 from __future__ import annotations
 
 import typer
 
-from dsft.cli import cache, chat, convert, dpo, eval, experts, export, grpo, kto, merge, orpo, sft, simpo, validate
-from dsft.cli._common import offline
+from dsft.cli import cache, chat, convert, eval, experts, export, merge, validate
+from dsft.cli._common import offline, training_command
+from dsft.train import BUILTIN
 
 app = typer.Typer(
     name="dsft",
@@ -32,12 +34,8 @@ def root(
 
 
 app.command("validate")(validate.validate)
-app.command("sft")(sft.sft)
-app.command("dpo")(dpo.dpo)
-app.command("kto")(kto.kto)
-app.command("orpo")(orpo.orpo)
-app.command("simpo")(simpo.simpo)
-app.command("grpo")(grpo.grpo)
+for _name, _objective in BUILTIN.items():
+    app.command(_name)(training_command(_name, _objective.help))
 app.command("merge")(merge.merge)
 app.command("eval")(eval.eval_)
 app.command("chat")(chat.chat)

@@ -45,8 +45,8 @@ def chat(
     from dsft.errors import DsftError
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe.fused import autocast_for
-    from dsft.train.evaluate import open_run
-    from dsft.train.run_dir import run_of
+    from dsft.evaluate import open_run
+    from dsft.runs.run_dir import run_of
 
     at_least("--max-new-tokens", max_new_tokens, 1)
     if not 0 <= temperature < float("inf"):

@@ -46,8 +46,8 @@ def eval_(
     from dsft.console import show
     from dsft.errors import DsftError
     from dsft.outputs import check_writable
-    from dsft.train import run_dir
-    from dsft.train.evaluate import eval_figure, evaluate, write_report
+    from dsft.runs import run_dir
+    from dsft.evaluate import eval_figure, evaluate, write_report
 
     adapter, against = run_dir.run_of(adapter), run_dir.run_of(against) if against is not None else None
     at_least("--samples", samples, 1)
@@ -100,7 +100,7 @@ def _target(adapter: Path, against: Path | None, out: Path | None) -> Path:
     """Where the report goes: RUN/eval.json, RUN/eval-checkpoint.json for a checkpoint, RUN/comparison.json with
     --against (or --out DIR/comparison.json): never into the second run."""
     from dsft.outputs import check_location, resolve_output
-    from dsft.train import run_dir
+    from dsft.runs import run_dir
 
     checkpoint_of = run_dir.run_of_checkpoint(adapter)
     run = checkpoint_of or adapter
@@ -172,7 +172,7 @@ def _same_base(run: Path, other: Path) -> None:
     """--against: both runs' adapters were trained on the same base weights (read from their metadata)."""
     from dsft.adapters.metadata import read_metadata
     from dsft.errors import DsftError
-    from dsft.train.run_dir import adapter_source
+    from dsft.runs.run_dir import adapter_source
 
     ids = []
     for path, key in ((run, "--adapter"), (other, "--against")):

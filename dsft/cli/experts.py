@@ -22,7 +22,7 @@ def _prepare(recipe: Path, set_: list[str] | None):
     from dsft.config import load_recipe
     from dsft.outputs import check_location
     from dsft.train.pipeline import objective_for, preflight
-    from dsft.train.run_dir import check_not_in_use, run_inputs
+    from dsft.runs.run_dir import check_not_in_use, run_inputs
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     output = Path(resolved.output_dir)
@@ -42,7 +42,7 @@ def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN0
     from dsft.models.identity import model_identity
     from dsft.models.load import load_model
     from dsft.moe.profile import read_profile
-    from dsft.train.run_dir import data_sha256
+    from dsft.runs.run_dir import data_sha256
     from dsft.train.targeting import ROUTING_DIR, ensure_profile, profile_key
 
     recipe = prepared.recipe
@@ -105,7 +105,7 @@ def plan(recipe_file: RecipeArg = None, recipe: RecipeOpt = None, reprofile: Rep
 
 
 def _measured_peak(run: Path) -> float | None:
-    from dsft.train.run_dir import RunDir
+    from dsft.runs.run_dir import RunDir
 
     try:
         import torch

@@ -33,14 +33,14 @@ def export(
                         "`dsft merge` output")
     from dsft.export.merge import resolve
     from dsft.export.unmerged import export as write_export
-    from dsft.train.run_dir import RunDir
+    from dsft.runs.run_dir import RunDir
 
     source = resolve(adapter, base)
     if source.run is not None and source.checkpoint is None:  # a checkpoint was chosen as it is
         RunDir(source.run).check_usable(force, "export")
     record = write_export(source, out, format, force)
     if source.checkpoint is not None:
-        from dsft.train.run_dir import describe_checkpoint
+        from dsft.runs.run_dir import describe_checkpoint
 
         typer.echo(f"exporting the adapter of {describe_checkpoint(source.checkpoint)}")
     if format == "vllm":

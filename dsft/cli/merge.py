@@ -30,7 +30,7 @@ def merge(
     from dsft.console import console as dsft_console
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
-    from dsft.train.run_dir import RunDir, describe_checkpoint
+    from dsft.runs.run_dir import RunDir, describe_checkpoint
 
     at_least("--verify-layers", verify_layers, 1)
     source = resolve(adapter, base)

@@ -35,7 +35,7 @@ def validate(
     if check_files:  # every check `dsft sft` / `dsft dpo` makes before loading weights, with the same code
         from dsft.outputs import check_location
         from dsft.train.pipeline import objective_for, preflight
-        from dsft.train.run_dir import run_inputs
+        from dsft.runs.run_dir import run_inputs
 
         goal = objective_for(resolved)
         check_location(Path(resolved.output_dir), "output_dir", run_inputs(resolved))

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ValidationError
 from dsft.config.schema import Recipe, recipe_model
 from dsft.errors import DsftError, shown
 
-
 MERGE_TAG = "tag:yaml.org,2002:merge"
 MAX_VALUES = 100_000  # a recipe holds dozens; more means YAML aliases expanding (the "billion laughs")
 MAX_DEPTH = 64

@@ -8,35 +8,18 @@ static or file-related, is still reported in one pass.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from dsft.data import MAX_MIX_ROWS
+from dsft.config.base import NonNegInt, ObjectiveSection, PositiveInt, Section, checking_files, expand_path
+from dsft.config.data import DataSection
+from dsft.config.registry import SECTIONS
 from dsft.errors import shown
 from dsft.models.builtin import CONFIGS
 from dsft.models.builtin import PREFIX as BUILTIN_PREFIX
+
 BUILTIN_MODELS = tuple(CONFIGS)
-
-# Strict: YAML's `true` or `.inf` is no count of anything (pydantic would take `true` as 1).
-PositiveInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegInt = Annotated[int, Strict(), Field(ge=0)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
-def _checking_files(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get("check_files"))
 
 
 class ModelSection(Section):
@@ -64,7 +47,7 @@ class ModelSection(Section):
     def _path(cls, v: str, info: ValidationInfo) -> str:
         if not v.strip():
             raise ValueError("empty; give a checkpoint directory or builtin:tiny-deepseek-v3")
-        v = _expand(v)
+        v = expand_path(v)
         if v.startswith(BUILTIN_PREFIX):
             name = v[len(BUILTIN_PREFIX):]
             if name not in BUILTIN_MODELS:
@@ -72,7 +55,7 @@ class ModelSection(Section):
             return v
         from dsft.hub import is_repo_id
 
-        if _checking_files(info) and not is_repo_id(v):  # a hub id is resolved (and its files checked) in the preflight
+        if checking_files(info) and not is_repo_id(v):  # a hub id is resolved (and its files checked) in the preflight
             from dsft.models.files import check_model_dir
 
             check_model_dir(Path(v))
@@ -97,117 +80,6 @@ class ModelSection(Section):
         return v
 
 
-class DataSection(Section):
-    """Training data: files, their format, and how they become token sequences."""
-
-    train: list[str] = Field(description="JSONL, Parquet or CSV files (a single path or a list). An entry may be a "
-                             "mapping `{path: FILE, ...}` with: `weight: W`, the file's share of the mix's weighted rows "
-                             "(files given weights share the rows they hold together: weights 3 and 1 give a 3:1 split of "
-                             "it; sft), or `rows: N` (exactly N rows from the file; sft); `format: F`, the file's own "
-                             "data.format (sft mixes of messages, sharegpt, alpaca... files); `columns: {FIELD: COLUMN}`, "
-                             "the file's column that holds each field dsft reads (e.g. `{completion: response, label: "
-                             "feedback}`; every objective).")
-    mix: list[dict[str, Any] | None] | None = Field(
-        None, exclude=True, description="Set by data.train's `{path, ...}` entries, one per file (not a key to write).")
-    sources: dict[str, dict[str, Any]] | None = Field(
-        None, exclude=True, description="Set by dsft: the Hub dataset, split and commit each resolved file came from.")
-    eval: list[str] = Field(default_factory=list, description="Held-out files in the same format (optional).")
-    format: str = Field(
-        "messages",
-        description="`messages` (chat turns), `prompt_completion` (`prompt`/`completion`), `alpaca` "
-        "(`instruction`/`input`/`output`), `sharegpt` (`conversations` of `from`/`value`: human, gpt, system), `preference` (`prompt`/`chosen`/`rejected`: dpo, orpo, simpo, kto), "
-        "`kto` (`prompt` or `messages`, `completion`, `label`: kto), `prompt` (`prompt` or `messages` ending in a user "
-        "turn, other columns passed to the rewards: grpo), or a format an objective plug-in adds.",
-    )
-    max_length: PositiveInt = Field(1024, description="Sequences are truncated (or packed) to this many tokens.")
-    packing: bool = Field(False, description="Pack several examples into each sequence (best with flash attention).")
-    assistant_only_loss: bool = Field(True, description="Compute the loss on assistant tokens only.")
-    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
-    chat_template: str | None = Field(
-        None, description="A Jinja chat-template file to use instead of the tokenizer's own (saved with the run)."
-    )
-    num_proc: PositiveInt | None = Field(
-        None, description="Processes that tokenize data the prepared-data cache does not hold yet (default: the "
-        "machine's cores; inputs under 8 MiB are tokenized in one). Does not change the tokens."
-    )
-
-    def shares(self) -> list[dict[str, Any] | None] | None:
-        """Per training file its share of a mix ({weight} or {rows}), or None when no file has one."""
-        out = [{k: v for k, v in (m or {}).items() if k in ("weight", "rows")} or None for m in (self.mix or [])]
-        return out if any(out) else None
-
-    def file_formats(self) -> list[str]:
-        """Per training file the data.format its rows are in (its entry's `format`, else data.format)."""
-        return [(m or {}).get("format") or self.format for m in (self.mix or [None] * len(self.train))]
-
-    def file_columns(self) -> list[dict[str, str] | None]:
-        """Per training file its column map (`columns`), or None."""
-        return [(m or {}).get("columns") for m in (self.mix or [None] * len(self.train))]
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, v: str) -> str:
-        if v not in FORMATS:
-            raise ValueError(f"must be one of {', '.join(repr(f) for f in FORMATS)} (got {shown(v)})")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _mix_entries(cls, data: Any) -> Any:
-        """`{path, weight | rows, format, columns}` entries of data.train: the path stays in train, the rest in mix."""
-        if not isinstance(data, dict):
-            return data
-        for key in ("mix", "sources"):
-            if key in data:
-                raise ValueError(f"{key}: not a key to write; give a file's share, format or columns in its data.train "
-                                 "entry {path: FILE, weight: W}")
-        data = {**data, **{split: _hub_strings(data[split], split) for split in ("train", "eval") if split in data}}
-        train = data.get("train")
-        if not isinstance(train, list) or not any(isinstance(e, dict) for e in train):
-            return data
-        paths, mix = [], []
-        for i, entry in enumerate(train):
-            if not isinstance(entry, dict):
-                paths.append(entry)
-                mix.append(None)
-                continue
-            paths.append(_hub_entry(entry, f"train[{i}]") if "hub" in entry else entry.get("path"))
-            mix.append(_train_entry({k: v for k, v in entry.items() if k not in HUB_KEYS} | {"path": paths[-1]}, i))
-        return {**data, "train": paths, "mix": mix}
-
-    @field_validator("train", "eval", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, str) else v
-        return [_expand(p) if isinstance(p, str) else p for p in v] if isinstance(v, list) else v
-
-    @field_validator("train")
-    @classmethod
-    def _train_nonempty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("list at least one training file")
-        return v
-
-    @field_validator("train", "eval")
-    @classmethod
-    def _files_exist(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        from dsft.hub import SCHEME
-
-        if _checking_files(info):
-            missing = [p for p in v if not p.startswith(SCHEME) and not Path(p).is_file()]
-            if missing:
-                raise ValueError(f"file not found: {', '.join(missing)} (paths are relative to the current directory)")
-        return v
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        v = _expand(v) if v is not None else v
-        if v is not None and _checking_files(info) and not Path(v).is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
-
-
 class LoraGroup(Section):
     """LoRA on one group of modules. `true`/`false` is shorthand for `{enabled: true/false}`."""
 
@@ -219,87 +91,6 @@ class LoraGroup(Section):
     @classmethod
     def _from_bool(cls, v: Any) -> Any:
         return {"enabled": v} if isinstance(v, bool) else v
-
-
-ENTRY_KEYS = ("path", "weight", "rows", "format", "columns")
-HUB_KEYS = ("hub", "split", "name", "revision")
-
-
-def _hub_entry(entry: dict, where: str) -> str:
-    """A `{hub: OWNER/NAME, split, name, revision}` entry as its data_uri string (resolved in the preflight)."""
-    from dsft.hub import REPO_ID, data_uri
-
-    if "path" in entry:
-        raise ValueError(f"{where}: give path (a local file) or hub (a Hugging Face dataset id), not both")
-    repo = entry.get("hub")
-    if not isinstance(repo, str) or not REPO_ID.match(repo):
-        raise ValueError(f"{where}.hub: a Hugging Face dataset id OWNER/NAME (got {shown(repo)})")
-    for key in ("split", "name", "revision"):
-        if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
-            raise ValueError(f"{where}.{key}: a non-empty string (got {shown(entry[key])}), or leave it out")
-    return data_uri(repo, entry.get("split"), entry.get("name"), entry.get("revision"))
-
-
-def _hub_strings(value: Any, split: str) -> Any:
-    """data.train / data.eval with every Hub id (`OWNER/NAME` that is no local file, or a `{hub: ...}` entry of
-    data.eval) as its data_uri string."""
-    from dsft.hub import data_uri, is_repo_id
-
-    items = value if isinstance(value, list) else [value] if isinstance(value, str) else None
-    if items is None:
-        return value
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, str) and is_repo_id(_expand(item)):
-            out.append(data_uri(item))
-        elif split == "eval" and isinstance(item, dict) and "hub" in item:
-            extra = sorted(set(map(str, item)) - set(HUB_KEYS))
-            if extra:
-                raise ValueError(f"eval[{i}]: a Hub entry of data.eval is {{hub, split, name, revision}} (unknown key "
-                                 f"{extra[0]!r})")
-            out.append(_hub_entry(item, f"eval[{i}]"))
-        else:
-            out.append(item)
-    return out
-
-
-def _train_entry(entry: dict, i: int) -> dict[str, Any]:
-    """One `{path, ...}` entry of data.train as its mix record ({weight | rows, format, columns}), or the line
-    saying what is wrong with it."""
-    extra = sorted(set(map(str, entry)) - set(ENTRY_KEYS))
-    if extra or "path" not in entry or not isinstance(entry["path"], str):
-        raise ValueError(f"train[{i}]: an entry is {{path: FILE}} or {{hub: OWNER/NAME, split, name, revision}} with "
-                         "any of weight, rows, format, columns"
-                         + (f" (unknown key {extra[0]!r})" if extra else " (path missing)" if "path" not in entry else ""))
-    if "weight" in entry and "rows" in entry:
-        raise ValueError(f"train[{i}]: give weight (a share of the mix) or rows (a count), not both")
-    record: dict[str, Any] = {}
-    w = entry.get("weight")
-    if "weight" in entry:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
-            raise ValueError(f"train[{i}].weight: a positive number (got {shown(w)}); weights 3 and 1 give the files a "
-                             "3:1 share of the mix")
-        record["weight"] = float(w)
-    n = entry.get("rows")
-    if "rows" in entry:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MIX_ROWS:
-            raise ValueError(f"train[{i}].rows: a whole number of rows from 1 to {MAX_MIX_ROWS:,} (got {shown(n)})")
-        record["rows"] = n
-    if "format" in entry:
-        if entry["format"] not in FORMATS:
-            raise ValueError(f"train[{i}].format: must be one of {', '.join(repr(f) for f in FORMATS)} (got "
-                             f"{shown(entry['format'])})")
-        record["format"] = entry["format"]
-    if "columns" in entry:
-        columns = entry["columns"]
-        if not isinstance(columns, dict) or not columns or not all(
-                isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in columns.items()):
-            raise ValueError(f"train[{i}].columns: a mapping of the fields dsft reads to this file's columns, e.g. "
-                             f"{{completion: response, label: feedback}} (got {shown(columns)})")
-        if len(set(columns.values())) != len(columns):
-            raise ValueError(f"train[{i}].columns: one column given for two fields ({shown(columns)})")
-        record["columns"] = dict(columns)
-    return record
 
 
 def _parse_selection(v: Any) -> Any:
@@ -327,13 +118,6 @@ def _index(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def _expand(path: str) -> str:
-    """`~` and `~user` expanded, as a shell would (a recipe is not run through one)."""
-    import os
-
-    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 ROUTED_KEYS = {"experts", "policy", "top_p", "min_per_layer", "max_per_layer", "samples", "count", "mode", "r", "alpha",
@@ -461,319 +245,6 @@ class TrainingSection(Section):
     )
 
 
-DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft")
-
-
-class ObjectiveSection(Section):
-    """A training objective's own section, under the objective's name (`dpo:`, `kto:`, ...). A plug-in
-    objective subclasses it and registers it with `register_section` (dsft.train.pipeline.register does)."""
-
-    init_adapter: str | None = Field(
-        None, description="An SFT run (or adapter) to continue; for objectives with a reference model it is then "
-        "that SFT model."
-    )
-
-    @field_validator("init_adapter")
-    @classmethod
-    def _adapter_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        v = _expand(v) if v is not None else v
-        if v is not None and _checking_files(info):
-            path = Path(v)
-            if not ((path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file()
-                    or ((path / "recipe.yaml").is_file() and (path / "run.json").is_file())):  # a run not finished:
-                # the preflight says how it stands
-                raise ValueError(f"{v} is neither a dsft run directory nor an adapter directory; point it at an SFT run")
-        return v
-
-    def check(self, recipe: "Recipe", name: str) -> None:
-        """Rules between this section and the rest of the recipe: raise ValueError worded as the fix."""
-
-    def inputs(self, name: str) -> dict[str, list[Path]]:
-        """The files this section makes the run read (never to be written over)."""
-        return {f"initial adapter ({name}.init_adapter)": [Path(self.init_adapter)]} if self.init_adapter else {}
-
-
-class PromptFit(ObjectiveSection):
-    """Prompts fitted to a token budget before training (preference and KTO rows)."""
-
-    max_prompt_length: PositiveInt = Field(512, description="Prompt tokens (rendered with the template) kept per row.")
-    prompt_overflow: Literal["truncate", "drop"] = Field(
-        "truncate", description="Longer prompts: cut from the left of the last user turn, or drop the row."
-    )
-
-    def check(self, recipe: "Recipe", name: str) -> None:
-        self.fit_default(recipe.data.max_length)
-        if self.max_prompt_length >= recipe.data.max_length:
-            raise ValueError(f"{name}.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
-                             f"({recipe.data.max_length}) to leave room for the answers")
-
-    def fit_default(self, max_length: int, room: int | None = None) -> None:
-        """max_prompt_length left at its default fits data.max_length: half of it (or what `room` leaves, GRPO's
-        completions) when 512 would not fit; never an error about a key the recipe does not set."""
-        if "max_prompt_length" in self.model_fields_set:
-            return
-        limit = max_length - room if room is not None else max_length - 1
-        if self.max_prompt_length > limit:
-            self.max_prompt_length = max(1, limit if room is not None else max_length // 2)
-
-    def fit(self) -> dict[str, Any]:
-        """The settings that change a row's tokens (dsft.data.prepared keys on them)."""
-        return {"max_prompt_length": self.max_prompt_length, "prompt_overflow": self.prompt_overflow}
-
-
-class DpoSection(PromptFit):
-    """Direct Preference Optimization (`dsft dpo`) on `data.format: preference` rows."""
-
-    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
-    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss (sigmoid is the DPO paper's).")
-    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
-
-
-class OrpoSection(PromptFit):
-    """ORPO (`dsft orpo`): the SFT loss on the chosen answer plus an odds-ratio penalty; no reference model."""
-
-    beta: float = Field(0.1, gt=0, description="Weight (the paper's lambda) of the odds-ratio term against the SFT loss.")
-
-
-class SimpoSection(PromptFit):
-    """SimPO (`dsft simpo`): length-normalised log-probabilities with a target margin; no reference model."""
-
-    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (the paper uses 2.0-2.5).")
-    gamma: float = Field(1.0, ge=0, description="Target reward margin (the paper keeps gamma / beta near 0.5).")
-
-
-class KtoSection(PromptFit):
-    """KTO (`dsft kto`): desirable / undesirable answers, unpaired (`data.format: kto`, or preference pairs)."""
-
-    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
-    desirable_weight: float | None = Field(
-        None, gt=0, description="Loss weight of desirable rows; default: set so that desirable_weight x desirable "
-        "rows = undesirable_weight x undesirable rows (TRL's advice for uneven labels; the run reports it)."
-    )
-    undesirable_weight: float | None = Field(None, gt=0, description="Loss weight of undesirable rows; default 1 (see "
-                                             "desirable_weight).")
-    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
-        "kto", description="`kto` (the paper's, with its KL term: needs training.micro_batch_size above 1) or "
-        "`apo_zero_unpaired`."
-    )
-
-    def check(self, recipe: "Recipe", name: str) -> None:
-        super().check(recipe, name)
-        if self.loss_type == "kto" and recipe.training.micro_batch_size < 2:
-            raise ValueError(f"training.micro_batch_size {recipe.training.micro_batch_size}: {name}.loss_type kto estimates "
-                             "its KL term from the other rows of a micro-batch; set training.micro_batch_size to 2 or "
-                             f"more, or {name}.loss_type: apo_zero_unpaired")
-
-
-REWARD_BUILTINS = ("answer_match", "think_format", "regex", "length")
-# The options each built-in reward takes (every reward takes name and weight)
-REWARD_OPTIONS = {"answer_match": {"marker"}, "think_format": set(), "regex": {"pattern", "match"},
-                  "length": {"target", "unit"}}
-
-
-class RewardSpec(Section):
-    """One reward of `grpo.rewards`: a built-in (`builtin: answer_match | think_format | regex | length`) or the
-    user's own function (`function: rewards/legal.py:cites_statute`), with its weight in the sum."""
-
-    builtin: Literal[REWARD_BUILTINS] | None = Field(None, description="A built-in reward (see docs/objectives.md).")
-    function: str | None = Field(
-        None, description="`FILE.py:NAME`: a function called as TRL calls rewards (prompts, completions, the row's "
-        "columns as keywords) returning one float (or None: not applicable) per completion.")
-    name: str | None = Field(None, description="The name it is logged under; default: the built-in's or the function's name.")
-    weight: float = Field(1.0, description="Its weight in the summed reward.")
-    marker: str | None = Field(
-        None, description="answer_match: the final answer is the first line after the last MARKER (e.g. `Answer:`), "
-        "after any closed reasoning block; default: every \\boxed{...} there (they must agree). No marker or box: no "
-        "answer, score 0 (docs/objectives.md).")
-    pattern: str | None = Field(None, description="regex: the pattern (Python re syntax).")
-    match: Literal["partial", "full"] = Field("partial", description="regex: search anywhere, or match the whole answer.")
-    target: PositiveInt | None = Field(None, description="length: the target length.")
-    unit: Literal["tokens", "characters"] = Field("tokens", description="length: count tokens or characters.")
-
-    @field_validator("function")
-    @classmethod
-    def _function(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None:
-            return v
-        path, sep, name = v.rpartition(":")
-        if not sep or not path.strip() or not name.isidentifier():
-            raise ValueError(f"give FILE.py:FUNCTION, e.g. rewards/legal.py:cites_statute (got {shown(v)})")
-        path = _expand(path)
-        if _checking_files(info) and not Path(path).is_file():
-            raise ValueError(f"file not found: {path} (paths are relative to the current directory)")
-        return f"{path}:{name}"
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "RewardSpec":
-        if (self.builtin is None) == (self.function is None):
-            raise ValueError("give either builtin (answer_match, think_format, regex, length) or function (FILE.py:NAME)")
-        allowed = REWARD_OPTIONS.get(self.builtin or "", set())
-        stray = sorted(k for k in ("marker", "pattern", "target") if getattr(self, k) is not None and k not in allowed)
-        stray += [k for k, default in (("match", "partial"), ("unit", "tokens")) if getattr(self, k) != default and k not in allowed]
-        if stray:
-            what = f"the {self.builtin} reward" if self.builtin else "a function reward"
-            raise ValueError(f"{', '.join(stray)}: not an option of {what}; remove it")
-        if self.builtin == "regex":
-            import re
-
-            if not self.pattern:
-                raise ValueError("the regex reward needs pattern, e.g. pattern: '§\\s*\\d+'")
-            try:
-                re.compile(self.pattern)
-            except re.error as e:
-                raise ValueError(f"pattern {shown(self.pattern)} is not a valid regular expression ({e}); fix it") from None
-        if self.builtin == "length" and self.target is None:
-            raise ValueError("the length reward needs target (a length in its unit, e.g. target: 200)")
-        if self.name is not None and not self.name.strip():
-            raise ValueError("name: empty; give the name it is logged under, or leave it out")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The name it is logged under (metrics.jsonl `rewards/LABEL/mean`)."""
-        return self.name or self.builtin or (self.function or "").rpartition(":")[2]
-
-
-GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
-
-
-class GrpoSection(PromptFit):
-    """GRPO (`dsft grpo`): completions generated by the model being trained, scored by reward functions, on
-    `data.format: prompt` rows."""
-
-    rewards: list[RewardSpec] = Field(default_factory=list, description="The rewards, summed with their weights.")
-    num_generations: PositiveInt = Field(8, description="Completions generated per prompt (the group whose rewards "
-                                         "are compared); at least 2.")
-    max_completion_length: PositiveInt = Field(256, description="Tokens generated per completion at most.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generation.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the generation.")
-    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference (0: none, no reference forward; "
-                        "TRL's default). The reference is the adapter switched off, or the SFT adapter continued.")
-    kl_bias_correction: bool | None = Field(
-        None, description="With beta > 0: multiply the per-token KL by the policy ratio, so its gradient is the unbiased "
-        "reverse-KL gradient (DeepSeek-V3.2; TRL 1.16's use_bias_correction_kl); default true; false: the plain k3 "
-        "estimator of the R1 paper.")
-    loss_type: Literal[GRPO_LOSSES] = Field("dapo", description="TRL's GRPO loss (dapo: TRL's default, no length bias; "
-                                            "each type's aggregation in docs/objectives.md).")
-    epsilon: float | None = Field(None, gt=0, description="Lower clip of the policy ratio, 1 - epsilon (grpo, dr_grpo, "
-                                  "bnpo, dapo); default 0.2.")
-    epsilon_high: float | None = Field(
-        None, gt=0, description="Upper clip: the ratio is clipped at 1 + epsilon_high (grpo, dr_grpo, bnpo, dapo), and "
-        "CISPO caps its importance weights at epsilon_high. Default per loss type: dapo 0.28 (DAPO's clip-higher), "
-        "cispo 5.0 (ScaleRL's cap; TRL's advice), grpo / dr_grpo / bnpo epsilon (symmetric).")
-    sapo_temperature_pos: float | None = Field(None, gt=0, description="sapo: gate temperature for tokens with positive "
-                                               "advantage; default 1.0.")
-    sapo_temperature_neg: float | None = Field(None, gt=0, description="sapo: gate temperature for tokens with "
-                                               "non-positive advantage; default 1.05.")
-    reward_timeout: float = Field(
-        60.0, gt=0, description="Seconds one call of a user's reward function (`function:`) may take on one batch; longer "
-        "stops the run naming the reward. Each function runs in a process of its own.")
-    steps_per_generation: PositiveInt | None = Field(
-        None, description="Micro-batches one generation feeds (default: training.grad_accum, one optimizer step).")
-    num_iterations: PositiveInt = Field(1, description="Optimization passes over each generated batch.")
-    log_completions: NonNegInt = Field(4, description="Completions written to RUN/completions.jsonl per logged step.")
-    use_vllm: bool = Field(False, description="Not supported yet (see docs/objectives.md).")
-
-    def check(self, recipe: "Recipe", name: str) -> None:
-        import math
-
-        problems = []
-        if not self.rewards:
-            problems.append(f"{name}.rewards: list at least one reward, e.g. - builtin: think_format")
-        labels = [r.label for r in self.rewards]
-        twice = sorted({x for x in labels if labels.count(x) > 1})
-        if twice:
-            problems.append(f"{name}.rewards: {', '.join(twice)} named twice; give each its own `name`")
-        problems += self._loss_keys(name)
-        if self.use_vllm:
-            problems.append(f"{name}.use_vllm: not supported yet: TRL's vLLM weight sync merges the adapter into full "
-                            "weights every step, which dsft's NF4 expert codes cannot take; remove it (generation runs "
-                            "in-process)")
-        if self.num_generations < 2:
-            problems.append(f"{name}.num_generations {self.num_generations}: GRPO compares the completions of a "
-                            "prompt with each other; set it to 2 or more")
-        t = recipe.training
-        per_generation = t.micro_batch_size * (self.steps_per_generation or t.grad_accum)
-        if self.num_generations >= 2 and per_generation % self.num_generations:
-            problems.append(f"training.micro_batch_size {t.micro_batch_size}: GRPO counts completions, and one generation "
-                            f"({per_generation} = micro_batch_size x {name}.steps_per_generation or grad_accum) must hold "
-                            f"whole groups of {name}.num_generations {self.num_generations}; set micro_batch_size to a "
-                            f"multiple of {self.num_generations // math.gcd(self.num_generations, per_generation // t.micro_batch_size)}")
-        self.fit_default(recipe.data.max_length, self.max_completion_length)
-        if self.max_prompt_length + self.max_completion_length > recipe.data.max_length:
-            problems.append(f"data.max_length {recipe.data.max_length}: a sequence is {name}.max_prompt_length "
-                            f"{self.max_prompt_length} + {name}.max_completion_length {self.max_completion_length} "
-                            f"tokens; raise data.max_length to {self.max_prompt_length + self.max_completion_length} "
-                            "or lower those")
-        if recipe.data.packing:
-            problems.append(f"data.packing: {name} trains on generated completions, which are not packed; remove it")
-        span = self.generation_span(t.grad_accum)
-        if t.save_steps % span:
-            nearest = max(span, round(t.save_steps / span) * span)
-            problems.append(f"training.save_steps {t.save_steps}: one generation spans {span} optimizer steps "
-                            f"({name}.steps_per_generation x num_iterations / training.grad_accum), and a checkpoint "
-                            f"must fall between generations to resume exactly; set save_steps to {nearest}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def _loss_keys(self, name: str) -> list[str]:
-        """A key the chosen loss (or beta 0) never reads is refused, never silently ignored."""
-        unread = {"cispo": ("epsilon", "sapo_temperature_pos", "sapo_temperature_neg"),
-                  "sapo": ("epsilon", "epsilon_high")}.get(self.loss_type, ("sapo_temperature_pos", "sapo_temperature_neg"))
-        problems = [f"{name}.{key}: the {self.loss_type} loss does not read it; remove it"
-                    + (" (cispo caps its weights at epsilon_high)" if self.loss_type == "cispo" and key == "epsilon" else "")
-                    for key in unread if getattr(self, key) is not None]
-        if self.kl_bias_correction is not None and self.beta == 0:
-            problems.append(f"{name}.kl_bias_correction: only read with a KL term; set {name}.beta above 0 or remove it")
-        return problems
-
-    def clip_low(self) -> float:
-        return 0.2 if self.epsilon is None else self.epsilon
-
-    def clip_high(self) -> float | None:
-        """The epsilon_high TRL gets: the recipe's, else the loss type's default (None where the loss has no clip)."""
-        if self.loss_type == "sapo":
-            return None
-        if self.epsilon_high is not None:
-            return self.epsilon_high
-        return {"dapo": 0.28, "cispo": 5.0}.get(self.loss_type, self.clip_low())
-
-    def sapo_temperatures(self) -> tuple[float, float]:
-        return (1.0 if self.sapo_temperature_pos is None else self.sapo_temperature_pos,
-                1.05 if self.sapo_temperature_neg is None else self.sapo_temperature_neg)
-
-    def kl_corrected(self) -> bool:
-        return self.kl_bias_correction is not False
-
-    def generation_span(self, grad_accum: int) -> int:
-        """Optimizer steps between the starts of two generations' use (checkpoints fall on multiples of it)."""
-        import math
-
-        micro = (self.steps_per_generation or grad_accum) * self.num_iterations
-        return math.lcm(micro, grad_accum) // grad_accum
-
-    def inputs(self, name: str) -> dict[str, list[Path]]:
-        files = [Path(r.function.rpartition(":")[0]) for r in self.rewards if r.function]
-        return {**super().inputs(name), **({f"reward function file ({name}.rewards)": files} if files else {})}
-
-
-# An objective's section under its name, and the data formats objectives add (dsft.train.pipeline.register
-# registers a plug-in's). The built-in objectives' sections live here so `dsft validate` needs no torch.
-SECTIONS: dict[str, type[ObjectiveSection]] = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection,
-                                               "simpo": SimpoSection, "grpo": GrpoSection}
-FORMATS: list[str] = ["messages", "prompt_completion", "alpaca", "sharegpt", "preference", "kto", "prompt"]
-
-
-def register_section(name: str, model: type[ObjectiveSection]) -> None:
-    SECTIONS[name] = model
-
-
-def register_format(name: str) -> None:
-    if name not in FORMATS:
-        FORMATS.append(name)
-
-
 class Recipe(Section):
     """A whole dsft recipe."""
 
@@ -788,7 +259,7 @@ class Recipe(Section):
     def _output_dir(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("empty; give the run directory to write, e.g. runs/legal")
-        return _expand(v)
+        return expand_path(v)
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":
@@ -805,7 +276,7 @@ class Recipe(Section):
             section.check(self, name)
         if self.training.balance_loss and self.adapter.router != "trainable":
             raise ValueError("training.balance_loss needs adapter.router: trainable (a frozen router cannot learn to balance)")
-        if _checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
+        if checking_files(info) and not self.model.path.startswith(BUILTIN_PREFIX) and self.data.chat_template is None:
             from dsft.models.files import has_chat_template
 
             path = Path(self.model.path)

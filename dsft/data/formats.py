@@ -147,10 +147,16 @@ def _check_messages(messages: Any) -> Messages:
 # Conversation formats objective plug-ins add: format -> a function from a row (a dict) to chat messages,
 # raising RowError for a row it cannot use. Their rows then go through the prepared-data cache like any other.
 CONVERTERS: dict[str, Callable[[dict], Messages]] = {}
+# formats whose rows hold no conversation to score a loss on (eval and the model card say why, per format)
+UNSCORED = {"prompt": "prompts without answers", "kto": "completions judged one by one, not conversations to score"}
 
 
 def register_converter(fmt: str, convert: Callable[[dict], Messages]) -> None:
     CONVERTERS[fmt] = convert
+
+
+def unregister_converter(fmt: str) -> None:
+    CONVERTERS.pop(fmt, None)
 
 
 def to_messages(row: Any, fmt: str, system_prompt: str | None = None) -> Messages:

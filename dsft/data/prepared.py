@@ -38,7 +38,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ import numpy as np
 from dsft.data import MAX_MIX_ROWS
 from dsft.data.store import CHECKSUM, DATA, FORMAT, META, checksum, data_root, discard, entries, problem, view, write_meta
 from dsft.errors import DsftError
-from dsft.outputs import cache_error, human_size
+from dsft.outputs import cache_error, exclusive, human_size
 
 VERSION = 4  # of the tokenization rules and the entry layout (dsft.data.store): bump when either changes
 CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
@@ -375,47 +375,6 @@ def _find_stat(root: Path, stat_key: str) -> Path | None:
     return None
 
 
-@contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
-    """One builder per key: an advisory lock the kernel drops when the process dies (never stale). The lock
-    file is removed while still held, so none is left behind; a waiter that then gets the lock of the
-    removed file sees another inode at the path and locks that one instead."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    waited = False
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not waited:
-                    from dsft.console import say
-
-                    say(f"waiting for another dsft process preparing the same data ({lock.parent / lock.name[1:-5]})")
-                    waited = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        os.close(fd)
-
-
 def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool = False) -> Tokens:
     """The split's tokens from the cache, built first if no entry has them (see the module docstring)."""
     from dsft.console import say
@@ -434,7 +393,8 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
                 write_meta(path, tokens.meta)
     if tokens is None:
         try:
-            with _locked(root / f".{key[:20]}.lock"):
+            with exclusive(root / f".{key[:20]}.lock", lambda: say("waiting for another dsft process preparing the "
+                                                                  f"same data ({path})")):
                 tokens = _open(path)  # another process may have built it while this one waited
                 if tokens is None:
                     tokens = _build(spec, tokenizer, key, path, stat_key, num_proc or os.cpu_count() or 1, quiet)

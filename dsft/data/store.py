@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsft.outputs import cache_error, cache_root
+from dsft.outputs import cache_error, cache_root, write_atomic
 
 FORMAT = "dsft-tokens"
 DATA, META = "data.arrow", "meta.json"
@@ -71,9 +71,7 @@ def sealed_text(meta: dict[str, Any]) -> str:
 
 def write_meta(path: Path, meta: dict[str, Any]) -> None:
     """An entry's meta.json, sealed, written beside and renamed into place."""
-    tmp = path / f".{META}.tmp-{os.getpid()}"
-    tmp.write_text(sealed_text(meta), encoding="utf-8")
-    os.replace(tmp, path / META)
+    write_atomic(path / META, sealed_text(meta), unique=True)
 
 
 def read_meta(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -185,7 +183,31 @@ def entries(root: Path | None = None) -> list[Path]:
     return sorted(p for p in root.iterdir() if KEY.match(p.name) and (p.is_dir() or p.is_symlink()))
 
 
-_VIEW: dict[str, Path] = {}
+_VIEW: dict[Path, Path] = {}  # DSFT_CACHE/views -> this process's directory there
+
+
+def _own_views() -> Path:
+    """This process's view directory under the current cache (made again if it went, or the cache moved)."""
+    base = cache_root() / VIEWS
+    mine = _VIEW.get(base)
+    if mine is not None and mine.is_dir():
+        return mine
+    with contextlib.suppress(OSError):
+        for old in base.iterdir():
+            pid = old.name.split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        mine = base / f"{os.getpid()}-{time.time_ns()}"
+        mine.mkdir()
+    except OSError:
+        import tempfile
+
+        mine = Path(tempfile.mkdtemp(prefix="dsft-view-"))
+    _VIEW[base] = mine
+    atexit.register(shutil.rmtree, mine, True)
+    return mine
 
 
 def _alive(pid: int) -> bool:
@@ -202,28 +224,13 @@ def view(entry: Path) -> Path:
     """`entry/data.arrow` as this process maps it: a link in a directory of this process's own, where datasets
     then writes what it derives (packed rows, reference log-probs) for this run only. The directory goes when
     the process ends (and a dead process's, at the next start)."""
-    if "dir" not in _VIEW:
-        base = cache_root() / VIEWS
-        with contextlib.suppress(OSError):
-            for old in base.iterdir():
-                pid = old.name.split("-")[0]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(old, ignore_errors=True)
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            mine = base / f"{os.getpid()}-{time.time_ns()}"
-            mine.mkdir()
-        except OSError:
-            import tempfile
-
-            mine = Path(tempfile.mkdtemp(prefix="dsft-view-"))
-        _VIEW["dir"] = mine
-        atexit.register(shutil.rmtree, mine, True)
-    directory = _VIEW["dir"] / entry.name
+    directory = _own_views() / entry.name
     directory.mkdir(exist_ok=True)
-    link = directory / DATA
+    link, target = directory / DATA, (entry / DATA).resolve()
+    if link.is_symlink() and Path(os.readlink(link)) != target:
+        link.unlink()  # an entry of the same name elsewhere (DSFT_CACHE changed within this process)
     if not link.is_symlink():
-        link.symlink_to((entry / DATA).resolve())
+        link.symlink_to(target)
     return link
 
 

@@ -16,6 +16,7 @@ import torch
 
 from dsft.adapters.weights import Adapter, Experts
 from dsft.arch import FUSED, PER_EXPERT, canonical
+from dsft.moe.delta import expert_factors, lora_delta
 
 
 def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
@@ -26,8 +27,7 @@ def merged(key: str, base: torch.Tensor, adapter: Adapter) -> torch.Tensor:
         return adapter.replace[key].float().clone()
     if key in adapter.linear:
         a, b, s = adapter.linear[key]
-        delta = b.float() @ a.float()
-        return w.add_(delta.mul_(s))  # in place: s * (B A) without a third full-size buffer
+        return w.add_(lora_delta(a, b, s))  # in place: s * (B A) without a third full-size buffer
     m = PER_EXPERT.match(key) or FUSED.match(key)
     ex = adapter.experts[m.group("module")]
     if "expert" in m.groupdict():
@@ -70,7 +70,7 @@ def merged_rows(key: str, base: torch.Tensor, adapter: Adapter, dtype: torch.dty
         else:
             scale, block = fp8
             w = dequantize(base[i:i + rows], scale[i // block[0]:-(-(i + rows) // block[0])], block)
-        result = w + (b[i:i + rows] @ a).mul_(s)
+        result = w + lora_delta(a, b[i:i + rows], s)
         out[i:i + rows] = result
         block_dot, block_norm2 = retention_sums(w, result, out[i:i + rows])
         dot, norm2 = dot + block_dot, norm2 + block_norm2
@@ -93,12 +93,9 @@ def retention_sums(base: torch.Tensor, result: torch.Tensor, written: torch.Tens
 def _expert_part(w: torch.Tensor, ex: Experts, i: int, proj: str) -> torch.Tensor:
     """Update one expert's gate_proj / up_proj / down_proj weight `w` in place and return it."""
     t = ex.tensors
+    if not ex.full:
+        return w.add_(lora_delta(*expert_factors(t, i, proj), ex.scale))
     if proj == "down_proj":
-        new = t["lora_full_down"][i] if ex.full else None
-        delta = None if ex.full else ex.scale * (t["lora_down_B"][i].float() @ t["lora_down_A"][i].float())
-    else:
-        inter = w.shape[0]
-        rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-        new = t["lora_full_gate_up"][i][rows] if ex.full else None
-        delta = None if ex.full else ex.scale * (t["lora_gate_up_B"][i][rows].float() @ t["lora_gate_up_A"][i].float())
-    return w.copy_(new.float()) if new is not None else w.add_(delta)
+        return w.copy_(t["lora_full_down"][i].float())
+    inter = w.shape[0]
+    return w.copy_(t["lora_full_gate_up"][i][slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)].float())

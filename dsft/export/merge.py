@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from dsft.models.identity import check_base
 from dsft.arch import FUSED, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
 from dsft.outputs import (
-    check_location, check_replaceable, human_size, nearest_existing, resolve_output, written_files,
+    check_free, check_location, check_replaceable, human_size, resolve_output, written_files,
 )
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -59,7 +58,7 @@ def resolve(adapter_arg: Path, base: Path | None) -> Source:
     from dsft.models.files import model_dir_error
     from dsft.config.load import load_run_recipe
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import adapter_source
+    from dsft.runs.run_dir import adapter_source
 
     run, adapter_dir, checkpoint = adapter_source(adapter_arg, "--adapter", "use")
     config = check_adapter_dir(adapter_dir)
@@ -324,12 +323,8 @@ def output_bytes(writer: "ShardWriter", header: dict[str, Any]) -> int:
 
 def check_free_space(out: Path, needed: int) -> None:
     """Room for the shards still to write, plus 2% and 16 MiB for headers and side files."""
-    needed = int(needed * 1.02) + 16 * 2**20
-    probe = nearest_existing(Path(os.path.abspath(out)).parent)
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise DsftError(f"--out {out}: the merged checkpoint needs about {human_size(needed)} free, {probe} has "
-                        f"{human_size(free)}; free space or choose another --out")
+    check_free(out.parent, int(needed * 1.02) + 16 * 2**20, "--out",
+               f"--out {out}: the merged checkpoint needs about {{size}} free")
 
 
 def machine() -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsft.outputs import LOCK_NAME, OutputLock, clear_dir, partial_dir, replace_dir
+from dsft.outputs import LOCK_NAME, OutputLock, clear_dir, partial_dir, replace_dir, write_atomic
 
 PROGRESS = "dsft-merge-progress.json"
 LOCK = LOCK_NAME  # the same lock as every staged output: a merge and an export into one --out exclude each other
@@ -72,9 +72,7 @@ class PartialOutput:
         """The shard's NAME.part is whole: rename it and note it (atomically) as done."""
         os.replace(self.part(name), self.dir / name)
         self.done[name] = info
-        tmp = self.dir / f"{PROGRESS}.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.key, "done": self.done}, indent=2) + "\n")
-        os.replace(tmp, self.dir / PROGRESS)
+        write_atomic(self.dir / PROGRESS, json.dumps({"fingerprint": self.key, "done": self.done}, indent=2) + "\n")
 
     def finish(self) -> None:
         """Move the finished output to `--out` (replacing it: the caller checked --force). Until the rename

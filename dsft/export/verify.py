@@ -37,6 +37,7 @@ from dsft.models.fp8 import block_size, dequantize
 from dsft.models.fp8 import quantize as quantize_fp8
 from dsft.arch import FUSED, LAYER, PER_EXPERT
 from dsft.models.stream import SCALE_SUFFIX, shard_files
+from dsft.outputs import write_atomic
 from dsft.moe.routing import routers
 
 FLOAT_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -295,7 +296,7 @@ def _assign(model: nn.Module, params: dict[str, nn.Parameter], name: str, value:
 # ---------------------------------------------------------------- the logit check
 
 def _prompts(source: Source, tokenizer: Any, count: int, max_tokens: int = 128) -> list[torch.Tensor]:
-    from dsft.train.evaluate import first_conversations
+    from dsft.evaluate import first_conversations
 
     data = (source.recipe or {}).get("data", {})
     files = [f for f in (data.get("eval") or data.get("train") or []) if Path(f).is_file()]
@@ -375,5 +376,5 @@ def verify(source: Source, out: Path, record: dict[str, Any], layers: int | None
         nf4 = _run(load_lora(load_model(section, source.base), str(source.adapter_dir)).eval(), inputs)
         report["nf4_adapter_vs_merged"] = _gap(nf4[0], merged[0])
     path = out / MERGE_RECORD
-    path.write_text(json.dumps({**json.loads(path.read_text()), "verify": report}, indent=2) + "\n")
+    write_atomic(path, json.dumps({**json.loads(path.read_text()), "verify": report}, indent=2) + "\n")
     return report

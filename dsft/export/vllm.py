@@ -27,6 +27,7 @@ import torch
 
 from dsft import arch
 from dsft.errors import DsftError
+from dsft.moe.delta import expert_factors, lora_delta
 from dsft.adapters.weights import Adapter
 
 PREFIX = "base_model.model."
@@ -63,13 +64,13 @@ def vllm_tensors(adapter: Adapter, config: dict[str, Any]) -> tuple[dict[str, to
         ranks.append(r)
         zeros = {"gate_up_A": torch.zeros(r, hidden), "gate_up_B": torch.zeros(2 * inter, r),
                  "down_A": torch.zeros(r, inter), "down_B": torch.zeros(hidden, r)}
+        empty = {f"lora_{k}": [v] for k, v in zeros.items()}  # an expert without LoRA: zero factors
         for e in range(experts):
-            part = ({k: t[f"lora_{k}"][ex.ids.index(e)].float() for k in zeros} if e in ex.ids else zeros)
-            for proj, a, b in (("gate_proj", part["gate_up_A"], part["gate_up_B"][:inter]),
-                               ("up_proj", part["gate_up_A"], part["gate_up_B"][inter:]),
-                               ("down_proj", part["down_A"], part["down_B"])):
-                tensors[f"{PREFIX}{module}.{e}.{proj}.lora_A.weight"] = a.clone().contiguous()
-                tensors[f"{PREFIX}{module}.{e}.{proj}.lora_B.weight"] = (b * ex.scale).contiguous()
+            stored, i = (t, ex.ids.index(e)) if e in ex.ids else (empty, 0)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                a, b = expert_factors(stored, i, proj)
+                tensors[f"{PREFIX}{module}.{e}.{proj}.lora_A.weight"] = a.float().clone().contiguous()
+                tensors[f"{PREFIX}{module}.{e}.{proj}.lora_B.weight"] = (b.float() * ex.scale).contiguous()
     return tensors, max(ranks, default=0)
 
 
@@ -130,7 +131,7 @@ def deltas(directory: Path) -> dict[str, torch.Tensor]:
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
-            out[module + ".weight"] = scaling * (tensors[key.replace(".lora_A.", ".lora_B.")].float() @ a.float())
+            out[module + ".weight"] = lora_delta(a, tensors[key.replace(".lora_A.", ".lora_B.")], scaling)
     return out
 
 

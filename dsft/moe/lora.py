@@ -19,6 +19,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from dsft.moe.delta import expert_factors, lora_delta
 from dsft.moe.experts import DsftExperts, ExpertDelta, ExpertReplacement
 
 SELECTION_ATTR = "dsft_lora_experts"
@@ -119,6 +120,13 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         get = lambda name: _expand(getattr(self, name)[adapter_name].weight, index, num)  # noqa: E731
         return ExpertDelta(get("lora_gate_up_A"), get("lora_gate_up_B"), get("lora_down_A"), get("lora_down_B"),
                            self.scaling[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str, expert: int, proj: str) -> torch.Tensor:
+        """Expert `expert`'s weight change on `proj` (gate_proj, up_proj, down_proj): what a merge adds to it."""
+        tensors = {name: getattr(self, name)[adapter_name].weight.detach() for name in
+                   ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")}
+        a, b = expert_factors(tensors, self.lora_experts[adapter_name].index(expert), proj)
+        return lora_delta(a, b, self.scaling[adapter_name])
 
     def replacement(self, adapter_name: str) -> ExpertReplacement:
         gate_up = self.lora_full_gate_up[adapter_name].weight

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from dsft.data.tokenize import IGNORE
+from dsft.outputs import write_atomic
 from dsft.moe.routing import LayerStats, RoutingRecorder
 
 VERSION = 2  # 2: a mix's repeated rows are profiled once
@@ -106,18 +108,17 @@ def read_profile(directory: Path, key: str | None = None) -> dict[str, Any] | No
 
 def write_profile(directory: Path, profile: dict[str, Any], title: str = "routing profile") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".profile.json.tmp"
-    tmp.write_text(json.dumps(profile, indent=1) + "\n")
-    with (directory / "profile.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["layer", "expert", "rank", "tokens", "token_share", "gate_mean", "gate_sum"])
-        for layer, d in profile["layers"].items():
-            order = sorted(range(len(d["counts"])), key=lambda e: (-d["token_share"][e], e))
-            for rank, e in enumerate(order, start=1):
-                out.writerow([layer, e, rank, d["counts"][e], f"{d['token_share'][e]:.6f}",
-                              f"{d['gate_mean'][e]:.6f}", f"{d['gate_sum'][e]:.6f}"])
+    table = io.StringIO(newline="")
+    out = csv.writer(table)
+    out.writerow(["layer", "expert", "rank", "tokens", "token_share", "gate_mean", "gate_sum"])
+    for layer, d in profile["layers"].items():
+        order = sorted(range(len(d["counts"])), key=lambda e: (-d["token_share"][e], e))
+        for rank, e in enumerate(order, start=1):
+            out.writerow([layer, e, rank, d["counts"][e], f"{d['token_share'][e]:.6f}",
+                          f"{d['gate_mean'][e]:.6f}", f"{d['gate_sum'][e]:.6f}"])
+    write_atomic(directory / "profile.csv", table.getvalue().encode())
     heatmap(profile, directory / "heatmap.png", title)
-    tmp.replace(directory / "profile.json")
+    write_atomic(directory / "profile.json", json.dumps(profile, indent=1) + "\n")  # last: a whole profile's mark
 
 
 def share_matrix(profile: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
@@ -166,7 +167,7 @@ def heatmap(profile: dict[str, Any], path: Path, title: str, diff_from: dict[str
     full = f"{title} ({profile.get('tokens_counted', '?')} tokens, top-{profile['top_k']})"
     ax.set_title("\n".join(textwrap.wrap(full, width=int(width * 9))), fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return boxed
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from dsft.runs.metrics import read_metrics
+
 
 class JsonlMetrics(TrainerCallback):
     """Append every logged dict, with its step and epoch, to `metrics.jsonl`."""
@@ -73,7 +75,7 @@ class EarlyStop(TrainerCallback):
 
 class TrackerFiles(TrainerCallback):
     """Note what the recipe's trackers write in the run directory as they write it (when training starts,
-    at every log and checkpoint), so that --force later removes exactly that (dsft.train.run_dir)."""
+    at every log and checkpoint), so that --force later removes exactly that (dsft.runs.run_dir)."""
 
     def __init__(self, run: Path, trackers: list[str]) -> None:
         import time
@@ -81,7 +83,7 @@ class TrackerFiles(TrainerCallback):
         self.run, self.trackers, self.since = run, trackers, time.time() - 1
 
     def _note(self, state: Any) -> None:
-        from dsft.train.run_dir import record_tracker_files
+        from dsft.runs.run_dir import record_tracker_files
 
         if self.trackers and state.is_world_process_zero:
             record_tracker_files(self.run, self.trackers, self.since)
@@ -94,22 +96,6 @@ class TrackerFiles(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._note(state)
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl's rows, and how many lines were torn or not JSON (a kill during an append)."""
-    rows, torn = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            torn += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        else:
-            torn += 1
-    return rows, torn
 
 
 # What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dsft.train import run_dir
+from dsft.runs import run_dir
 
 
 # the run-dir entries the card lists (names from run_dir, the layout's owner), when the run holds them
@@ -140,7 +140,7 @@ def base_path(info: dict[str, Any]) -> str:
 def next_commands(run: Path, recipe: Any, meta: dict[str, Any]) -> list[str]:
     """The card's next commands, each runnable as written: eval with what the run's data needs, outputs
     that do not exist yet, exports only where a LoRA format can hold the adapter."""
-    from dsft.train.evaluate import UNSCORED
+    from dsft.data.formats import UNSCORED
 
     d = recipe.data
     lines = []

@@ -5,7 +5,6 @@ those, so a test can hold the picture to the log."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +87,8 @@ def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "", yl
 
 def write_curves(run: Path, kind: str, panels: Panels, ylabels: dict[str, str] | None = None) -> Path:
     """Draw RUN/metrics.jsonl into RUN/curves.png (written beside it, then renamed)."""
-    from dsft.train import run_dir
-    from dsft.train.callbacks import read_metrics
+    from dsft.runs import run_dir
+    from dsft.runs.metrics import read_metrics
 
     path = run_dir.metrics(run)
     rows = read_metrics(path)[0] if path.is_file() else []
@@ -97,11 +96,7 @@ def write_curves(run: Path, kind: str, panels: Panels, ylabels: dict[str, str] |
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """A figure as PNG at `path`: written beside it, then renamed (never a half-written picture)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """A figure as PNG at `path`, written atomically (never a half-written picture)."""
+    from dsft.outputs import write_atomic
+
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

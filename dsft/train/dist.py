@@ -1,9 +1,8 @@
-"""Which process writes: under `accelerate launch` every rank runs the same command, and only the main
-one creates the run directory and writes files (the Trainer does the same for its checkpoints)."""
+"""An adapter sharded by FSDP2: gathered for saving, loaded back into the shards on resume (which process
+writes is dsft.outputs.is_main)."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch stays out of `dsft --help`
@@ -11,10 +10,6 @@ if TYPE_CHECKING:  # torch stays out of `dsft --help`
 
     import torch
     from torch import nn
-
-
-def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def full_trainable_state(model: "nn.Module") -> "dict[str, torch.Tensor] | None":

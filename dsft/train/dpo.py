@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsft.config.schema import DpoSection, Recipe
+from dsft.config.objectives import DpoSection
+from dsft.config.schema import Recipe
 from dsft.train import pipeline
 from dsft.train.pipeline import Prepared
 from dsft.train.preference import PairObjective

@@ -8,9 +8,10 @@ import importlib
 import os
 from typing import Any
 
+from dsft.compat import TESTED
 from dsft.errors import DsftError
 
-NEEDED = "trl>=1.16,<2"
+NEEDED = f"trl=={TESTED['trl']}.*"
 
 
 def load(module: str, *names: str) -> tuple[Any, ...]:

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from dsft.config.schema import GrpoSection, Recipe
-from dsft.train import pipeline, run_dir
+from dsft.config.objectives import GrpoSection
+from dsft.config.schema import Recipe
+from dsft.runs import run_dir
+from dsft.train import pipeline
 from dsft.train.pipeline import Prepared
 
 WINDOW = 5  # logged steps averaged for a run's first and last figures
@@ -55,10 +57,35 @@ def reference(settings: GrpoSection, init_adapter: Path | None) -> str:
     return "the SFT adapter's frozen copy" if init_adapter else "the adapter switched off (the base)"
 
 
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" if percent else f"{value:.3f}"
+
+
 class GRPO(pipeline.Objective):
     name = "grpo"
     section = GrpoSection
     formats = ("prompt",)
+    columns = ("what", f"first {5} logged steps", f"last {5} logged steps")
+
+    def table(self, result: GrpoResult) -> list[tuple[str, ...]]:
+        first, last = result.first, result.last
+        rows = [("reward (weighted sum)", _fmt(first.get("reward")), _fmt(last.get("reward")))]
+        for key in first:
+            if key.startswith("rewards/"):
+                rows.append((f"  {key[8:-5]}", _fmt(first.get(key)), _fmt(last.get(key))))
+        rows.append(("completion length (tokens)", _fmt(first.get("completions/mean_length")),
+                     _fmt(last.get("completions/mean_length"))))
+        rows.append(("cut at max_completion_length", _fmt(first.get("completions/clipped_ratio"), True),
+                     _fmt(last.get("completions/clipped_ratio"), True)))
+        c = result.counts
+        rows.append(("prompts (truncated / dropped)", f"{c['rows']:,}", f"{c['truncated']} / {c['dropped']}"))
+        rows.append(("time generating (generated tokens/s)", "", f"{_fmt(result.generation_share, True)} "
+                     f"({result.tokens_per_s:,.0f})" if result.tokens_per_s else _fmt(result.generation_share, True)))
+        rows.append(("reference", "", result.reference))
+        rows += [(f"trainable params: {group}", "", f"{n:,}") for group, n in result.groups.items()]
+        return rows
 
     def load_rows(self, recipe: Recipe) -> Any:
         """The rewards, the user's functions imported (a missing file or function is one line, before any
@@ -224,7 +251,7 @@ def warm_up(trainer: Any, rewards: list[Any]) -> None:
     """One group generated for the first training prompt as training will generate it, and every reward called
     on it; the random state, token count and metrics are left as they were."""
     from dsft.console import say
-    from dsft.train.dist import is_main
+    from dsft.outputs import is_main
     from dsft.train.rewards import call_all
 
     row = trainer.train_dataset[0]

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from dsft.config.schema import KtoSection, Recipe
+from dsft.config.objectives import KtoSection
+from dsft.config.schema import Recipe
 from dsft.errors import DsftError
 from dsft.train import pipeline
 from dsft.train.pipeline import LOSS_PANELS, Prepared

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsft.config.schema import OrpoSection, Recipe
+from dsft.config.objectives import OrpoSection
+from dsft.config.schema import Recipe
 from dsft.train import pipeline
 from dsft.train.pipeline import Prepared
 from dsft.train.preference import PairObjective

@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from dsft.config.schema import OPTIMIZERS, ObjectiveSection, Recipe
+from dsft.config.base import ObjectiveSection
+from dsft.config.schema import OPTIMIZERS, Recipe
 from dsft.console import Phase, run_log, show
 from dsft.errors import DsftError
-from dsft.train import run_dir
-from dsft.train.dist import full_trainable_state, is_main
+from dsft.runs import run_dir
+from dsft.outputs import is_main
+from dsft.train import BUILTIN
+from dsft.train.dist import full_trainable_state
 
-# Built-in objectives, imported on first use so `dsft --help` stays torch-free.
-BUILTIN = {"sft": "dsft.train.sft", "dpo": "dsft.train.dpo", "kto": "dsft.train.kto", "orpo": "dsft.train.orpo",
-           "simpo": "dsft.train.simpo", "grpo": "dsft.train.grpo"}
 OBJECTIVES: dict[str, "Objective"] = {}
 
 
@@ -73,7 +73,7 @@ class Objective:
     `register` it. Nothing else in dsft names an objective.
 
     Declares: `name` (its command, and its recipe section's key), `section` (that section's pydantic model,
-    a dsft.config.schema.ObjectiveSection), `formats` (the data.format values it trains on; a new one is
+    a dsft.config.base.ObjectiveSection), `formats` (the data.format values it trains on; a new one is
     registered), `panels` (curves.png: panel title -> (line label, metrics.jsonl key) pairs). Does: its
     data checks and tokens, its TRL config class and the fields it sets there, its trainer, what it adds to
     the adapter's metadata, the model card and run.json's summary. The spine records for every run what
@@ -159,11 +159,17 @@ class Objective:
         """(the result the command prints, its fields of run.json's summary)."""
         raise NotImplementedError
 
+    columns: tuple[str, ...] = ("what", "value")  # the command's result table
+
+    def table(self, result: Any) -> list[tuple[str, ...]]:
+        """The rows of the command's result table under `columns` (the result `finish` returned)."""
+        return []
+
 
 def register(objective: Objective) -> Objective:
     """Add an objective to OBJECTIVES (the CLI's table), its section to the recipe and its formats to
     data.format's values."""
-    from dsft.config.schema import register_format, register_section
+    from dsft.config.registry import register_format, register_section
 
     if objective.section is not None:
         register_section(objective.name, objective.section)
@@ -173,9 +179,25 @@ def register(objective: Objective) -> Objective:
     return objective
 
 
+def unregister(name: str) -> None:
+    """Remove a registered objective: its table row, its section and the formats only it trains on (their
+    converters too). A built-in one comes back when next named."""
+    from dsft.config.registry import unregister as unregister_recipe
+    from dsft.data.formats import unregister_converter
+
+    goal = OBJECTIVES.pop(name, None)
+    if goal is None:
+        return
+    others = {fmt for other in OBJECTIVES.values() for fmt in other.formats}
+    own = tuple(fmt for fmt in goal.formats if fmt not in others)
+    unregister_recipe(name if goal.section is not None else None, own)
+    for fmt in own:
+        unregister_converter(fmt)
+
+
 def objective(name: str) -> Objective:
     if name not in OBJECTIVES and name in BUILTIN:
-        importlib.import_module(BUILTIN[name])
+        importlib.import_module(BUILTIN[name].module)  # a built-in objective: its module registers it
     if name not in OBJECTIVES:
         raise DsftError(f"unknown objective {name!r}; known: {', '.join(sorted({*OBJECTIVES, *BUILTIN}))}")
     return OBJECTIVES[name]
@@ -451,7 +473,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     from dsft.models.load import resolve_dtype
     from dsft.train import resume
     from dsft.train.callbacks import ConsoleProgress, EarlyStop, JsonlMetrics, TrackerFiles
-    from dsft.train.resume import trim_metrics
+    from dsft.runs.metrics import trim_metrics
 
     recipe = prepared.recipe
     out = Path(recipe.output_dir)

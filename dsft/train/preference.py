@@ -44,6 +44,27 @@ class PairObjective(pipeline.Objective):
     panels = PAIR_PANELS
     kind = "dpo"  # the prepared-data kind (dsft.data.prepared) of its rows
     logged = "rewards/accuracies"  # a key every logged training row of the objective has
+    columns = ("what", "first step", "last step")
+
+    def table(self, result: Any) -> list[tuple[str, ...]]:
+        """Rewards at the first and last logged steps, the held-out scores, its rows, its trainable parameters
+        (result: a PreferenceResult)."""
+        fmt = lambda d, key: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
+        rows = [(key, fmt(result.first, key), fmt(result.last, key)) for key in REWARD_KEYS
+                if key in result.first or key in result.last]
+        held = getattr(result, "held_out", None) or {}
+        if held:
+            shown_keys = [(k, label) for k, label in (("eval_loss", "loss"), ("eval_rewards/accuracies", "reward accuracy"),
+                                                       ("eval_rewards/margins", "reward margin")) if k in held]
+            rows.append((f"held-out (data.eval): {', '.join(label for _, label in shown_keys)}", "",
+                         ", ".join(f"{held[k]:.1%}" if "accuracies" in k else f"{held[k]:.3f}" for k, _ in shown_keys)))
+        c = result.counts
+        rows.append(("rows (prompts truncated / dropped)", f"{c['rows']:,}", f"{c['truncated']} / {c['dropped']}"))
+        if "desirable" in c:
+            rows.append(("desirable / undesirable rows", f"{c['desirable']:,} / {c['undesirable']:,}",
+                         f"weights {c['desirable_weight']:.3g} / {c['undesirable_weight']:.3g}"))
+        rows += [(f"trainable params: {group}", "", f"{n:,}") for group, n in result.groups.items()]
+        return rows
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rows: None) -> dict[str, Any]:
         from dsft.data.prepared import Spec, prepare

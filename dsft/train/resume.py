@@ -19,22 +19,13 @@ from typing import Any
 from transformers import TrainerCallback
 
 from dsft.errors import DsftError
-from dsft.train.run_dir import CHECKPOINT_NAME, MARKER, damage, latest_checkpoint
+from dsft.outputs import write_atomic
+from dsft.runs.run_dir import CHECKPOINT_NAME, MARKER, RunInterrupted, damage, latest_checkpoint
 
 RESUME_FREE = {"data.num_proc"}  # recipe keys a resume may change: they change no result
 # Set by the `dsft` entry point (dsft.cli.app.main): only a dsft process takes over SIGINT / SIGTERM, not a
 # library caller or pytest (whose Ctrl-C must stop the session, not fail one test).
 SIGNALS_ENV = "DSFT_HANDLE_SIGNALS"
-
-
-class RunInterrupted(DsftError):
-    """Training stopped on a signal after saving a checkpoint (not an error: its lines start with `stopped:`)."""
-
-    label = "stopped"
-
-    def __init__(self, signum: int, *lines: str) -> None:
-        super().__init__(*lines)
-        self.exit_code = 128 + signum
 
 
 def resume_command(command: str, run: Path) -> str:
@@ -65,9 +56,7 @@ class CheckpointMarker(TrainerCallback):
 
                 write_metadata(folder, self.metadata)
             sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-            tmp = folder / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
-            os.replace(tmp, folder / MARKER)
+            write_atomic(folder / MARKER, json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
 
 
 class GracefulStop(TrainerCallback):
@@ -97,9 +86,7 @@ class GracefulStop(TrainerCallback):
             info = json.loads(path.read_text(encoding="utf-8"))
             info.update(status="interrupted", error=f"{signal.Signals(signum).name} twice: stopped at once during step "
                         f"{self.step + 1}; resume from the last checkpoint")
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps(info, indent=2) + "\n")
         except (OSError, ValueError, AttributeError):
             pass
 
@@ -124,7 +111,7 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
     """Check that `run` can be resumed with this recipe and return the checkpoint to resume from; unless
     `dry` (the preflight, which changes nothing), remove the damaged checkpoints after it."""
     from dsft.config.load import read_yaml
-    from dsft.train.run_dir import RunDir
+    from dsft.runs.run_dir import RunDir
 
     rundir = RunDir(run)
     status = rundir.info().get("status")
@@ -197,19 +184,6 @@ def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
                "--resume: model.path", force_hint=None)
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop logged rows after `step` (the resumed run logs them again) and any torn line a kill left."""
-    from dsft.train.callbacks import read_metrics
-    from dsft.train.run_dir import write_atomic
-
-    if path.is_file():
-        rows, torn = read_metrics(path)
-        if torn:
-            print(f"warning: {path}: dropped {torn} torn or unreadable line(s) left by the interrupted run",
-                  file=sys.stderr)
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-
-
 def saved_progress(checkpoint: Path) -> tuple[int, int]:
     """(the step a checkpoint was saved at, the run's total steps) from its trainer_state.json."""
     from dsft.outputs import read_json
@@ -224,7 +198,7 @@ def train(trainer: Any, run: Path, command: str, checkpoint: Path | None, metada
     step past max_steps when max_steps does not end an epoch (it skips the finished steps of the current
     epoch and checks the limit only after the next one)."""
     from dsft.console import say
-    from dsft.train.dist import is_main
+    from dsft.outputs import is_main
 
     if checkpoint is not None:
         step, total = saved_progress(checkpoint)

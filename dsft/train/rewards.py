@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsft.config.schema import RewardSpec
+from dsft.config.objectives import RewardSpec
 from dsft.data.prompts import PROMPT_TEXT, ROW
 from dsft.errors import DsftError, shown
 

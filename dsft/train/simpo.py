@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsft.config.schema import Recipe, SimpoSection
+from dsft.config.objectives import SimpoSection
+from dsft.config.schema import Recipe
 from dsft.train import pipeline
 from dsft.train.orpo import ORPO
 from dsft.train.pipeline import Prepared

@@ -13,8 +13,8 @@ from dsft.adapters.plan import build_plan
 from dsft.adapters.selection import select_by_policy
 from dsft.config.schema import Recipe
 from dsft.moe import profile as routing_profile
-from dsft.train import run_dir
-from dsft.train.dist import is_main
+from dsft.outputs import is_main, write_atomic
+from dsft.runs import run_dir
 
 ROUTING_DIR = run_dir.ROUTING
 
@@ -73,7 +73,7 @@ def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[i
         plan["profile"] = profile
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
-        (run / run_dir.PLAN).write_text(json.dumps(plan, indent=2) + "\n")
+        write_atomic(run / run_dir.PLAN, json.dumps(plan, indent=2) + "\n")
     return plan
 
 

@@ -7,17 +7,15 @@ real DeepSeek checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dsft
-from dsft.outputs import cache_error, cache_root
+from dsft.outputs import cache_error, cache_root, exclusive
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 PREFIX = "builtin:"  # model.path of a built-in model: builtin:NAME
@@ -113,7 +111,7 @@ def builtin_path(name: str) -> Path:
             raise cache_error(f"{existing} is a file, not a directory")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with _exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
+            with exclusive(target.parent / f".{name}.lock"):  # ranks of `accelerate launch` start together
                 if not (target / "config.json").is_file():
                     _materialise(name, target)
         except OSError as e:
@@ -132,22 +130,6 @@ def _check_entry(root: Path, target: Path) -> None:
     except (OSError, ValueError) as e:
         raise cache_error(f"the cached built-in model {target} is damaged ({str(e).split(';')[0][:160]})",
                            "delete that directory and dsft builds it again") from None
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """One process at a time (an advisory file lock; a no-op where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _materialise(name: str, target: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
-from dsft.data.formats import Messages
+from dsft.data.formats import UNSCORED, Messages
 from dsft.data.prepared import Spec, prepare
 from dsft.data.tokenize import IGNORE
 from dsft.errors import DsftError
@@ -33,7 +33,7 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     from dsft.models.files import model_dir_error, read_model_config
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.train.run_dir import RunDir, adapter_source
+    from dsft.runs.run_dir import RunDir, adapter_source
 
     if not Path(run).is_dir():
         raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft run (or one of its "
@@ -78,7 +78,6 @@ def file_kind(files: list[str]) -> tuple[str, str | None]:
     return kind, fmt
 
 
-UNSCORED = {"prompt": "prompts without answers", "kto": "completions judged one by one, not conversations to score"}
 
 
 def eval_rows(recipe: Recipe, data: str | list[str] | None, on_train: bool = False) -> tuple[str, str, list[str]]:
@@ -201,13 +200,13 @@ def reference_of(recipe: Recipe) -> tuple[Path | None, float, str]:
     """(the adapter the run continued, whose frozen copy is its reference, or None for the base; beta;
     the reference's name) for the implicit reward."""
     from dsft.config.schema import sections
-    from dsft.train.run_dir import adapter_of
+    from dsft.runs.run_dir import adapter_of
 
     init, beta = None, IMPLICIT_BETA
-    for name, section in sections(recipe).items():
+    for section in sections(recipe).values():
         if getattr(section, "init_adapter", None):
             init = adapter_of(Path(section.init_adapter))
-        if name in ("dpo", "kto") and getattr(section, "beta", None):
+        if section.implicit_reward_beta and getattr(section, "beta", None):
             beta = float(section.beta)
     return init, beta, (f"the adapter it continued ({init})" if init else "the base")
 
@@ -242,7 +241,7 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
     from dsft.models.load import load_model, load_tokenizer
     from dsft.moe import profile as routing_profile
     from dsft.moe.routing import routers, top_k
-    from dsft.train import run_dir
+    from dsft.runs import run_dir
 
     run = run_dir.run_of(run)
     recipe, adapter_dir, model_path = open_run(run, force, "evaluate")
@@ -319,7 +318,7 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
 
 def write_report(report: dict[str, Any], json_path: Path, figure: Any) -> None:
     """A report (eval or comparison) and its picture, each written beside and renamed into place."""
-    from dsft.train import run_dir
+    from dsft.runs import run_dir
     from dsft.train.curves import save_figure
 
     save_figure(figure, json_path.with_suffix(".png"))

@@ -22,9 +22,9 @@ from dsft.config.schema import BUILTIN_PREFIX, Recipe, sections
 from dsft.data.prepared import file_sha256
 from dsft.errors import DsftError
 from dsft.outputs import (
-    LOCK_NAME, OutputLock, check_location, holder, human_size, nearest_existing, read_json, replace_dir,
+    LOCK_NAME, OutputLock, check_free, check_location, holder, is_main, read_json, replace_dir,
+    write_atomic,
 )
-from dsft.train.dist import is_main
 
 PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -49,6 +49,16 @@ RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, COMPLETIONS, LOG, TRACKER_F
 RESUMABLE = ("running", "interrupted", "failed")
 MARKER = "dsft-complete.json"  # in a checkpoint: written last, with every file's size (a checkpoint without it is torn)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunInterrupted(DsftError):
+    """Training stopped on a signal after saving a checkpoint (not an error: its lines start with `stopped:`)."""
+
+    label = "stopped"
+
+    def __init__(self, signum: int, *lines: str) -> None:
+        super().__init__(*lines)
+        self.exit_code = 128 + signum
 
 
 def run_inputs(recipe: Recipe) -> dict[str, list[Path]]:
@@ -321,12 +331,8 @@ class RunDir:
 def check_disk(path: Path, trainable_params: int, kept: int = 2) -> None:
     """Preflight: room for the `kept` checkpoints (training.checkpoints_kept: fp32 weights and two Adam
     moments each, while a new one is written next to them) and the final adapter."""
-    needed = trainable_params * (12 * (kept + 1) + 4)
-    probe = nearest_existing(Path(os.path.abspath(path)))
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise DsftError(f"output_dir: {path} needs about {human_size(needed)} free for checkpoints and the adapter, "
-                        f"{probe} has {human_size(free)}; free space or choose another output_dir")
+    check_free(path, trainable_params * (12 * (kept + 1) + 4), "output_dir",
+               f"output_dir: {path} needs about {{size}} free for checkpoints and the adapter")
 
 
 def run_of(path: Path) -> Path:
@@ -398,16 +404,6 @@ def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no empty temporary behind
-        raise
-
-
 def write_recipe(run: Path, recipe: Recipe) -> None:
     write_atomic(run / RECIPE, yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
 
@@ -457,8 +453,6 @@ def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any],
     """Create the run directory with recipe.yaml and run.json (status `running`), or reopen it to
     resume; on a signal mark it `interrupted`, on any other error `failed`. The body marks it
     `complete` with `complete(...)`."""
-    from dsft.train.resume import RunInterrupted
-
     info = run_info(recipe, command, identity, "running")
     if not is_main():
         yield info
