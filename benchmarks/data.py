@@ -72,7 +72,8 @@ def child(case: str, data: Path, cache: Path, before_rows: int) -> dict:
     """One case, in this (child) process; returns its row."""
     os.environ["DSFT_CACHE"] = str(cache)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dsft.data.prepared import Spec, file_sha256, prepare
+    from dsft.data.keys import file_sha256
+    from dsft.data.prepared import Spec, prepare
     from dsft.models.load import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path("builtin:tiny-deepseek-v3"))

@@ -49,6 +49,7 @@ def time_objective(name: str, path: Path) -> list[float]:
 
     from dsft.config import load_recipe
     from dsft.train import pipeline, resume
+    from dsft.train.objective import objective
 
     durations: list[float] = []
 
@@ -67,7 +68,7 @@ def time_objective(name: str, path: Path) -> list[float]:
 
     resume.train = timed
     try:
-        goal = pipeline.objective(name)
+        goal = objective(name)
         loaded = load_recipe(path, check_files=True)
         pipeline.run(pipeline.preflight(loaded, goal, force=True), goal, force=True)
     finally:

@@ -134,7 +134,7 @@ def first_conversations(files: list[str], kind: str, fmt: str, system_prompt: st
 
 def training_file(recipe: Recipe, path: Path) -> str | None:
     """The run's training file that `path` is (the same file, or the same bytes), or None."""
-    from dsft.data.prepared import file_sha256
+    from dsft.data.keys import file_sha256
 
     sha = file_sha256(path)
     for name in recipe.data.train:

@@ -14,7 +14,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from dsft.config.base import ObjectiveSection
 from dsft.data.formats import RowError, register_converter
 from dsft.data.prepared import Spec, prepare
-from dsft.train import pipeline
+from dsft.train import objective as plugins
 from dsft.train.trainer import MaskCollator, trainer_rows
 
 NAME = "qa"
@@ -54,7 +54,7 @@ class QaResult:
     losses: list[float]
 
 
-class Qa(pipeline.Objective):
+class Qa(plugins.Objective):
     name, section, formats = NAME, QaSection, ("qa",)
     columns = ("what", "value")
 
@@ -84,4 +84,4 @@ class Qa(pipeline.Objective):
 
 
 register_converter(NAME, qa_messages)
-OBJECTIVE = pipeline.register(Qa())
+OBJECTIVE = plugins.register(Qa())

@@ -118,7 +118,7 @@ def test_a_circle_is_found() -> None:
 
 def _sum_objective():
     """SFT with the loss summed over the batch's loss tokens instead of averaged, registered from here."""
-    from dsft.train import pipeline
+    from dsft.train import objective as plugins
     from dsft.train.sft import SFT
     from dsft.train.trainer import DsftSFTTrainer
 
@@ -137,7 +137,7 @@ def _sum_objective():
             return SummedSFTTrainer(model=model, args=args, callbacks=callbacks, processing_class=prepared.tokenizer,
                                     train_dataset=trainer_rows(prepared.train, args, prepared.recipe.data.max_length))
 
-    return pipeline.register(SummedSFT())
+    return plugins.register(SummedSFT())
 
 
 def test_an_objective_from_outside_dsft_trains_through_the_cli_body(make_recipe, tmp_path: Path) -> None:
@@ -145,7 +145,8 @@ def test_an_objective_from_outside_dsft_trains_through_the_cli_body(make_recipe,
 
     from dsft.cli._common import run_training
 
-    from dsft.train import pipeline
+    from dsft.train import objective as plugins
+
 
     goal = _sum_objective()
     recipe = make_recipe(training={"max_steps": 2, "logging_steps": 1})
@@ -153,8 +154,8 @@ def test_an_objective_from_outside_dsft_trains_through_the_cli_body(make_recipe,
         mean = run_training("sft", recipe, [f"output_dir={tmp_path / 'mean'}"], False, False, None, 1)
         summed = run_training(goal.name, recipe, [f"output_dir={tmp_path / 'sum'}"], False, False, None, 1)
     finally:
-        pipeline.unregister(goal.name)
-    assert goal.name not in pipeline.OBJECTIVES and "messages" in pipeline.objective("sft").formats
+        plugins.unregister(goal.name)
+    assert goal.name not in plugins.OBJECTIVES and "messages" in plugins.objective("sft").formats
     info = json.loads((tmp_path / "sum/run.json").read_text())
     assert info["command"] == "sft-sum" and info["status"] == "complete"
     assert (tmp_path / "sum/adapter/adapter_model.safetensors").is_file()

@@ -62,7 +62,7 @@ def test_the_demo_learns_and_beats_the_base_on_held_out_data(demo) -> None:
 def test_curves_png_draws_metrics_jsonl(demo) -> None:
     from dsft.runs.metrics import read_metrics
     from dsft.train.curves import build_figure
-    from dsft.train.pipeline import objective
+    from dsft.train.objective import objective
 
     run, _ = demo
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,7 +85,7 @@ def test_curves_read_honestly(tmp_path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     from dsft.train.curves import build_figure
-    from dsft.train.pipeline import objective
+    from dsft.train.objective import objective
 
     rows = [{"step": s, "loss": 15.8 + 0.05 * s, "learning_rate": 1e-3 * s, "rewards/accuracies": 0.5 + 0.1 * s,
              "rewards/margins": 0.1 * s, "grad_norm": s, "extra": s * s} for s in range(1, 5)]
@@ -103,7 +103,7 @@ def test_curves_read_honestly(tmp_path: Path) -> None:
 
 def test_dpo_curves_have_reward_panels() -> None:
     from dsft.train.curves import build_figure
-    from dsft.train.pipeline import objective
+    from dsft.train.objective import objective
 
     rows = [{"step": s, "loss": 0.7 - s / 100, "learning_rate": 1e-3, "rewards/accuracies": s / 10,
              "rewards/margins": s / 5} for s in (1, 5, 10)] + [{"step": 10, "eval_loss": 0.6,
@@ -374,7 +374,7 @@ def test_no_title_or_label_leaves_the_figure(tmp_path: Path, monkeypatch, expert
     from dsft.moe import profile as routing_profile
     from dsft.train.curves import build_figure
     from dsft.evaluate import eval_figure
-    from dsft.train.pipeline import objective
+    from dsft.train.objective import objective
 
     drawn = []
     original = Figure.savefig

@@ -67,7 +67,7 @@ def test_the_tiny_moe_learns_its_reward(grpo_run: Path) -> None:
 def test_completions_file_curves_card_and_summary(grpo_run: Path) -> None:
     from dsft.runs.metrics import read_metrics
     from dsft.train.curves import series
-    from dsft.train.pipeline import objective
+    from dsft.train.objective import objective
     from dsft.runs.run_dir import RunDir
 
     shown = _rows(grpo_run / "completions.jsonl")
@@ -112,13 +112,14 @@ def test_generation_log_probs_equal_the_training_forward(tmp_path: Path) -> None
     with (after temperature) equal TRL's training-mode forward over the same sequences (the one its policy
     ratio uses), with NF4 experts, expert LoRA and attention LoRA all non-zero, left-padded prompts."""
     from dsft.config import load_recipe
-    from dsft.train import pipeline
+    from dsft.train import objective as plugins
+    from dsft.train import pipeline, settings
     from dsft.train.grpo import rows_view
     from dsft.train.trainer import DsftGRPOTrainer
 
     recipe = load_recipe(grpo_recipe(tmp_path, model={"quantization": "nf4"},
                                      grpo={"temperature": 0.7, "num_generations": 2}), check_files=True)
-    goal = pipeline.objective("grpo")
+    goal = plugins.objective("grpo")
     prepared = pipeline.preflight(recipe, goal, force=False)
     from dsft.adapters.lora import attach_lora
     from dsft.models.load import load_model
@@ -129,7 +130,7 @@ def test_generation_log_probs_equal_the_training_forward(tmp_path: Path) -> None
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.05)
-    args = pipeline.trl_config(goal, recipe, prepared, tmp_path / "run", torch.float32)
+    args = settings.trl_config(goal, recipe, prepared, tmp_path / "run", torch.float32)
     trainer = DsftGRPOTrainer(model=model, reward_funcs=prepared.data["rewards"], args=args,
                               train_dataset=rows_view(prepared.train, recipe.data.train, 160),
                               processing_class=prepared.tokenizer)
@@ -219,10 +220,11 @@ def test_each_loss_type_gets_its_settings_in_trls_config(tmp_path: Path, loss: s
     """The GRPOConfig dsft builds: CISPO's cap is not the 0.2 TRL would take from epsilon, DAPO clips higher,
     SAPO gets its temperatures, the KL's bias correction follows the recipe; and the trainer reads them so."""
     from dsft.config import load_recipe
-    from dsft.train import pipeline
+    from dsft.train import objective as plugins
+    from dsft.train import settings
 
     recipe = load_recipe(grpo_recipe(tmp_path, grpo={"loss_type": loss, **grpo}))
-    config = pipeline.trl_config(pipeline.objective("grpo"), recipe, None, tmp_path / "run", torch.float32)
+    config = settings.trl_config(plugins.objective("grpo"), recipe, None, tmp_path / "run", torch.float32)
     assert config.loss_type == loss
     for key, value in expected.items():
         assert getattr(config, key) == pytest.approx(value), key

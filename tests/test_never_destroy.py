@@ -19,7 +19,7 @@ import yaml
 from conftest import released_v3
 from test_bad_inputs import _snapshot, refused, run_copy
 
-HOLD = ("import sys, time; from pathlib import Path; from dsft.outputs import OutputLock; "
+HOLD = ("import sys, time; from pathlib import Path; from dsft.locks import OutputLock; "
         "lock = OutputLock(Path(sys.argv[1]), 'output_dir').__enter__(); print('held', flush=True); time.sleep(120)")
 
 
@@ -31,7 +31,7 @@ def _hold(directory: Path) -> subprocess.Popen:
 
 
 def test_a_run_in_use_is_refused_naming_its_pid_and_freed_by_kill_9(finished_run: Path, tmp_path: Path, cli) -> None:
-    from dsft.outputs import holder
+    from dsft.locks import holder
     from dsft.runs.run_dir import check_usable
 
     run = run_copy(tmp_path, finished_run)

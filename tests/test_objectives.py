@@ -43,7 +43,7 @@ def _scores(run: Path, held: Path) -> dict[str, dict[str, float]]:
     from dsft.evaluate import example_losses
 
     tokenizer = load_tokenizer(run / "adapter")
-    rows = prepare(Spec("dpo", [str(held)], "preference", dpo={"max_prompt_length": 128, "prompt_overflow": "truncate"}),
+    rows = prepare(Spec("dpo", [str(held)], "preference", fit={"max_prompt_length": 128, "prompt_overflow": "truncate"}),
                    tokenizer, quiet=True).dataset[:]
     sequences = {side: {"input_ids": [p + a for p, a in zip(rows["prompt_ids"], rows[side])],
                         "labels": [[-100] * len(p) + a for p, a in zip(rows["prompt_ids"], rows[side])]}
@@ -105,6 +105,7 @@ def test_only_the_chosen_experts_train_and_the_router_stays_frozen(name: str, ma
     import dsft.adapters.lora as lora_mod
     from dsft.config import load_recipe
     from dsft.models.load import load_model, resolve_model_path
+    from dsft.train import objective as plugins
     from dsft.train import pipeline
 
     chosen = {1: [0, 3], 2: [5]}
@@ -126,7 +127,7 @@ def test_only_the_chosen_experts_train_and_the_router_stays_frozen(name: str, ma
         return wrapped, targets
 
     monkeypatch.setattr(lora_mod, "attach_lora", spy)
-    goal = pipeline.objective(name)
+    goal = plugins.objective(name)
     pipeline.run(pipeline.preflight(recipe, goal, force=False), goal, force=False)
     trained = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
     assert len(trained) == len(captured["before"])
@@ -170,16 +171,17 @@ def qa_plugin():
 
     from dsft.config import registry, schema
     from dsft.data import formats
-    from dsft.train import BUILTIN, Builtin, pipeline
+    from dsft.train import BUILTIN, Builtin
+    from dsft.train import objective as plugins
 
     BUILTIN[QA] = Builtin("qa_objective", "Train on question / answer rows (an objective from tests/).")
     try:
-        yield pipeline.objective(QA)
+        yield plugins.objective(QA)
     finally:
         del BUILTIN[QA]
-        pipeline.unregister(QA)
+        plugins.unregister(QA)
         sys.modules.pop("qa_objective", None)
-    assert QA not in pipeline.OBJECTIVES and QA not in registry.SECTIONS and "qa" not in registry.FORMATS
+    assert QA not in plugins.OBJECTIVES and QA not in registry.SECTIONS and "qa" not in registry.FORMATS
     assert "qa" not in formats.CONVERTERS and "qa" not in schema.recipe_model().model_fields
 
 
@@ -188,9 +190,10 @@ def test_an_objective_plugs_in_from_outside_dsft(qa_plugin, make_recipe, cli, tm
     from typer.testing import CliRunner
 
     from dsft.cli._common import run_training, training_command
-    from dsft.train import BUILTIN, dpo, pipeline
+    from dsft.train import BUILTIN, dpo
+    from dsft.train import objective as plugins
 
-    assert not isinstance(qa_plugin, type(dpo.OBJECTIVE)) and type(qa_plugin).__mro__[1] is pipeline.Objective
+    assert not isinstance(qa_plugin, type(dpo.OBJECTIVE)) and type(qa_plugin).__mro__[1] is plugins.Objective
     rows = [{"q": m["messages"][-2]["content"], "a": m["messages"][-1]["content"]} for m in legal_rows(16)]
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
     recipe = make_recipe(data={"train": str(data), "format": "qa"}, qa={"loss_scale": 10.0},

@@ -36,7 +36,7 @@ def test_the_optimizer_is_the_one_the_recipe_names(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
     from dsft.config.schema import Recipe
-    from dsft.train.pipeline import trainer_args
+    from dsft.train.settings import trainer_args
 
     base = {"model": {"path": "builtin:tiny-deepseek-v3"}, "data": {"train": "x.jsonl"}, "output_dir": str(tmp_path / "r")}
     classes = {}

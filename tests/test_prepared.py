@@ -89,11 +89,11 @@ def test_dpo_pairs_equal_what_trl_would_make_of_them(template: Path | None, cach
                 fitted = fit_prompts(pairs, tokenizer, limit, overflow)
             except DsftError as e:  # the template alone is longer than the limit: refused alike
                 with pytest.raises(DsftError, match=e.lines[0].split(" is shorter")[0]):
-                    prepare(Spec("dpo", [path], "preference", dpo=fit), tokenizer, quiet=True)
+                    prepare(Spec("dpo", [path], "preference", fit=fit), tokenizer, quiet=True)
                 continue
             if not fitted.rows:
                 continue
-            tokens = prepare(Spec("dpo", [path], "preference", dpo=fit), tokenizer, quiet=True)
+            tokens = prepare(Spec("dpo", [path], "preference", fit=fit), tokenizer, quiet=True)
             trl = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list(fitted.rows), tokenizer,
                                               DPOConfig(output_dir=str(cache / "unused"), max_length=None, use_cpu=True, bf16=False), "train")
             ours = tokens.dataset[:]
@@ -114,7 +114,7 @@ def test_eval_pairs_score_the_conversations_as_before(cache: Path) -> None:
 
 def test_parallel_workers_write_the_same_tokens(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker processes (forced on for a small file) give the tokens one process gives."""
-    from dsft.data import prepared
+    from dsft.data import build
 
     path = write_jsonl(tmp_path / "d.jsonl", legal_rows(228) * 5)
     tokenizer = _tokenizer()
@@ -124,10 +124,18 @@ def test_parallel_workers_write_the_same_tokens(cache: Path, tmp_path: Path, mon
 
     for entry in entries():
         store.remove(store.Entry(entry))
-    monkeypatch.setattr(prepared, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(prepared, "CHUNK", 100)
+    monkeypatch.setattr(build, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(build, "CHUNK", 100)
     two = prepare(Spec("sft", [str(path)], "messages"), tokenizer, num_proc=2, quiet=True)
     assert len(two) == 1140 and two.rows(range(len(two))) == expected
+
+
+def test_a_kind_not_in_the_table_is_an_error_not_another_kind(tmp_path: Path) -> None:
+    from dsft.data.kinds import KINDS, encode_rows
+
+    assert set(KINDS) == {"sft", "pairs", "dpo", "kto", "prompt"}
+    with pytest.raises(ValueError, match="unknown prepared-data kind 'unpaired'"):
+        encode_rows(_tokenizer(), Spec("unpaired", [], "kto"), [])
 
 
 # ---------------------------------------------------------------- the cache's rules
@@ -144,7 +152,7 @@ def test_a_second_prepare_is_a_hit_and_a_copy_with_the_same_bytes_too(cache: Pat
     tokenizer = _tokenizer()
     first = prepare(_spec(path), tokenizer)
     assert "tokenized 20 rows" in capsys.readouterr().out
-    monkeypatch.setattr(prepared, "_build", lambda *a, **k: pytest.fail("built again"))
+    monkeypatch.setattr(prepared, "build", lambda *a, **k: pytest.fail("built again"))
     again = prepare(_spec(path), tokenizer)
     assert f"data.train: tokens from cache (20 rows, {first.tokens:,} tokens" in capsys.readouterr().out
     copy = write_jsonl(tmp_path / "copy.jsonl", legal_rows(20))  # another path, size and time: the same content
@@ -244,6 +252,7 @@ def test_bad_rows_are_named_and_nothing_is_left_in_the_cache(cache: Path, tmp_pa
 def test_trl_never_tokenizes(make_recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SFT and DPO: after dsft prepared the data, the tokenizer is not called again (TRL neither
     tokenizes nor renders), and the trained rows are those of the cache."""
+    from dsft.train import objective as plugins
     from dsft.train import pipeline
 
     calls = []
@@ -254,7 +263,7 @@ def test_trl_never_tokenizes(make_recipe, tmp_path: Path, monkeypatch: pytest.Mo
         from dsft.config import load_recipe
 
         recipe = load_recipe(recipe_path, check_files=True)
-        goal = pipeline.objective(kind)
+        goal = plugins.objective(kind)
         prepared = pipeline.preflight(recipe, goal, force=False)
         tokenizer_type = type(prepared.tokenizer)
         with monkeypatch.context() as patch:
@@ -387,7 +396,7 @@ def test_a_zero_row_entry_is_never_cached(cache: Path, tmp_path: Path) -> None:
 
     rows = [{"prompt": "Why? " * 60, "answer": "4"}] * 3
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    spec = Spec("prompt", [str(path)], "prompt", dpo={"max_prompt_length": 16, "prompt_overflow": "drop"}, section="grpo")
+    spec = Spec("prompt", [str(path)], "prompt", fit={"max_prompt_length": 16, "prompt_overflow": "drop"}, section="grpo")
     with pytest.raises(DsftError, match="grpo.max_prompt_length 16: every prompt of data.train is longer"):
         prepare(spec, _tokenizer(), quiet=True)
     assert entries() == [] and not list((cache / "data").iterdir())

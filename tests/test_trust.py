@@ -240,14 +240,14 @@ def test_force_removes_what_the_trackers_wrote_and_nothing_else(make_recipe, cli
 
 def test_the_deleter_itself_keeps_an_unrecorded_file(tmp_path: Path) -> None:
     """Even past the checks, --force's deletion inside a tracker directory takes only recorded paths."""
-    from dsft.runs import run_dir
+    from dsft.runs import lifecycle, run_dir
 
     run = tmp_path / "run"
     (run / "tensorboard/sub").mkdir(parents=True)
     (run / "tensorboard/sub/events.out.tfevents.1").write_text("dsft")
     (run / "tensorboard/mine.txt").write_text("mine")
     (run / run_dir.TRACKER_FILES).write_text(json.dumps({"files": ["tensorboard/sub", "tensorboard/sub/events.out.tfevents.1"]}))
-    run_dir.create(run, force=True)
+    lifecycle.create(run, force=True)
     assert [p.name for p in (run / "tensorboard").iterdir()] == ["mine.txt"]
 
 

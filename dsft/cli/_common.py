@@ -117,7 +117,7 @@ def relaunch(num_processes: int) -> None:
 
 def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, resume: bool, resume_from: str | None,
                  num_processes: int) -> Any:
-    """The body of every training command (`kind` is an objective's name, dsft.train.pipeline.OBJECTIVES):
+    """The body of every training command (`kind` is an objective's name, dsft.train.objective.OBJECTIVES):
     check the recipe, re-launch on N processes if asked, preflight (nothing is created when it fails),
     train or resume."""
     from dsft.config import load_recipe
@@ -125,19 +125,20 @@ def run_training(kind: str, recipe: Path, set_: list[str] | None, force: bool, r
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     relaunch(num_processes)
     untested()
-    from dsft.runs import run_dir
-    from dsft.train.pipeline import objective, preflight, resume_point, run
+    from dsft.runs import lifecycle, run_dir
+    from dsft.train.objective import objective
+    from dsft.train.pipeline import preflight, resume_point, run
 
     goal = objective(kind)
     resuming = resume or bool(resume_from)
     output = Path(resolved.output_dir)
     # the output directory (in use? whose?) and the run to resume, before data is prepared or anything created
-    run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved))
+    lifecycle.check_output_dir(output, force, resuming, lifecycle.run_inputs(resolved))
     resume_point(resolved, resume, resume_from, dry=True)
     prepared = preflight(resolved, goal, force, check_output=False, resume=resuming)
     with run_dir.lock(output):  # a second process on this output_dir stops here, naming this one's pid
         # again under the lock: another process may have finished a run here since the preflight
-        run_dir.check_output_dir(output, force, resuming, run_dir.run_inputs(resolved), locked=True)
+        lifecycle.check_output_dir(output, force, resuming, lifecycle.run_inputs(resolved), locked=True)
         return run(prepared, goal, force, resume_point(resolved, resume, resume_from))
 
 
@@ -168,7 +169,7 @@ def training_command(kind: str, doc: str) -> Callable[..., None]:
 
             from dsft.console import run_log, say, show
             from dsft.runs import run_dir
-            from dsft.train.pipeline import objective
+            from dsft.train.objective import objective
 
             goal = objective(kind)
             table = Table(title=f"dsft {kind}: {result.run}")

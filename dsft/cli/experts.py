@@ -17,12 +17,14 @@ ReprofileOpt = Annotated[bool, typer.Option("--reprofile", help="Profile again e
 
 def _prepare(recipe: Path, set_: list[str] | None):
     """The recipe checked as its objective checks it (the one whose section it sets, else the one its
-    data.format is for: dsft.train.pipeline.objective_for); the run directory, where the profile and plan go,
+    data.format is for: dsft.train.objective.objective_for); the run directory, where the profile and plan go,
     may hold a run (they are its cache) but may not be in use, be a file, or lie inside a checkpoint."""
     from dsft.config import load_recipe
     from dsft.outputs import check_location
-    from dsft.train.pipeline import objective_for, preflight
-    from dsft.runs.run_dir import check_not_in_use, run_inputs
+    from dsft.train.objective import objective_for
+    from dsft.train.pipeline import preflight
+    from dsft.runs.lifecycle import run_inputs
+    from dsft.runs.run_dir import check_not_in_use
 
     resolved = load_recipe(recipe, set_ or [], check_files=True)
     output = Path(resolved.output_dir)
@@ -42,7 +44,7 @@ def _profile(prepared, samples: int, count: str, reprofile: bool):  # noqa: ANN0
     from dsft.models.identity import model_identity
     from dsft.models.load import load_model
     from dsft.moe.profile import read_profile
-    from dsft.runs.run_dir import data_sha256
+    from dsft.runs.lifecycle import data_sha256
     from dsft.train.targeting import ROUTING_DIR, ensure_profile, profile_key
 
     recipe = prepared.recipe

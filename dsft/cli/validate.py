@@ -34,8 +34,9 @@ def validate(
     resolved = load_recipe(recipe, set_ or [], check_files=check_files)
     if check_files:  # every check `dsft sft` / `dsft dpo` makes before loading weights, with the same code
         from dsft.outputs import check_location
-        from dsft.train.pipeline import objective_for, preflight
-        from dsft.runs.run_dir import run_inputs
+        from dsft.train.objective import objective_for
+        from dsft.train.pipeline import preflight
+        from dsft.runs.lifecycle import run_inputs
 
         goal = objective_for(resolved)
         check_location(Path(resolved.output_dir), "output_dir", run_inputs(resolved))

@@ -30,7 +30,7 @@ def expand_path(path: str) -> str:
 
 class ObjectiveSection(Section):
     """A training objective's own section, under the objective's name (`dpo:`, `kto:`, ...). A plug-in
-    objective subclasses it and registers it with `register_section` (dsft.train.pipeline.register does)."""
+    objective subclasses it and registers it with `register_section` (dsft.train.objective.register does)."""
 
     # the objective scores against a frozen reference with this section's `beta` (its implicit reward, which
     # `dsft eval` recomputes on pairs); False where beta means something else (ORPO's lambda, SimPO's scale)

@@ -1,6 +1,6 @@
 """The recipe's mutable tables: each objective's section under its name and the data formats objectives add.
 dsft.config.objectives fills them for the built-in objectives (no torch: `dsft validate` reads them) and
-dsft.train.pipeline.register for a plug-in's; dsft.config.schema.recipe_model builds the Recipe from them."""
+dsft.train.objective.register for a plug-in's; dsft.config.schema.recipe_model builds the Recipe from them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Prepared data: every data file tokenized once, into a memory-mapped Arrow cache that every run, rank,
 resume and command on the same data reuses.
 
-An entry is one split (data.train or data.eval) of one kind:
+An entry is one split (data.train or data.eval) of one kind (dsft.data.kinds, a class each):
 
 - `sft`: conversations -> `input_ids` (int32) and `loss_mask` (bool: the assistant tokens, dsft.data.tokenize);
 - `pairs`: preference pairs scored by `dsft eval` -> the chosen conversation's `input_ids` / `loss_mask` and
@@ -17,14 +17,14 @@ An entry is one split (data.train or data.eval) of one kind:
 with small per-row columns (`length`, `first_mask`, `first_loss`, `loss_count`, `prompt_length`) from which
 truncation reports and the rows a trainer keeps are computed for any max_length without reading tokens.
 
-The key (`Spec.key`) holds everything that decides the tokens: the kind, each file's sha256 in order, the
+The key (dsft.data.keys: `Spec.key`) holds everything that decides the tokens: the kind, each file's sha256 in order, the
 tokenizer (its backend's canonical JSON, special tokens and chat template), the data settings that change
 tokens (format, system prompt, assistant-only loss; DPO's prompt fitting) and VERSION of these rules. A
 fast path keys the same on each file's path, size, modification time and inode instead of its sha256, so a
 warm start never hashes a multi-GB file; the sha256 recorded when the entry was built is re-checked by
 `--resume` and `dsft cache verify`.
 
-The cache is a writer like any other: an entry is built in a temporary directory beside it, under a file
+The cache is a writer like any other: an entry is built (dsft.data.build) in a temporary directory beside it, under a file
 lock on its key (ranks of one run and concurrent runs: one builds, the others wait and map it), and renamed
 into place; a damaged entry (a file missing or of another size, unreadable metadata) is moved aside with a
 warning and built again, never trusted. Entries hold Arrow files and JSON only, never pickles.
@@ -33,113 +33,22 @@ warning and built again, never trusted. Entries hold Arrow files and JSON only, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dsft.data import MAX_MIX_ROWS
-from dsft.data.store import CHECKSUM, DATA, FORMAT, META, checksum, data_root, discard, entries, problem, view, write_meta
+from dsft.data.build import build
+from dsft.data.keys import SHA256, Spec, file_sha256, stat_of
+from dsft.data.kinds import IGNORE, kind_of
+from dsft.data.store import DATA, META, data_root, discard, entries, problem, view, write_meta
 from dsft.errors import DsftError
-from dsft.outputs import cache_error, exclusive, human_size
+from dsft.locks import exclusive
+from dsft.outputs import cache_error, human_size
 
-VERSION = 4  # of the tokenization rules and the entry layout (dsft.data.store): bump when either changes
-CHUNK = 1000  # rows tokenized in one batch (one task of a worker process)
-PARALLEL_BYTES = 8 * 2**20  # smaller inputs are tokenized in this process: starting workers would cost more
-KINDS = ("sft", "pairs", "dpo", "kto", "prompt")
-ANSWERS = {"dpo": "chosen_ids", "kto": "completion_ids"}  # kinds stored as prompt + answers: the answer profiled
-PROMPTS = "prompt"  # the kind stored as prompts alone: every prompt token profiled
-PROMPT_FIRST = (*ANSWERS, PROMPTS)  # kinds with a `prompt_length`, kept while the prompt fits max_length
-IGNORE = -100
-
-
-# ---------------------------------------------------------------- file identity
-
-_SHA256: dict[tuple, str] = {}
-
-
-def _stat(path: Path) -> tuple:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def file_sha256(path: Path) -> str:
-    """A file's sha256, computed once per process for the same file, size and modification time (and taken
-    from the cache entry that recorded it for that file as it is now)."""
-    key = _stat(path)
-    if key not in _SHA256:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """What of a tokenizer decides tokens: its backend's canonical JSON (vocabulary, merges, normalizer,
-    pre-tokenizer), its special tokens and its chat template. Two copies of one tokenizer (a checkpoint's and
-    the one a run saved with its adapter) agree."""
-    cached = getattr(tokenizer, "_dsft_fingerprint", None)
-    if cached is not None and cached[0] == tokenizer.chat_template:
-        return cached[1]
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    h.update(json.dumps([special, tokenizer.chat_template, type(tokenizer).__name__], sort_keys=True).encode())
-    digest = h.hexdigest()
-    with contextlib.suppress(AttributeError):
-        tokenizer._dsft_fingerprint = (tokenizer.chat_template, digest)
-    return digest
-
-
-# ---------------------------------------------------------------- what decides the tokens
-
-@dataclass
-class Spec:
-    """One split to prepare: its kind, files (in order), their row format and the settings that change tokens."""
-
-    kind: str
-    files: list[str]
-    fmt: str
-    what: str = "data.train"  # how the split is named on the console and in errors
-    system_prompt: str | None = None
-    assistant_only: bool = True
-    dpo: dict[str, Any] | None = None  # prompt fitting of dpo / kto rows: max_prompt_length, prompt_overflow
-    section: str = ""  # the recipe section those settings come from, to name its keys in errors (not in the key)
-    formats: list[str] | None = None  # per file its own row format (data.train's `{path, format}`); None: fmt for all
-    columns: list[dict[str, str] | None] | None = None  # per file its column map (`{path, columns}`), or None
-
-    def file_format(self, i: int) -> str:
-        return (self.formats[i] if self.formats else None) or self.fmt
-
-    def file_columns(self, i: int) -> dict[str, str] | None:
-        return self.columns[i] if self.columns else None
-
-    def parts(self, tokenizer: Any, files: list[Any]) -> dict[str, Any]:
-        per_file = [[self.file_format(i), self.file_columns(i)] for i in range(len(self.files))]
-        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "files": files, "row_format": self.fmt,
-                "per_file": per_file if (self.formats or self.columns) else None,
-                "system_prompt": self.system_prompt, "assistant_only": self.assistant_only, "dpo": self.dpo,
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
-
-    def stat_key(self, tokenizer: Any) -> str:
-        return _digest(self.parts(tokenizer, [list(_stat(Path(f))) for f in self.files]))
-
-    def key(self, tokenizer: Any) -> str:
-        return _digest(self.parts(tokenizer, [file_sha256(Path(f)) for f in self.files]))
-
-
-def _digest(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- an entry
@@ -181,7 +90,7 @@ class Tokens:
         return dict(known)
 
     def _stats(self, max_length: int) -> dict[str, int]:
-        if self.kind in PROMPT_FIRST:
+        if kind_of(self.kind).prompt_first:
             lengths = self.column("length")
             return {"rows": len(self), "truncated": int((lengths > max_length).sum())}
         length, first_loss, loss_count = self.column("length"), self.column("first_loss"), self.column("loss_count")
@@ -217,7 +126,7 @@ class Tokens:
     def trainable(self, max_length: int) -> Any:
         """The rows a trainer keeps at `max_length`: those with a loss token in their first max_length tokens
         (TRL's rule: a row left with none teaches nothing), or, for DPO, a prompt shorter than max_length."""
-        if self.kind in PROMPT_FIRST:
+        if kind_of(self.kind).prompt_first:
             keep = self.column("prompt_length") < max_length
         else:
             first = self.column("first_mask")
@@ -228,10 +137,11 @@ class Tokens:
         """Token ids and labels of some rows as Python lists (the routing profile, eval), each cut to
         `max_length` when given. DPO and KTO rows are prompt + (chosen) answer, the loss on the answer."""
         picked = self.dataset.select(indices)[:]
-        if self.kind == PROMPTS:
+        kind = kind_of(self.kind)
+        if kind.prompts_only:
             ids = labels = picked["prompt_ids"]
-        elif self.kind in ANSWERS:
-            pairs = list(zip(picked["prompt_ids"], picked[ANSWERS[self.kind]]))
+        elif kind.answer is not None:
+            pairs = list(zip(picked["prompt_ids"], picked[kind.answer]))
             ids = [p + a for p, a in pairs]
             labels = [[IGNORE] * len(p) + a for p, a in pairs]
         else:
@@ -264,8 +174,8 @@ class Tokens:
         """Seed file_sha256 with what this entry recorded for its files as they are now (same size, mtime)."""
         for record in self.meta.get("files", []):
             with contextlib.suppress(OSError):
-                if list(_stat(Path(record["path"]))) == record["stat"]:
-                    _SHA256[tuple(record["stat"])] = record["sha256"]
+                if list(stat_of(Path(record["path"]))) == record["stat"]:
+                    SHA256[tuple(record["stat"])] = record["sha256"]
 
 
 class Mixed(Tokens):
@@ -397,7 +307,7 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
                                                                   f"same data ({path})")):
                 tokens = _open(path)  # another process may have built it while this one waited
                 if tokens is None:
-                    tokens = _build(spec, tokenizer, key, path, stat_key, num_proc or os.cpu_count() or 1, quiet)
+                    tokens = Tokens(path, build(spec, tokenizer, key, path, stat_key, num_proc or os.cpu_count() or 1, quiet))
                     tokens.remember_hashes()
                     return tokens
         except OSError as e:
@@ -406,201 +316,6 @@ def prepare(spec: Spec, tokenizer: Any, num_proc: int | None = None, quiet: bool
     if not quiet:
         say(f"{spec.what}: tokens from cache ({len(tokens):,} rows, {tokens.tokens:,} tokens; {tokens.path})")
     return tokens
-
-
-# ---------------------------------------------------------------- building an entry
-
-def _rows(spec: Spec, errors: list[str]) -> Iterator[Any]:
-    """The split's rows, file by file in its own format and column map, converted for its kind and read
-    streaming; bad rows go to `errors` as FILE:LINE."""
-    for i, name in enumerate(spec.files):
-        yield from _file_rows(spec, name, spec.file_format(i), spec.file_columns(i), errors)
-
-
-def _file_rows(spec: Spec, name: str, fmt: str, columns: dict[str, str] | None, errors: list[str]) -> Iterator[Any]:
-    from dsft.data.formats import checked_rows, to_messages
-    from dsft.data.preference import to_pair, to_unpaired
-
-    if spec.kind == "sft":
-        return checked_rows([name], lambda row: to_messages(row, fmt, spec.system_prompt), errors, fmt=fmt, columns=columns)
-    if spec.kind == "kto":
-        rows = checked_rows([name], lambda row: to_unpaired(row, spec.system_prompt), errors, "judged completions", fmt=fmt,
-                            columns=columns)
-        return (unpaired for pair in rows for unpaired in pair)
-    if spec.kind == PROMPTS:
-        from dsft.data.prompts import to_prompt
-
-        return checked_rows([name], lambda row: to_prompt(row, spec.system_prompt), errors, "prompts", locate=True, fmt=fmt,
-                            columns=columns)
-    return checked_rows([name], lambda row: to_pair(row, spec.system_prompt), errors, "preference pairs", fmt=fmt,
-                        columns=columns)
-
-
-def _chunks(rows: Iterator[Any], errors: list[str]) -> Iterator[list[Any]]:
-    """Batches of CHUNK good rows; once a bad row is seen the rest are only checked (their errors counted)."""
-    chunk: list[Any] = []
-    for row in rows:
-        if errors:
-            continue
-        chunk.append(row)
-        if len(chunk) == CHUNK:
-            yield chunk
-            chunk = []
-    if chunk and not errors:
-        yield chunk
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer: Any, spec: Spec) -> None:
-    _WORKER.update(tokenizer=tokenizer, spec=spec)
-
-
-def _work(rows: list[Any]) -> dict[str, Any]:
-    return encode_rows(_WORKER["tokenizer"], _WORKER["spec"], rows)
-
-
-def encode_rows(tokenizer: Any, spec: Spec, rows: list[Any]) -> dict[str, Any]:
-    """One chunk of rows tokenized for the spec's kind: numpy arrays (a record batch's columns; a list column
-    as (offsets, values)), and plain integers the entry's metadata sums up (`counts`)."""
-    from dsft.data.tokenize import list_column, tokenize_batch
-
-    if spec.kind == "sft":
-        return _conversation_columns(tokenize_batch(tokenizer, rows, None, spec.assistant_only))
-    if spec.kind == "pairs":
-        chosen = tokenize_batch(tokenizer, [p["prompt"] + p["chosen"] for p in rows], None, True)
-        rejected = tokenize_batch(tokenizer, [p["prompt"] + p["rejected"] for p in rows], None, True)
-        columns = _conversation_columns(chosen)
-        columns["rejected_ids"] = list_column([ids for ids, _ in rejected], np.int32)
-        columns["rejected_mask"] = list_column([mask for _, mask in rejected], np.bool_)
-        columns["rejected_length"] = np.asarray([len(ids) for ids, _ in rejected], dtype=np.int32)
-        return columns
-    from dsft.data.preference import tokenize_answers
-
-    if spec.kind == "dpo":
-        return tokenize_answers(tokenizer, rows, ("chosen", "rejected"), **(spec.dpo or {}))
-    if spec.kind == PROMPTS:
-        from dsft.data.prompts import tokenize_prompts
-
-        return tokenize_prompts(tokenizer, rows, files=spec.files, **(spec.dpo or {}))
-    columns = tokenize_answers(tokenizer, rows, ("completion",), **(spec.dpo or {}))
-    desirable = int(columns["label"].sum()) if "label" in columns else 0
-    return {**columns, "desirable": desirable, "undesirable": len(columns["prompt_length"]) - desirable}
-
-
-def _conversation_columns(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    from dsft.data.tokenize import list_column
-
-    first_mask, first_loss, loss_count = [], [], []
-    for _, mask in rows:
-        hits = np.flatnonzero(mask)
-        first_mask.append(int(hits[0]) if len(hits) else -1)
-        later = hits[hits > 0]
-        first_loss.append(int(later[0]) if len(later) else -1)
-        loss_count.append(len(later))
-    return {"input_ids": list_column([ids for ids, _ in rows], np.int32), "loss_mask": list_column([m for _, m in rows], np.bool_),
-            "length": np.asarray([len(ids) for ids, _ in rows], dtype=np.int32),
-            "first_mask": np.asarray(first_mask, dtype=np.int32), "first_loss": np.asarray(first_loss, dtype=np.int32),
-            "loss_count": np.asarray(loss_count, dtype=np.int32)}
-
-
-def _record_batch(columns: dict[str, Any]) -> Any:
-    import pyarrow as pa
-
-    arrays, names = [], []
-    for name, value in columns.items():
-        if isinstance(value, tuple):
-            offsets, values = value
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values)))
-        elif isinstance(value, np.ndarray):
-            arrays.append(pa.array(value))
-        else:
-            continue
-        names.append(name)
-    return pa.RecordBatch.from_arrays(arrays, names=names)
-
-
-def _encoded(spec: Spec, tokenizer: Any, chunks: Iterator[list[Any]], num_proc: int) -> Iterator[dict[str, Any]]:
-    """Each chunk's columns in order: in worker processes for a large input (at most two chunks in flight
-    per worker, so the rows read ahead stay bounded), else here."""
-    size = sum(Path(f).stat().st_size for f in spec.files)
-    if num_proc <= 1 or size < PARALLEL_BYTES:
-        for chunk in chunks:
-            yield encode_rows(tokenizer, spec, chunk)
-        return
-    import multiprocessing as mp
-    from collections import deque
-
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, spec)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_work, (chunk,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def _build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_proc: int, quiet: bool) -> Tokens:
-    import pyarrow as pa
-
-    from dsft.console import Phase, say
-
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed builder's (we hold the key's lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    errors: list[str] = []
-    rows = tokens = 0
-    counts: dict[str, int] = {}
-    started = time.monotonic()
-    size = sum(Path(f).stat().st_size for f in spec.files)
-    try:
-        with Phase(f"tokenizing {spec.what}", None, "rows") if not quiet and size >= 2**20 else contextlib.nullcontext() as phase, \
-                (tmp / DATA).open("wb") as sink:
-            writer = None
-            for columns in _encoded(spec, tokenizer, _chunks(_rows(spec, errors), errors), num_proc):
-                batch = _record_batch(columns)
-                # the key as datasets' fingerprint: what it derives from the entry (packed rows) is found again
-                schema = batch.schema.with_metadata({b"huggingface": json.dumps({"fingerprint": key[:32]}).encode()})
-                batch = batch.replace_schema_metadata(schema.metadata)
-                writer = writer or pa.ipc.new_stream(sink, schema)
-                writer.write_batch(batch)
-                rows += batch.num_rows
-                tokens += int(columns["length"].sum())
-                for name, value in columns.items():
-                    if isinstance(value, int):
-                        counts[name] = counts.get(name, 0) + value
-                if phase is not None:
-                    phase.update(completed=rows)
-            from dsft.data.formats import raise_row_errors
-
-            raise_row_errors(errors)
-            if writer is None or rows == 0:  # an entry of no rows is never cached
-                if spec.kind in PROMPT_FIRST and counts.get("dropped"):
-                    fit = spec.dpo or {}
-                    section = f"{spec.section}." if spec.section else ""
-                    raise DsftError(f"{section}max_prompt_length {fit.get('max_prompt_length')}: every prompt of "
-                                    f"{spec.what} is longer ({counts['dropped']:,} rows dropped by {section}prompt_overflow: "
-                                    f"drop); raise {section}max_prompt_length, or set {section}prompt_overflow: truncate")
-                raise DsftError(f"{spec.what}: no rows to train on")
-            writer.close()
-        files = [{"path": str(Path(f).resolve()), "sha256": file_sha256(Path(f)), "stat": list(_stat(Path(f)))}
-                 for f in spec.files]
-        meta = {"format": FORMAT, "version": VERSION, "key": key, "stat_keys": [stat_key], "kind": spec.kind,
-                "what": spec.what, "row_format": spec.fmt, "files": files, "rows": rows, "tokens": tokens,
-                "bytes": (tmp / DATA).stat().st_size, CHECKSUM: checksum(tmp / DATA), "created": time.time(),
-                "seconds": round(time.monotonic() - started, 2), "counts": counts}
-        write_meta(tmp, meta)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not quiet:
-        say(f"{spec.what}: tokenized {rows:,} rows ({tokens:,} tokens) in {time.monotonic() - started:.1f} s into the "
-            f"cache ({human_size(meta['bytes'])}; {path})")
-    return Tokens(path, meta)
 
 
 # ---------------------------------------------------------------- the cache as a whole (dsft cache)

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dsft.outputs import LOCK_NAME, OutputLock, clear_dir, partial_dir, replace_dir, write_atomic
+from dsft.locks import LOCK_NAME, OutputLock
+from dsft.outputs import clear_dir, partial_dir, replace_dir, write_atomic
 
 PROGRESS = "dsft-merge-progress.json"
 LOCK = LOCK_NAME  # the same lock as every staged output: a merge and an export into one --out exclude each other

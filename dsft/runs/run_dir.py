@@ -6,27 +6,17 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import time
-from datetime import datetime, timezone
-from importlib import metadata
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dsft.config.schema import BUILTIN_PREFIX, Recipe, sections
-from dsft.data.prepared import file_sha256
+from dsft.config.schema import Recipe
 from dsft.errors import DsftError
-from dsft.outputs import (
-    LOCK_NAME, OutputLock, check_free, check_location, holder, is_main, read_json, replace_dir,
-    write_atomic,
-)
+from dsft.locks import LOCK_NAME, OutputLock, holder
+from dsft.outputs import is_main, read_json, write_atomic
 
-PACKAGES = ("dsft", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 
 # The layout of a run directory; every command reaches its files through these (or RunDir).
@@ -49,60 +39,6 @@ RUN_ENTRIES = CACHE_ENTRIES | {CHECKPOINTS, METRICS, COMPLETIONS, LOG, TRACKER_F
 RESUMABLE = ("running", "interrupted", "failed")
 MARKER = "dsft-complete.json"  # in a checkpoint: written last, with every file's size (a checkpoint without it is torn)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class RunInterrupted(DsftError):
-    """Training stopped on a signal after saving a checkpoint (not an error: its lines start with `stopped:`)."""
-
-    label = "stopped"
-
-    def __init__(self, signum: int, *lines: str) -> None:
-        super().__init__(*lines)
-        self.exit_code = 128 + signum
-
-
-def run_inputs(recipe: Recipe) -> dict[str, list[Path]]:
-    """The files a run reads, which its output_dir may never be, contain or replace."""
-    inputs: dict[str, list[Path]] = {"base model (model.path)": [], "data file": [Path(p) for p in
-                                                                          [*recipe.data.train, *recipe.data.eval]]}
-    from dsft.hub import is_repo_id
-
-    if not recipe.model.path.startswith(BUILTIN_PREFIX) and not is_repo_id(recipe.model.path):
-        inputs["base model (model.path)"].append(Path(recipe.model.path))
-    if recipe.data.chat_template:
-        inputs["chat template (data.chat_template)"] = [Path(recipe.data.chat_template)]
-    for name, section in sections(recipe).items():  # an objective's own inputs (its init_adapter)
-        inputs.update(section.inputs(name))
-    return inputs
-
-
-def check_output_dir(path: Path, force: bool, resume: bool = False, inputs: dict[str, list[Path]] | None = None,
-                     locked: bool = False) -> None:
-    """Preflight: `path` may not be or hold an input, lie in a model checkpoint, or be in use; a run
-    directory that holds anything but dsft's cache is only replaced with --force (or continued with
-    --resume, checked by dsft.train.resume), and --force replaces only what dsft wrote. `locked`: this
-    process holds the run's lock already (the check again under it)."""
-    if resume and force:
-        raise DsftError("--resume and --force: choose one (--resume continues the run, --force starts it again)")
-    check_location(path, "output_dir", inputs)
-    if not is_main():  # other ranks would see the directory the main rank just created
-        return
-    if not locked:
-        check_not_in_use(path)
-    if resume or not path.is_dir():
-        return
-    entries = sorted(p.name for p in path.iterdir() if p.name not in CACHE_ENTRIES)
-    if not entries:
-        return
-    status = read_status(path)
-    foreign = [found for name in entries for found in foreign_in(path, name)]
-    if status is None or foreign:
-        shown = ", ".join((foreign or entries)[:3])
-        raise DsftError(f"output_dir: {path} holds files dsft did not write ({shown}); dsft replaces only its own runs, "
-                        "even with --force: choose another output_dir")
-    if not force:
-        hint = "pass --resume to continue it, --force to replace it," if status in RESUMABLE else "pass --force to replace it"
-        raise DsftError(f"output_dir: {path} already holds a {status} run; {hint} or choose another output_dir")
 
 
 def check_not_in_use(path: Path) -> None:
@@ -192,11 +128,11 @@ def foreign_in(run: Path, name: str) -> list[str]:
     if trackers[0] not in recorded:
         return [name]
     written = tracker_files(run)
-    return [f"{name}/{rel}" for rel in _tree(run / name) if f"{name}/{rel}" not in written] or \
+    return [f"{name}/{rel}" for rel in tree(run / name) if f"{name}/{rel}" not in written] or \
         ([] if (run / name).is_dir() and not (run / name).is_symlink() else [name])
 
 
-def _tree(directory: Path) -> list[str]:
+def tree(directory: Path) -> list[str]:
     """Every file, link and directory under `directory`, relative to it (links are not followed)."""
     out = []
     for root, dirs, files in os.walk(directory, followlinks=False):
@@ -223,7 +159,7 @@ def record_tracker_files(run: Path, trackers: list[str], since: float) -> None:
     for tracker in trackers:
         directory = tracker_dir(run, tracker)
         if directory.is_dir() and not directory.is_symlink():
-            for rel in _tree(directory):
+            for rel in tree(directory):
                 path = directory / rel
                 with contextlib.suppress(OSError):
                     if path.is_dir() or path.lstat().st_mtime >= since:
@@ -328,13 +264,6 @@ class RunDir:
         return check_usable(self.path, force, command)
 
 
-def check_disk(path: Path, trainable_params: int, kept: int = 2) -> None:
-    """Preflight: room for the `kept` checkpoints (training.checkpoints_kept: fp32 weights and two Adam
-    moments each, while a new one is written next to them) and the final adapter."""
-    check_free(path, trainable_params * (12 * (kept + 1) + 4), "output_dir",
-               f"output_dir: {path} needs about {{size}} free for checkpoints and the adapter")
-
-
 def run_of(path: Path) -> Path:
     """A run directory given as itself or as its adapter/ (what `merge` and `export` accept too)."""
     if path.name == ADAPTER and (path / "adapter_config.json").is_file() and (path.parent / RECIPE).is_file():
@@ -359,143 +288,6 @@ def read_status(path: Path) -> str | None:
         return None
     return info.get("status") if isinstance(info, dict) else None
 
-
-def create(path: Path, force: bool) -> None:
-    """Make the run directory; with --force, clear a previous run but keep the routing-profile cache
-    (profiles are keyed by model and data, so a stale one is never used). Inside a tracker's directory only
-    what the run's trackers wrote is removed (anything else stays, whatever the checks before said)."""
-    if force and path.is_dir():
-        written = tracker_files(path)
-        for entry in path.iterdir():
-            if entry.name in TRACKERS.values() and entry.is_dir() and not entry.is_symlink():
-                _remove_written(entry, written)
-            elif entry.name in RUN_ENTRIES and entry.name not in (ROUTING, LOCK_NAME, *TRACKERS.values()):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def _remove_written(directory: Path, written: set[str]) -> None:
-    """Remove the files a tracker wrote in `directory`, then its directories they leave empty."""
-    paths = [rel for rel in _tree(directory) if f"{directory.name}/{rel}" in written]
-    for rel in sorted(paths, key=lambda r: -r.count("/")):  # deepest first
-        p = directory / rel
-        with contextlib.suppress(OSError):
-            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-    with contextlib.suppress(OSError):
-        directory.rmdir()
-
-
-def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe with every path made absolute, so merge/eval can read it from anywhere."""
-    data = recipe.model_dump(mode="json")
-    absolute = lambda p: str(Path(p).resolve())  # noqa: E731
-    from dsft.hub import is_repo_id
-
-    if not recipe.model.path.startswith(BUILTIN_PREFIX) and not is_repo_id(recipe.model.path):  # a Hub id stays one
-        data["model"]["path"] = absolute(recipe.model.path)
-    data["data"]["train"] = [absolute(p) for p in recipe.data.train]
-    if recipe.data.mix:  # a mixed file's share goes back into its entry, as the user wrote it
-        data["data"]["train"] = [{"path": p, **share} if share else p
-                                 for p, share in zip(data["data"]["train"], recipe.data.mix)]
-    data["data"]["eval"] = [absolute(p) for p in recipe.data.eval]
-    if recipe.data.chat_template:
-        data["data"]["chat_template"] = absolute(recipe.data.chat_template)
-    data["output_dir"] = absolute(recipe.output_dir)
-    return data
-
-
-def write_recipe(run: Path, recipe: Recipe) -> None:
-    write_atomic(run / RECIPE, yaml.safe_dump(resolved_recipe(recipe), sort_keys=False, allow_unicode=True))
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def data_sha256(recipe: Recipe) -> dict[str, str]:
-    return {str(Path(p).resolve()): file_sha256(Path(p)) for p in [*recipe.data.train, *recipe.data.eval]}
-
-
-def run_info(recipe: Recipe, command: str, model: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "command": command,
-        "status": status,
-        "argv": sys.argv,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {p: _version(p) for p in PACKAGES},
-        "git_sha": _git_sha(),
-        "data_sha256": data_sha256(recipe),
-        **({"data_sources": recipe.data.sources} if recipe.data.sources else {}),  # Hub datasets: repo, split, commit
-        "base_model": model,
-        **extra,
-    }
-
-
-def write_run_info(run: Path, info: dict[str, Any]) -> None:
-    write_atomic(run / RUN_JSON, json.dumps(info, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def lifecycle(run: Path, recipe: Recipe, command: str, identity: dict[str, Any], force: bool,
-              resumed_from: Path | None = None) -> Iterator[dict[str, Any]]:
-    """Create the run directory with recipe.yaml and run.json (status `running`), or reopen it to
-    resume; on a signal mark it `interrupted`, on any other error `failed`. The body marks it
-    `complete` with `complete(...)`."""
-    info = run_info(recipe, command, identity, "running")
-    if not is_main():
-        yield info
-        return
-    started = time.time() - 1  # file times are coarser on some file systems
-    if resumed_from is None:
-        create(run, force)
-        write_recipe(run, recipe)
-    if resumed_from is not None:
-        info["resumed_from"] = str(resumed_from)
-    write_run_info(run, info)
-    try:
-        yield info
-    except RunInterrupted as e:
-        _record_end(run, {**info, "status": "interrupted", "error": e.lines[0]})
-        raise
-    except BaseException as e:
-        _record_end(run, {**info, "status": "failed", "error": f"{type(e).__name__}: {e}"})
-        raise
-    finally:
-        record_tracker_files(run, list(recipe.training.report_to), started)
-
-
-def _record_end(run: Path, info: dict[str, Any]) -> None:
-    """Record how the run ended where the disk still lets us (a full disk may not); a run.json left
-    `running` with no process holding the lock reads as stopped all the same (check_usable)."""
-    with contextlib.suppress(OSError):
-        write_run_info(run, info)
-
-
-def complete(run: Path, info: dict[str, Any], summary: dict[str, Any]) -> None:
-    if is_main():
-        write_run_info(run, {**info, "status": "complete", "summary": summary})
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Move a finished artifact directory into place in one rename."""
-    if not is_main():
-        return
-    replace_dir(tmp, final)
-
-
-# ---------------------------------------------------------------- checkpoints
 
 def damage(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint: no completion marker, or files missing or of another size

@@ -1,5 +1,5 @@
 """curves.png: a run's metrics.jsonl over optimizer steps, one panel per quantity: the objective's panels
-(dsft.train.pipeline.Objective.panels: loss with its eval points and learning rate for every objective;
+(dsft.train.objective.Objective.panels: loss with its eval points and learning rate for every objective;
 the preference objectives add their rewards). `series` picks the points and `build_figure` draws exactly
 those, so a test can hold the picture to the log."""
 

@@ -12,8 +12,7 @@ from typing import Any
 
 from dsft.config.objectives import DpoSection
 from dsft.config.schema import Recipe
-from dsft.train import pipeline
-from dsft.train.pipeline import Prepared
+from dsft.train.objective import Prepared, register
 from dsft.train.preference import PairObjective
 
 
@@ -37,4 +36,4 @@ class DPO(PairObjective):
         return DsftDPOTrainer
 
 
-OBJECTIVE = pipeline.register(DPO())
+OBJECTIVE = register(DPO())

@@ -22,14 +22,13 @@ import torch
 from dsft.config.objectives import GrpoSection
 from dsft.config.schema import Recipe
 from dsft.runs import run_dir
-from dsft.train import pipeline
-from dsft.train.pipeline import Prepared
+from dsft.train.objective import Objective, Prepared, StepsResult, register
 
 WINDOW = 5  # logged steps averaged for a run's first and last figures
 
 
 @dataclass
-class GrpoResult(pipeline.StepsResult):
+class GrpoResult(StepsResult):
     """What a GRPO run prints: rewards and completion lengths over its first and last logged steps."""
 
     reference: str
@@ -63,7 +62,7 @@ def _fmt(value: Any, percent: bool = False) -> str:
     return f"{value:.1%}" if percent else f"{value:.3f}"
 
 
-class GRPO(pipeline.Objective):
+class GRPO(Objective):
     name = "grpo"
     section = GrpoSection
     formats = ("prompt",)
@@ -97,12 +96,13 @@ class GRPO(pipeline.Objective):
         return build(settings.rewards, settings.reward_timeout)
 
     def tokenize(self, recipe: Recipe, tokenizer: Any, rewards: Any) -> dict[str, Any]:
-        from dsft.data.prepared import PROMPTS, Spec, prepare
+        from dsft.data.kinds import PROMPTS
+        from dsft.data.prepared import Spec, prepare
         from dsft.train.rewards import set_reasoning_opened
 
         data, settings = recipe.data, self.settings(recipe)
         spec = lambda files, what, **per_file: Spec(PROMPTS, list(files), "prompt", what, data.system_prompt,  # noqa: E731
-                                                    dpo=settings.fit(), section=self.name, **per_file)
+                                                    fit=settings.fit(), section=self.name, **per_file)
         set_reasoning_opened(rewards, tokenizer)
         train = prepare(spec(data.train, "data.train", columns=data.file_columns()), tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None
@@ -282,4 +282,4 @@ def shown_scores(scores: dict[str, list[float | None]]) -> str:
     return ", ".join(parts)
 
 
-OBJECTIVE = pipeline.register(GRPO())
+OBJECTIVE = register(GRPO())

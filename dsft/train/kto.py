@@ -15,8 +15,7 @@ import numpy as np
 from dsft.config.objectives import KtoSection
 from dsft.config.schema import Recipe
 from dsft.errors import DsftError
-from dsft.train import pipeline
-from dsft.train.pipeline import LOSS_PANELS, Prepared
+from dsft.train.objective import LOSS_PANELS, Prepared, register
 from dsft.train.preference import PairObjective
 
 
@@ -75,4 +74,4 @@ class KTO(PairObjective):
         return DsftKTOTrainer
 
 
-OBJECTIVE = pipeline.register(KTO())
+OBJECTIVE = register(KTO())

@@ -8,8 +8,7 @@ from typing import Any
 
 from dsft.config.objectives import OrpoSection
 from dsft.config.schema import Recipe
-from dsft.train import pipeline
-from dsft.train.pipeline import Prepared
+from dsft.train.objective import Prepared, register
 from dsft.train.preference import PairObjective
 
 
@@ -37,4 +36,4 @@ class ORPO(PairObjective):
         return legacy_pair_trainer(self.module, self.trainer_name)
 
 
-OBJECTIVE = pipeline.register(ORPO())
+OBJECTIVE = register(ORPO())

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from dsft.config.schema import Recipe
-from dsft.train import pipeline
-from dsft.train.pipeline import LOSS_PANELS, Prepared
+from dsft.train.objective import LOSS_PANELS, Objective, Prepared, StepsResult
 
 REWARD_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 PAIR_PANELS = {**LOSS_PANELS,
@@ -22,7 +21,7 @@ PAIR_PANELS = {**LOSS_PANELS,
 
 
 @dataclass
-class PreferenceResult(pipeline.StepsResult):
+class PreferenceResult(StepsResult):
     """What a preference run prints: the first and last logged rewards, the rows it trained on, and the held-out
     pairs' scores after training (data.eval)."""
 
@@ -36,7 +35,7 @@ def rewards(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {k: r[k] for r in rows for k in REWARD_KEYS if k in r}
 
 
-class PairObjective(pipeline.Objective):
+class PairObjective(Objective):
     """Preference pairs (`data.format: preference`): Prepared.train holds them as TRL's pair trainers take
     them (its `rows` are prompt + chosen, for routing profiles); the held-out pairs are Prepared.data["eval"]."""
 
@@ -71,7 +70,7 @@ class PairObjective(pipeline.Objective):
 
         data, settings = recipe.data, self.settings(recipe)
         spec = lambda files, what, **per_file: Spec(self.kind, list(files), data.format, what, data.system_prompt,  # noqa: E731
-                                                    dpo=settings.fit(), section=self.name, **per_file)
+                                                    fit=settings.fit(), section=self.name, **per_file)
         train = prepare(spec(data.train, "data.train", formats=data.file_formats(), columns=data.file_columns()),
                         tokenizer, data.num_proc)
         held_out = prepare(spec(data.eval, "data.eval"), tokenizer, data.num_proc) if data.eval else None

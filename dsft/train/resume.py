@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 
 from dsft.errors import DsftError
 from dsft.outputs import write_atomic
-from dsft.runs.run_dir import CHECKPOINT_NAME, MARKER, RunInterrupted, damage, latest_checkpoint
+from dsft.runs.lifecycle import RunInterrupted
+from dsft.runs.run_dir import CHECKPOINT_NAME, MARKER, damage, latest_checkpoint
 
 RESUME_FREE = {"data.num_proc"}  # recipe keys a resume may change: they change no result
 # Set by the `dsft` entry point (dsft.cli.app.main): only a dsft process takes over SIGINT / SIGTERM, not a
@@ -169,7 +170,7 @@ def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
     and the base model's identity (architecture and weights fingerprint)."""
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.data.prepared import file_sha256
+    from dsft.data.keys import file_sha256
 
     info = rundir.info()
     recorded = info.get("data_sha256") or {}

@@ -17,7 +17,8 @@ from dsft.errors import DsftError
 from dsft.outputs import is_main
 from dsft.runs import run_dir
 from dsft.train import pipeline
-from dsft.train.pipeline import Prepared, model_params
+from dsft.train.objective import Objective, Prepared, register
+from dsft.train.summary import model_params
 
 
 @dataclass
@@ -76,7 +77,7 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
     return routing_profile.load_moved(before, after), len(sample["input_ids"])
 
 
-class SFT(pipeline.Objective):
+class SFT(Objective):
     name = "sft"
     formats = CONVERSATION_FORMATS
     mixes = True
@@ -165,7 +166,7 @@ class SFT(pipeline.Objective):
         return result, summary
 
 
-OBJECTIVE = pipeline.register(SFT())
+OBJECTIVE = register(SFT())
 
 
 def preflight(recipe: Recipe, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:

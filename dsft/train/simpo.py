@@ -8,9 +8,8 @@ from typing import Any
 
 from dsft.config.objectives import SimpoSection
 from dsft.config.schema import Recipe
-from dsft.train import pipeline
 from dsft.train.orpo import ORPO
-from dsft.train.pipeline import Prepared
+from dsft.train.objective import Prepared, register
 
 
 class SimPO(ORPO):
@@ -24,4 +23,4 @@ class SimPO(ORPO):
         return {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": simpo.beta, "simpo_gamma": simpo.gamma}
 
 
-OBJECTIVE = pipeline.register(SimPO())
+OBJECTIVE = register(SimPO())

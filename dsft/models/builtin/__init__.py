@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import dsft
-from dsft.outputs import cache_error, cache_root, exclusive
+from dsft.locks import exclusive
+from dsft.outputs import cache_error, cache_root
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 PREFIX = "builtin:"  # model.path of a built-in model: builtin:NAME
