@@ -141,12 +141,3 @@ def test_what_vllm_cannot_serve_is_refused(tmp_path: Path, cli) -> None:
     result = cli("export", "--adapter", run, "--out", run, "--force")
     assert result.exit_code == 2 and "is the run being exported" in result.output
     assert not any((tmp_path / n).exists() for n in "ab")
-
-
-def test_vllms_own_loader_accepts_the_export(moe_run: tuple[Path, Path], tmp_path: Path) -> None:
-    """Only where vLLM is installed (not in CI): its PEFT helper reads the export's config and weights."""
-    peft_helper = pytest.importorskip("vllm.lora.peft_helper")
-    run, _ = moe_run
-    export(resolve(run, None), tmp_path / "vllm", "vllm")
-    helper = peft_helper.PEFTHelper.from_local_dir(str(tmp_path / "vllm"), max_position_embeddings=1024)
-    helper.validate_legal(type("LoRAConfig", (), {"max_lora_rank": 8, "bias_enabled": False})())
