@@ -186,7 +186,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
             trainer = goal.trainer(model, args, prepared, callbacks + ([early] if early else []))
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
-        if checkpoint is not None:
+        if checkpoint is not None and is_main():  # one writer: every rank cutting the same file raced (FSDP2 resume)
             for log in run_dir.step_logs(out):
                 trim_metrics(log, run_dir.checkpoint_step(checkpoint))
         meta = adapter_meta(trainer.model, prepared, targets, identity, init_meta, goal)
