@@ -20,6 +20,7 @@ from dsft.data.formats import UNSCORED, Messages
 from dsft.data.prepared import Spec, prepare
 from dsft.data.tokenize import IGNORE
 from dsft.errors import DsftError
+from dsft.outputs import write_atomic
 
 
 def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple[Recipe, Path, Path]:
@@ -318,11 +319,10 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
 
 def write_report(report: dict[str, Any], json_path: Path, figure: Any) -> None:
     """A report (eval or comparison) and its picture, each written beside and renamed into place."""
-    from dsft.runs import run_dir
     from dsft.train.curves import save_figure
 
     save_figure(figure, json_path.with_suffix(".png"))
-    run_dir.write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=2) + "\n")
 
 
 LOSS_UNIT = "loss (nats per assistant token)"

@@ -146,9 +146,10 @@ def untested() -> None:
     """One warning (main process) when an installed library is outside the minor versions dsft was checked on:
     their FutureWarnings, which would announce a change dsft relies on, go to run.log, not the console."""
     from dsft.compat import outside_tested
+    from dsft.outputs import is_main
 
     lines = outside_tested()
-    if lines and os.environ.get("RANK", "0") == "0":
+    if lines and is_main():
         from dsft.console import say
 
         say(f"warning: outside the versions dsft was checked on: {'; '.join(lines)}; if training fails, install "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsft.outputs import write_atomic
 from dsft.runs import run_dir
 
 
@@ -170,5 +171,5 @@ def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
     text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)), list(objective_lines))
     for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
         if target.parent.is_dir():
-            run_dir.write_atomic(target, text)
+            write_atomic(target, text)
     return run_dir.card(run)
