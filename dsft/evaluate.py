@@ -240,8 +240,6 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
     they are another run's (`--against`). Returns the report (write_report writes it)."""
     from dsft.adapters.lora import load_lora
     from dsft.models.load import load_model, load_tokenizer
-    from dsft.moe import profile as routing_profile
-    from dsft.moe.routing import routers, top_k
     from dsft.runs import run_dir
 
     run = run_dir.run_of(run)
@@ -264,35 +262,10 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
     init, beta, reference_name = reference_of(recipe)
     reference = None
     if rejected is not None and init is not None:  # the continued adapter's log-probs first, then the run's
-        if not (init / "adapter_config.json").is_file():
-            raise DsftError(f"{init}: the adapter this run continued (its reference) is gone; eval needs it for the "
-                            "implicit reward")
-        ref_model = load_lora(load_model(recipe.model, model_path), str(init))
-        ref_model.eval()
-        reference = (example_losses(ref_model, tokens, batch, pad), example_losses(ref_model, rejected, batch, pad))
-        del ref_model
+        reference = _reference_logps(recipe, model_path, init, tokens, rejected, batch, pad)
     model = load_lora(load_model(recipe.model, model_path), str(adapter_dir))
     model.eval()
-    moe = bool(routers(model))  # a dense model has no routing to drift
-    scored: dict[str, dict[str, Any]] = {}
-    routes = {}
-    for name in ("base", "adapter"):
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            losses = example_losses(model, tokens, batch, pad)
-            loss = mean_of(losses)
-            scored[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
-                            "example_loss": [total / max(n, 1) for total, n in losses]}
-            if rejected is not None:
-                rejected_losses = example_losses(model, rejected, batch, pad)
-                scored[name]["pairs"] = pair_scores(losses, rejected_losses)
-                scored[name]["logps"] = (losses, rejected_losses)
-            if moe:
-                routes[name] = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
-    drift = {}
-    if moe:
-        k = top_k(model)
-        drift = routing_profile.load_moved(routing_profile.summarize(routes["base"], k, {}),
-                                           routing_profile.summarize(routes["adapter"], k, {}))
+    scored, drift = _score(model, tokens, rejected, batch, pad)
     implicit = None
     if rejected is not None:
         logps = {name: scored[name].pop("logps") for name in ("base", "adapter")}
@@ -315,6 +288,47 @@ def evaluate(run: Path, data: str | list[str] | None = None, samples: int = 256,
         "answers": answers(model, tokenizer, conversations, generations, max_new_tokens, max_length),
     }
     return report
+
+
+def _reference_logps(recipe, model_path: Path, init: Path, tokens, rejected, batch: int, pad: int) -> tuple:
+    """The log-probs of chosen and rejected under the adapter a run continued (its training reference)."""
+    from dsft.adapters.lora import load_lora
+    from dsft.models.load import load_model
+
+    if not (init / "adapter_config.json").is_file():
+        raise DsftError(f"{init}: the adapter this run continued (its reference) is gone; eval needs it for the "
+                        "implicit reward")
+    ref_model = load_lora(load_model(recipe.model, model_path), str(init))
+    ref_model.eval()
+    return example_losses(ref_model, tokens, batch, pad), example_losses(ref_model, rejected, batch, pad)
+
+
+def _score(model, tokens, rejected, batch: int, pad: int) -> tuple[dict[str, dict[str, Any]], dict]:
+    """Base (the adapter off) and adapter: loss, perplexity, per-example loss, pair scores and log-probs of pair
+    data; and the routing drift between them (none for a dense model)."""
+    from dsft.moe import profile as routing_profile
+    from dsft.moe.routing import routers, top_k
+
+    moe = bool(routers(model))  # a dense model has no routing to drift
+    scored: dict[str, dict[str, Any]] = {}
+    routes = {}
+    for name in ("base", "adapter"):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            losses = example_losses(model, tokens, batch, pad)
+            loss = mean_of(losses)
+            scored[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+                            "example_loss": [total / max(n, 1) for total, n in losses]}
+            if rejected is not None:
+                rejected_losses = example_losses(model, rejected, batch, pad)
+                scored[name]["pairs"] = pair_scores(losses, rejected_losses)
+                scored[name]["logps"] = (losses, rejected_losses)
+            if moe:
+                routes[name] = routing_profile.collect(model, tokens, batch_size=batch, pad_id=pad, progress=False)
+    if not moe:
+        return scored, {}
+    k = top_k(model)
+    return scored, routing_profile.load_moved(routing_profile.summarize(routes["base"], k, {}),
+                                              routing_profile.summarize(routes["adapter"], k, {}))
 
 
 def write_report(report: dict[str, Any], json_path: Path, figure: Any) -> None:

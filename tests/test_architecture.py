@@ -116,6 +116,32 @@ def test_a_circle_is_found() -> None:
     assert any("dsft.runs.run_dir" in group and "dsft.train.resume" in group for group in circles(graph))
 
 
+def oversized(root: Path, max_lines: int = 400, max_function: int = 60) -> list[str]:
+    """Files of max_lines lines or more, and functions (their decorators included) of max_function or more."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) >= max_lines:
+            found.append(f"{path.relative_to(root.parent)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                if node.end_lineno - first + 1 >= max_function:
+                    found.append(f"{path.relative_to(root.parent)}: {node.name} is {node.end_lineno - first + 1} lines")
+    return found
+
+
+def test_each_file_under_400_lines_and_each_function_under_60() -> None:
+    assert not oversized(PACKAGE), "\n".join(oversized(PACKAGE))
+
+
+def test_an_oversized_function_is_found(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "long.py").write_text("def f():\n" + "    x = 1\n" * 60)
+    assert oversized(package) == ["pkg/long.py: f is 61 lines"]
+
+
 def _sum_objective():
     """SFT with the loss summed over the batch's loss tokens instead of averaged, registered from here."""
     from dsft.train import objective as plugins

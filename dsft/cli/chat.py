@@ -38,24 +38,12 @@ def chat(
     /system TEXT, /quit (an empty line or Ctrl-D ends too)."""
     import contextlib
 
-    import torch
-    from transformers import TextStreamer
-
     from dsft.adapters.lora import load_lora
-    from dsft.errors import DsftError
-    from dsft.models.load import load_model, load_tokenizer
-    from dsft.moe.fused import autocast_for
     from dsft.evaluate import open_run
+    from dsft.models.load import load_model, load_tokenizer
     from dsft.runs.run_dir import run_of
 
-    at_least("--max-new-tokens", max_new_tokens, 1)
-    if not 0 <= temperature < float("inf"):
-        raise DsftError(f"--temperature: must be >= 0 (got {temperature}); 0 answers greedily")
-    if not 0 < top_p <= 1:
-        raise DsftError(f"--top-p: must be in (0, 1] (got {top_p})")
-    for option, values in (("--prompt", prompt or []), ("--system", [system] if system else [])):
-        for value in values:
-            _text(value, option)
+    _check_options(prompt, max_new_tokens, temperature, top_p, system)
     run = run_of(adapter)
     recipe, adapter_dir, model_path = open_run(run, force, "chat with")
     tokenizer = load_tokenizer(adapter_dir)
@@ -70,65 +58,113 @@ def chat(
                    f"{'greedy' if temperature == 0 else f'temperature {temperature:g}, top-p {top_p:g}'}, up to "
                    f"{max_new_tokens} new tokens{'; the base answers too' if base else ''})\n"
                    "commands: /help /reset /system TEXT /quit; an empty line or Ctrl-D ends")
-    speakers = ["adapter", "base"] if base else ["adapter"]
-    histories = {name: [] for name in speakers}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-
-    def start(system_text: str | None) -> None:
-        for history in histories.values():
-            history[:] = [{"role": "system", "content": system_text}] if system_text else []
-
-    start(system)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    conversation = _Conversation(model, tokenizer, recipe.data.max_length, ["adapter", "base"] if base else ["adapter"],
+                                 {"max_new_tokens": max_new_tokens, **sampling}, interactive)
+    conversation.start(system)
     for question in (prompt if prompt else _ask(piped)):
         if prompt or piped:  # a transcript: the question, then its answer
             typer.echo(f"you> {question}")
         if question.startswith("/"):
-            command, _, rest = question.partition(" ")
-            if command == "/quit":
+            if not conversation.command(question):
                 return
-            if command == "/help":
-                typer.echo(HELP)
-            elif command == "/reset":
-                start(system)
-                typer.echo("(conversation reset)")
-            elif command == "/system" and rest.strip():
-                system = rest.strip()
-                start(system)
-                typer.echo("(system message set; conversation reset)")
-            else:
-                typer.echo(f"({command}: not a command; /help lists them)")
-            continue
-        for name in speakers:
-            history = histories[name]
+        else:
+            conversation.answer(question)
+
+
+class _Conversation:
+    """One history per speaker (the adapter, and the base with --base), answered in turn, streaming."""
+
+    def __init__(self, model, tokenizer, max_length: int, speakers: list[str], generation: dict, interactive: bool):
+        from transformers import TextStreamer
+
+        self.model, self.tokenizer, self.max_length, self.generation = model, tokenizer, max_length, generation
+        self.speakers, self.interactive, self.system = speakers, interactive, None
+        self.histories: dict[str, list[dict]] = {name: [] for name in speakers}
+        self.streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def start(self, system: str | None) -> None:
+        self.system = system
+        for history in self.histories.values():
+            history[:] = [{"role": "system", "content": system}] if system else []
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False on /quit."""
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            return False
+        if command == "/help":
+            typer.echo(HELP)
+        elif command == "/reset":
+            self.start(self.system)
+            typer.echo("(conversation reset)")
+        elif command == "/system" and rest.strip():
+            self.start(rest.strip())
+            typer.echo("(system message set; conversation reset)")
+        else:
+            typer.echo(f"({command}: not a command; /help lists them)")
+        return True
+
+    def answer(self, question: str) -> None:
+        """Each speaker answers in turn; Ctrl-C at a terminal stops the answer and drops the question."""
+        for name in self.speakers:
+            history = self.histories[name]
             history.append({"role": "user", "content": question})
-            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(tokens) > recipe.data.max_length:  # the context the run trained on; older turns go first
-                typer.echo(f"(the conversation is {len(tokens)} tokens; the model sees its last {recipe.data.max_length}, "
-                           "the run's data.max_length)", err=True)
-                tokens = tokens[-recipe.data.max_length:]
-            ids = torch.tensor([tokens], device=next(model.parameters()).device)
-            if base:
+            ids = self._context(history)
+            if len(self.speakers) > 1:
                 typer.echo(f"{name}> ", nl=False)
-            off = model.disable_adapter() if name == "base" else contextlib.nullcontext()
             try:
-                with torch.no_grad(), autocast_for(model), off:
-                    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, streamer=streamer,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                         **sampling)
+                out = self._generate(ids, base=name == "base")
             except KeyboardInterrupt:
-                if not interactive:  # a transcript (a pipe, --prompt): Ctrl-C stops the command
+                if not self.interactive:  # a transcript (a pipe, --prompt): Ctrl-C stops the command
                     raise
-                streamer.end()  # what was streamed so far, and its newline
+                self.streamer.end()  # what was streamed so far, and its newline
                 typer.echo("(answer stopped; the question is dropped from the conversation: ask again, /quit or "
                            "Ctrl-D to end)")
-                for h in histories.values():
+                for h in self.histories.values():
                     if h and h[-1] == {"role": "user", "content": question}:
                         h.pop()
-                break
+                return
             # the streamer ends each answer with a newline
-            history.append({"role": "assistant", "content": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+            history.append({"role": "assistant",
+                            "content": self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+
+    def _context(self, history: list[dict]):
+        import torch
+
+        text = self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) > self.max_length:  # the context the run trained on; older turns go first
+            typer.echo(f"(the conversation is {len(tokens)} tokens; the model sees its last {self.max_length}, "
+                       "the run's data.max_length)", err=True)
+            tokens = tokens[-self.max_length:]
+        return torch.tensor([tokens], device=next(self.model.parameters()).device)
+
+    def _generate(self, ids, base: bool):
+        import contextlib
+
+        import torch
+
+        from dsft.moe.fused import autocast_for
+
+        off = self.model.disable_adapter() if base else contextlib.nullcontext()
+        with torch.no_grad(), autocast_for(self.model), off:
+            return self.model.generate(input_ids=ids, streamer=self.streamer, pad_token_id=self.tokenizer.pad_token_id,
+                                       eos_token_id=self.tokenizer.eos_token_id, **self.generation)
+
+
+def _check_options(prompt: list[str] | None, max_new_tokens: int, temperature: float, top_p: float,
+                   system: str | None) -> None:
+    from dsft.errors import DsftError
+
+    at_least("--max-new-tokens", max_new_tokens, 1)
+    if not 0 <= temperature < float("inf"):
+        raise DsftError(f"--temperature: must be >= 0 (got {temperature}); 0 answers greedily")
+    if not 0 < top_p <= 1:
+        raise DsftError(f"--top-p: must be in (0, 1] (got {top_p})")
+    for option, values in (("--prompt", prompt or []), ("--system", [system] if system else [])):
+        for value in values:
+            _text(value, option)
 
 
 def _text(value: str, where: str) -> str:

@@ -43,11 +43,10 @@ def eval_(
     """Score a run (or one of its checkpoints) on held-out data (base vs adapter), show a few answers; writes
     RUN/eval.json and eval.png (a checkpoint: RUN/eval-checkpoint.json; --against: RUN/comparison.json)."""
     from dsft.console import console as dsft_console
-    from dsft.console import show
     from dsft.errors import DsftError
     from dsft.outputs import check_writable
-    from dsft.runs import run_dir
     from dsft.evaluate import eval_figure, evaluate, write_report
+    from dsft.runs import run_dir
 
     adapter, against = run_dir.run_of(adapter), run_dir.run_of(against) if against is not None else None
     at_least("--samples", samples, 1)
@@ -66,6 +65,21 @@ def eval_(
                          rows_of=f"{report['data_source']} of {report['run']}")
         reports[other["evaluated"]] = other
     console = dsft_console()
+    _print_reports(console, report, reports)
+    if against is None:
+        write_report(report, target, eval_figure(report))
+    else:
+        others = dict(list(reports.items())[1:])
+        comparison = {"runs": list(reports), "data": report["data"], "data_source": report["data_source"],
+                      "reports": reports, "answers": _side_by_side(reports)}
+        write_report(comparison, target, eval_figure(report, others))
+    console.print(f"{target}, {target.with_suffix('.png')}", soft_wrap=True)
+
+
+def _print_reports(console, report: dict, reports: dict) -> None:
+    """The table, the implicit rewards of pair data, truncation, routing drift and the sample answers."""
+    from dsft.console import show
+
     pairs = report["rows"] == "pairs"
     kinds = {r["data_kind"] for r in reports.values()}
     what = f"{report['examples']} {'pairs' if pairs else 'examples'}, {report['data_source']}: " + \
@@ -86,14 +100,6 @@ def eval_(
             console.print(f"routing drift of {name} on these {r['examples']} rows (share of each layer's "
                           f"expert load the adapter moved): {drift}", soft_wrap=True)
     _print_answers(console, reports)
-    if against is None:
-        write_report(report, target, eval_figure(report))
-    else:
-        others = dict(list(reports.items())[1:])
-        comparison = {"runs": list(reports), "data": report["data"], "data_source": report["data_source"],
-                      "reports": reports, "answers": _side_by_side(reports)}
-        write_report(comparison, target, eval_figure(report, others))
-    console.print(f"{target}, {target.with_suffix('.png')}", soft_wrap=True)
 
 
 def _target(adapter: Path, against: Path | None, out: Path | None) -> Path:

@@ -95,6 +95,17 @@ def _encoded(spec: Spec, tokenizer: Any, chunks: Iterator[list[Any]], num_proc: 
             yield pending.popleft().get()
 
 
+def _nothing_to_train_on(spec: Spec, counts: dict[str, int]) -> None:
+    """Raise the error of an entry with no rows: every prompt too long (dropped), or no rows at all."""
+    if kind_of(spec.kind).prompt_first and counts.get("dropped"):
+        fit = spec.fit or {}
+        section = f"{spec.section}." if spec.section else ""
+        raise DsftError(f"{section}max_prompt_length {fit.get('max_prompt_length')}: every prompt of "
+                        f"{spec.what} is longer ({counts['dropped']:,} rows dropped by {section}prompt_overflow: "
+                        f"drop); raise {section}max_prompt_length, or set {section}prompt_overflow: truncate")
+    raise DsftError(f"{spec.what}: no rows to train on")
+
+
 def build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_proc: int, quiet: bool) -> dict[str, Any]:
     """The entry of `spec` built in a temporary directory beside `path` and renamed into place (the caller holds the
     key's lock); its metadata."""
@@ -133,13 +144,7 @@ def build(spec: Spec, tokenizer: Any, key: str, path: Path, stat_key: str, num_p
 
             raise_row_errors(errors)
             if writer is None or rows == 0:  # an entry of no rows is never cached
-                if kind_of(spec.kind).prompt_first and counts.get("dropped"):
-                    fit = spec.fit or {}
-                    section = f"{spec.section}." if spec.section else ""
-                    raise DsftError(f"{section}max_prompt_length {fit.get('max_prompt_length')}: every prompt of "
-                                    f"{spec.what} is longer ({counts['dropped']:,} rows dropped by {section}prompt_overflow: "
-                                    f"drop); raise {section}max_prompt_length, or set {section}prompt_overflow: truncate")
-                raise DsftError(f"{spec.what}: no rows to train on")
+                _nothing_to_train_on(spec, counts)
             writer.close()
         files = [{"path": str(Path(f).resolve()), "sha256": file_sha256(Path(f)), "stat": list(stat_of(Path(f)))}
                  for f in spec.files]

@@ -239,7 +239,6 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
           progress: bool = True, requantize: bool = False) -> dict[str, Any]:
     """Write the merged checkpoint to `out`; returns what dsft-merge.json records."""
     from dsft.console import console as dsft_console
-    from dsft.console import track
 
     import dsft
 
@@ -266,43 +265,59 @@ def merge(source: Source, out: Path, force: bool = False, dtype: str = "bf16", m
                           "already written")
         todo = [s for s in shards if s.name not in partial.done]
         check_free_space(out, sum(output_bytes(writer, headers[s.name]) for s in todo))
-        try:
-            for shard in track(shards, description="merging shards", unit="shards", disable=not progress):
-                if shard.name not in partial.done:
-                    before = (writer.touched, writer.dot, writer.norm2)
-                    digest = writer.write(shard, partial.part(shard.name))
-                    partial.record(shard.name, sha256=digest, touched=writer.touched - before[0],
-                                   dot=writer.dot - before[1], norm2=writer.norm2 - before[2])
-        except BaseException:
-            for shard in todo:  # the unfinished shard: only its finished neighbours are resume state
-                partial.part(shard.name).unlink(missing_ok=True)
-            kept = sum((partial.dir / n).stat().st_size for n in partial.done if (partial.dir / n).is_file())
-            console.print(f"merge stopped after {len(partial.done)} of {len(shards)} shards; the finished ones "
-                          f"({human_size(kept)}) are kept in {partial.dir}: run the same command again to continue, "
-                          "or delete that directory")
-            raise
+        _merge_shards(shards, todo, writer, partial, console, progress)
         bf16_units = sorted(set().union(*(writer.bf16_units(h) for h in headers.values())))
         engine_gaps = missing_engine_keys(config)
         if engine_gaps:
             console.print(f"warning: {source.base}/config.json (copied to the merged model) lacks {', '.join(engine_gaps)}, "
                           "which vLLM / llama.cpp read for this architecture: add them from the release's config.json")
         _write_side_files(source, partial.dir, headers, writer, config, block is not None and dtype != "fp8", bf16_units)
-        done = partial.done.values()
-        record = {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
-                  "adapter": str(source.adapter_dir.resolve()), "run": str(source.run.resolve()) if source.run else None,
-                  "dtype": dtype if block else "base", "requantize": requantize,
-                  "touched_tensors": sum(d["touched"] for d in done),
-                  "retention": retention(sum(d.get("dot", 0.0) for d in done), sum(d.get("norm2", 0.0) for d in done)),
-                  "bf16_units": bf16_units if dtype == "fp8" else [],
-                  "size_bytes": {"base": sum(s.stat().st_size for s in shards),
-                                 "merged": sum((partial.dir / s.name).stat().st_size for s in shards)},
-                  "machine": machine(), "config_missing_engine_keys": engine_gaps,
-                  "routed_experts": adapter.meta.get("routed_experts"),
-                  "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
+        record = _record(source, adapter, shards, partial, dtype if block else "base", requantize,
+                         bf16_units if dtype == "fp8" else [], engine_gaps)
         record["files"] = sorted({*(n for n in written_files(partial.dir) if n != PROGRESS), MERGE_RECORD})
         (partial.dir / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         partial.finish()
     return record
+
+
+def _merge_shards(shards: list[Path], todo: list[Path], writer, partial, console, progress: bool) -> None:
+    """Merge each shard not yet done; stopped (an error, Ctrl-C), the finished shards stay as resume state."""
+    from dsft.console import track
+
+    try:
+        for shard in track(shards, description="merging shards", unit="shards", disable=not progress):
+            if shard.name not in partial.done:
+                before = (writer.touched, writer.dot, writer.norm2)
+                digest = writer.write(shard, partial.part(shard.name))
+                partial.record(shard.name, sha256=digest, touched=writer.touched - before[0],
+                               dot=writer.dot - before[1], norm2=writer.norm2 - before[2])
+    except BaseException:
+        for shard in todo:  # the unfinished shard: only its finished neighbours are resume state
+            partial.part(shard.name).unlink(missing_ok=True)
+        kept = sum((partial.dir / n).stat().st_size for n in partial.done if (partial.dir / n).is_file())
+        console.print(f"merge stopped after {len(partial.done)} of {len(shards)} shards; the finished ones "
+                      f"({human_size(kept)}) are kept in {partial.dir}: run the same command again to continue, "
+                      "or delete that directory")
+        raise
+
+
+def _record(source: Source, adapter, shards: list[Path], partial, dtype: str, requantize: bool, bf16_units: list,
+            engine_gaps: list[str]) -> dict[str, Any]:
+    """What dsft-merge.json records (its file list aside)."""
+    import dsft
+
+    done = partial.done.values()
+    return {"dsft_version": dsft.__version__, "base": str(source.base.resolve()),
+            "adapter": str(source.adapter_dir.resolve()), "run": str(source.run.resolve()) if source.run else None,
+            "dtype": dtype, "requantize": requantize,
+            "touched_tensors": sum(d["touched"] for d in done),
+            "retention": retention(sum(d.get("dot", 0.0) for d in done), sum(d.get("norm2", 0.0) for d in done)),
+            "bf16_units": bf16_units,
+            "size_bytes": {"base": sum(s.stat().st_size for s in shards),
+                           "merged": sum((partial.dir / s.name).stat().st_size for s in shards)},
+            "machine": machine(), "config_missing_engine_keys": engine_gaps,
+            "routed_experts": adapter.meta.get("routed_experts"),
+            "shards_sha256": {s.name: partial.done[s.name]["sha256"] for s in shards}}
 
 
 MERGE_RECORD = "dsft-merge.json"

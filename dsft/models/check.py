@@ -67,29 +67,16 @@ def _problems(path: Path) -> list[str]:
             name, dtype, shape = canonical(key), entry["dtype"], list(entry["shape"])
             where = f"{path / shard}: {key}"
             if dtype in FP8:
-                scale = header.get(key + SCALE_SUFFIX)
-                if block is None or scale is None:
-                    problems.append(f"{where} is FP8 without a {key}{SCALE_SUFFIX} block scale in the same shard")
+                problem = _scale_problem(where, key, header, shape, block)
+                problems += [problem] if problem else []
+                if block is None or key + SCALE_SUFFIX not in header:  # no scale: its shape is not checked either
                     continue
-                grid = [-(-shape[0] // block[0]), -(-shape[1] // block[1])] if len(shape) == 2 else None
-                if list(scale["shape"]) != grid:
-                    problems.append(f"{where}: its block scale is {scale['shape']}, {shape} in {block} blocks needs {grid}")
             m = PER_EXPERT.match(name) or FUSED.match(name)
             if m and m.group("module") in experts:
-                e, inter, hidden = experts[m.group("module")]
-                proj = m.group("proj")
-                want = {"gate_proj": [inter, hidden], "up_proj": [inter, hidden], "down_proj": [hidden, inter],
-                        "gate_up_proj": [e, 2 * inter, hidden]}[proj]
-                if "expert" in m.groupdict():
-                    index = int(m.group("expert"))
-                    if index >= e:
-                        problems.append(f"{where}: expert {index}, but config.json gives {e} experts per layer")
-                        continue
-                    expert_parts[m.group("module")].add((index, proj))
-                else:
-                    want = [e, hidden, inter] if proj == "down_proj" else want
-                    parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
-                    expert_parts[m.group("module")].update((i, p) for i in range(e) for p in parts)
+                want = _expert_shape(m, experts[m.group("module")], expert_parts[m.group("module")])
+                if isinstance(want, str):
+                    problems.append(f"{where}: {want}")
+                    continue
                 floating = True
             elif name in expected:
                 want, floating = expected[name]
@@ -115,6 +102,34 @@ def _problems(path: Path) -> list[str]:
         problems.append(f"{path}: tensor {unknown[0]} is not part of this model" +
                         (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
     return problems
+
+
+def _scale_problem(where: str, key: str, header: dict, shape: list[int], block) -> str | None:
+    """An FP8 tensor's block scale: present in the same shard, on the grid its shape and the block size give."""
+    scale = header.get(key + SCALE_SUFFIX)
+    if block is None or scale is None:
+        return f"{where} is FP8 without a {key}{SCALE_SUFFIX} block scale in the same shard"
+    grid = [-(-shape[0] // block[0]), -(-shape[1] // block[1])] if len(shape) == 2 else None
+    if list(scale["shape"]) != grid:
+        return f"{where}: its block scale is {scale['shape']}, {shape} in {block} blocks needs {grid}"
+    return None
+
+
+def _expert_shape(m, layer: tuple[int, int, int], parts: set[tuple[int | None, str]]) -> list[int] | str:
+    """The shape config.json implies for a per-expert or fused expert tensor (recording which experts' parts it
+    holds), or what is wrong with its expert index."""
+    e, inter, hidden = layer
+    proj = m.group("proj")
+    want = {"gate_proj": [inter, hidden], "up_proj": [inter, hidden], "down_proj": [hidden, inter],
+            "gate_up_proj": [e, 2 * inter, hidden]}[proj]
+    if "expert" in m.groupdict():
+        index = int(m.group("expert"))
+        if index >= e:
+            return f"expert {index}, but config.json gives {e} experts per layer"
+        parts.add((index, proj))
+        return want
+    parts.update((i, p) for i in range(e) for p in (("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)))
+    return [e, hidden, inter] if proj == "down_proj" else want
 
 
 def check_checkpoint(path: Path, key: str = "model.path") -> None:
