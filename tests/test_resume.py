@@ -95,18 +95,37 @@ def _damaged_checkpoint_falls_back_to_the_previous(killed: Path, recipe: Path, c
     assert f"resuming {run} from checkpoint-{step}: step {step} of " in " ".join(result.output.split())
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> None:
+def test_sigterm_saves_a_loadable_checkpoint(make_recipe, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM to a training process (this one, with the handlers `dsft` installs): the step ends, a checkpoint is
+    saved, the run says how to resume and exits 128 + 15."""
+    import os
+    import threading
+
     from dsft.adapters.lora import load_lora
     from dsft.config.schema import ModelSection
     from dsft.models.load import load_model, resolve_model_path
+    from dsft.train.resume import SIGNALS_ENV, GracefulStop
 
+    monkeypatch.setenv(SIGNALS_ENV, "1")
     recipe = _recipe(make_recipe, "term.yaml", tmp_path / "term")
-    proc = _start(recipe)
-    _wait_for_checkpoint(tmp_path / "term", proc, min_step=5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    monkeypatch.setattr(sys, "argv", ["dsft", "sft", "--recipe", str(recipe)])  # the resume line repeats the command
+
+    def terminate() -> None:  # once a checkpoint exists, and only to dsft's handler (pytest's would end the worker)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            handler = signal.getsignal(signal.SIGTERM)
+            if list((tmp_path / "term/checkpoints").glob(f"checkpoint-*/{MARKER}")) and \
+                    isinstance(getattr(handler, "__self__", None), GracefulStop):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=terminate, daemon=True)
+    sender.start()
+    result = cli("sft", "--recipe", recipe)
+    sender.join()
+    out = result.output
+    assert result.exit_code == 128 + signal.SIGTERM, out
     assert "SIGTERM: stopping after this step" in out
     stopped = [line for line in out.splitlines() if line.startswith(("stopped:", "error:"))]
     assert stopped == [f"stopped: interrupted at step {stopped[0].split()[4].rstrip(':')}: checkpoint saved in "
@@ -115,6 +134,8 @@ def test_sigterm_saves_a_loadable_checkpoint(make_recipe, tmp_path: Path) -> Non
     assert info["status"] == "interrupted"
     last = latest_checkpoint(tmp_path / "term/checkpoints")
     assert last is not None and int(last.name.split("-")[1]) < STEPS
+    assert signal.getsignal(signal.SIGTERM) is not None and not isinstance(
+        getattr(signal.getsignal(signal.SIGTERM), "__self__", None), GracefulStop)  # the handlers are given back
     base = load_model(ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32"),
                       resolve_model_path("builtin:tiny-deepseek-v3"))
     assert not (tmp_path / "term/adapter").exists()  # no final adapter from an interrupted run
