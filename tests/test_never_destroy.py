@@ -92,6 +92,9 @@ def test_a_second_sft_into_a_running_one_is_refused(make_recipe, cli, tmp_path: 
     assert saved["training"]["seed"] == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # one run's rows, not two interleaved
+    # `dsft` skips the interpreter's teardown at exit (dsft.cli.app._exit): the log's last line is still written
+    assert (tmp_path / "run/run.log").read_text().splitlines()[-1].endswith(f"{tmp_path / 'run/run.log'}")
+    assert out.rstrip().endswith(f"{tmp_path / 'run/run.log'}")
 
 
 def test_full_disk_mid_merge_keeps_finished_shards_and_the_same_command_continues(tmp_path: Path, cli,
