@@ -57,6 +57,10 @@ class QaResult:
 class Qa(plugins.Objective):
     name, section, formats = NAME, QaSection, ("qa",)
     columns = ("what", "value")
+    shown = {"epoch": "epoch"}  # its console key, after the learning rate
+
+    def metric_lines(self, summary):
+        return [f"- qa: first loss {summary['qa_first_loss']:.4g} (training data)"]
 
     def tokenize(self, recipe, tokenizer, rows):
         data = recipe.data

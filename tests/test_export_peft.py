@@ -53,7 +53,8 @@ def _broken(export_dir: Path, out: Path, how: str) -> Path:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two runs (an MoE run with a subset of experts and per-group ranks; a dense run), their exports, two
-    broken copies, all loaded in one stock-PEFT process."""
+    broken copies, and a run on DeepSeek-V3 as released (FP8) exported and its base converted as the export
+    printed: all loaded in one stock-PEFT process."""
     tmp = tmp_path_factory.mktemp("peft")
     moe = make_run(tmp, "builtin:tiny-deepseek-v3", MOE_ADAPTER, {1: [0, 3], 2: [5]})
     dense = make_run(tmp, "builtin:tiny-deepseek-llm",
@@ -64,11 +65,41 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
         exports[name] = {"base": str(resolve_model_path(base)), "adapter": str(tmp / f"{name}-peft")}
     for how in ("neighbour", "interleave"):
         exports[how] = {**exports["moe"], "adapter": str(_broken(tmp / "moe-peft", tmp / f"{how}-peft", how))}
+    (tmp / "fp8").mkdir()
+    fp8 = _fp8_as_printed(tmp / "fp8")
+    exports |= fp8.pop("jobs")
     jobs = tmp / "jobs.json"
     jobs.write_text(json.dumps({"ids": IDS.tolist(), "exports": exports, "out": str(tmp / "out.pt")}))
     done = subprocess.run([sys.executable, str(HERE / "peft_load.py"), str(jobs)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"tmp": tmp, "runs": {"moe": moe, "dense": dense}, "out": torch.load(tmp / "out.pt")}
+    return {"tmp": tmp, "runs": {"moe": moe, "dense": dense}, "out": torch.load(tmp / "out.pt"), "fp8": fp8}
+
+
+def _fp8_as_printed(tmp: Path) -> dict:
+    """DeepSeek-V3 as released, a run on it, its PEFT export and the base converted by the `dsft convert` line the
+    export printed: the outputs, and the stock-PEFT jobs (`printed`: the load line as printed; `naive`: the FP8
+    base loaded as it is)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from conftest import released_v3
+    from dsft.cli.app import app
+
+    cli = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
+    v3 = released_v3(tmp)
+    run = make_run(tmp, v3, MOE_ADAPTER, {1: [0, 3], 2: [5]})
+    out = tmp / "v3-peft"
+    exported = cli("export", "--adapter", run, "--format", "peft", "--out", out)
+    convert = re.search(r"dsft convert --model (\S+) --out (\S+)", exported.output)
+    load = re.search(r'PeftModel\.from_pretrained\(AutoModelForCausalLM\.from_pretrained\("([^"]+)"\), "([^"]+)"\)',
+                     exported.output)
+    converted = cli("convert", "--model", convert.group(1), "--out", convert.group(2), "--dtype", "float32") \
+        if convert else None
+    jobs = {"printed": {"base": load.group(1), "adapter": load.group(2)},
+            "naive": {"base": str(v3), "adapter": load.group(2), "may_fail": True}} if load else {}
+    return {"v3": v3, "run": run, "out": out, "exported": exported, "convert": convert, "load": load,
+            "converted": converted, "jobs": jobs}
 
 
 @pytest.mark.parametrize("name,base", [("moe", "builtin:tiny-deepseek-v3"), ("dense", "builtin:tiny-deepseek-llm")])
@@ -152,43 +183,28 @@ def test_uniform_ranks_give_no_pattern_and_peft_no_warning(tmp_path: Path) -> No
     assert mixed["rank_pattern"] == {"attn": 8, "p3": 6} and mixed["alpha_pattern"] == {"attn": 4.0, "p3": 3.0}
 
 
-def test_an_fp8_base_loads_through_the_printed_recipe_with_dsfts_logits(tmp_path: Path, cli,
+def test_an_fp8_base_loads_through_the_printed_recipe_with_dsfts_logits(loaded: dict,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSeek-V3 as released (FP8 e4m3 with partial edge blocks, an MTP layer, vocab padded, sharded): the export
     prints a recipe that dequantizes the base with `dsft convert`; run as printed, the load line (in a process
     that never imports dsft) gives dsft's logits. The naive load of the FP8 base is wrong in stock transformers
     (an error, or partial edge blocks mis-scaled), and the export's own check refuses a base config that still
     declares its quantization."""
-    import re
-
-    from conftest import released_v3
     from dsft.export.peft import check
 
-    v3 = released_v3(tmp_path)
-    run = make_run(tmp_path, v3, MOE_ADAPTER, {1: [0, 3], 2: [5]})
-    out = tmp_path / "v3-peft"
-    exported = cli("export", "--adapter", run, "--format", "peft", "--out", out)
+    fp8 = loaded["fp8"]
+    v3, run, out, exported, convert, load = (fp8[k] for k in ("v3", "run", "out", "exported", "convert", "load"))
     assert exported.exit_code == 0, exported.output
     assert "the base is FP8 block-scaled" in exported.output
-    convert = re.search(r"dsft convert --model (\S+) --out (\S+)", exported.output)
-    load = re.search(r'PeftModel\.from_pretrained\(AutoModelForCausalLM\.from_pretrained\("([^"]+)"\), "([^"]+)"\)',
-                     exported.output)
     assert convert and load and convert.group(1) == str(v3) and load.group(1) == convert.group(2), exported.output
     assert "--dtype float32" in exported.output  # the printed option for dsft's exact values
-    converted = cli("convert", "--model", convert.group(1), "--out", convert.group(2), "--dtype", "float32")
-    assert converted.exit_code == 0, converted.output
+    assert fp8["converted"].exit_code == 0, fp8["converted"].output
     plain = Path(convert.group(2))
     config = json.loads((plain / "config.json").read_text())
     assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 1
     assert "model.layers.3.eh_proj.weight" in (plain / "model.safetensors.index.json").read_text()  # the MTP layer kept
     assert "_scale_inv" not in (plain / "model.safetensors.index.json").read_text()
-    jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps({"ids": IDS.tolist(), "out": str(tmp_path / "out.pt"), "exports": {
-        "printed": {"base": load.group(1), "adapter": load.group(2)},
-        "naive": {"base": str(v3), "adapter": load.group(2), "may_fail": True}}}))
-    done = subprocess.run([sys.executable, str(HERE / "peft_load.py"), str(jobs)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
+    got = loaded["out"]
     want = _dsft_logits(run, str(v3))
     assert (got["printed"]["logits"] - want).abs().max() < 1e-4
     # the load the printed text warns against: it fails, or (measured here) mis-scales the partial edge block of

@@ -206,6 +206,7 @@ def test_an_objective_plugs_in_from_outside_dsft(qa_plugin, make_recipe, cli, tm
     command = CliRunner().invoke(app, [QA, "--recipe", str(recipe), "--set", f"output_dir={tmp_path / 'scaled'}"])
     assert command.exit_code == 0, command.output
     assert f"dsft qa: {tmp_path / 'scaled'}" in command.output and "qa loss first -> last" in command.output
+    assert re.search(r"^step 1/2  loss \S+  lr \S+  epoch \S+", command.output, re.M), command.output  # its `shown`
     plain = run_training(QA, recipe, [f"output_dir={tmp_path / 'plain'}", "qa.loss_scale=1.0"], False, False, None, 1)
     scaled = [json.loads(line)["loss"] for line in (tmp_path / "scaled/metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -215,7 +216,8 @@ def test_an_objective_plugs_in_from_outside_dsft(qa_plugin, make_recipe, cli, tm
     assert info["summary"]["qa_scale"] == 10.0 and info["summary"]["processes"] == 1  # its fields, and the spine's
     assert info["summary"]["peak_host_gib"] > 0 and info["summary"]["train_tokens"] > 0
     assert yaml.safe_load((tmp_path / "scaled/recipe.yaml").read_text())["qa"]["loss_scale"] == 10.0
-    assert "- qa: loss_scale 10.0" in (tmp_path / "scaled/README.md").read_text()
+    card = (tmp_path / "scaled/README.md").read_text()
+    assert "- qa: loss_scale 10.0" in card and "- qa: first loss " in card.split("## Final metrics")[1]
     assert json.loads((tmp_path / "scaled/adapter/dsft_adapter.json").read_text())["qa"]["loss_scale"] == 10.0
 
 

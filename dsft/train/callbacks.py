@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -98,25 +99,14 @@ class TrackerFiles(TrainerCallback):
         self._note(state)
 
 
-# What a logged step shows on the console, in this order (the full row is in metrics.jsonl and run.log).
-SHOWN = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss",
-         "learning_rate": "lr", "rewards/accuracies": "reward acc", "rewards/margins": "margin",
-         "reward": "reward", "eval_reward": "held-out reward", "completions/mean_length": "tokens/completion",
-         "completions/clipped_ratio": "cut", "kl": "KL", "generation/tokens_per_s": "gen tok/s",
-         "balance_loss": "balance", "grad_norm": "grad norm"}
+# What a logged step shows on the console, in this order, around the objective's own keys (Objective.shown,
+# after the learning rate; its log_parts after the loss); the full row is in metrics.jsonl and run.log.
+SHOWN_FIRST = {"loss": "loss", "eval_loss": "held-out loss", "base_eval_loss": "base model's held-out loss",
+               "learning_rate": "lr"}
+SHOWN_LAST = {"balance_loss": "balance", "grad_norm": "grad norm"}
 
 
-def reward_parts(logs: dict[str, Any]) -> list[str]:
-    """GRPO's reward functions, each as `name mean±std` (metrics `rewards/NAME/mean` and `/std`)."""
-    out = []
-    for key, value in logs.items():
-        if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
-            std = logs.get(key[:-5] + "/std")
-            out.append(f"{key[8:-5]} {_number(float(value))}" + (f"±{float(std):.2g}" if isinstance(std, (int, float)) else ""))
-    return out
-
-
-def _number(value: Any) -> str:
+def number(value: Any) -> str:
     return f"{value:.2e}" if isinstance(value, float) and value and abs(value) < 1e-2 else \
         f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -125,8 +115,11 @@ class ConsoleProgress(TrainerCallback):
     """dsft's training display (the Trainer's tqdm bar and printed dicts are removed): one progress
     phase over the optimizer steps with loss, lr, tokens/s and ETA, and a line per logged step."""
 
-    def __init__(self, description: str = "training") -> None:
+    def __init__(self, description: str = "training", shown: dict[str, str] | None = None,
+                 parts: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
         self.description = description
+        self.shown = {**SHOWN_FIRST, **(shown or {}), **SHOWN_LAST}
+        self.parts = parts or (lambda logs: [])
         self.phase = None
         self.tokens: tuple[float, float] | None = None  # (num_tokens, time) at the last log
         self.rate: float | None = None
@@ -146,15 +139,15 @@ class ConsoleProgress(TrainerCallback):
             return
         import time
 
-        shown = [f"{label} {_number(logs[key])}" for key, label in SHOWN.items() if key in logs and logs[key] is not None]
-        shown[1:1] = reward_parts(logs)
+        shown = [f"{label} {number(logs[key])}" for key, label in self.shown.items() if key in logs and logs[key] is not None]
+        shown[1:1] = self.parts(logs)
         if self.phase is None:  # after training: the final held-out evaluation
             if shown:
                 from dsft.console import LOG, say
 
                 line = f"step {state.global_step}: " + "  ".join(shown)
                 # the held-out losses are in the command's final table: logged here, printed once there
-                LOG.info(line) if set(logs) & set(SHOWN) <= {"eval_loss", "base_eval_loss"} else say(line, highlight=False)
+                LOG.info(line) if set(logs) & set(self.shown) <= {"eval_loss", "base_eval_loss"} else say(line, highlight=False)
             return
         if "num_tokens" in logs:
             now, tokens = time.monotonic(), float(logs["num_tokens"])

@@ -18,7 +18,7 @@ FILES = {f"{run_dir.ADAPTER}/": "the adapter in dsft's layout, tokenizer, dsft_a
          f"{run_dir.ROUTING}/": "routing profile and heatmaps", f"{run_dir.CHECKPOINTS}/": "for --resume"}
 
 
-def _fmt(value: Any) -> str:
+def number(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -33,23 +33,19 @@ def _groups(meta: dict[str, Any]) -> list[str]:
     return out or ["no LoRA group"]
 
 
-def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
-    """The final metrics, each with the data it was measured on."""
+def metrics_lines(summary: dict[str, Any], objective_lines: list[str] = ()) -> list[str]:
+    """The final metrics, each with the data it was measured on (the objective's own after the training loss)."""
     first, last = summary.get("first") or {}, summary.get("last") or {}  # DPO: the first and last logged rows
-    lines = [f"- training loss, first -> last logged step: {_fmt(summary.get('first_loss', first.get('loss')))} -> "
-             f"{_fmt(summary.get('last_loss', last.get('loss')))} (training data)"]
-    for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
-        if key in last:
-            lines.append(f"- {label}, first -> last logged step: {_fmt(first.get(key))} -> {_fmt(last[key])} "
-                         "(training pairs)")
+    lines = [f"- training loss, first -> last logged step: {number(summary.get('first_loss', first.get('loss')))} -> "
+             f"{number(summary.get('last_loss', last.get('loss')))} (training data)", *objective_lines]
     if summary.get("eval_loss") is not None:
         base = summary.get("base_eval_loss")
-        lines.append(f"- held-out loss (data.eval): {_fmt(summary['eval_loss'])}"
-                     + (f", base model {_fmt(base)}" if base is not None else ""))
+        lines.append(f"- held-out loss (data.eval): {number(summary['eval_loss'])}"
+                     + (f", base model {number(base)}" if base is not None else ""))
     stop = summary.get("early_stopping") or {}
     if stop.get("stopped_at_step"):
         lines.append(f"- early stopping at step {stop['stopped_at_step']} of {stop['of_steps']}: held-out loss best "
-                     f"{_fmt(stop['best_eval_loss'])} at step {stop['best_step']}, no improvement above "
+                     f"{number(stop['best_eval_loss'])} at step {stop['best_step']}, no improvement above "
                      f"{stop['min_delta']:g} for {stop['evaluations_without_improvement']} evaluations (patience "
                      f"{stop['patience']}); the adapter is the model at the stop")
     if summary.get("routing_change"):
@@ -60,7 +56,8 @@ def metrics_lines(kind: str, summary: dict[str, Any]) -> list[str]:
 
 
 def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
-               plan: dict[str, Any] | None, meta: dict[str, Any], objective_lines: list[str] = ()) -> str:
+               plan: dict[str, Any] | None, meta: dict[str, Any], objective_lines: list[str] = (),
+               metric_lines: list[str] = ()) -> str:
     base = info.get("base_model", {})
     r = recipe
     lines = [run_dir.CARD_MARK, f"# {Path(run).name}: dsft {kind} adapter", "",
@@ -91,7 +88,7 @@ def build_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary:
               + (f", max_steps {r.training.max_steps}" if r.training.max_steps else "")
               + f", micro-batch {r.training.micro_batch_size} x grad_accum {r.training.grad_accum}, seed {r.training.seed}"]
     lines += objective_lines
-    lines += ["", "## Final metrics", "", *metrics_lines(kind, summary), ""]
+    lines += ["", "## Final metrics", "", *metrics_lines(summary, list(metric_lines)), ""]
     experts = (meta.get("routed_experts") or {}).get("experts")
     lines += ["## Adapted experts", ""]
     if experts:
@@ -164,11 +161,12 @@ def next_commands(run: Path, recipe: Any, meta: dict[str, Any]) -> list[str]:
 
 
 def write_card(run: Path, kind: str, recipe: Any, info: dict[str, Any], summary: dict[str, Any],
-               plan: dict[str, Any] | None, objective_lines: list[str] = ()) -> Path:
+               plan: dict[str, Any] | None, objective_lines: list[str] = (), metric_lines: list[str] = ()) -> Path:
     """RUN/README.md and RUN/adapter/README.md (each written beside itself, then renamed)."""
     from dsft.adapters.metadata import read_metadata
 
-    text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)), list(objective_lines))
+    text = build_card(run, kind, recipe, info, summary, plan, read_metadata(run_dir.adapter_dir(run)), list(objective_lines),
+                      list(metric_lines))
     for target in (run_dir.card(run), run_dir.adapter_dir(run) / run_dir.CARD):
         if target.parent.is_dir():
             write_atomic(target, text)

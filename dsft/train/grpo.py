@@ -67,6 +67,19 @@ class GRPO(Objective):
     section = GrpoSection
     formats = ("prompt",)
     columns = ("what", f"first {5} logged steps", f"last {5} logged steps")
+    shown = {"reward": "reward", "eval_reward": "held-out reward", "completions/mean_length": "tokens/completion",
+             "completions/clipped_ratio": "cut", "kl": "KL", "generation/tokens_per_s": "gen tok/s"}
+
+    def log_parts(self, logs: dict[str, Any]) -> list[str]:
+        """Each reward function as `name mean±std` (metrics `rewards/NAME/mean` and `/std`)."""
+        from dsft.train.callbacks import number
+
+        out = []
+        for key, value in logs.items():
+            if key.startswith("rewards/") and key.endswith("/mean") and isinstance(value, (int, float)):
+                std = logs.get(key[:-5] + "/std")
+                out.append(f"{key[8:-5]} {number(float(value))}" + (f"±{float(std):.2g}" if isinstance(std, (int, float)) else ""))
+        return out
 
     def table(self, result: GrpoResult) -> list[tuple[str, ...]]:
         first, last = result.first, result.last

@@ -59,7 +59,8 @@ class Objective:
 
     Declares: `name` (its command, and its recipe section's key), `section` (that section's pydantic model,
     a dsft.config.base.ObjectiveSection), `formats` (the data.format values it trains on; a new one is
-    registered), `panels` (curves.png: panel title -> (line label, metrics.jsonl key) pairs). Does: its
+    registered), `panels` (curves.png: panel title -> (line label, metrics.jsonl key) pairs), `shown` (its
+    console keys). Does: its
     data checks and tokens, its TRL config class and the fields it sets there, its trainer, what it adds to
     the adapter's metadata, the model card and run.json's summary. The spine records for every run what
     every run has (dsft.train.summary.spine_summary)."""
@@ -68,6 +69,8 @@ class Objective:
     section: type[ObjectiveSection] | None = None
     formats: tuple[str, ...] = ()
     panels: dict[str, tuple[tuple[str, str], ...]] = LOSS_PANELS
+
+    shown: dict[str, str] = {}  # its metrics on the console's line per logged step: metrics.jsonl key -> label
 
     mixes = False  # takes data.train's {path, weight | rows} shares (dsft.data.prepared.prepare_mix)
     loss_unit = "loss (nats per token)"  # the y axis of curves.png's loss panel: what the objective's loss is
@@ -130,6 +133,14 @@ class Objective:
     def curve_panels(self, recipe: Recipe) -> dict[str, tuple[tuple[str, str], ...]]:
         """curves.png's panels for this recipe (by default `panels`; GRPO adds a line per reward)."""
         return self.panels
+
+    def log_parts(self, logs: dict[str, Any]) -> list[str]:
+        """What the console shows of a logged row beyond `shown`, right after the loss (GRPO: each reward)."""
+        return []
+
+    def metric_lines(self, summary: dict[str, Any]) -> list[str]:
+        """Its lines under the model card's final metrics (pair objectives: reward accuracy and margin)."""
+        return []
 
     def card_lines(self, recipe: Recipe, summary: dict[str, Any]) -> list[str]:
         """Its lines in the model card's recipe highlights: its section's settings."""

@@ -178,7 +178,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         model, targets, init_meta, plan = _policy(prepared, out, identity, info)
         model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own
         metrics = JsonlMetrics(run_dir.metrics(out))
-        progress = ConsoleProgress(f"{goal.name} training")
+        progress = ConsoleProgress(f"{goal.name} training", goal.shown, goal.log_parts)
         callbacks = [metrics, progress, TrackerFiles(out, list(recipe.training.report_to))]
         stopping = recipe.training.early_stopping
         early = EarlyStop(stopping.patience, stopping.min_delta) if stopping else None
@@ -217,6 +217,6 @@ def write_reports(run: Path, goal: Objective, recipe: Recipe, info: dict[str, An
     from dsft.train.curves import write_curves
 
     write_curves(run, goal.name, goal.curve_panels(recipe), {"loss": goal.loss_unit})
-    write_card(run, goal.name, recipe, info, summary, plan, goal.card_lines(recipe, summary))
+    write_card(run, goal.name, recipe, info, summary, plan, goal.card_lines(recipe, summary), goal.metric_lines(summary))
 
 

@@ -44,6 +44,16 @@ class PairObjective(Objective):
     kind = "dpo"  # the prepared-data kind (dsft.data.prepared) of its rows
     logged = "rewards/accuracies"  # a key every logged training row of the objective has
     columns = ("what", "first step", "last step")
+    shown = {"rewards/accuracies": "reward acc", "rewards/margins": "margin"}
+
+    def metric_lines(self, summary: dict[str, Any]) -> list[str]:
+        """Reward accuracy and margin at the first and last logged steps."""
+        from dsft.train.card import number
+
+        first, last = summary.get("first") or {}, summary.get("last") or {}
+        return [f"- {label}, first -> last logged step: {number(first.get(key))} -> {number(last[key])} (training pairs)"
+                for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
+                if key in last]
 
     def table(self, result: Any) -> list[tuple[str, ...]]:
         """Rewards at the first and last logged steps, the held-out scores, its rows, its trainable parameters
