@@ -4,11 +4,13 @@ accelerate turns FSDP on for GPU process groups only (on CPU its state says MULT
 wraps the model in DDP). This entry point keeps accelerate's FSDP plugin in force on CPU, so the rest,
 accelerate's `fully_shard` wrapping, the Trainer's FSDP checkpoints and dsft's adapter gathering and
 resume, runs exactly as it does on GPUs. Used as `accelerate launch --config_file
-recipes/accelerate/fsdp2.yaml tests/fsdp_launch.py sft --recipe R`.
+recipes/accelerate/fsdp2.yaml tests/fsdp_launch.py sft --recipe R`. With DSFT_TEST_SHARDING=OUT:FUSED in the
+environment, the same processes then run tests/fsdp_worker.py's cases in its process group (one start-up for both).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import accelerate.state as state
@@ -30,7 +32,13 @@ def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:  # noqa:
 state.AcceleratorState.__init__ = _init_fsdp_on_cpu
 
 if __name__ == "__main__":
-    from dsft.cli.app import main
+    from dsft.cli.app import app, main
 
     sys.argv = ["dsft", *sys.argv[1:]]
-    main()
+    if not os.environ.get("DSFT_TEST_SHARDING"):
+        main()
+    os.environ["DSFT_HANDLE_SIGNALS"] = "1"
+    app(standalone_mode=False)  # dsft's command, then the sharding cases in the same process group
+    import fsdp_worker
+
+    fsdp_worker.main(*os.environ["DSFT_TEST_SHARDING"].split(os.pathsep))

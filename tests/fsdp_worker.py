@@ -1,4 +1,5 @@
-"""One rank of tests/test_fsdp.py (run by torchrun over gloo): dsft's NF4 model with expert LoRA, its
+"""One rank of tests/test_distributed.py's sharding cases (run after the dsft command in its FSDP2 launch, over gloo, by
+tests/fsdp_launch.py): dsft's NF4 model with expert LoRA, its
 expert codes sharded either by FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer,
 then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`)."""
 
@@ -78,7 +79,9 @@ def main(out: str, fused: str) -> None:
     DeepSeek's per-expert layout), and `codes` on the same weights saved in transformers' fused layout (`fused`:
     tests/conftest.py fused_checkpoint)."""
     resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
-    dist.init_process_group("gloo")
+    joined = dist.is_initialized()  # tests/fsdp_launch.py: the dsft command's process group
+    if not joined:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     report = {f"{mode}-{layout}": case(mode, path, rank, world)
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
@@ -86,7 +89,8 @@ def main(out: str, fused: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    if not joined:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

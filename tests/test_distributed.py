@@ -1,6 +1,8 @@
 """Two processes (DDP over gloo on CPU) give the single-process result at the same global batch, and
 only the main rank writes the run: through the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml, shrunk to one machine) with the
-NF4 expert codes sharded across the ranks (`model.shard_experts`)."""
+NF4 expert codes sharded across the ranks (`model.shard_experts`); under FSDP2 (recipes/accelerate/fsdp2.yaml) the
+adapter equals one process's and resumes; dsft's NF4 expert storage shards across ranks, by FSDP2 or by dsft's
+loader, and matches one unsharded process (tests/fsdp_worker.py, run in the FSDP2 launch's processes)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
@@ -60,36 +63,99 @@ def test_two_processes_match_one(make_recipe, cli, tmp_path: Path) -> None:
     assert_same_training(double, single)
 
 
-def test_fsdp2_matches_one_process_and_resumes(make_recipe, cli, tmp_path: Path) -> None:
+FSDP = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
+        "--num_processes", "2", "--main_process_port", "0", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
+
+
+def _launch(*args: str, env: dict | None = None) -> None:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An NF4 SFT run in one process (in-process) and through the shipped recipes/accelerate/fsdp2.yaml on 2 CPU
+    processes, whose ranks then run tests/fsdp_worker.py's sharding cases (their report)."""
+    from typer.testing import CliRunner
+
+    from conftest import fused_checkpoint, legal_rows, write_jsonl
+    from dsft.cli.app import app
+
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    train = write_jsonl(tmp / "train.jsonl", legal_rows(16))
+    recipes = {}
+    for name, micro in (("one", 4), ("two", 2)):
+        recipes[name] = tmp / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump({
+            "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32", "quantization": "nf4"},
+            "data": {"train": str(train), "format": "messages", "max_length": 128},
+            "adapter": {"r": 8, "alpha": 16, "routed_experts": {1: [0, 3]}},
+            "training": {"lr": 1e-2, "max_steps": 4, "micro_batch_size": micro, "scheduler": "constant",
+                         "warmup_ratio": 0.0, "logging_steps": 5, "save_steps": 2},
+            "output_dir": str(tmp / name)}))
+    one = CliRunner().invoke(app, ["sft", "--recipe", str(recipes["one"])])  # one process: in-process
+    assert one.exit_code == 0, one.output
+    report = tmp / "sharding.json"
+    _launch(*FSDP, "--recipe", str(recipes["two"]),
+            env={"DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))])})
+    return {"tmp": tmp, "two": recipes["two"], "sharding": json.loads(report.read_text())}
+
+
+def test_fsdp2_matches_one_process_and_resumes(fsdp2_run: dict) -> None:
     """The shipped recipes/accelerate/fsdp2.yaml on 2 CPU processes (tests/fsdp_launch.py keeps
     accelerate's FSDP plugin on without GPUs): NF4 codes and the adapter sharded by FSDP2, the adapter
     gathered for saving equals one process's; after losing everything past the first checkpoint,
     `--resume` reloads the sharded adapter and optimizer and ends where the uninterrupted run did."""
-    common = {"model": {"quantization": "nf4"}, "adapter": {"routed_experts": {1: [0, 3]}}}
-    one = make_recipe("one.yaml", rows=16, output_dir=str(tmp_path / "one"), **common,
-                      training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, "save_steps": 2})
-    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
-                      training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2})
-    fsdp = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
-            "--num_processes", "2", "--main_process_port", "0", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
-
-    def run(*args: str) -> None:
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    assert cli("sft", "--recipe", one).exit_code == 0  # one process: in-process
-    run(*fsdp, "--recipe", str(two))
-    single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
-    sharded = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    tmp = fsdp2_run["tmp"]
+    single = load_file(tmp / "one/adapter/adapter_model.safetensors")
+    sharded = load_file(tmp / "two/adapter/adapter_model.safetensors")
     assert single.keys() == sharded.keys() and any("experts.lora_" in k for k in single)
     assert_same_training(sharded, single)
 
-    shutil.rmtree(tmp_path / "two/checkpoints/checkpoint-4")
-    shutil.rmtree(tmp_path / "two/adapter")
-    info = json.loads((tmp_path / "two/run.json").read_text())
+    shutil.rmtree(tmp / "two/checkpoints/checkpoint-4")
+    shutil.rmtree(tmp / "two/adapter")
+    info = json.loads((tmp / "two/run.json").read_text())
     info["status"] = "running"
-    (tmp_path / "two/run.json").write_text(json.dumps(info))
-    run(*fsdp, "--recipe", str(two), "--resume")
-    resumed = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    (tmp / "two/run.json").write_text(json.dumps(info))
+    _launch(*FSDP, "--recipe", str(fsdp2_run["two"]), "--resume")
+    resumed = load_file(tmp / "two/adapter/adapter_model.safetensors")
     for key in sharded:
         torch.testing.assert_close(resumed[key], sharded[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
+def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, fsdp2_run: dict) -> None:
+    """One step of the NF4 tiny model with LoRA on attention, shared and every routed expert, on two ranks, against
+    one unsharded process (tests/fsdp_worker.py). `fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`:
+    `model.shard_experts` has each rank read and quantize only its half of every layer's experts (from DeepSeek's
+    per-expert layout or transformers' fused one) and gather the layer's codes when it runs (forward and
+    backward)."""
+    report = fsdp2_run["sharding"][f"{mode}-{layout}"]
+    assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
+    assert report["logits_max_diff"] < 1e-4
+    if mode == "codes":  # quantized in halves, bit-identical to quantizing each layer whole
+        assert report["logits_max_diff"] == 0.0
+    assert report["missing"] == [] and report["expert_lora_params"] > 0
+    assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
+
+
+def test_nf4_codes_are_a_frozen_parameter() -> None:
+    """A parameter, so FSDP2 shards them and torch.distributed.checkpoint finds every parameter in the
+    state dict; frozen, so adapter files and the Trainer's adapter-only FSDP checkpoints leave them out.
+    Not a buffer: DDP broadcasts every buffer from rank 0 before each forward."""
+    from dsft.config.schema import ModelSection
+    from dsft.models.load import load_model, resolve_model_path
+    from dsft.moe.experts import DsftExperts
+
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
+    model = load_model(section, resolve_model_path(section.path))
+    experts = next(m for m in model.modules() if isinstance(m, DsftExperts))
+    assert sum(b.numel() for b in model.buffers()) < 100  # rotary tables and correction biases only
+    codes = experts.gate_up_nf4.packed
+    assert isinstance(codes, torch.nn.Parameter) and codes.dtype == torch.uint8 and not codes.requires_grad
+    state = experts.state_dict()
+    assert torch.equal(state["gate_up_nf4.packed"], codes)
+    before = experts.gate_up_nf4.dequantize().clone()
+    experts.load_state_dict(state, strict=True)
+    assert torch.equal(experts.gate_up_nf4.dequantize(), before)

@@ -49,8 +49,11 @@ def test_files_follow_the_umask(make_recipe, cli, tmp_path: Path) -> None:
             assert f.stat().st_mode & 0o777 == 0o640, f  # safetensors alone would write 0600
 
 
-def test_no_line_on_the_console_is_not_dsfts(tmp_path: Path) -> None:
-    """`dsft sft` and `dsft export` as a user runs them, in a fresh process: every library line off the console."""
+def test_no_line_on_the_console_is_not_dsfts(tmp_path: Path, cli, capfd: pytest.CaptureFixture) -> None:
+    """`dsft sft` as a user runs it, in a fresh process (every import's lines included), then `dsft export` of its
+    run (here, warnings shown each time): every library line off the console."""
+    import warnings
+
     import yaml
 
     from conftest import legal_rows, write_jsonl
@@ -64,13 +67,17 @@ def test_no_line_on_the_console_is_not_dsfts(tmp_path: Path) -> None:
                                       "training": {"max_steps": 2, "micro_batch_size": 4, "logging_steps": 1},
                                       "output_dir": str(tmp_path / "run")}))
     env = {**os.environ, "PYTHONWARNINGS": "default"}
-    for argv in (["sft", str(recipe)], ["export", "--adapter", str(tmp_path / "run"), "--format", "vllm", "--out",
-                                        str(tmp_path / "vllm")]):
-        done = subprocess.run([sys.executable, "-m", "dsft", *argv], capture_output=True, text=True, env=env, cwd=REPO)
-        assert done.returncode == 0, done.stdout + done.stderr
-        lines = (done.stdout + done.stderr).splitlines()
-        foreign = [line for line in lines if any(mark in line for mark in FOREIGN)]
-        assert not foreign, foreign
+    done = subprocess.run([sys.executable, "-m", "dsft", "sft", str(recipe)], capture_output=True, text=True, env=env,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = [done.stdout + done.stderr]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        exported = cli("export", "--adapter", tmp_path / "run", "--format", "vllm", "--out", tmp_path / "vllm")
+    assert exported.exit_code == 0, exported.output
+    printed += [exported.output, *capfd.readouterr()]
+    foreign = [line for text in printed for line in text.splitlines() if any(mark in line for mark in FOREIGN)]
+    assert not foreign, foreign
 
 
 def _pty_session(argv: list[str], keys: list[bytes], timeout: float = 120.0) -> str:

@@ -15,7 +15,7 @@ import yaml
 
 from dsft.runs.run_dir import MARKER, latest_checkpoint
 
-STEPS = 40
+STEPS = 24
 
 
 def _losses(run: Path) -> dict[int, float]:
