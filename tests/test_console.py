@@ -322,7 +322,7 @@ def test_the_cards_next_commands_run_as_written(demo, cli, tmp_path: Path) -> No
     os.chdir(REPO)
     try:
         result = cli("dpo", "--recipe", "recipes/tiny-legal-dpo.yaml", "--set", f"dpo.init_adapter={run}",
-                     "--set", f"output_dir={dpo}", "--set", "training.epochs=1")
+                     "--set", f"output_dir={dpo}", "--set", "training.max_steps=2")
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
