@@ -400,3 +400,21 @@ def test_a_zero_row_entry_is_never_cached(cache: Path, tmp_path: Path) -> None:
     with pytest.raises(DsftError, match="grpo.max_prompt_length 16: every prompt of data.train is longer"):
         prepare(spec, _tokenizer(), quiet=True)
     assert entries() == [] and not list((cache / "data").iterdir())
+
+
+@pytest.mark.parametrize("section", ["orpo", "kto"])
+def test_a_prompt_whose_earlier_turns_outgrow_max_prompt_length_names_its_sections_key(section: str, cache: Path,
+                                                                                      tmp_path: Path) -> None:
+    """prompt_overflow: truncate cuts the last user turn; when the template and earlier turns alone are longer, the
+    error names the key of the section the limit came from (it named dpo's for every objective)."""
+    from dsft.errors import DsftError
+
+    long_turn = " ".join(["clause"] * 80)
+    pair = {"prompt": [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "Noted."},
+                       {"role": "user", "content": "And the remedy?"}],
+            "chosen": [{"role": "assistant", "content": "Damages."}], "rejected": [{"role": "assistant", "content": "None."}]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    spec = Spec("dpo" if section == "orpo" else "kto", [str(path)], "preference",
+                fit={"max_prompt_length": 16, "prompt_overflow": "truncate"}, section=section)
+    with pytest.raises(DsftError, match=rf"^{section}\.max_prompt_length 16 is shorter than the prompt's template"):
+        prepare(spec, _tokenizer(), quiet=True)

@@ -103,14 +103,15 @@ def load_pairs(paths: list[str], system_prompt: str | None = None) -> list[dict[
 
 
 def tokenize_answers(tokenizer: Any, rows: list[dict[str, Any]], sides: tuple[str, ...], max_prompt_length: int,
-                     prompt_overflow: str) -> dict[str, Any]:
+                     prompt_overflow: str, section: str | None = None) -> dict[str, Any]:
     """Rows as TRL's DPOTrainer and KTOTrainer tokenize them (their `_prepare_dataset`, so that TRL need not):
     the prompt rendered with the generation prompt, prompt + each answer (`sides`: chosen and rejected, or
     the completion) rendered whole, the answers starting where the prompt's tokens and every full sequence
     part. Prompts are fitted to `max_prompt_length` first (a longer one is cut from the left of its last user
     turn, or its row dropped). Columns as dsft.data.prepared stores them (`{side}_ids`, the prompt's, each
     row's prompt and first answer lengths); `rows`, `truncated` and `dropped` count the prompts; the other
-    fields of a row (KTO's label) come back as columns."""
+    fields of a row (KTO's label) come back as columns. `section`: the recipe section whose max_prompt_length it is
+    (named in the error of a prompt whose template alone is longer)."""
     import numpy as np
 
     from dsft.data.tokenize import encode, list_column
@@ -124,7 +125,8 @@ def tokenize_answers(tokenizer: Any, rows: list[dict[str, Any]], sides: tuple[st
         elif prompt_overflow == "drop":
             dropped += 1
         else:
-            fitted = {**row, "prompt": _truncate(tokenizer, row["prompt"], max_prompt_length)}
+            key = f"{section}.max_prompt_length" if section else "max_prompt_length"
+            fitted = {**row, "prompt": _truncate(tokenizer, row["prompt"], max_prompt_length, key)}
             kept.append((fitted, encode(tokenizer, [render(fitted["prompt"], True)])[0].ids))
             truncated += 1
     texts = [render(r["prompt"] + r[side], False) for r, _ in kept for side in sides]
@@ -162,7 +164,7 @@ def _prompt_tokens(tokenizer: Any, prompt: Messages) -> int:
     return len(encode(tokenizer, [text])[0].ids)
 
 
-def _truncate(tokenizer: Any, prompt: Messages, limit: int) -> Messages:
+def _truncate(tokenizer: Any, prompt: Messages, limit: int, key: str) -> Messages:
     """Drop tokens from the start of the last user turn until the rendered prompt fits."""
     prompt = [dict(m) for m in prompt]
     for _ in range(8):
@@ -171,6 +173,6 @@ def _truncate(tokenizer: Any, prompt: Messages, limit: int) -> Messages:
             return prompt
         ids = tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"]
         if excess >= len(ids):
-            raise DsftError(f"dpo.max_prompt_length {limit} is shorter than the prompt's template and earlier turns; raise it")
+            raise DsftError(f"{key} {limit} is shorter than the prompt's template and earlier turns; raise it")
         prompt[-1]["content"] = tokenizer.decode(ids[excess:])
     return prompt
