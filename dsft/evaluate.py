@@ -34,7 +34,8 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     from dsft.models.files import model_dir_error, read_model_config
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
-    from dsft.runs.run_dir import RunDir, adapter_source
+    from dsft.config.load import load_run_recipe
+    from dsft.runs.run_dir import adapter_source, check_usable, recipe_file
 
     if not Path(run).is_dir():
         raise DsftError(f"--adapter {run}: no such run directory; give the output_dir of a dsft run (or one of its "
@@ -43,12 +44,11 @@ def open_run(run: Path, force: bool = False, command: str = "evaluate") -> tuple
     if owner is None:
         raise DsftError(f"--adapter {run}: an adapter directory outside a dsft run; give the run directory (its recipe "
                         "names the base and the data)")
-    rundir = RunDir(owner)
-    recipe = rundir.recipe()
+    recipe = load_run_recipe(owner)
     if checkpoint is None:  # a checkpoint was chosen as it is: the run's status does not stop it
-        rundir.check_usable(force, command)
+        check_usable(owner, force, command)
     model_path = resolve_model_path(recipe.model.path, recipe.model.revision)
-    key = f"{rundir.recipe_file}: model.path"
+    key = f"{recipe_file(owner)}: model.path"
     model_dir_error(model_path, key, tokenizer=False)
     recorded = read_metadata(adapter_dir).get("base_model")
     check_base(recorded, model_path, key, weights=False)

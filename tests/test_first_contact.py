@@ -1,5 +1,6 @@
-"""First contact: a recipe given positionally, a run given as its adapter/, files that follow the umask, and a
-console with no line dsft did not write (the kernels hub line, library warnings) in a real process."""
+"""First contact: a recipe given positionally, a run given as its adapter/, files that follow the umask, a
+console with no line dsft did not write (the kernels hub line, library warnings) in a real process, and a second
+`dsft sft` into a run that process holds refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -49,14 +52,22 @@ def test_files_follow_the_umask(make_recipe, cli, tmp_path: Path) -> None:
             assert f.stat().st_mode & 0o777 == 0o640, f  # safetensors alone would write 0600
 
 
-def test_no_line_on_the_console_is_not_dsfts(tmp_path: Path, cli, capfd: pytest.CaptureFixture) -> None:
+def test_no_line_on_the_console_is_not_dsfts_and_a_second_sft_into_the_run_is_refused(
+        tmp_path: Path, cli, capfd: pytest.CaptureFixture) -> None:
     """`dsft sft` as a user runs it, in a fresh process (every import's lines included), then `dsft export` of its
-    run (here, warnings shown each time): every library line off the console."""
+    run (here, warnings shown each time): every library line off the console. While that process holds the run,
+    the same command started here is refused, naming it, and writes nothing (before: both exited 0 and the run mixed
+    them, one's recipe.yaml and the other's run.json argv); the first ends complete with its own recipe, argv and
+    metrics, and its last printed and logged lines arrive (`dsft` skips the interpreter's teardown at exit:
+    dsft.cli.app._exit)."""
+    import json
+    import time
     import warnings
 
     import yaml
 
     from conftest import legal_rows, write_jsonl
+    from dsft.locks import LOCK_NAME
 
     train = write_jsonl(tmp_path / "train.jsonl", legal_rows(8))
     recipe = tmp_path / "r.yaml"
@@ -64,16 +75,30 @@ def test_no_line_on_the_console_is_not_dsfts(tmp_path: Path, cli, capfd: pytest.
                                                 "quantization": "nf4"},
                                       "data": {"train": str(train), "max_length": 128},
                                       "adapter": {"r": 4, "alpha": 8, "routed_experts": {1: [0]}},
-                                      "training": {"max_steps": 2, "micro_batch_size": 4, "logging_steps": 1},
+                                      "training": {"max_steps": 4, "micro_batch_size": 4, "logging_steps": 1},
                                       "output_dir": str(tmp_path / "run")}))
     env = {**os.environ, "PYTHONWARNINGS": "default"}
-    done = subprocess.run([sys.executable, "-m", "dsft", "sft", str(recipe)], capture_output=True, text=True, env=env,
-                          cwd=REPO)
-    assert done.returncode == 0, done.stdout + done.stderr
-    printed = [done.stdout + done.stderr]
+    proc = subprocess.Popen([sys.executable, "-m", "dsft", "sft", str(recipe), "--set", "training.seed=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lock, deadline = tmp_path / "run" / LOCK_NAME, time.time() + 120
+    while not (lock.is_file() and lock.read_text().strip() == str(proc.pid)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    second = cli("sft", recipe, "--set", "training.seed=2")
+    assert second.exit_code == 2 and f"is in use by a running dsft process (pid {proc.pid}" in second.output, second.output
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    run = tmp_path / "run"
+    info, saved = json.loads((run / "run.json").read_text()), yaml.safe_load((run / "recipe.yaml").read_text())
+    assert info["status"] == "complete" and "training.seed=1" in info["argv"] and saved["training"]["seed"] == 1
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # one run's rows, not two interleaved
+    assert (run / "run.log").read_text().splitlines()[-1].endswith(str(run / "run.log"))
+    assert out.rstrip().endswith(str(run / "run.log"))
+    printed = [out + err]
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        exported = cli("export", "--adapter", tmp_path / "run", "--format", "vllm", "--out", tmp_path / "vllm")
+        exported = cli("export", "--adapter", run, "--format", "vllm", "--out", tmp_path / "vllm")
     assert exported.exit_code == 0, exported.output
     printed += [exported.output, *capfd.readouterr()]
     foreign = [line for text in printed for line in text.splitlines() if any(mark in line for mark in FOREIGN)]

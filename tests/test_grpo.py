@@ -68,7 +68,7 @@ def test_completions_file_curves_card_and_summary(grpo_run: Path) -> None:
     from dsft.runs.metrics import read_metrics
     from dsft.train.curves import series
     from dsft.train.objective import objective
-    from dsft.runs.run_dir import RunDir
+    from dsft.config.load import load_run_recipe
 
     shown = _rows(grpo_run / "completions.jsonl")
     assert sorted({r["step"] for r in shown}) == list(range(1, 25))
@@ -82,7 +82,7 @@ def test_completions_file_curves_card_and_summary(grpo_run: Path) -> None:
     step = shown[-1]["step"]
     assert min(r["rewards"]["length"] for r in shown if r["step"] == step) <= metrics[step]["reward"] + 4 * metrics[step]["reward_std"]
 
-    recipe = RunDir(grpo_run).recipe()
+    recipe = load_run_recipe(grpo_run)
     panels = objective("grpo").curve_panels(recipe)
     drawn = series(read_metrics(grpo_run / "metrics.jsonl")[0], panels)
     assert set(drawn["reward (length)"]) == {"length"}  # one reward of weight 1: the total is that line, drawn once

@@ -107,12 +107,12 @@ def plan(recipe_file: RecipeArg = None, recipe: RecipeOpt = None, reprofile: Rep
 
 
 def _measured_peak(run: Path) -> float | None:
-    from dsft.runs.run_dir import RunDir
+    from dsft.runs import run_dir
 
     try:
         import torch
 
-        summary = RunDir(run).info()["summary"]
+        summary = run_dir.info(run)["summary"]
         return summary["peak_gpu_gib"] if torch.cuda.is_available() else summary.get("peak_host_gib")
     except (DsftError, KeyError, TypeError):
         return None

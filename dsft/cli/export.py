@@ -33,11 +33,11 @@ def export(
                         "`dsft merge` output")
     from dsft.export.merge import resolve
     from dsft.export.unmerged import export as write_export
-    from dsft.runs.run_dir import RunDir
+    from dsft.runs.run_dir import check_usable
 
     source = resolve(adapter, base)
     if source.run is not None and source.checkpoint is None:  # a checkpoint was chosen as it is
-        RunDir(source.run).check_usable(force, "export")
+        check_usable(source.run, force, "export")
     record = write_export(source, out, format, force)
     if source.checkpoint is not None:
         from dsft.runs.run_dir import describe_checkpoint

@@ -30,12 +30,12 @@ def merge(
     from dsft.console import console as dsft_console
     from dsft.export.merge import merge as run_merge
     from dsft.export.merge import resolve
-    from dsft.runs.run_dir import RunDir, describe_checkpoint
+    from dsft.runs.run_dir import check_usable, describe_checkpoint
 
     at_least("--verify-layers", verify_layers, 1)
     source = resolve(adapter, base)
     if source.run is not None and source.checkpoint is None:  # a checkpoint was chosen as it is
-        RunDir(source.run).check_usable(force, "merge")
+        check_usable(source.run, force, "merge")
     record = run_merge(source, out, force=force, dtype=dtype, requantize=requantize)
     console = dsft_console()
     console.print(f"merged {record['touched_tensors']} tensors of {source.base} into {out} "

@@ -12,14 +12,13 @@ from typing import Any
 
 import yaml
 
-from dsft.config.schema import Recipe
 from dsft.errors import DsftError
 from dsft.locks import LOCK_NAME, OutputLock, holder
 from dsft.outputs import is_main, read_json, write_atomic
 
 
 
-# The layout of a run directory; every command reaches its files through these (or RunDir).
+# The layout of a run directory; every command reaches its files through these and the functions below.
 ADAPTER, CHECKPOINTS, METRICS, RECIPE, RUN_JSON = "adapter", "checkpoints", "metrics.jsonl", "recipe.yaml", "run.json"
 LOG, CURVES, CARD, PLAN, EVAL, EVAL_PLOT = "run.log", "curves.png", "README.md", "plan.json", "eval.json", "eval.png"
 COMPLETIONS = "completions.jsonl"  # GRPO: sampled prompts, completions and their rewards per logged step
@@ -217,51 +216,18 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name.split("-")[1])
 
 
-class RunDir:
-    """A dsft run directory: its paths, its recipe read back through the schema, run.json and status,
-    and the lock and ownership rules (check_output_dir / check_usable) that guard it."""
+def recipe_file(run: Path) -> Path:
+    """The run's own recipe.yaml (a directory without one holds no dsft run)."""
+    return Path(run) / RECIPE
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
 
-    @property
-    def adapter(self) -> Path:
-        return adapter_dir(self.path)
+def is_run(path: Path) -> bool:
+    return recipe_file(path).is_file()
 
-    @property
-    def checkpoints(self) -> Path:
-        return checkpoints(self.path)
 
-    @property
-    def metrics(self) -> Path:
-        return metrics(self.path)
-
-    @property
-    def recipe_file(self) -> Path:
-        return self.path / RECIPE
-
-    def is_run(self) -> bool:
-        return self.recipe_file.is_file()
-
-    def recipe(self) -> Recipe:
-        from dsft.config.load import load_run_recipe
-
-        return load_run_recipe(self.path)
-
-    def info(self) -> dict[str, Any]:
-        return read_run_json(self.path) if (self.path / RUN_JSON).is_file() else {}
-
-    def status(self) -> str | None:
-        return read_status(self.path)
-
-    def holder(self) -> int | None:
-        return holder(self.path)
-
-    def lock(self) -> contextlib.AbstractContextManager:
-        return lock(self.path)
-
-    def check_usable(self, force: bool, command: str) -> str | None:
-        return check_usable(self.path, force, command)
+def info(run: Path) -> dict[str, Any]:
+    """run.json, or {} where there is none yet."""
+    return read_run_json(run) if (Path(run) / RUN_JSON).is_file() else {}
 
 
 def run_of(path: Path) -> Path:

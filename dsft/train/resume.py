@@ -112,40 +112,39 @@ def prepare_resume(run: Path, recipe_data: dict[str, Any], explicit: str | None,
     """Check that `run` can be resumed with this recipe and return the checkpoint to resume from; unless
     `dry` (the preflight, which changes nothing), remove the damaged checkpoints after it."""
     from dsft.config.load import read_yaml
-    from dsft.runs.run_dir import RunDir
+    from dsft.runs import run_dir
 
-    rundir = RunDir(run)
-    status = rundir.info().get("status")
+    status = run_dir.info(run).get("status")
     if status is None:
         raise DsftError(f"--resume: {run} holds no dsft run to resume; start it without --resume")
     if status == "complete":
         raise DsftError(f"--resume: the run in {run} is already complete; pass --force to train it again")
-    if not rundir.is_run():
+    if not run_dir.is_run(run):
         raise DsftError(f"--resume: {run} has no recipe.yaml, so the run cannot be checked; start again with --force")
-    saved = read_yaml(rundir.recipe_file, "run recipe")
+    saved = read_yaml(run_dir.recipe_file(run), "run recipe")
     changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
                      for k in set(saved[s]) | set(recipe_data.get(s) or {}) if saved[s].get(k) != (recipe_data.get(s) or {}).get(k)
                      and f"{s}.{k}" not in RESUME_FREE)
     if changed:
         raise DsftError(f"--resume: the recipe changed since the run started ({', '.join(changed[:5])}); "
                         "resume with the same recipe, or start again with --force")
-    check_inputs(rundir, recipe_data)
+    check_inputs(run, recipe_data)
     if explicit:
-        owned = Path(explicit).resolve().parent == rundir.checkpoints.resolve()
+        owned = Path(explicit).resolve().parent == run_dir.checkpoints(run).resolve()
         if not owned:
             raise DsftError(f"--resume-from {explicit}: not a checkpoint of the run in {run} (its checkpoints are in "
-                            f"{rundir.checkpoints}); pick one of those, or use --resume for the latest")
+                            f"{run_dir.checkpoints(run)}); pick one of those, or use --resume for the latest")
         problem = damage(Path(explicit))
         if problem:
             raise DsftError(f"--resume-from {explicit}: {problem}; pick another checkpoint or use --resume")
         check_weights(Path(explicit), "--resume-from")
         return Path(explicit)
-    checkpoint = latest_checkpoint(rundir.checkpoints, quiet=dry)
+    checkpoint = latest_checkpoint(run_dir.checkpoints(run), quiet=dry)
     if checkpoint is None:
-        raise DsftError(f"--resume: no complete checkpoint in {rundir.checkpoints}; start again with --force")
+        raise DsftError(f"--resume: no complete checkpoint in {run_dir.checkpoints(run)}; start again with --force")
     check_weights(checkpoint, "--resume")
     step = int(checkpoint.name.split("-")[1])
-    for later in [] if dry else rundir.checkpoints.glob("checkpoint-*"):  # damaged or half-written: trained again
+    for later in [] if dry else run_dir.checkpoints(run).glob("checkpoint-*"):  # damaged or half-written: trained again
         m = CHECKPOINT_NAME.match(later.name)
         if m and int(m.group(1)) > step:
             shutil.rmtree(later, ignore_errors=True)
@@ -165,14 +164,16 @@ def check_weights(checkpoint: Path, key: str) -> None:
                             "(--force)") from None
 
 
-def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
+def check_inputs(run: Path, recipe_data: dict[str, Any]) -> None:
     """What the run trained on is still there unchanged: every data file's sha256 as run.json recorded it,
     and the base model's identity (architecture and weights fingerprint)."""
     from dsft.models.identity import check_base
     from dsft.models.load import resolve_model_path
     from dsft.data.keys import file_sha256
 
-    info = rundir.info()
+    from dsft.runs import run_dir
+
+    info = run_dir.info(run)
     recorded = info.get("data_sha256") or {}
     for name, sha in recorded.items():
         path = Path(name)
@@ -180,7 +181,7 @@ def check_inputs(rundir: Any, recipe_data: dict[str, Any]) -> None:
             raise DsftError(f"--resume: data file {name} the run trained on is gone; restore it, or start again with --force")
         if file_sha256(path) != sha:
             raise DsftError(f"--resume: data file {name} changed since the run started (its sha256 differs from "
-                            f"{rundir.path / 'run.json'}); restore it, or start again with --force")
+                            f"{run / 'run.json'}); restore it, or start again with --force")
     check_base(info.get("base_model"), resolve_model_path(recipe_data["model"]["path"], recipe_data["model"].get("revision")),
                "--resume: model.path", force_hint=None)
 
