@@ -164,7 +164,7 @@ def _prompt_tokens(tokenizer: Any, prompt: Messages) -> int:
     return len(encode(tokenizer, [text])[0].ids)
 
 
-def _truncate(tokenizer: Any, prompt: Messages, limit: int, key: str) -> Messages:
+def _truncate(tokenizer: Any, prompt: Messages, limit: int, key: str = "max_prompt_length") -> Messages:
     """Drop tokens from the start of the last user turn until the rendered prompt fits."""
     prompt = [dict(m) for m in prompt]
     for _ in range(8):
