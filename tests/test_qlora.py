@@ -234,3 +234,40 @@ def test_trainer_style_checkpoint_restore(tmp_path: Path) -> None:
     assert want.keys() == got.keys() and any("shared_experts" in n for n in got)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+# NF4 as the QLoRA paper defines it (bitsandbytes' table): 16 levels in [-1, 1], a 64-weight block scaled by its
+# absolute maximum, each weight stored as the index of the nearest level; two indices a byte, the first high.
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                           0.7229568362236023, 1.0])
+
+
+def _nf4_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the level indices, the dequantized weight) of `weight` in 64-weight blocks, in plain torch."""
+    blocks = weight.reshape(-1, 64).float()
+    absmax = blocks.abs().amax(1, keepdim=True)
+    index = ((blocks / absmax).unsqueeze(-1) - NF4_LEVELS).abs().argmin(-1)
+    return index.reshape(-1), (NF4_LEVELS[index] * absmax).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 32), (8, 32, 64), (4, 128, 16), (2, 96, 64)],
+                         ids=["down-in-32", "gate-up", "in-16", "odd-rows"])
+def test_packed_nf4_matches_an_independent_nf4_reference(shape: tuple[int, ...]) -> None:
+    """dsft's expert storage against NF4 computed here without bitsandbytes, at the tiny models' shapes (a last
+    dimension under 64 among them: bitsandbytes 0.50.2's CPU dequantization was reported wrong there, which a test
+    comparing NF4 with NF4 cannot see): the same 4-bit codes, and the dequantized weight within the error of the
+    double-quantized block scales (8-bit, a fraction of a percent of the block's maximum)."""
+    from dsft.moe.nf4 import PackedNF4
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    packed = PackedNF4(weight, torch.float32)
+    index, expected = _nf4_reference(weight)
+    stored = packed.codes().view(-1)
+    assert torch.equal(torch.stack([stored >> 4, stored & 15], 1).reshape(-1).long(), index)
+    got = packed.dequantize()
+    assert got.shape == weight.shape
+    scale = weight.reshape(-1, 64).abs().amax(1, keepdim=True)
+    assert ((got - expected).reshape(-1, 64).abs() <= 0.01 * scale).all(), float((got - expected).abs().max())
+    assert ((got - weight).reshape(-1, 64).abs() <= 0.2 * scale).all()  # NF4's own rounding: at most ~0.16 of a block's maximum
