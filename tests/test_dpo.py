@@ -235,3 +235,15 @@ def test_eval_implicit_reward_agrees_with_training_and_against_compares_runs(sft
     text = result.output.replace("\n", " ")
     assert str(sft_run) in text and "implicit reward acc" in text and "held-out for sft" in text.replace(sft_run.name, "sft")
     assert "tokens from cache" not in text or "--data:" not in text
+
+
+def test_ipo_is_dpos_loss_type(make_recipe, tmp_path: Path) -> None:
+    """IPO has no command of its own (docs/objectives.md): `dpo.loss_type: ipo` reaches TRL's DPOConfig, with beta
+    as IPO's regularisation strength."""
+    from dsft.train import objective as plugins
+    from dsft.train import settings
+
+    recipe = load_recipe(_dpo_recipe(make_recipe, tmp_path, loss_type="ipo", beta=0.3))
+    config = settings.trl_config(plugins.objective("dpo"), recipe, None, tmp_path / "run", torch.float32)
+    assert config.loss_type == ["ipo"]  # TRL keeps its losses as a list (several may be combined)
+    assert config.beta == pytest.approx(0.3)
