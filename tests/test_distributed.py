@@ -45,7 +45,9 @@ def test_two_processes_match_one(make_recipe, cli, tmp_path: Path) -> None:
     two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
                       training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2})
     assert cli("sft", "--recipe", one).exit_code == 0  # one process: in-process
-    cache = tmp_path / "cache-two"  # the two processes prepare their data afresh
+    cache = tmp_path / "cache-two"  # the two processes prepare their data afresh (the built-in model: the session's)
+    cache.mkdir()
+    os.symlink(Path(os.environ["DSFT_CACHE"]) / "builtin", cache / "builtin")
     done = subprocess.run([sys.executable, *MULTINODE, "-m", "dsft", "sft", "--recipe", str(two)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "DSFT_CACHE": str(cache)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
