@@ -63,30 +63,32 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", rows: int = 16, **sections) -> Path:
+    """Write a small recipe for the tiny model under `tmp_path` (its data: `rows` legal conversations in
+    tmp_path/train.jsonl); keyword sections update the defaults."""
+    train = write_jsonl(tmp_path / "train.jsonl", legal_rows(rows))
+    recipe = {
+        "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+        "data": {"train": str(train), "format": "messages", "max_length": 128},
+        "adapter": {"r": 8, "alpha": 16},
+        "training": {"lr": 1e-2, "max_steps": 30, "micro_batch_size": 4, "scheduler": "constant",
+                     "warmup_ratio": 0.0, "logging_steps": 5, "save_steps": 1000},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update(value)
+        else:
+            recipe[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path: Path):
-    """Write a small recipe for the tiny model; keyword sections update the defaults."""
-
-    def make(name: str = "recipe.yaml", rows: int = 16, **sections) -> Path:
-        train = write_jsonl(tmp_path / "train.jsonl", legal_rows(rows))
-        recipe = {
-            "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
-            "data": {"train": str(train), "format": "messages", "max_length": 128},
-            "adapter": {"r": 8, "alpha": 16},
-            "training": {"lr": 1e-2, "max_steps": 30, "micro_batch_size": 4, "scheduler": "constant",
-                         "warmup_ratio": 0.0, "logging_steps": 5, "save_steps": 1000},
-            "output_dir": str(tmp_path / "run"),
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict):
-                recipe.setdefault(key, {}).update(value)
-            else:
-                recipe[key] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    return make
+    """tiny_recipe in the test's own tmp_path."""
+    return lambda name="recipe.yaml", rows=16, **sections: tiny_recipe(tmp_path, name, rows, **sections)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # subprocesses: in the full run (CI), not in `-m 'not slow'`
@@ -81,21 +80,14 @@ def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     processes, whose ranks then run tests/fsdp_worker.py's sharding cases (their report)."""
     from typer.testing import CliRunner
 
-    from conftest import fused_checkpoint, legal_rows, write_jsonl
+    from conftest import fused_checkpoint, tiny_recipe
     from dsft.cli.app import app
 
     tmp = tmp_path_factory.mktemp("fsdp2")
-    train = write_jsonl(tmp / "train.jsonl", legal_rows(16))
-    recipes = {}
-    for name, micro in (("one", 4), ("two", 2)):
-        recipes[name] = tmp / f"{name}.yaml"
-        recipes[name].write_text(yaml.safe_dump({
-            "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32", "quantization": "nf4"},
-            "data": {"train": str(train), "format": "messages", "max_length": 128},
-            "adapter": {"r": 8, "alpha": 16, "routed_experts": {1: [0, 3]}},
-            "training": {"lr": 1e-2, "max_steps": 4, "micro_batch_size": micro, "scheduler": "constant",
-                         "warmup_ratio": 0.0, "logging_steps": 5, "save_steps": 2},
-            "output_dir": str(tmp / name)}))
+    recipes = {name: tiny_recipe(tmp, f"{name}.yaml", rows=16, output_dir=str(tmp / name), model={"quantization": "nf4"},
+                                 adapter={"routed_experts": {1: [0, 3]}},
+                                 training={"max_steps": 4, "micro_batch_size": micro, "lr": 1e-2, "save_steps": 2})
+               for name, micro in (("one", 4), ("two", 2))}
     one = CliRunner().invoke(app, ["sft", "--recipe", str(recipes["one"])])  # one process: in-process
     assert one.exit_code == 0, one.output
     report = tmp / "sharding.json"

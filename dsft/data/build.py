@@ -98,11 +98,10 @@ def _encoded(spec: Spec, tokenizer: Any, chunks: Iterator[list[Any]], num_proc: 
 def _nothing_to_train_on(spec: Spec, counts: dict[str, int]) -> None:
     """Raise the error of an entry with no rows: every prompt too long (dropped), or no rows at all."""
     if kind_of(spec.kind).prompt_first and counts.get("dropped"):
-        fit = spec.fit or {}
-        section = f"{spec.section}." if spec.section else ""
-        raise DsftError(f"{section}max_prompt_length {fit.get('max_prompt_length')}: every prompt of "
-                        f"{spec.what} is longer ({counts['dropped']:,} rows dropped by {section}prompt_overflow: "
-                        f"drop); raise {section}max_prompt_length, or set {section}prompt_overflow: truncate")
+        limit, overflow = spec.setting("max_prompt_length"), spec.setting("prompt_overflow")
+        raise DsftError(f"{limit} {(spec.fit or {}).get('max_prompt_length')}: every prompt of {spec.what} is longer "
+                        f"({counts['dropped']:,} rows dropped by {overflow}: drop); raise {limit}, or set {overflow}: "
+                        "truncate")
     raise DsftError(f"{spec.what}: no rows to train on")
 
 

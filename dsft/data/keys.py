@@ -70,6 +70,10 @@ class Spec:
     formats: list[str] | None = None  # per file its own row format (data.train's `{path, format}`); None: fmt for all
     columns: list[dict[str, str] | None] | None = None  # per file its column map (`{path, columns}`), or None
 
+    def setting(self, name: str) -> str:
+        """A prompt-fitting setting's recipe key as errors name it (`kto.max_prompt_length`)."""
+        return f"{self.section}.{name}" if self.section else name
+
     def file_format(self, i: int) -> str:
         return (self.formats[i] if self.formats else None) or self.fmt
 

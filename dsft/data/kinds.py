@@ -88,7 +88,8 @@ class TrainingPairs(PairRows):
     def encode(self, tokenizer, spec, rows):
         from dsft.data.preference import tokenize_answers
 
-        return tokenize_answers(tokenizer, rows, ("chosen", "rejected"), **(spec.fit or {}), section=spec.section)
+        return tokenize_answers(tokenizer, rows, ("chosen", "rejected"), **(spec.fit or {}),
+                                limit_key=spec.setting("max_prompt_length"))
 
 
 class Unpaired(Kind):
@@ -108,7 +109,8 @@ class Unpaired(Kind):
     def encode(self, tokenizer, spec, rows):
         from dsft.data.preference import tokenize_answers
 
-        columns = tokenize_answers(tokenizer, rows, ("completion",), **(spec.fit or {}), section=spec.section)
+        columns = tokenize_answers(tokenizer, rows, ("completion",), **(spec.fit or {}),
+                                   limit_key=spec.setting("max_prompt_length"))
         desirable = int(columns["label"].sum()) if "label" in columns else 0
         return {**columns, "desirable": desirable, "undesirable": len(columns["prompt_length"]) - desirable}
 

@@ -103,15 +103,15 @@ def load_pairs(paths: list[str], system_prompt: str | None = None) -> list[dict[
 
 
 def tokenize_answers(tokenizer: Any, rows: list[dict[str, Any]], sides: tuple[str, ...], max_prompt_length: int,
-                     prompt_overflow: str, section: str | None = None) -> dict[str, Any]:
+                     prompt_overflow: str, limit_key: str = "max_prompt_length") -> dict[str, Any]:
     """Rows as TRL's DPOTrainer and KTOTrainer tokenize them (their `_prepare_dataset`, so that TRL need not):
     the prompt rendered with the generation prompt, prompt + each answer (`sides`: chosen and rejected, or
     the completion) rendered whole, the answers starting where the prompt's tokens and every full sequence
     part. Prompts are fitted to `max_prompt_length` first (a longer one is cut from the left of its last user
     turn, or its row dropped). Columns as dsft.data.prepared stores them (`{side}_ids`, the prompt's, each
     row's prompt and first answer lengths); `rows`, `truncated` and `dropped` count the prompts; the other
-    fields of a row (KTO's label) come back as columns. `section`: the recipe section whose max_prompt_length it is
-    (named in the error of a prompt whose template alone is longer)."""
+    fields of a row (KTO's label) come back as columns. `limit_key`: max_prompt_length's recipe key, named in the
+    error of a prompt whose template and earlier turns alone are longer."""
     import numpy as np
 
     from dsft.data.tokenize import encode, list_column
@@ -125,8 +125,7 @@ def tokenize_answers(tokenizer: Any, rows: list[dict[str, Any]], sides: tuple[st
         elif prompt_overflow == "drop":
             dropped += 1
         else:
-            key = f"{section}.max_prompt_length" if section else "max_prompt_length"
-            fitted = {**row, "prompt": _truncate(tokenizer, row["prompt"], max_prompt_length, key)}
+            fitted = {**row, "prompt": _truncate(tokenizer, row["prompt"], max_prompt_length, limit_key)}
             kept.append((fitted, encode(tokenizer, [render(fitted["prompt"], True)])[0].ids))
             truncated += 1
     texts = [render(r["prompt"] + r[side], False) for r, _ in kept for side in sides]

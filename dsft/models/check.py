@@ -67,10 +67,11 @@ def _problems(path: Path) -> list[str]:
             name, dtype, shape = canonical(key), entry["dtype"], list(entry["shape"])
             where = f"{path / shard}: {key}"
             if dtype in FP8:
-                problem = _scale_problem(where, key, header, shape, block)
-                problems += [problem] if problem else []
-                if block is None or key + SCALE_SUFFIX not in header:  # no scale: its shape is not checked either
+                scale = header.get(key + SCALE_SUFFIX)
+                if block is None or scale is None:  # no scale: its shape is not checked either
+                    problems.append(f"{where} is FP8 without a {key}{SCALE_SUFFIX} block scale in the same shard")
                     continue
+                problems += _grid_problem(where, scale, shape, block)
             m = PER_EXPERT.match(name) or FUSED.match(name)
             if m and m.group("module") in experts:
                 want = _expert_shape(m, experts[m.group("module")], expert_parts[m.group("module")])
@@ -104,15 +105,12 @@ def _problems(path: Path) -> list[str]:
     return problems
 
 
-def _scale_problem(where: str, key: str, header: dict, shape: list[int], block) -> str | None:
-    """An FP8 tensor's block scale: present in the same shard, on the grid its shape and the block size give."""
-    scale = header.get(key + SCALE_SUFFIX)
-    if block is None or scale is None:
-        return f"{where} is FP8 without a {key}{SCALE_SUFFIX} block scale in the same shard"
+def _grid_problem(where: str, scale: dict, shape: list[int], block) -> list[str]:
+    """An FP8 tensor's block scale on the grid its shape and the block size give (partial edge blocks included)."""
     grid = [-(-shape[0] // block[0]), -(-shape[1] // block[1])] if len(shape) == 2 else None
     if list(scale["shape"]) != grid:
-        return f"{where}: its block scale is {scale['shape']}, {shape} in {block} blocks needs {grid}"
-    return None
+        return [f"{where}: its block scale is {scale['shape']}, {shape} in {block} blocks needs {grid}"]
+    return []
 
 
 def _expert_shape(m, layer: tuple[int, int, int], parts: set[tuple[int | None, str]]) -> list[int] | str:
