@@ -77,7 +77,8 @@ def _launch(*args: str, env: dict | None = None) -> None:
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An NF4 SFT run in one process (in-process) and through the shipped recipes/accelerate/fsdp2.yaml on 2 CPU
-    processes, whose ranks then run tests/fsdp_worker.py's sharding cases (their report)."""
+    processes, whose ranks then lose everything past the first checkpoint and `--resume` (the uninterrupted adapter
+    kept as two.uninterrupted), then run tests/fsdp_worker.py's sharding cases (their report)."""
     from typer.testing import CliRunner
 
     from conftest import fused_checkpoint, tiny_recipe
@@ -92,8 +93,9 @@ def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert one.exit_code == 0, one.output
     report = tmp / "sharding.json"
     _launch(*FSDP, "--recipe", str(recipes["two"]),
-            env={"DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))])})
-    return {"tmp": tmp, "two": recipes["two"], "sharding": json.loads(report.read_text())}
+            env={"DSFT_TEST_RESUME": str(tmp / "two"),
+                 "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))])})
+    return {"tmp": tmp, "sharding": json.loads(report.read_text())}
 
 
 def test_fsdp2_matches_one_process_and_resumes(fsdp2_run: dict) -> None:
@@ -103,16 +105,14 @@ def test_fsdp2_matches_one_process_and_resumes(fsdp2_run: dict) -> None:
     `--resume` reloads the sharded adapter and optimizer and ends where the uninterrupted run did."""
     tmp = fsdp2_run["tmp"]
     single = load_file(tmp / "one/adapter/adapter_model.safetensors")
-    sharded = load_file(tmp / "two/adapter/adapter_model.safetensors")
+    sharded = load_file(tmp / "two.uninterrupted/adapter_model.safetensors")
     assert single.keys() == sharded.keys() and any("experts.lora_" in k for k in single)
     assert_same_training(sharded, single)
 
-    shutil.rmtree(tmp / "two/checkpoints/checkpoint-4")
-    shutil.rmtree(tmp / "two/adapter")
     info = json.loads((tmp / "two/run.json").read_text())
-    info["status"] = "running"
-    (tmp / "two/run.json").write_text(json.dumps(info))
-    _launch(*FSDP, "--recipe", str(fsdp2_run["two"]), "--resume")
+    assert info["status"] == "complete" and info["summary"]["processes"] == 2
+    assert info["resumed_from"] == str(tmp / "two/checkpoints/checkpoint-2")
+    assert sorted(p.name for p in (tmp / "two/checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     resumed = load_file(tmp / "two/adapter/adapter_model.safetensors")
     for key in sharded:
         torch.testing.assert_close(resumed[key], sharded[key], rtol=0, atol=1e-6)
