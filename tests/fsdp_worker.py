@@ -1,7 +1,8 @@
 """One rank of tests/test_distributed.py's sharding cases (run after the dsft command in its FSDP2 launch, over gloo, by
 tests/fsdp_launch.py): dsft's NF4 model with expert LoRA, its
 expert codes sharded either by FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer,
-then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`)."""
+then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`); and expert parallelism with FSDP2 on
+transformers' engine (dsft.moe.parallel: `ep-*`)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
-def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3") -> nn.Module:
-    section = ModelSection(path=path, dtype="float32", quantization="nf4", shard_experts=shard_experts)
+def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4") -> nn.Module:
+    section = ModelSection(path=path, dtype="float32", quantization=quantization, shard_experts=shard_experts)
     base = load_model(section, resolve_model_path(section.path))
     every_expert = {layer_of(n): None for n in expert_modules(base)}
     model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"), every_expert)[0]
@@ -55,8 +56,8 @@ def case(mode: str, path: str, rank: int, world: int) -> dict:
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        sharded = all(isinstance(c.packed, DTensor) for c in codes)
-        local = sum(c.packed.to_local().numel() for c in codes)
+        sharded = all(isinstance(c.codes, DTensor) for c in codes)
+        local = sum(c.codes.to_local().numel() for c in codes)
         mine = slice(2 * rank, 2 * rank + 2)  # FSDP2 averages the ranks' gradients, as DDP does
     else:
         sharded = all(c.sharded and not list(c.parameters()) for c in codes)
@@ -66,10 +67,55 @@ def case(mode: str, path: str, rank: int, world: int) -> dict:
     gathered = full_trainable_state(model) or {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return {
         "packed_sharded": sharded,
-        "packed_local_fraction": local / sum(c.packed_shape.numel() for c in codes),
+        "packed_local_fraction": local / sum(c.shape.numel() // 2 for c in codes),
         "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
         "missing": sorted(set(expected) - set(gathered)),
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
+        "expert_lora_params": sum("experts.lora_" in n for n in gathered),
+    }
+
+
+def _route_to_the_first_experts(model: nn.Module) -> None:
+    """Every token to experts 0-3 (rank 0's under EP over two ranks): rank 1's experts get empty batches."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer[:4] = 10.0
+
+
+def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False) -> dict:
+    """Expert parallelism over the two ranks and FSDP2 (dsft.moe.parallel.parallelize, fsdp 2 x ep 2), LoRA on every
+    routed expert, against one unsharded process at the same global batch: logits, gradients and one AdamW step."""
+    from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
+
+    ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
+    reference = build(quantization=quantization)
+    model = build(quantization=quantization)
+    if one_rank:
+        _route_to_the_first_experts(reference)
+        _route_to_the_first_experts(model)
+    ref_logits, _ = step(reference, ids)  # its gradients stay in .grad
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+    whole_codes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".codes")}
+
+    parallelize(model, fsdp=world, ep=world)
+    mine = slice(2 * rank, 2 * rank + 2)
+    logits, _ = step(model, ids[mine])
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+             for n, p in model.named_parameters() if p.requires_grad}
+    experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
+    rows = [(n, p) for n, p in model.named_parameters() if n.endswith(".codes")]
+    gathered = full_trainable_state(model)
+    return {
+        "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
+        "grad_max_rel": max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()),
+        "experts_with_grad": sorted({e for n, g in grads.items() if "experts.lora_" in n
+                                     for e in g.flatten(1).abs().sum(1).nonzero().flatten().tolist()}),
+        "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
+        "local_fraction": local_fraction(model),
+        "local_experts": sorted({m.num_experts for m in experts}),
+        "unsharded_trainable": unsharded_trainable(model),
+        "codes_equal_one_process": all(torch.equal(p.full_tensor(), whole_codes[n]) for n, p in rows),
         "expert_lora_params": sum("experts.lora_" in n for n in gathered),
     }
 
@@ -86,6 +132,8 @@ def main(out: str, fused: str) -> None:
     report = {f"{mode}-{layout}": case(mode, path, rank, world)
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
                                          ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
+    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4": ep_case("nf4", rank, world),
+                   "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True)})
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

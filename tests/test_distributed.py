@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +133,25 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, fsdp2_run
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 
 
+@pytest.mark.parametrize("case", ["ep-fp32", "ep-nf4", "ep-nf4-one-rank"])
+def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -> None:
+    """dsft's experts under expert parallelism on transformers' engine (dsft.moe.parallel: all-to-all token dispatch,
+    FSDP2 over fsdp 2 x ep 2), LoRA on every routed expert, against one unsharded process at the same global batch
+    (tests/fsdp_worker.py ep_case): each rank holds half of every expert tensor (codes, scales, LoRA) and runs 4 of
+    the 8 experts on local ids; logits, gradients (read from the local tensors in backward too) and the adapter after
+    one AdamW step are the one process's; the NF4 codes are the bytes one process quantized. `one-rank`: every token
+    routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still trains."""
+    report = fsdp2_run["sharding"][case]
+    assert report["local_fraction"] == 0.5 and report["local_experts"] == [4]
+    assert report["unsharded_trainable"] == []  # every trainable tensor of an EP module is a sharded tensor
+    assert report["logits_max_diff"] < 1e-5
+    assert report["grad_max_rel"] < 1e-5
+    assert report["param_max_diff"] < 1e-4  # AdamW's first step moves every element by about lr (1e-2) whatever its size
+    assert report["codes_equal_one_process"] and report["expert_lora_params"] > 0
+    # which experts' LoRA got a gradient: with every token on rank 0's experts, none of rank 1's
+    assert report["experts_with_grad"] == ([0, 1, 2, 3] if case.endswith("one-rank") else list(range(8)))
+
+
 def test_nf4_codes_are_a_frozen_parameter() -> None:
     """A parameter, so FSDP2 shards them and torch.distributed.checkpoint finds every parameter in the
     state dict; frozen, so adapter files and the Trainer's adapter-only FSDP checkpoints leave them out.
@@ -146,10 +164,10 @@ def test_nf4_codes_are_a_frozen_parameter() -> None:
     model = load_model(section, resolve_model_path(section.path))
     experts = next(m for m in model.modules() if isinstance(m, DsftExperts))
     assert sum(b.numel() for b in model.buffers()) < 100  # rotary tables and correction biases only
-    codes = experts.gate_up_nf4.packed
+    codes = experts.gate_up_nf4.codes
     assert isinstance(codes, torch.nn.Parameter) and codes.dtype == torch.uint8 and not codes.requires_grad
     state = experts.state_dict()
-    assert torch.equal(state["gate_up_nf4.packed"], codes)
+    assert torch.equal(state["gate_up_nf4.codes"], codes)
     before = experts.gate_up_nf4.dequantize().clone()
     experts.load_state_dict(state, strict=True)
     assert torch.equal(experts.gate_up_nf4.dequantize(), before)

@@ -44,7 +44,7 @@ def test_experts_equal_transformers_eager(name: str) -> None:
 def test_nf4_experts_equal_eager_on_dequantized_weights() -> None:
     eager = _eager("tiny-deepseek-v3").model.layers[2].mlp.experts
     nf4 = DsftExperts.from_module(eager, quantized=True)
-    assert nf4.gate_up_nf4.packed.dtype == torch.uint8
+    assert nf4.gate_up_nf4.codes.dtype == torch.uint8
     assert nf4.gate_up_nf4.nbytes() < eager.gate_up_proj.numel() * 4 / 6  # ~4.5 bits per weight vs 32
     dequant = copy.deepcopy(eager)
     dequant.gate_up_proj.data = nf4.gate_up_nf4.dequantize()
@@ -71,7 +71,7 @@ def test_expert_lora_reference_gradcheck_float64() -> None:
         selected = {1: tuple(t[0] for t in ab), 5: tuple(t[1] for t in ab)}
         return reference_experts(x, idx, w.double(), gate_up, down, eager.act_fn, selected, scale=0.5)
 
-    assert torch.autograd.gradcheck(f, (x, *lora))
+    assert torch.autograd.gradcheck(f, (x, *lora), fast_mode=True)  # checks random projections of the Jacobian (half the time)
 
 
 def test_grouped_lora_gradients_match_reference() -> None:
@@ -103,3 +103,47 @@ def test_grouped_mm_fallback_matches_kernel() -> None:
     assert torch.allclose(grouped_mm(x.double(), w.double(), offs), expected.double(), atol=1e-5)
     odd = torch.randn(3, 16, 3)  # 12-byte rows: not 16-byte aligned, takes the loop
     assert torch.allclose(grouped_mm(x, odd, offs), torch.cat([x[:5] @ odd[0], x[5:] @ odd[2]]), atol=1e-5)
+
+
+def test_nf4_rows_of_the_experts_are_the_experts_quantized_alone() -> None:
+    """Every NF4 tensor is per expert on dim 0 (codes, 8-bit block scales, scale state): any slice of the experts,
+    as expert parallelism keeps it on a rank, holds the bytes of quantizing those experts alone and dequantizes to
+    their weights; the scale state is int32 bit patterns, so casting the model to bf16 leaves it exact."""
+    from dsft.moe.nf4 import PackedNF4, dequantize_experts
+
+    weight = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(3))
+    whole, half = PackedNF4(weight, torch.float32), PackedNF4(weight[4:], torch.float32)
+    for name in PackedNF4.PARTS:
+        assert getattr(whole, name).shape[0] == 8 and torch.equal(getattr(whole, name)[4:], getattr(half, name))
+    rows = [getattr(whole, name)[4:] for name in PackedNF4.PARTS]
+    assert torch.equal(dequantize_experts(*rows, whole.shape, torch.float32), whole.dequantize()[4:])
+    state = whole.scale_state.clone()
+    whole.to(torch.bfloat16)
+    assert whole.scale_state.dtype == torch.int32 and torch.equal(whole.scale_state, state)
+
+
+def test_the_expert_parallel_plan_names_every_expert_tensor_and_the_guard_finds_a_plain_one() -> None:
+    """dsft.moe.parallel's plan for a model with expert LoRA: each DsftExperts' NF4 parts and its LoRA tensors split
+    on dim 0, the LoRA layer dispatching tokens, parameters first; before sharding, the guard names the LoRA
+    tensors as not sharded (the state it exists to catch)."""
+    from dsft.adapters.lora import attach_lora
+    from dsft.config.schema import AdapterSection, ModelSection
+    from dsft.models.load import load_model
+    from dsft.moe.experts import expert_modules, layer_of
+    from dsft.moe.parallel import ROWS, ep_plan, unsharded_trainable
+
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
+    base = load_model(section, resolve_model_path(section.path))
+    model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"),
+                        {layer_of(n): None for n in expert_modules(base)})[0]
+    plan = ep_plan(model)
+    dispatch = [n for n, style in plan.items() if style == "ep_dispatch_experts"]
+    assert dispatch == ["base_model.model.model.layers.1.mlp.experts", "base_model.model.model.layers.2.mlp.experts"]
+    assert list(plan.values()) == [ROWS] * (len(plan) - 2) + ["ep_dispatch_experts"] * 2
+    layer = "base_model.model.model.layers.1.mlp.experts"
+    expected = {f"{layer}.base_layer.{store}.{part}" for store in ("gate_up_nf4", "down_nf4")
+                for part in ("codes", "scales", "scale_state")}
+    expected |= {f"{layer}.lora_{p}_{ab}.default.weight" for p in ("gate_up", "down") for ab in "AB"}
+    assert {n for n in plan if n.startswith(layer + ".")} == expected
+    assert {n for n in unsharded_trainable(model) if n.startswith(layer + ".")} == {
+        f"{layer}.lora_{p}_{ab}.default.weight" for p in ("gate_up", "down") for ab in "AB"}

@@ -264,7 +264,7 @@ def test_packed_nf4_matches_an_independent_nf4_reference(shape: tuple[int, ...])
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     packed = PackedNF4(weight, torch.float32)
     index, expected = _nf4_reference(weight)
-    stored = packed.codes().view(-1)
+    stored = packed.codes.view(-1)
     assert torch.equal(torch.stack([stored >> 4, stored & 15], 1).reshape(-1).long(), index)
     got = packed.dequantize()
     assert got.shape == weight.shape

@@ -8,6 +8,7 @@ router's scores and add back per token, exactly as transformers' eager loop does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from dsft.moe.fused import is_silu, silu_mul
 from dsft.moe.grouped import frozen_linear, grouped_mm
-from dsft.moe.nf4 import PackedNF4
+from dsft.moe.nf4 import PackedNF4, local
 
 
 @dataclass
@@ -85,7 +86,6 @@ class DsftExperts(nn.Module):
         super().__init__()
         dtype = dtype or gate_up.dtype
         _, two_i, self.hidden_dim = gate_up.shape
-        self.num_experts = num_experts or gate_up.shape[0]
         self.intermediate_dim = two_i // 2
         self.act_fn = act_fn
         self.quantized = quantized
@@ -105,15 +105,29 @@ class DsftExperts(nn.Module):
         return cls(experts.gate_up_proj.data, experts.down_proj.data, experts.act_fn, quantized, dtype)
 
     @property
+    def num_experts(self) -> int:
+        """The experts this module runs: this rank's under expert parallelism (dsft.moe.parallel), which hands it
+        local expert ids; else all of the layer's."""
+        return self.gate_up_nf4.num_experts if self.quantized else local(self.gate_up_proj).shape[0]
+
+    @property
     def weight(self) -> torch.Tensor:
         """A tensor on the experts' device (PEFT places adapter weights next to `weight`)."""
         return self.gate_up_nf4.stored if self.quantized else self.gate_up_proj
 
     def gate_up_weight(self) -> torch.Tensor:
-        return self.gate_up_nf4.dequantize() if self.quantized else self.gate_up_proj
+        return self.gate_up_nf4.dequantize() if self.quantized else local(self.gate_up_proj)
 
     def down_weight(self) -> torch.Tensor:
-        return self.down_nf4.dequantize() if self.quantized else self.down_proj
+        return self.down_nf4.dequantize() if self.quantized else local(self.down_proj)
+
+    def _readers(self) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+        """(gate_up, down) weight functions over the tensors this rank holds now, which backward calls again
+        after expert parallelism has swapped its local tensors back for the sharded ones."""
+        if self.quantized:
+            return self.gate_up_nf4.reader(), self.down_nf4.reader()
+        gate_up, down = local(self.gate_up_proj), local(self.down_proj)
+        return (lambda: gate_up), (lambda: down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 deltas: tuple[ExpertDelta, ...] = (), replacements: tuple[ExpertReplacement, ...] = ()) -> torch.Tensor:
@@ -125,21 +139,22 @@ class DsftExperts(nn.Module):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
 
         x = GatherRows.apply(hidden_states, order, num_top_k).to(self.compute_dtype)
-        gate_up = frozen_linear(x, offs, self.gate_up_weight)
+        gate_up_weight, down_weight = self._readers()
+        gate_up = frozen_linear(x, offs, gate_up_weight)
         for d in deltas:
             gate_up = gate_up + low_rank(x, d.gate_up_A, d.gate_up_B, offs, d.scale)
         rows = [self._rows(flat[order], counts, r.index) for r in replacements]
         for r, (sel, sub_offs) in zip(replacements, rows):
-            gate_up = gate_up.index_add(0, sel, replaced(x, self.gate_up_weight(), r.gate_up, r.index, sel, sub_offs))
+            gate_up = gate_up.index_add(0, sel, replaced(x, gate_up_weight(), r.gate_up, r.index, sel, sub_offs))
         gate, up = gate_up.chunk(2, dim=-1)
         # The router's weight scales h, not the output: down_proj is linear, and h is the narrower tensor.
         weight = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(up.dtype)
         h = silu_mul(gate, up, weight) if is_silu(self.act_fn) else self.act_fn(gate) * up * weight
-        out = frozen_linear(h, offs, self.down_weight)
+        out = frozen_linear(h, offs, down_weight)
         for d in deltas:
             out = out + low_rank(h, d.down_A, d.down_B, offs, d.scale)
         for r, (sel, sub_offs) in zip(replacements, rows):
-            out = out.index_add(0, sel, replaced(h, self.down_weight(), r.down, r.index, sel, sub_offs))
+            out = out.index_add(0, sel, replaced(h, down_weight(), r.down, r.index, sel, sub_offs))
         # Back to (token, k) order with a permutation copy, then sum over k: no atomic index_add.
         unsorted = out.new_empty(out.shape).index_copy_(0, order, out)
         return unsorted.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)

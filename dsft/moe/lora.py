@@ -21,6 +21,7 @@ from torch import nn
 
 from dsft.moe.delta import expert_factors, lora_delta
 from dsft.moe.experts import DsftExperts, ExpertDelta, ExpertReplacement
+from dsft.moe.nf4 import local
 
 SELECTION_ATTR = "dsft_lora_experts"
 MODE_ATTR = "dsft_expert_mode"  # "lora" (default) or "full"
@@ -77,6 +78,11 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config)
 
+    @property
+    def num_experts(self) -> int:
+        """The base's (this rank's experts under expert parallelism, which dispatches tokens by it)."""
+        return self.get_base_layer().num_experts
+
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.hidden_dim, module.hidden_dim
 
@@ -117,7 +123,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
     def delta(self, adapter_name: str) -> ExpertDelta:
         num = self.get_base_layer().num_experts
         index = self._index_on(adapter_name, self.lora_gate_up_A[adapter_name].weight)
-        get = lambda name: _expand(getattr(self, name)[adapter_name].weight, index, num)  # noqa: E731
+        get = lambda name: _expand(local(getattr(self, name)[adapter_name].weight), index, num)  # noqa: E731
         return ExpertDelta(get("lora_gate_up_A"), get("lora_gate_up_B"), get("lora_down_A"), get("lora_down_B"),
                            self.scaling[adapter_name])
 
@@ -130,7 +136,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def replacement(self, adapter_name: str) -> ExpertReplacement:
         gate_up = self.lora_full_gate_up[adapter_name].weight
-        return ExpertReplacement(self._index_on(adapter_name, gate_up), gate_up, self.lora_full_down[adapter_name].weight)
+        return ExpertReplacement(self._index_on(adapter_name, gate_up), local(gate_up),
+                                 local(self.lora_full_down[adapter_name].weight))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 *args: Any, **kwargs: Any) -> torch.Tensor:

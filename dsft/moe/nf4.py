@@ -1,25 +1,31 @@
-"""Fused expert weights stored as packed NF4 (bitsandbytes, blocksize 64, double quant).
+"""Fused expert weights stored as packed NF4 (bitsandbytes' 4-bit codes, blocksize 64, double quant),
+every tensor per expert on dim 0.
 
-The packed codes are a frozen uint8 parameter, so FSDP2 shards them across ranks like any weight and
-all-gathers them around each layer's forward and backward. With `model.shard_experts` dsft splits them
-itself as they are loaded: each rank reads and quantizes only its 1/world of each layer's experts,
-keeps those codes, and gathers the layer's codes when it dequantizes them, so a model whose NF4 experts
-do not fit on one GPU (DeepSeek-V3) never exists whole on any rank, and plain DDP trains it. Either way
-the small block scales (quant_state, about 3% of the codes) stay whole on every rank.
+An expert weight [E, out, in] is held as three frozen parameters, each with the expert first:
+- `codes` uint8 [E, out*in/2]: two 4-bit NF4 codes a byte, 64-weight blocks (bitsandbytes' `quantize_4bit`);
+- `scales` uint8 [E, P]: each block's absolute maximum, double-quantized to 8 bits in groups of 256 blocks
+  that never straddle two experts (P: the expert's block count rounded up to 256);
+- `scale_state` int32 [E, P/256 + 1]: the fp32 maximum of each group of 256, then the expert's offset (the
+  mean of its block maxima), stored as int32 bit patterns so no dtype cast (`model.to(bf16)`, FSDP2's mixed
+  precision) ever rounds them.
 
-A fused tensor [E, out, in] is quantized in one call. Its 64-element blocks never straddle two
-experts (each expert's slice is a whole number of blocks), so every expert keeps its own 4-bit codes
-and block scales; double quantization then packs 256 block scales at a time.
+So an expert's weight depends on its own rows alone: slicing the experts (expert parallelism shards all
+three on dim 0, FSDP2 shards them like any frozen parameter) gives exactly the slices' weights, and
+quantizing a slice of the experts gives the same bytes as the whole layer's rows. `dequantize_experts` reads
+local tensors only (what a rank holds under expert parallelism), in forward and in backward alike.
+
+With `model.shard_experts` dsft splits the experts itself as they are loaded: each rank reads and quantizes
+only its 1/world of each layer's experts, keeps those rows as plain attributes (no parameter, so DDP leaves
+them alone), and gathers the layer's rows when it dequantizes them.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
 BLOCKSIZE = 64
+SCALE_GROUP = 256  # block maxima per 8-bit group (bitsandbytes' nested quantization)
 _buffers: dict[tuple, torch.Tensor] = {}
 
 
@@ -55,100 +61,122 @@ def expert_range(num_experts: int) -> tuple[int, int, int]:
     return lo, min(num_experts, lo + per), per
 
 
-def _quantize_sharded(local: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, Any]:
-    """This rank's experts [e, out, in] -> (its padded slice of the layer's NF4 codes, the whole layer's
-    QuantState). The 4-bit codes of a 64-weight block depend on that block alone; double quantization
-    needs every block's scale, so the fp32 scales are gathered and compressed as bitsandbytes'
-    `quantize_4bit` does. The result is bit-identical to quantizing the whole layer on one process."""
+def quantize_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[E, out, in] -> (codes uint8 [E, out*in/2], scales uint8 [E, P], scale_state int32 [E, P/256 + 1])."""
     import bitsandbytes.functional as bnbf
-    import torch.distributed as dist
 
-    _, out_dim, in_dim = local.shape
-    lo, hi, per = expert_range(num_experts)
-    codes_per_expert, blocks_per_expert = out_dim * in_dim // 2, out_dim * in_dim // BLOCKSIZE
-    codes = torch.zeros(per * codes_per_expert, dtype=torch.uint8, device=local.device)
-    absmax = torch.zeros(per * blocks_per_expert, dtype=torch.float32, device=local.device)
-    if hi > lo:
-        packed, scales = torch.ops.bitsandbytes.quantize_4bit.default(local.contiguous(), BLOCKSIZE, "nf4", torch.uint8)
-        codes[:packed.numel()] = packed.view(-1)
-        absmax[:scales.numel()] = scales
-    every = absmax.new_empty(absmax.numel() * dist.get_world_size())
-    dist.all_gather_into_tensor(every, absmax, group=codes_group())
-    every = every.view(dist.get_world_size(), per, blocks_per_expert).flatten(0, 1)[:num_experts].reshape(-1)
-    offset = every.mean()
-    qabsmax, state2 = bnbf.quantize_blockwise(every - offset, blocksize=256)
-    state = bnbf.QuantState(absmax=qabsmax, shape=torch.Size([num_experts, out_dim, in_dim]), dtype=local.dtype,
-                            blocksize=BLOCKSIZE, code=bnbf.get_4bit_type("nf4", device=local.device),
-                            quant_type="nf4", offset=offset, state2=state2)
-    return codes, state
+    experts = weight.shape[0]
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(weight.contiguous(), BLOCKSIZE, "nf4", torch.uint8)
+    absmax = absmax.float().view(experts, -1)
+    blocks = absmax.shape[1]
+    padded = -(-blocks // SCALE_GROUP) * SCALE_GROUP
+    offset = absmax.mean(1, keepdim=True)
+    centred = torch.zeros(experts, padded, dtype=torch.float32, device=weight.device)
+    centred[:, :blocks] = absmax - offset
+    scales, state = bnbf.quantize_blockwise(centred.view(-1), blocksize=SCALE_GROUP)
+    scale_state = torch.cat([state.absmax.float().view(experts, -1), offset], 1).contiguous()
+    return packed.view(experts, -1), scales.view(experts, padded), scale_state.view(torch.int32)
+
+
+def dequantize_experts(codes: torch.Tensor, scales: torch.Tensor, scale_state: torch.Tensor, shape: torch.Size,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The weight [e, out, in] of the e experts whose rows these are (`quantize_experts`' output, or rows of it)."""
+    import bitsandbytes.functional as bnbf
+
+    experts = codes.shape[0]
+    state = scale_state.contiguous().view(torch.float32)
+    group_max, offset = state[:, :-1].contiguous(), state[:, -1:]
+    blocks = shape[1] * shape[2] // BLOCKSIZE
+    absmax = bnbf.dequantize_blockwise(scales.reshape(-1), absmax=group_max.reshape(-1), blocksize=SCALE_GROUP)
+    absmax = (absmax.view(experts, -1)[:, :blocks] + offset).reshape(-1)
+    full = torch.Size([experts, *shape[1:]])
+    quant_state = bnbf.QuantState(absmax=absmax, shape=full, dtype=dtype, blocksize=BLOCKSIZE,
+                                  code=bnbf.get_4bit_type("nf4", device=codes.device), quant_type="nf4")
+    flat = codes.reshape(-1, 1)
+    if codes.device.type == "cuda":  # bitsandbytes has no CPU kernel for the out= variant
+        return bnbf.dequantize_4bit(flat, quant_state, out=reusable_buffer(full, dtype, codes.device))
+    return bnbf.dequantize_4bit(flat, quant_state).to(dtype)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rows this rank holds of a parameter that expert parallelism or FSDP2 made a DTensor (differentiable)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class PackedNF4(nn.Module):
-    """A frozen 3-D weight in NF4; `dequantize()` returns it in `dtype`."""
+    """A frozen expert weight [E, out, in] in NF4 (the module docstring's three tensors); `dequantize()`
+    returns it in `dtype`."""
+
+    PARTS = ("codes", "scales", "scale_state")
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, num_experts: int | None = None) -> None:
         """`weight`: all experts [E, out, in]; or, with `num_experts` (sharded codes), this rank's
         experts (`expert_range`), every rank calling at the same point."""
         super().__init__()
-        import bitsandbytes.functional as bnbf
-
         if weight[0].numel() % BLOCKSIZE:
             raise ValueError(f"expert weight {tuple(weight.shape)} is not a whole number of {BLOCKSIZE}-element blocks per expert")
         self.sharded = num_experts is not None
         self.shape = torch.Size([num_experts or weight.shape[0], *weight.shape[1:]])
-        self.packed_shape = torch.Size([self.shape.numel() // 2, 1])
-        if self.sharded:
-            # A plain attribute: DDP, FSDP and state dicts leave this rank's slice alone.
-            self.local_codes, state = _quantize_sharded(weight, num_experts)
-        else:
-            packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True,
-                                               quant_type="nf4", quant_storage=torch.uint8)
-            # A frozen parameter, not a buffer: FSDP2 shards parameters only (a buffer would stay whole
-            # on every rank). Frozen, so adapter files and adapter-only checkpoints leave it out.
-            self.packed = nn.Parameter(packed, requires_grad=False)
-        self.quant_state = state
-        self.quant_state.dtype = dtype
         self.dtype = dtype
+        parts = quantize_experts(weight)
+        for name, tensor in zip(self.PARTS, parts):
+            if self.sharded:  # a plain attribute: DDP, FSDP and state dicts leave this rank's rows alone
+                setattr(self, f"local_{name}", tensor)
+            else:
+                # Frozen parameters, not buffers: FSDP2 and expert parallelism shard parameters only (a buffer
+                # would stay whole on every rank); frozen, so adapter files and adapter-only checkpoints leave
+                # them out.
+                setattr(self, name, nn.Parameter(tensor, requires_grad=False))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         super()._apply(fn, recurse)
         if self.sharded:
-            self.local_codes = fn(self.local_codes)
-        self.quant_state.to(self.stored.device)
+            for name in self.PARTS:
+                setattr(self, f"local_{name}", fn(getattr(self, f"local_{name}")))
         return self
 
     @property
     def stored(self) -> torch.Tensor:
-        """The codes this rank holds: all of them, or its slice when sharded."""
-        return self.local_codes if self.sharded else self.packed
+        """The codes this rank holds: all of them, or its rows when sharded."""
+        return self.local_codes if self.sharded else self.codes
 
-    def codes(self) -> torch.Tensor:
-        """All the packed codes; when sharded, gathered from every rank (a collective)."""
+    def local_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scales, scale_state) as this rank holds them: every expert, or (expert parallelism) its own,
+        as local tensors; with sharded codes, the whole layer's gathered from every rank (a collective)."""
         if not self.sharded:
-            return self.packed
+            return tuple(local(getattr(self, name)) for name in self.PARTS)
+        return tuple(self._gathered(getattr(self, f"local_{name}")) for name in self.PARTS)
+
+    def _gathered(self, rows: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        local = self.local_codes
-        full = reusable_buffer(torch.Size([local.numel() * dist.get_world_size()]), torch.uint8, local.device)
-        dist.all_gather_into_tensor(full, local, group=codes_group())
-        return full[:self.packed_shape.numel()].view(self.packed_shape)  # ranks' slices are in expert order
+        per = -(-self.shape[0] // dist.get_world_size())
+        mine = rows.new_zeros(per, *rows.shape[1:])
+        mine[:rows.shape[0]] = rows
+        full = reusable_buffer(torch.Size([per * dist.get_world_size(), *rows.shape[1:]]), rows.dtype, rows.device)
+        dist.all_gather_into_tensor(full, mine, group=codes_group())
+        return full[:self.shape[0]]  # ranks' rows are in expert order
+
+    @property
+    def num_experts(self) -> int:
+        """How many experts `dequantize()` returns: this rank's under expert parallelism, else all."""
+        return self.shape[0] if self.sharded else local(self.codes).shape[0]
 
     def dequantize(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
+        return dequantize_experts(*self.local_parts(), self.shape, self.dtype)
 
-        codes = self.codes()
-        if codes.device.type == "cuda":  # bitsandbytes has no CPU kernel for the out= variant
-            out = reusable_buffer(self.shape, self.dtype, codes.device)
-            return bnbf.dequantize_4bit(codes, self.quant_state, out=out)
-        return bnbf.dequantize_4bit(codes, self.quant_state).to(self.dtype)
+    def reader(self):  # noqa: ANN201 - () -> torch.Tensor
+        """A function that dequantizes the weight this rank holds now, for a forward and its backward: it keeps
+        the local tensors it read (expert parallelism swaps them only around the forward); with sharded codes it
+        gathers again when called."""
+        if self.sharded:
+            return self.dequantize
+        parts = self.local_parts()
+        return lambda: dequantize_experts(*parts, self.shape, self.dtype)
 
     def nbytes(self) -> int:
-        s = self.quant_state
-        extra = s.absmax.numel() * s.absmax.element_size()
-        if s.nested:
-            extra += s.state2.absmax.numel() * 4
-        return self.stored.numel() + extra
-
-    def extra_repr(self) -> str:
-        shard = ", codes sharded across ranks" if self.sharded else ""
-        return f"shape={tuple(self.shape)}, nf4, blocksize={BLOCKSIZE}, double_quant{shard}"
+        """Bytes this rank stores."""
+        parts = [getattr(self, f"local_{n}" if self.sharded else n) for n in self.PARTS]
+        return sum(local(t).numel() * t.element_size() for t in parts)

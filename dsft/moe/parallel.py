@@ -1,0 +1,117 @@
+"""Expert parallelism and FSDP2 for dsft's experts, on transformers' engine (`transformers.distributed`).
+
+`parallelize(model, fsdp=N, ep=M)` lays a loaded model (with or without its adapter) over the process group:
+- expert parallelism over `ep` ranks: every per-expert tensor of each DsftExperts (the NF4 codes, block scales
+  and scale state, or the plain weights) and of its expert LoRA is sharded on dim 0 (`ep_plan`), so each rank
+  holds 1/M of the experts, and the experts module is reached through transformers' all-to-all token dispatch
+  (`ep_dispatch_experts`, `AllToAllEP`), which hands it local expert ids;
+- FSDP2 (`fully_shard`) over `fsdp` ranks for every decoder layer and the root, and over the expert FSDP axis
+  for the experts modules, with their gradients divided by the number of distinct batches, as transformers
+  does (`apply_fully_sharded_data_parallelism`).
+The experts module reads every weight as the local tensor it holds (dsft.moe.nf4.local), in forward and in
+backward; it holds no process group and gathers nothing itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from dsft.moe.experts import DsftExperts
+from dsft.moe.lora import ExpertLoraLayer
+from dsft.moe.nf4 import PackedNF4
+
+ROWS = "dsft_expert_rows"  # dsft's EP style: a parameter's dim 0 (its experts) split over the EP ranks
+_DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+$")
+
+
+def _register_style() -> None:
+    from torch.distributed.tensor import Shard
+    from transformers.distributed.expert_parallel import MoEParamShard
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    if ROWS not in ALL_PARALLEL_STYLES:
+        # shards_expert_dim=False: the experts module counts its experts from the local rows it holds
+        ALL_PARALLEL_STYLES.register(ROWS, MoEParamShard(Shard(0)))
+
+
+def _expert_tensors(name: str, experts: DsftExperts) -> list[str]:
+    if experts.quantized:
+        return [f"{name}.{store}.{part}" for store in ("gate_up_nf4", "down_nf4") for part in PackedNF4.PARTS]
+    return [f"{name}.gate_up_proj", f"{name}.down_proj"]
+
+
+def ep_plan(model: nn.Module) -> dict[str, str]:
+    """transformers' EP plan for `model`, names expanded: every per-expert parameter (the base's and its expert
+    LoRA's, for every adapter) sharded on dim 0, then each experts module (the LoRA layer when there is one)
+    dispatching its tokens. Parameters come first: the dispatch counts the experts they leave on this rank."""
+    params: dict[str, str] = {}
+    dispatch: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not isinstance(module, DsftExperts):
+            continue
+        if module.quantized and module.gate_up_nf4.sharded:
+            raise ValueError(f"{name}: expert codes sharded by model.shard_experts cannot also be expert-parallel")
+        params.update(dict.fromkeys(_expert_tensors(name, module), ROWS))
+        outer = name.removesuffix(".base_layer")
+        if isinstance(modules.get(outer), ExpertLoraLayer):
+            lora = modules[outer]
+            params.update(dict.fromkeys((f"{outer}.{n}" for n, _ in lora.named_parameters()
+                                         if n.startswith("lora_")), ROWS))
+        dispatch[outer] = "ep_dispatch_experts"
+    return {**params, **dispatch}
+
+
+def fsdp_plan(model: nn.Module) -> dict[str, str]:
+    """Every decoder layer sharded and freed after its forward (the root is sharded last, by `parallelize`)."""
+    return {name: "free_full_weight" for name, _ in model.named_modules() if _DECODER_LAYER.search(name)}
+
+
+def parallelize(model: nn.Module, fsdp: int, ep: int) -> nn.Module:
+    """Shard `model` over the default process group (world size fsdp; ep divides it): see the module docstring.
+    Call before building the optimizer; every rank calls it with the same model."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.expert_parallel import apply_expert_parallelism
+    from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
+    from transformers.distributed.utils import initialize_distributed_mesh
+
+    _register_style()
+    config = DistributedConfig(fsdp_size=fsdp, ep_size=ep, ep_implementation="all_to_all")
+    _, mesh = initialize_distributed_mesh(config)
+    experts = ep_plan(model) if ep > 1 else {}
+    if experts:
+        apply_expert_parallelism(model, mesh.get_mesh("ep"), mesh.get_mesh("tp"), experts, config.ep_implementation)
+    _model_config(model).distributed_config = config  # read by apply_fully_sharded_data_parallelism
+    if fsdp > 1:
+        apply_fully_sharded_data_parallelism(model, mesh, fsdp_plan(model), experts)
+    return model
+
+
+def _model_config(model: nn.Module) -> Any:
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def local_fraction(model: nn.Module) -> float:
+    """The share of the experts' stored elements (codes, scales, weights, expert LoRA) this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    mine = total = 0
+    for module in model.modules():
+        if isinstance(module, (DsftExperts, ExpertLoraLayer)):
+            for p in module.parameters():
+                total += p.numel()
+                mine += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return mine / total if total else 1.0
+
+
+def unsharded_trainable(model: nn.Module) -> list[str]:
+    """Trainable parameters of expert-parallel experts modules that are not sharded tensors (a guard: a plain
+    tensor there would be broadcast from rank 0 and averaged like a replicated weight)."""
+    from torch.distributed.tensor import DTensor
+
+    return [f"{name}.{n}" for name, module in model.named_modules() if isinstance(module, ExpertLoraLayer)
+            for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
