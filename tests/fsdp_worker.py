@@ -132,8 +132,7 @@ def main(out: str, fused: str) -> None:
     report = {f"{mode}-{layout}": case(mode, path, rank, world)
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
                                          ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
-    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4": ep_case("nf4", rank, world),
-                   "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True)})
+    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True)})
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,15 +35,32 @@ def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch
     assert diff.mean() < 1e-6, f"mean |difference| {diff.mean():.2e}"
 
 
-def test_two_processes_match_one(make_recipe, cli, tmp_path: Path) -> None:
+NF4_ALL = {"adapter": {"routed_experts": "all"}, "model": {"quantization": "nf4"}}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The adapter of an NF4 SFT run with LoRA on every routed expert, 4 steps of 4 rows, in one process (in-process):
+    what the two-process layouts below must train at the same global batch."""
+    from typer.testing import CliRunner
+
+    from conftest import tiny_recipe
+    from dsft.cli.app import app
+
+    tmp = tmp_path_factory.mktemp("one")
+    recipe = tiny_recipe(tmp, rows=16, output_dir=str(tmp / "one"), **NF4_ALL,
+                         training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2})
+    result = CliRunner().invoke(app, ["sft", "--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+    return load_file(tmp / "one/adapter/adapter_model.safetensors")
+
+
+def test_two_processes_match_one(one_process: dict, make_recipe, tmp_path: Path) -> None:
     """SFT under DDP once (the other objectives' two-process tests go through `--num-processes`): NF4 codes sharded,
     launched by the shipped multi-node config."""
-    common = {"adapter": {"routed_experts": {1: [0, 3]}}, "model": {"quantization": "nf4", "shard_experts": True}}
-    one = make_recipe("one.yaml", rows=16, output_dir=str(tmp_path / "one"), **common,
-                      training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2})
-    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **common,
+    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), adapter=NF4_ALL["adapter"],
+                      model={"quantization": "nf4", "shard_experts": True},
                       training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2})
-    assert cli("sft", "--recipe", one).exit_code == 0  # one process: in-process
     cache = tmp_path / "cache-two"  # the two processes prepare their data afresh (the built-in model: the session's)
     cache.mkdir()
     os.symlink(Path(os.environ["DSFT_CACHE"]) / "builtin", cache / "builtin")
@@ -57,10 +75,48 @@ def test_two_processes_match_one(make_recipe, cli, tmp_path: Path) -> None:
     info = json.loads((tmp_path / "two/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "sharded"
-    single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
-    assert single.keys() == double.keys() and any("experts.lora_" in k for k in single)
-    assert_same_training(double, single)
+    assert one_process.keys() == double.keys() and any("experts.lora_" in k for k in double)
+    assert_same_training(double, one_process)
+
+
+def test_expert_parallel_sft_as_a_user_types_it_matches_one_process(one_process: dict, make_recipe, cli,
+                                                                    tmp_path: Path) -> None:
+    """`dsft sft --num-processes 2 --set training.parallel.ep=2` (docs/multi-gpu.md): NF4 experts and expert LoRA on
+    every routed expert split over the two ranks (transformers' all-to-all dispatch, FSDP2 for the rest); the adapter
+    and its checkpoints are whole, and equal to one process's at the same global batch; run.json says how the codes
+    were held; after losing everything past the first checkpoint, `--resume` (the sharded optimizer state read back
+    through torch.distributed.checkpoint) ends at the uninterrupted run's adapter exactly."""
+    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **NF4_ALL,
+                      training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2})
+    done = subprocess.run([sys.executable, "-m", "dsft", "sft", "--recipe", str(two), "--num-processes", "2",
+                           "--set", "training.parallel.ep=2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("dsft sft:") == 1  # one summary: the main rank's
+    info = json.loads((tmp_path / "two/run.json").read_text())
+    assert info["status"] == "complete" and info["summary"]["processes"] == 2
+    assert info["summary"]["expert_codes"] == "expert-parallel over 2"
+    double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    assert one_process.keys() == double.keys() and any("experts.lora_" in k for k in double)
+    assert all(double[k].shape == one_process[k].shape for k in double)  # gathered whole: every expert's LoRA
+    assert_same_training(double, one_process)
+    last = load_file(tmp_path / "two/checkpoints/checkpoint-4/adapter_model.safetensors")
+    assert all(torch.equal(last[k], double[k]) for k in double)
+    # as if killed after the first checkpoint: --resume reads the sharded optimizer state back (one file per rank)
+    assert sorted(p.name for p in (tmp_path / "two/checkpoints/checkpoint-2/optimizer_dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    marked = json.loads((tmp_path / "two/checkpoints/checkpoint-2/dsft-complete.json").read_text())["files"]
+    assert {"rng_state_1.pth", "optimizer_dcp/__1_0.distcp"} <= set(marked)  # rank 1's files, sized once written
+    shutil.rmtree(tmp_path / "two/checkpoints/checkpoint-4")
+    shutil.rmtree(tmp_path / "two/adapter")
+    (tmp_path / "two/run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    done = subprocess.run([sys.executable, "-m", "dsft", "sft", "--recipe", str(two), "--num-processes", "2",
+                           "--set", "training.parallel.ep=2", "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.loads((tmp_path / "two/run.json").read_text())
+    assert info["status"] == "complete" and info["resumed_from"] == str(tmp_path / "two/checkpoints/checkpoint-2")
+    resumed = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], double[k]) for k in double)  # the uninterrupted run's adapter, exactly
 
 
 FSDP = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
@@ -133,14 +189,15 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, fsdp2_run
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 
 
-@pytest.mark.parametrize("case", ["ep-fp32", "ep-nf4", "ep-nf4-one-rank"])
+@pytest.mark.parametrize("case", ["ep-fp32", "ep-nf4-one-rank"])
 def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -> None:
     """dsft's experts under expert parallelism on transformers' engine (dsft.moe.parallel: all-to-all token dispatch,
     FSDP2 over fsdp 2 x ep 2), LoRA on every routed expert, against one unsharded process at the same global batch
     (tests/fsdp_worker.py ep_case): each rank holds half of every expert tensor (codes, scales, LoRA) and runs 4 of
     the 8 experts on local ids; logits, gradients (read from the local tensors in backward too) and the adapter after
-    one AdamW step are the one process's; the NF4 codes are the bytes one process quantized. `one-rank`: every token
-    routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still trains."""
+    one AdamW step are the one process's; the NF4 codes are the bytes one process quantized. `one-rank` (NF4): every
+    token routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still trains. (NF4 with
+    tokens on every expert: the `dsft sft` test above.)"""
     report = fsdp2_run["sharding"][case]
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4]
     assert report["unsharded_trainable"] == []  # every trainable tensor of an EP module is a sharded tensor

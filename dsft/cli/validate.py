@@ -40,7 +40,7 @@ def validate(
 
         goal = objective_for(resolved)
         check_location(Path(resolved.output_dir), "output_dir", run_inputs(resolved))
-        preflight(resolved, goal, force=False, check_output=False)
+        preflight(resolved, goal, force=False, check_output=False, world=None)
         typer.echo(f"{recipe}: ok (files checked as `dsft {goal.name}` checks them: data rows, model files, expert "
                    "selection, tokenizer, tokens)")
         return

@@ -207,8 +207,22 @@ class EarlyStopping(Section):
     min_delta: float = Field(0.0, ge=0, description="How much lower than the best held-out loss counts as an improvement.")
 
 
+class ParallelSection(Section):
+    """How several processes share the model (`--num-processes N` or `accelerate launch`): FSDP2 over all N, and
+    expert parallelism over `ep` of them (transformers.distributed; docs/multi-gpu.md)."""
+
+    ep: PositiveInt = Field(description="Ranks that split each layer's routed experts between them (each holds 1/ep of "
+                            "them, NF4 codes, scales and expert LoRA alike; tokens travel to their experts by all-to-all). "
+                            "Divides the number of processes and the model's routed experts.")
+
+
 class TrainingSection(Section):
     """Optimiser, schedule and bookkeeping."""
+
+    parallel: ParallelSection | None = Field(
+        None, description="`{ep: M}`: FSDP2 over every process and expert parallelism over M of them, instead of one "
+        "whole model per process (DDP). sft and dpo; needs adapter.routed_experts `all` or `none` (docs/multi-gpu.md)."
+    )
 
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="`adamw` (torch), or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit` (8-bit optimizer "
@@ -263,6 +277,13 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":
+        parallel, routed = self.training.parallel, self.adapter.routed_experts
+        if parallel is not None and self.model.shard_experts:
+            raise ValueError("training.parallel shards the experts itself: remove model.shard_experts")
+        if parallel is not None and parallel.ep > 1 and (isinstance(routed.experts, dict) or routed.policy is not None
+                                                          or routed.mode == "full"):
+            raise ValueError("training.parallel.ep: expert LoRA under expert parallelism goes on every routed expert or "
+                             "none for now; set adapter.routed_experts: all (or none), or remove training.parallel")
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
         if self.training.early_stopping is not None and (not self.data.eval or self.training.eval_steps is None):

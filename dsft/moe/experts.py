@@ -79,6 +79,8 @@ def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tens
 class DsftExperts(nn.Module):
     """Routed experts with frozen weights held as parameters (`quantized=False`) or packed NF4."""
 
+    ep_size = 1  # ranks its experts are split over (dsft.moe.parallel sets it)
+
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
                  dtype: torch.dtype | None = None, num_experts: int | None = None) -> None:
         """`num_experts` given: NF4 codes sharded across ranks, and `gate_up`/`down` hold only this

@@ -84,6 +84,9 @@ def parallelize(model: nn.Module, fsdp: int, ep: int) -> nn.Module:
     experts = ep_plan(model) if ep > 1 else {}
     if experts:
         apply_expert_parallelism(model, mesh.get_mesh("ep"), mesh.get_mesh("tp"), experts, config.ep_implementation)
+        for module in model.modules():
+            if isinstance(module, DsftExperts):
+                module.ep_size = ep
     _model_config(model).distributed_config = config  # read by apply_fully_sharded_data_parallelism
     if fsdp > 1:
         apply_fully_sharded_data_parallelism(model, mesh, fsdp_plan(model), experts)

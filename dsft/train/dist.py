@@ -1,5 +1,6 @@
-"""An adapter sharded by FSDP2: gathered for saving, loaded back into the shards on resume (which process
-writes is dsft.outputs.is_main)."""
+"""An adapter sharded by FSDP2 (or split by expert parallelism): gathered for saving, loaded back into the shards
+on resume, and its sharded optimizer state saved and loaded through torch.distributed.checkpoint (which process
+writes the whole files is dsft.outputs.is_main)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,30 @@ def load_full_trainable_state(model: "nn.Module", adapter_file: "Path", adapter_
                         "the checkpoint does not belong to this run's adapter")
     state = {name: saved[key] for key, name in saved_as.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+OPTIMIZER_DIR = "optimizer_dcp"  # a checkpoint's sharded optimizer state: one file per rank, torch.distributed.checkpoint
+
+
+def _optimizer_of(optimizer: "torch.optim.Optimizer") -> "torch.optim.Optimizer":
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def save_sharded_optimizer(model: "nn.Module", optimizer: "torch.optim.Optimizer", checkpoint: "Path") -> None:
+    """Each rank writes its shards of the optimizer state under checkpoint/optimizer_dcp. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, _optimizer_of(optimizer))
+    dcp.save({"optimizer": state}, checkpoint_id=str(checkpoint / OPTIMIZER_DIR))
+
+
+def load_sharded_optimizer(model: "nn.Module", optimizer: "torch.optim.Optimizer", checkpoint: "Path") -> None:
+    """The optimizer state `save_sharded_optimizer` wrote, each rank reading its own shards. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    inner = _optimizer_of(optimizer)
+    state = {"optimizer": get_optimizer_state_dict(model, inner)}  # the layout to read into
+    dcp.load(state, checkpoint_id=str(checkpoint / OPTIMIZER_DIR))
+    set_optimizer_state_dict(model, inner, state["optimizer"])

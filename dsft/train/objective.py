@@ -73,6 +73,7 @@ class Objective:
     shown: dict[str, str] = {}  # its metrics on the console's line per logged step: metrics.jsonl key -> label
 
     mixes = False  # takes data.train's {path, weight | rows} shares (dsft.data.prepared.prepare_mix)
+    expert_parallel = False  # trains under training.parallel (FSDP2 + expert parallelism: dsft.train.layout)
     loss_unit = "loss (nats per token)"  # the y axis of curves.png's loss panel: what the objective's loss is
 
     def settings(self, recipe: Recipe) -> Any:

@@ -29,6 +29,7 @@ from dsft.errors import DsftError
 from dsft.runs import lifecycle, run_dir
 from dsft.outputs import is_main
 from dsft.train.dist import full_trainable_state
+from dsft.train.layout import apply_layout, check_layout, processes
 from dsft.train.objective import Objective, Prepared
 from dsft.train.settings import check_optimizer, check_trackers, quiet_trainer, trackers, trl_config
 from dsft.train.summary import group_params, spine_summary
@@ -80,9 +81,10 @@ def resume_point(recipe: Recipe, resume: bool, resume_from: str | None, dry: boo
 
 # ---------------------------------------------------------------- the spine
 
-def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool = True, resume: bool = False) -> Prepared:
-    """Check the output dir, every data row, the model files and the expert selection, and tokenize;
-    creates nothing."""
+def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool = True, resume: bool = False,
+              world: int | None = -1) -> Prepared:
+    """Check the output dir, every data row, the model files, the expert selection and the layout (on `world`
+    processes: this command's by default, None not to check them), and tokenize; creates nothing."""
     from dsft.adapters.selection import check_groups, check_spec, read_config
     from dsft.models.check import check_checkpoint
     from dsft.models.load import load_tokenizer, resolve_model_path
@@ -100,6 +102,7 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     model_path = resolve_model_path(recipe.model.path, recipe.model.revision)
     check_checkpoint(model_path)
     config = read_config(model_path)
+    check_layout(recipe, goal, config, processes() if world == -1 else world)
     init = goal.init_adapter(recipe, config)
     if init is None:
         check_groups(recipe.adapter, config)
@@ -186,6 +189,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
             trainer = goal.trainer(model, args, prepared, callbacks + ([early] if early else []))
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
+        apply_layout(trainer, recipe)
         if checkpoint is not None and is_main():  # one writer: every rank cutting the same file raced (FSDP2 resume)
             for log in run_dir.step_logs(out):
                 trim_metrics(log, run_dir.checkpoint_step(checkpoint))

@@ -50,13 +50,17 @@ class CheckpointMarker(TrainerCallback):
         self.metadata = metadata
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's files (its RNG state, its optimizer shard) are written before they are sized
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if self.metadata is not None:
                 from dsft.adapters.metadata import write_metadata
 
                 write_metadata(folder, self.metadata)
-            sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+            sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
             write_atomic(folder / MARKER, json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
 
 

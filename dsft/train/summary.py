@@ -70,9 +70,13 @@ def model_params(model: torch.nn.Module) -> int:
 
 
 def expert_codes_layout(model: torch.nn.Module) -> str | None:
-    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts; None
-    without NF4 experts."""
-    from dsft.moe.nf4 import PackedNF4
+    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts, `expert-parallel
+    over N` ranks (training.parallel); None without NF4 experts."""
+    from dsft.moe.experts import DsftExperts
 
-    stores = [m for m in model.modules() if isinstance(m, PackedNF4)]
-    return None if not stores else "sharded" if all(m.sharded for m in stores) else "whole"
+    experts = [m for m in model.modules() if isinstance(m, DsftExperts) and m.quantized]
+    if not experts:
+        return None
+    if experts[0].ep_size > 1:
+        return f"expert-parallel over {experts[0].ep_size}"
+    return "sharded" if all(m.gate_up_nf4.sharded for m in experts) else "whole"

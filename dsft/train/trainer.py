@@ -11,21 +11,59 @@ from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from dsft.config.schema import TrainingSection
 
+SCHEDULER_FILE = "scheduler.pt"  # the Trainer's name for it
+
 
 class FsdpAdapterResume:
     """Under FSDP2 the Trainer reloads a checkpoint's model through torch.distributed.checkpoint from
     the FSDP model file, which also holds bitsandbytes' 4-bit quant-state entries that the loader then
     rejects (KeyError). The checkpoint's adapter_model.safetensors holds the same trainable weights:
     load those into the sharded parameters instead. The optimizer and scheduler still come from the
-    Trainer's own files."""
+    Trainer's own files, except for a model split by training.parallel (sharded at load time, to the
+    Trainer), whose sharded optimizer state dsft writes and reads through torch.distributed.checkpoint."""
+
+    def _split(self) -> bool:
+        return getattr(self, "is_distributed_loading_by_transformers", False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        if not getattr(self, "is_fsdp_enabled", False):
+        if not (getattr(self, "is_fsdp_enabled", False) or self._split()):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from dsft.train.dist import load_full_trainable_state
 
         load_full_trainable_state(self.model, Path(resume_from_checkpoint) / "adapter_model.safetensors")
         return None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._split():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch
+
+        from dsft.train.dist import save_sharded_optimizer
+
+        save_sharded_optimizer(self.model, self.optimizer, Path(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._split():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        from dsft.train.dist import load_sharded_optimizer
+
+        load_sharded_optimizer(self.model, self.optimizer, Path(checkpoint))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_FILE, weights_only=True))
+        return None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A model sharded at load time (training.parallel) saves its adapter gathered from the shards (every rank
+        takes part; the main rank writes), not PEFT's state dict of sharded tensors."""
+        if state_dict is None and self._split():
+            from dsft.train.dist import full_trainable_state
+
+            state_dict = full_trainable_state(self.model)
+        return super()._save(output_dir, state_dict)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """TRL's card ("fine-tuned version of [None]...") is not written; the run's README.md is dsft's."""

@@ -1,0 +1,61 @@
+"""The run's distributed layout (`training.parallel`): checked before any weight is read, applied to the trainer's
+model before it trains (dsft.moe.parallel on transformers' engine)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from dsft.errors import DsftError
+
+if TYPE_CHECKING:
+    from dsft.config.schema import Recipe
+    from dsft.train.objective import Objective
+
+
+def processes() -> int:
+    """The processes this command runs on: accelerate launch / torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], world: int | None) -> None:
+    """training.parallel against the objective, the model's routed experts and (`world`, None in `dsft validate`)
+    the number of processes; each failure one line naming the key and the fix."""
+    parallel = recipe.training.parallel
+    if parallel is None:
+        return
+    from dsft import arch
+
+    if not goal.expert_parallel:
+        raise DsftError(f"training.parallel: `dsft {goal.name}` runs on several processes with DDP (--num-processes) or "
+                        "FSDP2 (recipes/accelerate/fsdp2.yaml), not expert parallelism (sft and dpo); remove "
+                        "training.parallel")
+    experts = arch.num_experts(config)
+    if parallel.ep > 1 and not experts:
+        raise DsftError(f"training.parallel.ep: {recipe.model.path} has no routed experts to split; set ep: 1 "
+                        "(FSDP2 alone) or remove training.parallel")
+    if experts % parallel.ep:
+        raise DsftError(f"training.parallel.ep: {parallel.ep} does not divide the model's {experts} routed experts "
+                        "per layer; use a divisor of it")
+    if world is not None and (world < 2 or world % parallel.ep):
+        raise DsftError(f"training.parallel: runs on several processes, a multiple of ep ({parallel.ep}), this command "
+                        f"has {world}; launch it with --num-processes N (or accelerate launch), or remove "
+                        "training.parallel")
+
+
+def apply_layout(trainer: Any, recipe: "Recipe") -> None:
+    """FSDP2 over every process and expert parallelism over training.parallel.ep of them, applied to the trainer's
+    model once TRL has built it (DPO's frozen "ref" copy of the adapter included) and before it trains; the model
+    is then the Trainer's "sharded at load time" kind, which it neither wraps in DDP nor moves, and whose gradients
+    are reduced as FSDP2 set up (transformers' path for `from_pretrained(distributed_config=...)`)."""
+    parallel = recipe.training.parallel
+    if parallel is None:
+        return
+    from dsft.models.load import world_size
+    from dsft.moe.parallel import parallelize
+
+    model = trainer.model
+    parallelize(model, fsdp=world_size(), ep=parallel.ep)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._is_distributed_loading_by_transformers = True
+    trainer.is_distributed_loading_by_transformers = True
