@@ -1,12 +1,14 @@
-"""`dsft` under accelerate's FSDP2 on CPU, for tests/test_distributed.py.
+"""`dsft` under accelerate launch for tests/test_distributed.py: under accelerate's FSDP2 on CPU, and several steps
+in one process group (one start-up).
 
 accelerate turns FSDP on for GPU process groups only (on CPU its state says MULTI_CPU and the Trainer
 wraps the model in DDP). This entry point keeps accelerate's FSDP plugin in force on CPU, so the rest,
 accelerate's `fully_shard` wrapping, the Trainer's FSDP checkpoints and dsft's adapter gathering and
 resume, runs exactly as it does on GPUs. Used as `accelerate launch --config_file
-recipes/accelerate/fsdp2.yaml tests/fsdp_launch.py sft --recipe R`. With DSFT_TEST_RESUME=RUN_DIR in the
-environment, the same processes then lose everything the run wrote past its first checkpoint (the finished adapter
-kept beside the run as RUN_DIR.uninterrupted) and run the command again with `--resume`; with
+recipes/accelerate/fsdp2.yaml tests/fsdp_launch.py sft --recipe R`. With DSFT_TEST_THEN='[["sft", ...], ...]' in
+the environment the same processes then run further commands; with DSFT_TEST_RESUME=RUN_DIR they then lose everything
+the last command's run wrote past its first checkpoint (the finished adapter kept beside the run as
+RUN_DIR.uninterrupted) and run that command again with `--resume`; with
 DSFT_TEST_SHARDING=OUT:FUSED they then run tests/fsdp_worker.py's cases in its process group (one start-up for all).
 """
 
@@ -55,14 +57,18 @@ if __name__ == "__main__":
     from dsft.cli.app import app, main
 
     sys.argv = ["dsft", *sys.argv[1:]]
-    if not os.environ.get("DSFT_TEST_SHARDING"):
+    steps = ("DSFT_TEST_THEN", "DSFT_TEST_RESUME", "DSFT_TEST_SHARDING")
+    if not any(os.environ.get(step) for step in steps):
         main()  # a plain dsft command
     os.environ["DSFT_HANDLE_SIGNALS"] = "1"
     command = sys.argv[1:]
-    app(command, standalone_mode=False)  # dsft's command, then the resume and sharding cases in its process group
-    if os.environ.get("DSFT_TEST_RESUME"):
+    app(command, standalone_mode=False)  # dsft's command, then the steps below in its process group
+    for command in json.loads(os.environ.get("DSFT_TEST_THEN") or "[]"):  # further commands, each a list of arguments
+        app(command, standalone_mode=False)
+    if os.environ.get("DSFT_TEST_RESUME"):  # the last command's run, resumed
         _lose_all_past_the_first_checkpoint(Path(os.environ["DSFT_TEST_RESUME"]))
         app([*command, "--resume"], standalone_mode=False)
-    import fsdp_worker
+    if os.environ.get("DSFT_TEST_SHARDING"):
+        import fsdp_worker
 
-    fsdp_worker.main(*os.environ["DSFT_TEST_SHARDING"].split(os.pathsep))
+        fsdp_worker.main(*os.environ["DSFT_TEST_SHARDING"].split(os.pathsep))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,16 @@ def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch
 
 
 NF4_ALL = {"adapter": {"routed_experts": "all"}, "model": {"quantization": "nf4"}}
+SIMPO = {"adapter": {"routed_experts": {1: [0, 3]}}, "simpo": {"max_prompt_length": 64},
+         "data": {"train": str(REPO / "data_templates/legal/preference.jsonl"), "format": "preference", "max_length": 160}}
+def dpo_sections(init: Path) -> dict:
+    """DPO continuing `init`'s adapter (TRL's frozen "ref" copy of it is the reference), LoRA on every routed expert."""
+    return {**NF4_ALL, "dpo": {"init_adapter": str(init), "max_prompt_length": 64, "beta": 0.1},
+            "data": {"train": str(REPO / "data_templates/legal/preference.jsonl"), "format": "preference",
+                     "max_length": 160}}
+
+
+SIMPO_TRAINING = {"lr": 5e-3, "scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "max_steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -55,68 +64,149 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Ten
     return load_file(tmp / "one/adapter/adapter_model.safetensors")
 
 
-def test_two_processes_match_one(one_process: dict, make_recipe, tmp_path: Path) -> None:
-    """SFT under DDP once (the other objectives' two-process tests go through `--num-processes`): NF4 codes sharded,
-    launched by the shipped multi-node config."""
-    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), adapter=NF4_ALL["adapter"],
-                      model={"quantization": "nf4", "shard_experts": True},
-                      training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2})
-    cache = tmp_path / "cache-two"  # the two processes prepare their data afresh (the built-in model: the session's)
+@pytest.fixture(scope="module")
+def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One launch of the shipped multi-node config (shrunk to one machine, 2 processes, a fresh data cache) running,
+    in its process group (tests/fsdp_launch.py): NF4 SFT with the expert codes sharded by the loader
+    (`model.shard_experts`, DDP); SimPO and GRPO (DDP); DPO continuing the first run's adapter with
+    `training.parallel.ep=2`;
+    then NF4 SFT with `training.parallel.ep=2`, which loses everything past its first checkpoint and resumes."""
+    from conftest import tiny_recipe
+    from test_grpo import grpo_recipe
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    training = {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2}
+    shard = tiny_recipe(tmp, "shard.yaml", rows=16, output_dir=str(tmp / "shard"), adapter=NF4_ALL["adapter"],
+                        model={"quantization": "nf4", "shard_experts": True}, training=training)
+    split = tiny_recipe(tmp, "split.yaml", rows=16, output_dir=str(tmp / "split"), **NF4_ALL, training=training)
+    simpo = tiny_recipe(tmp, "simpo.yaml", output_dir=str(tmp / "simpo"), **SIMPO, training={**SIMPO_TRAINING,
+                                                                                           "micro_batch_size": 2})
+    dpo = tiny_recipe(tmp, "dpo.yaml", output_dir=str(tmp / "dpo"), **dpo_sections(tmp / "shard"),
+                      training={**SIMPO_TRAINING, "micro_batch_size": 2})
+    grpo = grpo_recipe(tmp, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
+                       grpo={"max_completion_length": 8})
+    cache = tmp / "cache"  # the processes prepare their data afresh (the built-in model: the session's)
     cache.mkdir()
     os.symlink(Path(os.environ["DSFT_CACHE"]) / "builtin", cache / "builtin")
-    done = subprocess.run([sys.executable, *MULTINODE, "-m", "dsft", "sft", "--recipe", str(two)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "DSFT_CACHE": str(cache)})
+    done = subprocess.run([sys.executable, *MULTINODE, str(Path(__file__).with_name("fsdp_launch.py")), "sft",
+                           "--recipe", str(shard)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DSFT_CACHE": str(cache), "DSFT_TEST_RESUME": str(tmp / "split"),
+                               "DSFT_TEST_THEN": json.dumps([["simpo", "--recipe", str(simpo)],
+                                                             ["grpo", "--recipe", str(grpo)],
+                                                             ["dpo", "--recipe", str(dpo), "--set",
+                                                              "training.parallel.ep=2"],
+                                                             ["sft", "--recipe", str(split), "--set",
+                                                              "training.parallel.ep=2"]])})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    printed = done.stdout
-    assert printed.count("dsft sft:") == 1  # one summary: the main rank's
-    # the data is tokenized once: by one rank, the other waits for it and maps the same entry
+    return {"tmp": tmp, "printed": done.stdout}
+
+
+def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
+    """SFT under DDP: NF4 codes sharded,
+    launched by the shipped multi-node config."""
+    tmp, printed = ddp_launch["tmp"], ddp_launch["printed"]
+    assert printed.count("dsft sft:") == 3  # one summary a command (the main rank's), and the resume's
+    assert printed.count("dsft simpo:") == printed.count("dsft dpo:") == printed.count("dsft grpo:") == 1
+    # the data is tokenized once: by one rank, the other waits for it and maps the same entry, and so do both ranks
+    # of the next command and of its resume
     assert printed.count("data.train: tokenized 16 rows") == 1, printed
-    assert printed.count("data.train: tokens from cache (16 rows") == 1, printed
-    info = json.loads((tmp_path / "two/run.json").read_text())
+    assert printed.count("data.train: tokens from cache (16 rows") == 5, printed
+    info = json.loads((tmp / "shard/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "sharded"
-    double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
+    double = load_file(tmp / "shard/adapter/adapter_model.safetensors")
     assert one_process.keys() == double.keys() and any("experts.lora_" in k for k in double)
     assert_same_training(double, one_process)
 
 
-def test_expert_parallel_sft_as_a_user_types_it_matches_one_process(one_process: dict, make_recipe, cli,
-                                                                    tmp_path: Path) -> None:
-    """`dsft sft --num-processes 2 --set training.parallel.ep=2` (docs/multi-gpu.md): NF4 experts and expert LoRA on
+def test_two_simpo_processes_match_one(ddp_launch: dict, cli, tmp_path: Path) -> None:
+    """SimPO under DDP at the same global batch (in the shared launch), against one process here: the older pair
+    trainers' NLL term rescaled across processes (SimPO's, which ORPO shares) is dsft's own code path; DPO and KTO
+    run TRL's own DDP path on the same prepared rows, GRPO's two processes are in tests/test_grpo.py."""
+    from conftest import tiny_recipe
+
+    one = tiny_recipe(tmp_path, "simpo.yaml", output_dir=str(tmp_path / "one"), **SIMPO,
+                      training={**SIMPO_TRAINING, "micro_batch_size": 4})
+    assert cli("simpo", "--recipe", one).exit_code == 0
+    run = ddp_launch["tmp"] / "simpo"
+    assert json.loads((run / "run.json").read_text())["summary"]["processes"] == 2
+    assert_same_training(load_file(run / "adapter/adapter_model.safetensors"),
+                         load_file(tmp_path / "one/adapter/adapter_model.safetensors"))
+
+
+def test_dpo_with_its_reference_under_expert_parallelism_matches_one_process(ddp_launch: dict, cli,
+                                                                             tmp_path: Path) -> None:
+    """`dsft dpo --set training.parallel.ep=2` continuing an SFT adapter (in the shared launch): TRL's frozen "ref"
+    copy, made once the trainer is built, is split over the ranks like the adapter; the adapter equals one process's
+    at the same global batch (here, continuing the same SFT adapter)."""
+    from conftest import tiny_recipe
+
+    init = ddp_launch["tmp"] / "shard"
+    one = tiny_recipe(tmp_path, "dpo.yaml", output_dir=str(tmp_path / "one"), **dpo_sections(init),
+                      training={**SIMPO_TRAINING, "micro_batch_size": 4})
+    assert cli("dpo", "--recipe", one).exit_code == 0
+    run = ddp_launch["tmp"] / "dpo"
+    info = json.loads((run / "run.json").read_text())
+    assert info["summary"]["processes"] == 2 and info["summary"]["expert_codes"] == "expert-parallel over 2"
+    double = load_file(run / "adapter/adapter_model.safetensors")
+    single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
+    assert double.keys() == single.keys() and any("experts.lora_" in k for k in double)
+    assert_same_training(double, single)
+
+
+def test_two_grpo_processes_train_and_write_one_adapter(ddp_launch: dict) -> None:
+    run = ddp_launch["tmp"] / "run"  # GRPO's generation and rewards on each rank's prompts (in the shared launch)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["summary"]["processes"] == 2
+    assert list(run.parent.glob("run*")) == [run] and list(run.glob("adapter*")) == [run / "adapter"]
+    assert load_file(run / "adapter/adapter_model.safetensors")
+
+
+def test_num_processes_runs_the_same_command_under_accelerate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--num-processes N` re-runs the command line without it under `accelerate launch --multi_gpu` on N processes
+    (ranks over gloo without CUDA, meeting on a free port), and exits with its code; the multi-process tests above
+    start their processes with accelerate launch directly."""
+    from dsft.cli import _common
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 3)
+    monkeypatch.setattr(sys, "argv", ["dsft", "sft", "--recipe", "r.yaml", "--num-processes", "2", "--set", "a=1"])
+    monkeypatch.delenv("RANK", raising=False)
+    import typer
+
+    with pytest.raises(typer.Exit) as stop:
+        _common.relaunch(2)
+    assert stop.value.exit_code == 3
+    (argv,) = calls
+    assert argv[argv.index("--num_processes") + 1] == "2" and "--multi_gpu" in argv
+    assert argv[argv.index("--main_process_port") + 1] == "0"
+    assert argv[-7:] == ["-m", "dsft", "sft", "--recipe", "r.yaml", "--set", "a=1"]
+    monkeypatch.setenv("RANK", "0")
+    assert _common.relaunch(2) is None and len(calls) == 1  # inside a launched rank: nothing to relaunch
+
+
+def test_expert_parallel_sft_matches_one_process_and_resumes(one_process: dict, ddp_launch: dict) -> None:
+    """`dsft sft --set training.parallel.ep=2` on 2 processes (docs/multi-gpu.md): NF4 experts and expert LoRA on
     every routed expert split over the two ranks (transformers' all-to-all dispatch, FSDP2 for the rest); the adapter
     and its checkpoints are whole, and equal to one process's at the same global batch; run.json says how the codes
     were held; after losing everything past the first checkpoint, `--resume` (the sharded optimizer state read back
     through torch.distributed.checkpoint) ends at the uninterrupted run's adapter exactly."""
-    two = make_recipe("two.yaml", rows=16, output_dir=str(tmp_path / "two"), **NF4_ALL,
-                      training={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2})
-    done = subprocess.run([sys.executable, "-m", "dsft", "sft", "--recipe", str(two), "--num-processes", "2",
-                           "--set", "training.parallel.ep=2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("dsft sft:") == 1  # one summary: the main rank's
-    info = json.loads((tmp_path / "two/run.json").read_text())
+    run = ddp_launch["tmp"] / "split"
+    info = json.loads((run / "run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "expert-parallel over 2"
-    double = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
-    assert one_process.keys() == double.keys() and any("experts.lora_" in k for k in double)
-    assert all(double[k].shape == one_process[k].shape for k in double)  # gathered whole: every expert's LoRA
-    assert_same_training(double, one_process)
-    last = load_file(tmp_path / "two/checkpoints/checkpoint-4/adapter_model.safetensors")
-    assert all(torch.equal(last[k], double[k]) for k in double)
-    # as if killed after the first checkpoint: --resume reads the sharded optimizer state back (one file per rank)
-    assert sorted(p.name for p in (tmp_path / "two/checkpoints/checkpoint-2/optimizer_dcp").iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp"]
-    marked = json.loads((tmp_path / "two/checkpoints/checkpoint-2/dsft-complete.json").read_text())["files"]
+    assert info["resumed_from"] == str(run / "checkpoints/checkpoint-2")
+    uninterrupted = load_file(run.with_name("split.uninterrupted") / "adapter_model.safetensors")
+    assert one_process.keys() == uninterrupted.keys() and any("experts.lora_" in k for k in uninterrupted)
+    assert all(uninterrupted[k].shape == one_process[k].shape for k in uninterrupted)  # gathered whole
+    assert_same_training(uninterrupted, one_process)
+    checkpoint = run / "checkpoints/checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "optimizer_dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    marked = json.loads((checkpoint / "dsft-complete.json").read_text())["files"]
     assert {"rng_state_1.pth", "optimizer_dcp/__1_0.distcp"} <= set(marked)  # rank 1's files, sized once written
-    shutil.rmtree(tmp_path / "two/checkpoints/checkpoint-4")
-    shutil.rmtree(tmp_path / "two/adapter")
-    (tmp_path / "two/run.json").write_text(json.dumps({**info, "status": "interrupted"}))
-    done = subprocess.run([sys.executable, "-m", "dsft", "sft", "--recipe", str(two), "--num-processes", "2",
-                           "--set", "training.parallel.ep=2", "--resume"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    info = json.loads((tmp_path / "two/run.json").read_text())
-    assert info["status"] == "complete" and info["resumed_from"] == str(tmp_path / "two/checkpoints/checkpoint-2")
-    resumed = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
-    assert all(torch.equal(resumed[k], double[k]) for k in double)  # the uninterrupted run's adapter, exactly
+    last = load_file(run / "checkpoints/checkpoint-4/adapter_model.safetensors")
+    resumed = load_file(run / "adapter/adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) and torch.equal(last[k], resumed[k]) for k in resumed)
 
 
 FSDP = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),

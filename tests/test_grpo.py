@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from conftest import REPO
 
@@ -250,19 +249,3 @@ def test_resume_at_every_checkpoint_equals_an_uninterrupted_run(cli, tmp_path: P
     assert _rewards(tmp_path / "cut-2") == pytest.approx(_rewards(tmp_path / "whole"), abs=1e-6)
     steps = [r["step"] for r in _rows(tmp_path / "cut-2/completions.jsonl")]
     assert sorted(set(steps)) == [1, 2, 3, 4] and len(steps) == 4 * 4  # every step's 4 completions, once
-
-
-@pytest.mark.slow
-def test_two_processes_train_and_write_one_adapter(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    recipe = grpo_recipe(tmp_path, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
-                         grpo={"max_completion_length": 8})
-    done = subprocess.run([sys.executable, "-m", "dsft", "grpo", "--recipe", str(recipe), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    info = json.loads((tmp_path / "run/run.json").read_text())
-    assert info["status"] == "complete" and info["summary"]["processes"] == 2
-    assert list((tmp_path / "run").glob("adapter*")) == [tmp_path / "run/adapter"]
-    assert load_file(tmp_path / "run/adapter/adapter_model.safetensors")

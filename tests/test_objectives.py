@@ -244,26 +244,3 @@ def test_resume_at_every_checkpoint_equals_an_uninterrupted_run(name: str, make_
     recipe = _pairs_recipe(make_recipe, name, tmp_path / "whole", max_steps=4, save_steps=2, micro_batch_size=4,
                            checkpoints_kept=4)
     resume_at_every_checkpoint(cli, name, recipe, tmp_path / "whole", tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["simpo"])
-def test_two_processes_match_one(name: str, make_recipe, cli, tmp_path: Path) -> None:
-    """DDP over gloo at the same global batch; the one-process run in-process. Once per distinct code path of
-    dsft's: the older pair trainers' NLL term rescaled across processes (SimPO's, which ORPO shares); SFT's is in
-    tests/test_distributed.py, GRPO's in tests/test_grpo.py; DPO and KTO run TRL's own DDP path on the same
-    prepared rows."""
-    import subprocess
-    import sys
-
-    from test_distributed import assert_same_training
-
-    assert cli(name, "--recipe", _pairs_recipe(make_recipe, name, tmp_path / "one", max_steps=3,
-                                               micro_batch_size=4)).exit_code == 0
-    recipe = _pairs_recipe(make_recipe, name, tmp_path / "two", max_steps=3, micro_batch_size=2)
-    done = subprocess.run([sys.executable, "-m", "dsft", name, "--recipe", str(recipe), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((tmp_path / "two/run.json").read_text())["summary"]["processes"] == 2
-    assert_same_training(load_file(tmp_path / "two/adapter/adapter_model.safetensors"),
-                         load_file(tmp_path / "one/adapter/adapter_model.safetensors"))
