@@ -22,9 +22,10 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
-def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4") -> nn.Module:
+def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4",
+          expert_parallel: int = 1) -> nn.Module:
     section = ModelSection(path=path, dtype="float32", quantization=quantization, shard_experts=shard_experts)
-    base = load_model(section, resolve_model_path(section.path))
+    base = load_model(section, resolve_model_path(section.path), expert_parallel=expert_parallel)
     every_expert = {layer_of(n): None for n in expert_modules(base)}
     model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"), every_expert)[0]
     torch.manual_seed(0)
@@ -82,21 +83,44 @@ def _route_to_the_first_experts(model: nn.Module) -> None:
             buffer[:4] = 10.0
 
 
-def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False) -> dict:
+def _held_rows_read(world: int, whole: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The model loaded holding only this rank's experts (load_model's expert_parallel), its trainable weights then
+    set to the rows of `whole`'s (which `build` initialised whole), and the checkpoint keys it read."""
+    from dsft.models import stream
+
+    read: list[str] = []
+    original = stream.StreamLoader._tensor
+    stream.StreamLoader._tensor = lambda self, handle, key, keys: read.append(key) or original(self, handle, key, keys)
+    try:
+        model = build(expert_parallel=world)
+    finally:
+        stream.StreamLoader._tensor = original
+    whole = dict(whole.named_parameters())
+    experts = {m.first_expert for m in model.modules() if isinstance(m, DsftExperts)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                first = next(iter(experts)) if p.shape != whole[name].shape else 0
+                p.copy_(whole[name][first:first + p.shape[0]])
+    return model, read
+
+
+def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False) -> dict:
     """Expert parallelism over the two ranks and FSDP2 (dsft.moe.parallel.parallelize, fsdp 2 x ep 2), LoRA on every
-    routed expert, against one unsharded process at the same global batch: logits, gradients and one AdamW step."""
+    routed expert, against one unsharded process at the same global batch: logits, gradients and one AdamW step.
+    `held`: the model loaded holding only this rank's experts (the keys it read reported)."""
     from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
 
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
     reference = build(quantization=quantization)
-    model = build(quantization=quantization)
+    model, read = _held_rows_read(world, reference) if held else (build(quantization=quantization), [])
     if one_rank:
         _route_to_the_first_experts(reference)
         _route_to_the_first_experts(model)
     ref_logits, _ = step(reference, ids)  # its gradients stay in .grad
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
-    whole_codes = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".codes")}
+    whole_codes = {n: p.detach().clone() for n, p in reference.named_parameters() if n.endswith(".codes")}
 
     parallelize(model, fsdp=world, ep=world)
     mine = slice(2 * rank, 2 * rank + 2)
@@ -117,6 +141,8 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False) ->
         "unsharded_trainable": unsharded_trainable(model),
         "codes_equal_one_process": all(torch.equal(p.full_tensor(), whole_codes[n]) for n, p in rows),
         "expert_lora_params": sum("experts.lora_" in n for n in gathered),
+        "experts_read": sorted({int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k}),
+        "other_keys_read": len([k for k in read if ".experts." not in k]),
     }
 
 
@@ -132,7 +158,11 @@ def main(out: str, fused: str) -> None:
     report = {f"{mode}-{layout}": case(mode, path, rank, world)
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
                                          ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
-    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True)})
+    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
+                   f"ep-nf4-held-rank{rank}": ep_case("nf4", rank, world, held=True)})
+    if rank == 1:  # rank 1's report, written beside rank 0's
+        with open(out + ".rank1", "w") as f:
+            json.dump({"ep-nf4-held-rank1": report["ep-nf4-held-rank1"]}, f)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

@@ -240,7 +240,8 @@ def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _launch(*FSDP, "--recipe", str(recipes["two"]),
             env={"DSFT_TEST_RESUME": str(tmp / "two"),
                  "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))])})
-    return {"tmp": tmp, "sharding": json.loads(report.read_text())}
+    sharding = {**json.loads(report.read_text()), **json.loads(report.with_name(report.name + ".rank1").read_text())}
+    return {"tmp": tmp, "sharding": sharding}
 
 
 def test_fsdp2_matches_one_process_and_resumes(fsdp2_run: dict) -> None:
@@ -297,6 +298,20 @@ def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -
     assert report["codes_equal_one_process"] and report["expert_lora_params"] > 0
     # which experts' LoRA got a gradient: with every token on rank 0's experts, none of rank 1's
     assert report["experts_with_grad"] == ([0, 1, 2, 3] if case.endswith("one-rank") else list(range(8)))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_expert_parallel_rank_reads_only_its_experts(rank: int, fsdp2_run: dict) -> None:
+    """`training.parallel` with a fresh adapter: each rank reads from DeepSeek's per-expert checkpoint only the
+    experts it will hold (rank 0 experts 0-3, rank 1 experts 4-7; the others' tensors never read), quantizes them
+    alone, and its expert LoRA is the rows of the one a single process initialises; after expert parallelism and
+    FSDP2 the model matches one unsharded process exactly as when each rank read every expert."""
+    report = fsdp2_run["sharding"][f"ep-nf4-held-rank{rank}"]
+    assert report["experts_read"] == [4 * rank + e for e in range(4)] and report["other_keys_read"] > 0
+    assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
+    assert report["codes_equal_one_process"]  # bytes equal to quantizing the whole layer in one process
+    assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
+    assert report["experts_with_grad"] == list(range(8))
 
 
 def test_nf4_codes_are_a_frozen_parameter() -> None:

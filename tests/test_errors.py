@@ -212,3 +212,18 @@ def test_every_case_is_documented() -> None:
     missing = [case for case, *_ in CASES if f"`{case}`" not in text]
     assert not missing, f"docs/errors.md lacks {missing}"
     assert len(CASES) >= 30
+
+
+def test_continuing_a_subset_of_experts_under_expert_parallelism_is_refused(finished_run: Path, cli, tmp_path: Path) -> None:
+    """An init_adapter with LoRA on some routed experts of a layer cannot be split over expert-parallel ranks yet:
+    refused before any weight is read, naming the key, nothing written."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_PAIR] * 4)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+        "data": {"train": str(pairs), "format": "preference", "max_length": 128},
+        "dpo": {"init_adapter": str(finished_run), "max_prompt_length": 64},
+        "training": {"max_steps": 1, "parallel": {"ep": 2}}, "output_dir": str(tmp_path / "run")}))
+    result = cli("dpo", "--recipe", recipe)
+    refused(result, f"dpo.init_adapter: {finished_run / 'adapter'} trains a subset of the routed experts")
+    assert not (tmp_path / "run").exists()

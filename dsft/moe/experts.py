@@ -80,6 +80,8 @@ class DsftExperts(nn.Module):
     """Routed experts with frozen weights held as parameters (`quantized=False`) or packed NF4."""
 
     ep_size = 1  # ranks its experts are split over (dsft.moe.parallel sets it)
+    first_expert = 0  # the layer's id of its first row, and how many the layer has in all, when it was
+    global_experts: int | None = None  # loaded holding only a slice of them (`hold_rows`)
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
                  dtype: torch.dtype | None = None, num_experts: int | None = None) -> None:
@@ -105,6 +107,19 @@ class DsftExperts(nn.Module):
         if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
             raise ValueError(f"{type(experts).__name__}: experts with biases or transposed weights are not supported yet")
         return cls(experts.gate_up_proj.data, experts.down_proj.data, experts.act_fn, quantized, dtype)
+
+    def hold_rows(self, first: int, total: int) -> None:
+        """Its weights are the layer's experts first.. (of `total`): the rows expert parallelism gives this rank,
+        loaded alone (dsft.models.stream)."""
+        self.first_expert, self.global_experts = first, total
+        if self.quantized:  # the layer's shape, as when the rows are split from a whole layer
+            for store in (self.gate_up_nf4, self.down_nf4):
+                store.shape = torch.Size([total, *store.shape[1:]])
+
+    @property
+    def all_experts(self) -> int:
+        """The layer's routed experts, wherever they are held."""
+        return self.global_experts or self.num_experts
 
     @property
     def num_experts(self) -> int:

@@ -88,7 +88,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: Any, **kwargs: Any) -> None:
         base: DsftExperts = self.get_base_layer()
-        experts = sorted(getattr(base, SELECTION_ATTR, None) or range(base.num_experts))
+        experts = sorted(getattr(base, SELECTION_ATTR, None) or range(base.all_experts))
         n, hidden, inter = len(experts), base.hidden_dim, base.intermediate_dim
         device = _device_of(base)
         index = torch.tensor(experts, dtype=torch.long, device=device)
@@ -99,11 +99,13 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             return
         shapes = {"lora_gate_up_A": (n, r, hidden), "lora_gate_up_B": (n, 2 * inter, r),
                   "lora_down_A": (n, r, inter), "lora_down_B": (n, hidden, r)}
+        rows = slice(base.first_expert, base.first_expert + base.num_experts)  # all of them, unless a slice is held
         for name, shape in shapes.items():
             weight = torch.zeros(shape, dtype=torch.float32, device=device)
             if name.endswith("_A"):  # PEFT's default LoRA init: A kaiming-uniform per expert, B zero
                 nn.init.kaiming_uniform_(weight.view(-1, shape[-1]), a=math.sqrt(5))
-            getattr(self, name)[adapter_name] = Weight(weight)
+            # initialised whole, as one process would (same seed, same values), then only the rows held kept
+            getattr(self, name)[adapter_name] = Weight(weight[rows].clone() if base.global_experts else weight)
         self._register(adapter_name, r, lora_alpha, config, experts, index)
 
     def _register(self, adapter_name: str, r: int, lora_alpha: float, config: Any, experts: list[int],

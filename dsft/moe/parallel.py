@@ -24,17 +24,28 @@ from dsft.moe.lora import ExpertLoraLayer
 from dsft.moe.nf4 import PackedNF4
 
 ROWS = "dsft_expert_rows"  # dsft's EP style: a parameter's dim 0 (its experts) split over the EP ranks
+HELD_ROWS = "dsft_held_expert_rows"  # the same, for a module loaded holding only its rank's rows already
 _DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+$")
 
 
-def _register_style() -> None:
-    from torch.distributed.tensor import Shard
-    from transformers.distributed.expert_parallel import MoEParamShard
+def _register_styles() -> None:
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+    from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    class HeldRows(ExpertParallelLayer):
+        """A parameter that already holds this rank's rows: made the rank's shard of the whole, no copy."""
+
+        def shard_param(self, module: nn.Module, param: str, mesh: Any) -> None:
+            local = module._parameters[param]
+            module._parameters[param] = torch.nn.Parameter(
+                DTensor.from_local(local.data, mesh, [Shard(0)], run_check=False), requires_grad=local.requires_grad)
 
     if ROWS not in ALL_PARALLEL_STYLES:
         # shards_expert_dim=False: the experts module counts its experts from the local rows it holds
         ALL_PARALLEL_STYLES.register(ROWS, MoEParamShard(Shard(0)))
+        ALL_PARALLEL_STYLES.register(HELD_ROWS, HeldRows())
 
 
 def _expert_tensors(name: str, experts: DsftExperts) -> list[str]:
@@ -55,12 +66,13 @@ def ep_plan(model: nn.Module) -> dict[str, str]:
             continue
         if module.quantized and module.gate_up_nf4.sharded:
             raise ValueError(f"{name}: expert codes sharded by model.shard_experts cannot also be expert-parallel")
-        params.update(dict.fromkeys(_expert_tensors(name, module), ROWS))
+        style = HELD_ROWS if module.global_experts else ROWS
+        params.update(dict.fromkeys(_expert_tensors(name, module), style))
         outer = name.removesuffix(".base_layer")
         if isinstance(modules.get(outer), ExpertLoraLayer):
             lora = modules[outer]
             params.update(dict.fromkeys((f"{outer}.{n}" for n, _ in lora.named_parameters()
-                                         if n.startswith("lora_")), ROWS))
+                                         if n.startswith("lora_")), style))
         dispatch[outer] = "ep_dispatch_experts"
     return {**params, **dispatch}
 
@@ -78,7 +90,7 @@ def parallelize(model: nn.Module, fsdp: int, ep: int) -> nn.Module:
     from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
     from transformers.distributed.utils import initialize_distributed_mesh
 
-    _register_style()
+    _register_styles()
     config = DistributedConfig(fsdp_size=fsdp, ep_size=ep, ep_implementation="all_to_all")
     _, mesh = initialize_distributed_mesh(config)
     experts = ep_plan(model) if ep > 1 else {}

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from dsft.errors import DsftError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dsft.config.schema import Recipe
     from dsft.train.objective import Objective
 
@@ -18,9 +20,11 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], world: int | None) -> None:
-    """training.parallel against the objective, the model's routed experts and (`world`, None in `dsft validate`)
-    the number of processes; each failure one line naming the key and the fix."""
+def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], world: int | None,
+                 init: "Path | None" = None) -> None:
+    """training.parallel against the objective, the model's routed experts, the adapter a run continues (`init`)
+    and (`world`, None in `dsft validate`) the number of processes; each failure one line naming the key and the
+    fix."""
     parallel = recipe.training.parallel
     if parallel is None:
         return
@@ -37,6 +41,8 @@ def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], wo
     if experts % parallel.ep:
         raise DsftError(f"training.parallel.ep: {parallel.ep} does not divide the model's {experts} routed experts "
                         "per layer; use a divisor of it")
+    if init is not None and parallel.ep > 1:
+        _check_init_experts(goal, init, experts)
     if world is not None and (world < 2 or world % parallel.ep):
         raise DsftError(f"training.parallel: runs on several processes, a multiple of ep ({parallel.ep}), this command "
                         f"has {world}; launch it with --num-processes N (or accelerate launch), or remove "
@@ -59,3 +65,14 @@ def apply_layout(trainer: Any, recipe: "Recipe") -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._is_distributed_loading_by_transformers = True
     trainer.is_distributed_loading_by_transformers = True
+
+
+def _check_init_experts(goal: "Objective", init: "Path", experts: int) -> None:
+    """A continued adapter's expert LoRA must be on every routed expert of its layers (or absent): a subset sits
+    unevenly across the expert-parallel ranks, which is not built yet."""
+    from dsft.adapters.metadata import read_metadata
+
+    routed = read_metadata(init).get("routed_experts")
+    if routed and (routed.get("mode") == "full" or any(len(ids) != experts for ids in routed["experts"].values())):
+        raise DsftError(f"{goal.name}.init_adapter: {init} trains a subset of the routed experts, which expert "
+                        "parallelism cannot split yet; continue it without training.parallel (DDP: --num-processes)")

@@ -102,8 +102,8 @@ def preflight(recipe: Recipe, goal: Objective, force: bool, check_output: bool =
     model_path = resolve_model_path(recipe.model.path, recipe.model.revision)
     check_checkpoint(model_path)
     config = read_config(model_path)
-    check_layout(recipe, goal, config, processes() if world == -1 else world)
     init = goal.init_adapter(recipe, config)
+    check_layout(recipe, goal, config, processes() if world == -1 else world, init)
     if init is None:
         check_groups(recipe.adapter, config)
     selection = {} if init is not None else check_spec(recipe.adapter.routed_experts, config)
@@ -124,7 +124,11 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
-    base = load_model(recipe.model, prepared.model_path)
+    # under training.parallel a fresh adapter's base is read 1/ep of the experts per rank; a continued adapter's
+    # file holds every expert's LoRA, so its base is read whole and split once the adapter is on it
+    parallel = recipe.training.parallel
+    split = parallel.ep if parallel is not None and prepared.init_adapter is None else 1
+    base = load_model(recipe.model, prepared.model_path, expert_parallel=split)
     if prepared.init_adapter is not None:
         model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
         meta = read_metadata(prepared.init_adapter)
