@@ -1,5 +1,5 @@
-"""One rank of tests/test_distributed.py's sharding cases (run after the dsft command in its FSDP2 launch, over gloo, by
-tests/fsdp_launch.py): dsft's NF4 model with expert LoRA, its
+"""One rank of tests/test_distributed.py's sharding cases (run after the dsft commands of the shared launch, over gloo, by
+tests/launch.py): dsft's NF4 model with expert LoRA, its
 expert codes sharded either by FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer,
 then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`); and expert parallelism with FSDP2 on
 transformers' engine (dsft.moe.parallel: `ep-*`)."""
@@ -151,7 +151,7 @@ def main(out: str, fused: str) -> None:
     DeepSeek's per-expert layout), and `codes` on the same weights saved in transformers' fused layout (`fused`:
     tests/conftest.py fused_checkpoint)."""
     resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
-    joined = dist.is_initialized()  # tests/fsdp_launch.py: the dsft command's process group
+    joined = dist.is_initialized()  # tests/launch.py: the dsft commands' process group
     if not joined:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,8 +1,10 @@
-"""Two processes (DDP over gloo on CPU) give the single-process result at the same global batch, and
-only the main rank writes the run: through the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml, shrunk to one machine) with the
-NF4 expert codes sharded across the ranks (`model.shard_experts`); under FSDP2 (recipes/accelerate/fsdp2.yaml) the
-adapter equals one process's and resumes; dsft's NF4 expert storage shards across ranks, by FSDP2 or by dsft's
-loader, and matches one unsharded process (tests/fsdp_worker.py, run in the FSDP2 launch's processes)."""
+"""Several processes (over gloo on CPU) give the single-process result at the same global batch, and only the main
+rank writes the run. One launch of the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml,
+shrunk to one machine) runs every multi-process command in its process group (tests/launch.py): SFT under DDP with
+the NF4 expert codes sharded by the loader (`model.shard_experts`), SimPO and GRPO under DDP, DPO and SFT under
+FSDP2 + expert parallelism (`training.parallel.ep=2`, the SFT run resumed), SFT under FSDP2 alone (`ep=1`); then
+tests/fsdp_worker.py's cases: dsft's NF4 expert storage sharded by FSDP2, by dsft's loader or by expert
+parallelism matches one unsharded process."""
 
 from __future__ import annotations
 
@@ -67,11 +69,11 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One launch of the shipped multi-node config (shrunk to one machine, 2 processes, a fresh data cache) running,
-    in its process group (tests/fsdp_launch.py): NF4 SFT with the expert codes sharded by the loader
+    in its process group (tests/launch.py): NF4 SFT with the expert codes sharded by the loader
     (`model.shard_experts`, DDP); SimPO and GRPO (DDP); DPO continuing the first run's adapter with
     `training.parallel.ep=2`;
     then NF4 SFT with `training.parallel.ep=2`, which loses everything past its first checkpoint and resumes."""
-    from conftest import tiny_recipe
+    from conftest import fused_checkpoint, tiny_recipe
     from test_grpo import grpo_recipe
 
     tmp = tmp_path_factory.mktemp("ddp")
@@ -85,32 +87,38 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
                       training={**SIMPO_TRAINING, "micro_batch_size": 2})
     grpo = grpo_recipe(tmp, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
                        grpo={"max_completion_length": 8})
+    fsdp = tiny_recipe(tmp, "fsdp.yaml", rows=16, output_dir=str(tmp / "fsdp"), **NF4_ALL, training=training)
+    report = tmp / "sharding.json"
     cache = tmp / "cache"  # the processes prepare their data afresh (the built-in model: the session's)
     cache.mkdir()
     os.symlink(Path(os.environ["DSFT_CACHE"]) / "builtin", cache / "builtin")
-    done = subprocess.run([sys.executable, *MULTINODE, str(Path(__file__).with_name("fsdp_launch.py")), "sft",
+    done = subprocess.run([sys.executable, *MULTINODE, str(Path(__file__).with_name("launch.py")), "sft",
                            "--recipe", str(shard)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DSFT_CACHE": str(cache), "DSFT_TEST_RESUME": str(tmp / "split"),
+                               "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))]),
                                "DSFT_TEST_THEN": json.dumps([["simpo", "--recipe", str(simpo)],
                                                              ["grpo", "--recipe", str(grpo)],
+                                                             ["sft", "--recipe", str(fsdp), "--set",
+                                                              "training.parallel.ep=1"],
                                                              ["dpo", "--recipe", str(dpo), "--set",
                                                               "training.parallel.ep=2"],
                                                              ["sft", "--recipe", str(split), "--set",
                                                               "training.parallel.ep=2"]])})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"tmp": tmp, "printed": done.stdout}
+    sharding = {**json.loads(report.read_text()), **json.loads(report.with_name(report.name + ".rank1").read_text())}
+    return {"tmp": tmp, "printed": done.stdout, "sharding": sharding}
 
 
 def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
     """SFT under DDP: NF4 codes sharded,
     launched by the shipped multi-node config."""
     tmp, printed = ddp_launch["tmp"], ddp_launch["printed"]
-    assert printed.count("dsft sft:") == 3  # one summary a command (the main rank's), and the resume's
+    assert printed.count("dsft sft:") == 4  # one summary a command (the main rank's), and the resume's
     assert printed.count("dsft simpo:") == printed.count("dsft dpo:") == printed.count("dsft grpo:") == 1
     # the data is tokenized once: by one rank, the other waits for it and maps the same entry, and so do both ranks
     # of the next command and of its resume
     assert printed.count("data.train: tokenized 16 rows") == 1, printed
-    assert printed.count("data.train: tokens from cache (16 rows") == 5, printed
+    assert printed.count("data.train: tokens from cache (16 rows") == 7, printed
     info = json.loads((tmp / "shard/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "sharded"
@@ -209,69 +217,34 @@ def test_expert_parallel_sft_matches_one_process_and_resumes(one_process: dict, 
     assert all(torch.equal(resumed[k], uninterrupted[k]) and torch.equal(last[k], resumed[k]) for k in resumed)
 
 
-FSDP = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2.yaml"),
-        "--num_processes", "2", "--main_process_port", "0", str(Path(__file__).with_name("fsdp_launch.py")), "sft"]
+def test_fsdp2_alone_on_the_engine_matches_one_process(one_process: dict, ddp_launch: dict) -> None:
+    """`training.parallel.ep=1` (in the shared launch): FSDP2 over the two processes on transformers' engine, no
+    expert split (the NF4 codes and the adapter sharded by FSDP2, gathered for saving); the adapter equals one
+    process's at the same global batch. (Its resume is expert parallelism's, tested above: the same checkpoints.)"""
+    run = ddp_launch["tmp"] / "fsdp"
+    assert json.loads((run / "run.json").read_text())["summary"]["processes"] == 2
+    sharded = load_file(run / "adapter/adapter_model.safetensors")
+    assert one_process.keys() == sharded.keys()
+    assert_same_training(sharded, one_process)
 
 
-def _launch(*args: str, env: dict | None = None) -> None:
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """An NF4 SFT run in one process (in-process) and through the shipped recipes/accelerate/fsdp2.yaml on 2 CPU
-    processes, whose ranks then lose everything past the first checkpoint and `--resume` (the uninterrupted adapter
-    kept as two.uninterrupted), then run tests/fsdp_worker.py's sharding cases (their report)."""
-    from typer.testing import CliRunner
-
-    from conftest import fused_checkpoint, tiny_recipe
-    from dsft.cli.app import app
-
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    recipes = {name: tiny_recipe(tmp, f"{name}.yaml", rows=16, output_dir=str(tmp / name), model={"quantization": "nf4"},
-                                 adapter={"routed_experts": {1: [0, 3]}},
-                                 training={"max_steps": 4, "micro_batch_size": micro, "lr": 1e-2, "save_steps": 2})
-               for name, micro in (("one", 4), ("two", 2))}
-    one = CliRunner().invoke(app, ["sft", "--recipe", str(recipes["one"])])  # one process: in-process
-    assert one.exit_code == 0, one.output
-    report = tmp / "sharding.json"
-    _launch(*FSDP, "--recipe", str(recipes["two"]),
-            env={"DSFT_TEST_RESUME": str(tmp / "two"),
-                 "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))])})
-    sharding = {**json.loads(report.read_text()), **json.loads(report.with_name(report.name + ".rank1").read_text())}
-    return {"tmp": tmp, "sharding": sharding}
-
-
-def test_fsdp2_matches_one_process_and_resumes(fsdp2_run: dict) -> None:
-    """The shipped recipes/accelerate/fsdp2.yaml on 2 CPU processes (tests/fsdp_launch.py keeps
-    accelerate's FSDP plugin on without GPUs): NF4 codes and the adapter sharded by FSDP2, the adapter
-    gathered for saving equals one process's; after losing everything past the first checkpoint,
-    `--resume` reloads the sharded adapter and optimizer and ends where the uninterrupted run did."""
-    tmp = fsdp2_run["tmp"]
-    single = load_file(tmp / "one/adapter/adapter_model.safetensors")
-    sharded = load_file(tmp / "two.uninterrupted/adapter_model.safetensors")
-    assert single.keys() == sharded.keys() and any("experts.lora_" in k for k in single)
-    assert_same_training(sharded, single)
-
-    info = json.loads((tmp / "two/run.json").read_text())
-    assert info["status"] == "complete" and info["summary"]["processes"] == 2
-    assert info["resumed_from"] == str(tmp / "two/checkpoints/checkpoint-2")
-    assert sorted(p.name for p in (tmp / "two/checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    resumed = load_file(tmp / "two/adapter/adapter_model.safetensors")
-    for key in sharded:
-        torch.testing.assert_close(resumed[key], sharded[key], rtol=0, atol=1e-6)
+def test_accelerates_fsdp_plugin_is_refused_with_the_layout_to_use(make_recipe, cli,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `accelerate launch --config_file` with FSDP (recipes/accelerate/fsdp2.yaml, gone) would have accelerate
+    shard the model a second way: refused before anything is read, naming training.parallel."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    result = cli("sft", "--recipe", make_recipe())
+    assert result.exit_code == 2 and "training.parallel: {ep: 1}" in result.output, result.output
 
 
 @pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
-def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, fsdp2_run: dict) -> None:
+def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, ddp_launch: dict) -> None:
     """One step of the NF4 tiny model with LoRA on attention, shared and every routed expert, on two ranks, against
     one unsharded process (tests/fsdp_worker.py). `fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`:
     `model.shard_experts` has each rank read and quantize only its half of every layer's experts (from DeepSeek's
     per-expert layout or transformers' fused one) and gather the layer's codes when it runs (forward and
     backward)."""
-    report = fsdp2_run["sharding"][f"{mode}-{layout}"]
+    report = ddp_launch["sharding"][f"{mode}-{layout}"]
     assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
     assert report["logits_max_diff"] < 1e-4
     if mode == "codes":  # quantized in halves, bit-identical to quantizing each layer whole
@@ -281,7 +254,7 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, fsdp2_run
 
 
 @pytest.mark.parametrize("case", ["ep-fp32", "ep-nf4-one-rank"])
-def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -> None:
+def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) -> None:
     """dsft's experts under expert parallelism on transformers' engine (dsft.moe.parallel: all-to-all token dispatch,
     FSDP2 over fsdp 2 x ep 2), LoRA on every routed expert, against one unsharded process at the same global batch
     (tests/fsdp_worker.py ep_case): each rank holds half of every expert tensor (codes, scales, LoRA) and runs 4 of
@@ -289,7 +262,7 @@ def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -
     one AdamW step are the one process's; the NF4 codes are the bytes one process quantized. `one-rank` (NF4): every
     token routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still trains. (NF4 with
     tokens on every expert: the `dsft sft` test above.)"""
-    report = fsdp2_run["sharding"][case]
+    report = ddp_launch["sharding"][case]
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4]
     assert report["unsharded_trainable"] == []  # every trainable tensor of an EP module is a sharded tensor
     assert report["logits_max_diff"] < 1e-5
@@ -301,12 +274,12 @@ def test_expert_parallel_experts_match_one_process(case: str, fsdp2_run: dict) -
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_expert_parallel_rank_reads_only_its_experts(rank: int, fsdp2_run: dict) -> None:
+def test_each_expert_parallel_rank_reads_only_its_experts(rank: int, ddp_launch: dict) -> None:
     """`training.parallel` with a fresh adapter: each rank reads from DeepSeek's per-expert checkpoint only the
     experts it will hold (rank 0 experts 0-3, rank 1 experts 4-7; the others' tensors never read), quantizes them
     alone, and its expert LoRA is the rows of the one a single process initialises; after expert parallelism and
     FSDP2 the model matches one unsharded process exactly as when each rank read every expert."""
-    report = fsdp2_run["sharding"][f"ep-nf4-held-rank{rank}"]
+    report = ddp_launch["sharding"][f"ep-nf4-held-rank{rank}"]
     assert report["experts_read"] == [4 * rank + e for e in range(4)] and report["other_keys_read"] > 0
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
     assert report["codes_equal_one_process"]  # bytes equal to quantizing the whole layer in one process

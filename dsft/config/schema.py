@@ -76,7 +76,7 @@ class ModelSection(Section):
     @classmethod
     def _shard_needs_nf4(cls, v: bool, info: ValidationInfo) -> bool:
         if v and info.data.get("quantization") != "nf4":
-            raise ValueError("needs model.quantization: nf4 (for a bf16 base, shard with FSDP2: recipes/accelerate/fsdp2.yaml)")
+            raise ValueError("needs model.quantization: nf4 (for a bf16 base, shard with FSDP2: training.parallel: {ep: 1})")
         return v
 
 

@@ -24,16 +24,20 @@ def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], wo
                  init: "Path | None" = None) -> None:
     """training.parallel against the objective, the model's routed experts, the adapter a run continues (`init`)
     and (`world`, None in `dsft validate`) the number of processes; each failure one line naming the key and the
-    fix."""
+    fix. accelerate's own FSDP plugin (an `accelerate launch --config_file` with FSDP) is refused: FSDP2 is
+    training.parallel's."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise DsftError("accelerate launch: this accelerate config turns on accelerate's FSDP plugin; dsft runs FSDP2 "
+                        "itself: launch with --num-processes N (or an accelerate config without FSDP) and set "
+                        "training.parallel: {ep: 1} (FSDP2 alone) or {ep: M} (with expert parallelism)")
     parallel = recipe.training.parallel
     if parallel is None:
         return
     from dsft import arch
 
     if not goal.expert_parallel:
-        raise DsftError(f"training.parallel: `dsft {goal.name}` runs on several processes with DDP (--num-processes) or "
-                        "FSDP2 (recipes/accelerate/fsdp2.yaml), not expert parallelism (sft and dpo); remove "
-                        "training.parallel")
+        raise DsftError(f"training.parallel: `dsft {goal.name}` runs on several processes with DDP (--num-processes), "
+                        "not FSDP2 or expert parallelism (sft and dpo); remove training.parallel")
     experts = arch.num_experts(config)
     if parallel.ep > 1 and not experts:
         raise DsftError(f"training.parallel.ep: {recipe.model.path} has no routed experts to split; set ep: 1 "

@@ -1,5 +1,5 @@
 """TRL's trainers plus what DeepSeek MoE training needs from them: the model's own balance loss (SFT),
-resuming an adapter under FSDP2 (SFT and DPO), and dsft's prepared rows taken as they are (every row was
+saving and resuming an adapter split by training.parallel (SFT and DPO), and dsft's prepared rows taken as they are (every row was
 tokenized once, into dsft's cache: TRL neither tokenizes nor maps them again)."""
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ SCHEDULER_FILE = "scheduler.pt"  # the Trainer's name for it
 
 
 class FsdpAdapterResume:
-    """Under FSDP2 the Trainer reloads a checkpoint's model through torch.distributed.checkpoint from
-    the FSDP model file, which also holds bitsandbytes' 4-bit quant-state entries that the loader then
-    rejects (KeyError). The checkpoint's adapter_model.safetensors holds the same trainable weights:
-    load those into the sharded parameters instead. The optimizer and scheduler still come from the
-    Trainer's own files, except for a model split by training.parallel (sharded at load time, to the
-    Trainer), whose sharded optimizer state dsft writes and reads through torch.distributed.checkpoint."""
+    """A model split by training.parallel (FSDP2, with or without expert parallelism; sharded at load time, to the
+    Trainer) resumes from the checkpoint's adapter_model.safetensors loaded into its shards, and writes and reads
+    its sharded optimizer state through torch.distributed.checkpoint."""
 
     def _split(self) -> bool:
         return getattr(self, "is_distributed_loading_by_transformers", False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        if not (getattr(self, "is_fsdp_enabled", False) or self._split()):
+        if not self._split():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from dsft.train.dist import load_full_trainable_state
 

@@ -1,16 +1,9 @@
-"""`dsft` under accelerate launch for tests/test_distributed.py: under accelerate's FSDP2 on CPU, and several steps
-in one process group (one start-up).
-
-accelerate turns FSDP on for GPU process groups only (on CPU its state says MULTI_CPU and the Trainer
-wraps the model in DDP). This entry point keeps accelerate's FSDP plugin in force on CPU, so the rest,
-accelerate's `fully_shard` wrapping, the Trainer's FSDP checkpoints and dsft's adapter gathering and
-resume, runs exactly as it does on GPUs. Used as `accelerate launch --config_file
-recipes/accelerate/fsdp2.yaml tests/fsdp_launch.py sft --recipe R`. With DSFT_TEST_THEN='[["sft", ...], ...]' in
-the environment the same processes then run further commands; with DSFT_TEST_RESUME=RUN_DIR they then lose everything
-the last command's run wrote past its first checkpoint (the finished adapter kept beside the run as
-RUN_DIR.uninterrupted) and run that command again with `--resume`; with
-DSFT_TEST_SHARDING=OUT:FUSED they then run tests/fsdp_worker.py's cases in its process group (one start-up for all).
-"""
+"""Several `dsft` commands in one process group (one start-up of the stack per rank), for tests/test_distributed.py.
+Used as `accelerate launch ... tests/launch.py sft --recipe R`: the command; then, with DSFT_TEST_THEN='[["sft", ...],
+...]' in the environment, further commands; with DSFT_TEST_RESUME=RUN_DIR, the last command's run loses everything
+it wrote past its first checkpoint (the finished adapter kept beside it as RUN_DIR.uninterrupted) and the command
+runs again with `--resume`; with DSFT_TEST_SHARDING=OUT:FUSED, tests/fsdp_worker.py's cases in the same group.
+Each command runs as `dsft` runs it (dsft.cli.app), in the ranks accelerate launch started."""
 
 from __future__ import annotations
 
@@ -19,24 +12,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
-import accelerate.state as state
-from accelerate.utils import DistributedType
-
-_init = state.AcceleratorState.__init__
-_plugin: list = []
-
-
-def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:  # noqa: ANN001 - accelerate's signature
-    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None) or (_plugin[0] if _plugin else None)
-    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        _plugin[:] = [plugin]
-        self.distributed_type = DistributedType.FSDP
-        self.fsdp_plugin = plugin
-
-
-state.AcceleratorState.__init__ = _init_fsdp_on_cpu
 
 
 def _lose_all_past_the_first_checkpoint(run: Path) -> None:
