@@ -222,7 +222,8 @@ def test_fsdp2_alone_on_the_engine_matches_one_process(one_process: dict, ddp_la
     expert split (the NF4 codes and the adapter sharded by FSDP2, gathered for saving); the adapter equals one
     process's at the same global batch. (Its resume is expert parallelism's, tested above: the same checkpoints.)"""
     run = ddp_launch["tmp"] / "fsdp"
-    assert json.loads((run / "run.json").read_text())["summary"]["processes"] == 2
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["expert_codes"] == "fsdp2"
     sharded = load_file(run / "adapter/adapter_model.safetensors")
     assert one_process.keys() == sharded.keys()
     assert_same_training(sharded, one_process)

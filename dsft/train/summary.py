@@ -79,7 +79,9 @@ def model_params(model: torch.nn.Module) -> int:
 
 def expert_codes_layout(model: torch.nn.Module) -> str | None:
     """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts, `expert-parallel
-    over N` ranks (training.parallel); None without NF4 experts."""
+    over N` ranks or `fsdp2` (training.parallel); None without NF4 experts."""
+    from torch.distributed.tensor import DTensor
+
     from dsft.moe.experts import DsftExperts
 
     experts = [m for m in model.modules() if isinstance(m, DsftExperts) and m.quantized]
@@ -87,4 +89,6 @@ def expert_codes_layout(model: torch.nn.Module) -> str | None:
         return None
     if experts[0].ep_size > 1:
         return f"expert-parallel over {experts[0].ep_size}"
+    if isinstance(experts[0].gate_up_nf4.stored, DTensor):
+        return "fsdp2"
     return "sharded" if all(m.gate_up_nf4.sharded for m in experts) else "whole"
