@@ -90,7 +90,8 @@ def _held_rows_read(world: int, whole: nn.Module) -> tuple[nn.Module, list[str]]
 
     read: list[str] = []
     original = stream.StreamLoader._tensor
-    stream.StreamLoader._tensor = lambda self, handle, key, keys: read.append(key) or original(self, handle, key, keys)
+    stream.StreamLoader._tensor = lambda self, handle, key, keys, rows=None: (read.append(key)
+                                                                             or original(self, handle, key, keys, rows))
     try:
         model = build(expert_parallel=world)
     finally:

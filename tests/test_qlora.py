@@ -271,3 +271,41 @@ def test_packed_nf4_matches_an_independent_nf4_reference(shape: tuple[int, ...])
     scale = weight.reshape(-1, 64).abs().amax(1, keepdim=True)
     assert ((got - expected).reshape(-1, 64).abs() <= 0.01 * scale).all(), float((got - expected).abs().max())
     assert ((got - weight).reshape(-1, 64).abs() <= 0.2 * scale).all()  # NF4's own rounding: at most ~0.16 of a block's maximum
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_a_rank_loads_only_its_block_of_experts(layout: str, tmp_path: Path) -> None:
+    """load_streaming's expert_part (expert parallelism's rank 1 of 2): from DeepSeek's per-expert layout only
+    experts 4-7's tensors are read, from transformers' fused one only rows 4-7 of each fused tensor; the module
+    holds those experts, its NF4 bytes the rows of the whole layer's, and it says which rows it holds."""
+    from conftest import fused_checkpoint
+    from dsft.models import stream
+    from dsft.models.load import resolve_model_path
+    from dsft.moe.experts import DsftExperts
+
+    path = resolve_model_path("builtin:tiny-deepseek-v3") if layout == "per-expert" else fused_checkpoint(tmp_path)
+    reads: list[tuple[str, slice | None]] = []
+    original = stream.StreamLoader._tensor
+
+    def counting(self, handle, key, keys, rows=None):  # noqa: ANN001, ANN202
+        reads.append((key, rows))
+        return original(self, handle, key, keys, rows)
+
+    whole = stream.load_streaming(path, torch.float32, True, torch.device("cpu"))
+    stream.StreamLoader._tensor = counting
+    try:
+        half = stream.load_streaming(path, torch.float32, True, torch.device("cpu"), expert_part=(1, 2))
+    finally:
+        stream.StreamLoader._tensor = original
+    expert_reads = [(k, rows) for k, rows in reads if ".experts." in k]
+    if layout == "per-expert":
+        assert {int(k.split(".experts.")[1].split(".")[0]) for k, _ in expert_reads} == {4, 5, 6, 7}
+    else:
+        assert expert_reads and all(rows == slice(4, 8) for _, rows in expert_reads)
+    pairs = [(a, b) for a, b in zip(whole.modules(), half.modules()) if isinstance(a, DsftExperts)]
+    assert len(pairs) == 2
+    for a, b in pairs:
+        assert (b.first_expert, b.global_experts, b.num_experts) == (4, 8, 4)
+        for name in ("codes", "scales", "scale_state"):
+            assert torch.equal(getattr(b.gate_up_nf4, name), getattr(a.gate_up_nf4, name)[4:])
+            assert torch.equal(getattr(b.down_nf4, name), getattr(a.down_nf4, name)[4:])

@@ -68,8 +68,8 @@ class _ExpertStage:
         return expert is None or self.lo <= expert < self.hi
 
     def add(self, proj: str, tensor: torch.Tensor, expert: int | None = None) -> None:
-        if expert is None:  # fused tensor
-            (self.gate_up if proj == "gate_up_proj" else self.down).copy_(tensor[self.lo:self.hi])
+        if expert is None:  # fused tensor: its rows lo..hi, read alone
+            (self.gate_up if proj == "gate_up_proj" else self.down).copy_(tensor)
             parts = ("gate_proj", "up_proj") if proj == "gate_up_proj" else ("down_proj",)
             self.missing -= {(i, p) for i in range(self.lo, self.hi) for p in parts}
             return
@@ -136,7 +136,15 @@ class StreamLoader:
                 new.support_avx512bf16_for_cpu = False
                 setattr(model.get_submodule(parent), child, new)
 
-    def _tensor(self, handle: Any, key: str, keys: set[str]) -> torch.Tensor:
+    def _tensor(self, handle: Any, key: str, keys: set[str], rows: slice | None = None) -> torch.Tensor:
+        """The checkpoint's tensor, FP8 blocks dequantized; `rows`: only those rows of dim 0, read alone (a fused
+        experts tensor's slice of experts) unless FP8 blocks need the whole tensor."""
+        if rows is not None and not handle.get_slice(key).get_dtype().startswith("F8"):
+            return handle.get_slice(key)[rows]
+        tensor = self._whole(handle, key, keys)
+        return tensor if rows is None else tensor[rows]
+
+    def _whole(self, handle: Any, key: str, keys: set[str]) -> torch.Tensor:
         tensor = handle.get_tensor(key)
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if key + SCALE_SUFFIX not in keys or self.fp8_block is None:
@@ -164,7 +172,8 @@ class StreamLoader:
                     if layer and int(layer.group(1)) >= self.num_layers:
                         self.skipped += 1
                         continue
-                    if not self._route(model, canonical(key), lambda k=key: self._tensor(handle, k, keys), names):
+                    read = lambda rows=None, k=key: self._tensor(handle, k, keys, rows)  # noqa: E731
+                    if not self._route(model, canonical(key), read, names):
                         unexpected.append(key)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # lm_head shares the loaded embedding (a tied checkpoint stores it once)
@@ -194,8 +203,9 @@ class StreamLoader:
                 stage = self.stages[module_name] = _ExpertStage(model.get_submodule(module_name), self.device,
                                                                 self.dtype, self.shard_experts, self.expert_part)
             expert = int(m.group("expert")) if "expert" in m.groupdict() else None
-            if stage.wants(expert):  # another rank's expert is never read
-                stage.add(m.group("proj"), read().to(self.device, self.dtype), expert)
+            if stage.wants(expert):  # another rank's expert is never read (of a fused tensor, only this rank's rows)
+                tensor = read() if expert is not None else read(slice(stage.lo, stage.hi))
+                stage.add(m.group("proj"), tensor.to(self.device, self.dtype), expert)
             if not stage.missing:
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child, self.stages.pop(module_name).build(self.quantized, self.dtype))
