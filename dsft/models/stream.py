@@ -139,8 +139,10 @@ class StreamLoader:
     def _tensor(self, handle: Any, key: str, keys: set[str], rows: slice | None = None) -> torch.Tensor:
         """The checkpoint's tensor, FP8 blocks dequantized; `rows`: only those rows of dim 0, read alone (a fused
         experts tensor's slice of experts) unless FP8 blocks need the whole tensor."""
-        if rows is not None and not handle.get_slice(key).get_dtype().startswith("F8"):
-            return handle.get_slice(key)[rows]
+        if rows is not None:
+            part = handle.get_slice(key)
+            if not part.get_dtype().startswith("F8"):
+                return part[rows]
         tensor = self._whole(handle, key, keys)
         return tensor if rows is None else tensor[rows]
 

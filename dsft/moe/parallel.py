@@ -29,10 +29,13 @@ _DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+$")
 
 
 def _register_styles() -> None:
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    if ROWS in ALL_PARALLEL_STYLES:
+        return
     import torch
     from torch.distributed.tensor import DTensor, Shard
     from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard
-    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
     class HeldRows(ExpertParallelLayer):
         """A parameter that already holds this rank's rows: made the rank's shard of the whole, no copy."""
@@ -42,10 +45,9 @@ def _register_styles() -> None:
             module._parameters[param] = torch.nn.Parameter(
                 DTensor.from_local(local.data, mesh, [Shard(0)], run_check=False), requires_grad=local.requires_grad)
 
-    if ROWS not in ALL_PARALLEL_STYLES:
-        # shards_expert_dim=False: the experts module counts its experts from the local rows it holds
-        ALL_PARALLEL_STYLES.register(ROWS, MoEParamShard(Shard(0)))
-        ALL_PARALLEL_STYLES.register(HELD_ROWS, HeldRows())
+    # shards_expert_dim=False: the experts module counts its experts from the local rows it holds
+    ALL_PARALLEL_STYLES.register(ROWS, MoEParamShard(Shard(0)))
+    ALL_PARALLEL_STYLES.register(HELD_ROWS, HeldRows())
 
 
 def _expert_tensors(name: str, experts: DsftExperts) -> list[str]:
@@ -113,12 +115,10 @@ def local_fraction(model: nn.Module) -> float:
     """The share of the experts' stored elements (codes, scales, weights, expert LoRA) this rank holds."""
     from torch.distributed.tensor import DTensor
 
-    mine = total = 0
-    for module in model.modules():
-        if isinstance(module, (DsftExperts, ExpertLoraLayer)):
-            for p in module.parameters():
-                total += p.numel()
-                mine += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    params = {id(p): p for module in model.modules() if isinstance(module, (DsftExperts, ExpertLoraLayer))
+              for p in module.parameters()}  # a LoRA layer's parameters include its experts': each counted once
+    total = sum(p.numel() for p in params.values())
+    mine = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params.values())
     return mine / total if total else 1.0
 
 

@@ -15,6 +15,7 @@ from dsft.config.schema import OPTIMIZERS, Recipe
 from dsft.errors import DsftError
 from dsft.outputs import is_main
 from dsft.runs import run_dir
+from dsft.train.layout import processes
 from dsft.train.objective import Objective, Prepared
 
 def cpu_args() -> dict[str, Any]:
@@ -22,7 +23,7 @@ def cpu_args() -> dict[str, Any]:
     `use_cpu` the Trainer runs every rank unwrapped (no gradient all-reduce), each on its own shard."""
     if torch.cuda.is_available():
         return {}
-    return {"use_cpu": True, "ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {"use_cpu": True}
+    return {"use_cpu": True, "ddp_backend": "gloo"} if processes() > 1 else {"use_cpu": True}
 
 
 def trainer_args(recipe: Recipe, run: Path, dtype: torch.dtype) -> dict[str, Any]:
