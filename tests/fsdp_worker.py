@@ -22,12 +22,18 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
+# LoRA on some of a layer's 8 experts, in padded slots under ep 2: layer 1's sit 3 on rank 0 and 1 on rank 1, layer 2's
+# both on rank 0 (rank 1 holds only padding)
+SUBSET = {1: [0, 1, 2, 5], 2: [1, 3]}
+
+
 def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4",
-          expert_parallel: int = 1) -> nn.Module:
+          expert_parallel: int = 1, subset: bool = False) -> nn.Module:
     section = ModelSection(path=path, dtype="float32", quantization=quantization, shard_experts=shard_experts)
     base = load_model(section, resolve_model_path(section.path), expert_parallel=expert_parallel)
-    every_expert = {layer_of(n): None for n in expert_modules(base)}
-    model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts="all"), every_expert)[0]
+    selection = {layer_of(n): SUBSET[layer_of(n)] if subset else None for n in expert_modules(base)}
+    routed = {layer: ids for layer, ids in selection.items()} if subset else "all"
+    model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts=routed), selection)[0]
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
@@ -83,38 +89,44 @@ def _route_to_the_first_experts(model: nn.Module) -> None:
             buffer[:4] = 10.0
 
 
-def _held_rows_read(world: int, whole: nn.Module) -> tuple[nn.Module, list[str]]:
+def _held_rows_read(world: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, list[str]]:
     """The model loaded holding only this rank's experts (load_model's expert_parallel), its trainable weights then
-    set to the rows of `whole`'s (which `build` initialised whole), and the checkpoint keys it read."""
+    set to the rows of `whole`'s (which `build` initialised whole) its slots hold, and the checkpoint keys it read."""
     from dsft.models import stream
+    from dsft.moe.lora import ExpertLoraLayer, pad, padded_rows
 
     read: list[str] = []
     original = stream.StreamLoader._tensor
     stream.StreamLoader._tensor = lambda self, handle, key, keys, rows=None: (read.append(key)
                                                                              or original(self, handle, key, keys, rows))
     try:
-        model = build(expert_parallel=world)
+        model = build(expert_parallel=world, subset=subset)
     finally:
         stream.StreamLoader._tensor = original
-    whole = dict(whole.named_parameters())
-    experts = {m.first_expert for m in model.modules() if isinstance(m, DsftExperts)}
+    whole, slotted = dict(whole.named_parameters()), padded_rows(model)
+    rank = next(m.first_expert // m.num_experts for m in model.modules() if isinstance(m, DsftExperts))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                first = next(iter(experts)) if p.shape != whole[name].shape else 0
-                p.copy_(whole[name][first:first + p.shape[0]])
+                full = pad(whole[name], slotted[name]) if name in slotted else whole[name]
+                p.copy_(full[rank * p.shape[0]:(rank + 1) * p.shape[0]] if name in slotted else full)
+    assert all(m.slots for m in model.modules() if isinstance(m, ExpertLoraLayer))
     return model, read
 
 
-def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False) -> dict:
+def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False,
+            subset: bool = False) -> dict:
     """Expert parallelism over the two ranks and FSDP2 (dsft.moe.parallel.parallelize, fsdp 2 x ep 2), LoRA on every
-    routed expert, against one unsharded process at the same global batch: logits, gradients and one AdamW step.
-    `held`: the model loaded holding only this rank's experts (the keys it read reported)."""
+    routed expert (`subset`: on SUBSET, in padded slots), against one unsharded process at the same global batch:
+    logits, gradients and one AdamW step. `held`: the model loaded holding only this rank's experts (the keys it read
+    reported)."""
+    from dsft.moe.lora import padded_rows, unpad
     from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
 
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
-    reference = build(quantization=quantization)
-    model, read = _held_rows_read(world, reference) if held else (build(quantization=quantization), [])
+    reference = build(quantization=quantization, subset=subset)
+    model, read = (_held_rows_read(world, reference, subset) if held
+                   else (build(quantization=quantization, subset=subset), []))
     if one_rank:
         _route_to_the_first_experts(reference)
         _route_to_the_first_experts(model)
@@ -128,14 +140,24 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     logits, _ = step(model, ids[mine])
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
              for n, p in model.named_parameters() if p.requires_grad}
+    slotted = padded_rows(model)
+    padding = [g[[i for i in range(g.shape[0]) if i not in slotted[n][0]]] for n, g in grads.items() if n in slotted]
+    grads = {n: unpad(g, slotted[n]) if n in slotted else g for n, g in grads.items()}
     experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
     rows = [(n, p) for n, p in model.named_parameters() if n.endswith(".codes")]
     gathered = full_trainable_state(model)
     return {
         "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
         "grad_max_rel": max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()),
-        "experts_with_grad": sorted({e for n, g in grads.items() if "experts.lora_" in n
-                                     for e in g.flatten(1).abs().sum(1).nonzero().flatten().tolist()}),
+        "experts_with_grad": sorted({(SUBSET[layer_of(n)] if subset else range(8))[e] for n, g in grads.items()
+                                     if "experts.lora_" in n for e in g.flatten(1).abs().sum(1).nonzero().flatten().tolist()}),
+        "padding_rows": sorted({t.shape[0] for t in padding}),  # per expert LoRA tensor
+        "experts_with_grad_by_layer": {layer: sorted({SUBSET[layer][e] if subset else e for n, g in grads.items()
+                                                      if "experts.lora_" in n and layer_of(n) == layer
+                                                      for e in g.flatten(1).abs().sum(1).nonzero().flatten().tolist()})
+                                       for layer in SUBSET},
+        "padding_grad": max((float(t.abs().max()) for t in padding if t.numel()), default=0.0),
+        "saved_shapes_equal": all(gathered[n].shape == expected[n].shape for n in expected),
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
         "local_fraction": local_fraction(model),
         "local_experts": sorted({m.num_experts for m in experts}),
@@ -160,10 +182,10 @@ def main(out: str, fused: str) -> None:
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
                                          ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
     report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
-                   f"ep-nf4-held-rank{rank}": ep_case("nf4", rank, world, held=True)})
-    if rank == 1:  # rank 1's report, written beside rank 0's
+                   f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)})
+    if rank == 1:  # rank 1's reports, written beside rank 0's
         with open(out + ".rank1", "w") as f:
-            json.dump({"ep-nf4-held-rank1": report["ep-nf4-held-rank1"]}, f)
+            json.dump({k: v for k, v in report.items() if k.endswith("-rank1")}, f)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

@@ -36,12 +36,16 @@ def assert_same_training(got: dict[str, torch.Tensor], expected: dict[str, torch
     assert diff.mean() < 1e-6, f"mean |difference| {diff.mean():.2e}"
 
 
+CONSTANT = {"scheduler": "constant", "warmup_ratio": 0.0}  # so an extra step after a resume would show
 NF4_ALL = {"adapter": {"routed_experts": "all"}, "model": {"quantization": "nf4"}}
-SIMPO = {"adapter": {"routed_experts": {1: [0, 3]}}, "simpo": {"max_prompt_length": 64},
+# LoRA on the experts the data is routed to (layer 1: 0, 2, 3; layer 2: 1, 3, 7): a subset that sits unevenly over
+# two expert-parallel ranks, layer 1's all on rank 0
+SIMPO = {"adapter": {"routed_experts": {"policy": "token_share", "top_p": 0.5, "samples": 64}},
+         "simpo": {"max_prompt_length": 64},
          "data": {"train": str(REPO / "data_templates/legal/preference.jsonl"), "format": "preference", "max_length": 160}}
 def dpo_sections(init: Path) -> dict:
-    """DPO continuing `init`'s adapter (TRL's frozen "ref" copy of it is the reference), LoRA on every routed expert."""
-    return {**NF4_ALL, "dpo": {"init_adapter": str(init), "max_prompt_length": 64, "beta": 0.1},
+    """DPO continuing `init`'s adapter (TRL's frozen "ref" copy of it is the reference) on the NF4 base."""
+    return {"model": {"quantization": "nf4"}, "dpo": {"init_adapter": str(init), "max_prompt_length": 64, "beta": 0.1},
             "data": {"train": str(REPO / "data_templates/legal/preference.jsonl"), "format": "preference",
                      "max_length": 160}}
 
@@ -60,7 +64,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Ten
 
     tmp = tmp_path_factory.mktemp("one")
     recipe = tiny_recipe(tmp, rows=16, output_dir=str(tmp / "one"), **NF4_ALL,
-                         training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2})
+                         training={"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, **CONSTANT})
     result = CliRunner().invoke(app, ["sft", "--recipe", str(recipe)])
     assert result.exit_code == 0, result.output
     return load_file(tmp / "one/adapter/adapter_model.safetensors")
@@ -77,13 +81,13 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from test_grpo import grpo_recipe
 
     tmp = tmp_path_factory.mktemp("ddp")
-    training = {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2}
+    training = {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2, **CONSTANT}
     shard = tiny_recipe(tmp, "shard.yaml", rows=16, output_dir=str(tmp / "shard"), adapter=NF4_ALL["adapter"],
                         model={"quantization": "nf4", "shard_experts": True}, training=training)
     split = tiny_recipe(tmp, "split.yaml", rows=16, output_dir=str(tmp / "split"), **NF4_ALL, training=training)
     simpo = tiny_recipe(tmp, "simpo.yaml", output_dir=str(tmp / "simpo"), **SIMPO, training={**SIMPO_TRAINING,
                                                                                            "micro_batch_size": 2})
-    dpo = tiny_recipe(tmp, "dpo.yaml", output_dir=str(tmp / "dpo"), **dpo_sections(tmp / "shard"),
+    dpo = tiny_recipe(tmp, "dpo.yaml", output_dir=str(tmp / "dpo"), **dpo_sections(tmp / "simpo"),
                       training={**SIMPO_TRAINING, "micro_batch_size": 2})
     grpo = grpo_recipe(tmp, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
                        grpo={"max_completion_length": 8})
@@ -113,12 +117,12 @@ def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
     """SFT under DDP: NF4 codes sharded,
     launched by the shipped multi-node config."""
     tmp, printed = ddp_launch["tmp"], ddp_launch["printed"]
-    assert printed.count("dsft sft:") == 4  # one summary a command (the main rank's), and the resume's
+    assert printed.count("dsft sft:") == 5  # one summary a command (the main rank's), and the two resumes
     assert printed.count("dsft simpo:") == printed.count("dsft dpo:") == printed.count("dsft grpo:") == 1
     # the data is tokenized once: by one rank, the other waits for it and maps the same entry, and so do both ranks
     # of the next command and of its resume
     assert printed.count("data.train: tokenized 16 rows") == 1, printed
-    assert printed.count("data.train: tokens from cache (16 rows") == 7, printed
+    assert printed.count("data.train: tokens from cache (16 rows") == 9, printed
     info = json.loads((tmp / "shard/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "sharded"
@@ -138,18 +142,25 @@ def test_two_simpo_processes_match_one(ddp_launch: dict, cli, tmp_path: Path) ->
     assert cli("simpo", "--recipe", one).exit_code == 0
     run = ddp_launch["tmp"] / "simpo"
     assert json.loads((run / "run.json").read_text())["summary"]["processes"] == 2
+    # the routing profile behind its policy: each rank profiled half the sampled rows, their counts summed, which
+    # are the counts of one process profiling them all (so both choose the same experts)
+    two, one_profile = (json.loads((r / "routing/profile.json").read_text()) for r in (run, tmp_path / "one"))
+    assert two["rows"] == one_profile["rows"] == 64 and two["tokens_counted"] == one_profile["tokens_counted"]
+    assert {k: v["counts"] for k, v in two["layers"].items()} == {k: v["counts"] for k, v in one_profile["layers"].items()}
     assert_same_training(load_file(run / "adapter/adapter_model.safetensors"),
                          load_file(tmp_path / "one/adapter/adapter_model.safetensors"))
 
 
 def test_dpo_with_its_reference_under_expert_parallelism_matches_one_process(ddp_launch: dict, cli,
                                                                              tmp_path: Path) -> None:
-    """`dsft dpo --set training.parallel.ep=2` continuing an SFT adapter (in the shared launch): TRL's frozen "ref"
-    copy, made once the trainer is built, is split over the ranks like the adapter; the adapter equals one process's
-    at the same global batch (here, continuing the same SFT adapter)."""
+    """`dsft dpo --set training.parallel.ep=2` continuing the SimPO run's adapter (in the shared launch), whose expert
+    LoRA is on a subset of each layer's experts that sits unevenly across the two ranks (layer 1: experts 0, 2, 3 on
+    rank 0, only padding on rank 1; layer 2: 1, 3 on rank 0 and 7 on rank 1): it is split into padded slots, and
+    TRL's frozen "ref" copy, made once the trainer is built, likewise; the saved adapter has the one-process layout
+    and equals one process's at the same global batch (here, continuing the same adapter)."""
     from conftest import tiny_recipe
 
-    init = ddp_launch["tmp"] / "shard"
+    init = ddp_launch["tmp"] / "simpo"
     one = tiny_recipe(tmp_path, "dpo.yaml", output_dir=str(tmp_path / "one"), **dpo_sections(init),
                       training={**SIMPO_TRAINING, "micro_batch_size": 4})
     assert cli("dpo", "--recipe", one).exit_code == 0
@@ -159,6 +170,10 @@ def test_dpo_with_its_reference_under_expert_parallelism_matches_one_process(ddp
     double = load_file(run / "adapter/adapter_model.safetensors")
     single = load_file(tmp_path / "one/adapter/adapter_model.safetensors")
     assert double.keys() == single.keys() and any("experts.lora_" in k for k in double)
+    assert {k: v.shape for k, v in double.items()} == {k: v.shape for k, v in single.items()}  # no padding saved
+    assert {v.shape[0] for k, v in double.items() if "experts.lora_" in k} == {3}  # its experts, per layer
+    assert json.loads((run / "adapter/dsft_adapter.json").read_text())["routed_experts"]["experts"] == {
+        "1": [0, 2, 3], "2": [1, 3, 7]}
     assert_same_training(double, single)
 
 
@@ -198,12 +213,16 @@ def test_expert_parallel_sft_matches_one_process_and_resumes(one_process: dict, 
     every routed expert split over the two ranks (transformers' all-to-all dispatch, FSDP2 for the rest); the adapter
     and its checkpoints are whole, and equal to one process's at the same global batch; run.json says how the codes
     were held; after losing everything past the first checkpoint, `--resume` (the sharded optimizer state read back
-    through torch.distributed.checkpoint) ends at the uninterrupted run's adapter exactly."""
+    through torch.distributed.checkpoint) ends at the uninterrupted run's adapter exactly; and killed after its last
+    checkpoint (the adapter not yet written), `--resume` writes that adapter, with no step more (a constant lr)."""
     run = ddp_launch["tmp"] / "split"
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
     assert info["summary"]["expert_codes"] == "expert-parallel over 2"
-    assert info["resumed_from"] == str(run / "checkpoints/checkpoint-2")
+    assert info["resumed_from"] == str(run / "checkpoints/checkpoint-4")  # the second resume's
+    printed = " ".join(ddp_launch["printed"].split())
+    assert f"resuming {run} from checkpoint-2: step 2 of 4" in printed
+    assert f"resuming {run} from checkpoint-4: step 4 of 4" in printed
     uninterrupted = load_file(run.with_name("split.uninterrupted") / "adapter_model.safetensors")
     assert one_process.keys() == uninterrupted.keys() and any("experts.lora_" in k for k in uninterrupted)
     assert all(uninterrupted[k].shape == one_process[k].shape for k in uninterrupted)  # gathered whole
@@ -212,9 +231,11 @@ def test_expert_parallel_sft_matches_one_process_and_resumes(one_process: dict, 
     assert sorted(p.name for p in (checkpoint / "optimizer_dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     marked = json.loads((checkpoint / "dsft-complete.json").read_text())["files"]
     assert {"rng_state_1.pth", "optimizer_dcp/__1_0.distcp"} <= set(marked)  # rank 1's files, sized once written
+    # checkpoint-4, written by the first resume, is the uninterrupted run's last step; the second resume, from it,
+    # writes it as the adapter with no step more (an extra step at lr 1e-2 would move it)
     last = load_file(run / "checkpoints/checkpoint-4/adapter_model.safetensors")
     resumed = load_file(run / "adapter/adapter_model.safetensors")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) and torch.equal(last[k], resumed[k]) for k in resumed)
+    assert all(torch.equal(last[k], uninterrupted[k]) and torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
 def test_fsdp2_alone_on_the_engine_matches_one_process(one_process: dict, ddp_launch: dict) -> None:
@@ -275,17 +296,23 @@ def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) 
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_expert_parallel_rank_reads_only_its_experts(rank: int, ddp_launch: dict) -> None:
+def test_each_rank_reads_only_its_experts_and_splits_a_subsets_lora_into_padded_slots(rank: int,
+                                                                                      ddp_launch: dict) -> None:
     """`training.parallel` with a fresh adapter: each rank reads from DeepSeek's per-expert checkpoint only the
-    experts it will hold (rank 0 experts 0-3, rank 1 experts 4-7; the others' tensors never read), quantizes them
-    alone, and its expert LoRA is the rows of the one a single process initialises; after expert parallelism and
-    FSDP2 the model matches one unsharded process exactly as when each rank read every expert."""
-    report = ddp_launch["sharding"][f"ep-nf4-held-rank{rank}"]
+    experts it will hold (rank 0 experts 0-3, rank 1 experts 4-7; the others' tensors never read) and quantizes them
+    alone (bytes equal to quantizing the whole layer in one process). Its expert LoRA, on a per-layer subset of the
+    experts (tests/fsdp_worker.py SUBSET: layer 1 on experts 0, 1, 2 | 5, layer 2 on 1, 3 | none), is the rows of the
+    one a single process initialises, in an equal block of padded slots on each rank, every one a sharded tensor.
+    After expert parallelism and FSDP2, logits, gradients and the adapter after one AdamW step equal one unsharded
+    process's; only the chosen experts get a gradient, the padding none; and the gathered adapter has the one-process
+    layout. (LoRA on every expert, loaded the same way: the `dsft sft` test above.)"""
+    report = ddp_launch["sharding"][f"ep-subset-held-rank{rank}"]
     assert report["experts_read"] == [4 * rank + e for e in range(4)] and report["other_keys_read"] > 0
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
-    assert report["codes_equal_one_process"]  # bytes equal to quantizing the whole layer in one process
+    assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0
     assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
-    assert report["experts_with_grad"] == list(range(8))
+    assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]}
+    assert report["saved_shapes_equal"] and report["codes_equal_one_process"]
 
 
 def test_nf4_codes_are_a_frozen_parameter() -> None:

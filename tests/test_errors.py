@@ -85,8 +85,9 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("eval-steps-no-eval", {"training": {"eval_steps": 5}}, "validate", "training.eval_steps needs data.eval"),
     ("parallel-shard-experts", {"model": {"quantization": "nf4", "shard_experts": True}, "training": {"parallel": {"ep": 2}}},
      "validate", "training.parallel shards the experts itself: remove model.shard_experts"),
-    ("parallel-expert-subset", {"adapter": {"routed_experts": {1: [0]}}, "training": {"parallel": {"ep": 2}}}, "validate",
-     "training.parallel.ep: expert LoRA under expert parallelism goes on every routed expert or none"),
+    ("parallel-experts-whole", {"adapter": {"routed_experts": {"experts": {1: [0]}, "mode": "full"}},
+                                "training": {"parallel": {"ep": 2}}}, "validate",
+     "training.parallel.ep: experts trained whole (adapter.routed_experts.mode: full) are not split"),
     ("parallel-ep-experts", {"training": {"parallel": {"ep": 3}}}, "validate --check-files",
      "training.parallel.ep: 3 does not divide the model's 8 routed experts per layer"),
     ("parallel-one-process", {"training": {"parallel": {"ep": 2}}}, "sft",
@@ -214,16 +215,38 @@ def test_every_case_is_documented() -> None:
     assert len(CASES) >= 30
 
 
-def test_continuing_a_subset_of_experts_under_expert_parallelism_is_refused(finished_run: Path, cli, tmp_path: Path) -> None:
-    """An init_adapter with LoRA on some routed experts of a layer cannot be split over expert-parallel ranks yet:
-    refused before any weight is read, naming the key, nothing written."""
+def test_continuing_experts_trained_whole_under_expert_parallelism_is_refused(finished_run: Path, cli,
+                                                                            tmp_path: Path) -> None:
+    """An init_adapter that trains routed experts whole (mode: full) cannot be split over expert-parallel ranks yet:
+    refused before any weight is read, naming the key, nothing written. (A subset of experts as LoRA is split:
+    tests/test_distributed.py.)"""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "whole"  # the finished run's adapter, its expert LoRA made whole experts' weights
+    shutil.copytree(finished_run / "adapter", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    for key in [k for k in weights if ".experts.lora_gate_up_A." in k]:
+        layer = key.split(".lora_gate_up_A.")[0]
+        n, _, hidden = weights.pop(key).shape
+        inter = weights.pop(f"{layer}.lora_down_A.weight").shape[2]
+        del weights[f"{layer}.lora_gate_up_B.weight"], weights[f"{layer}.lora_down_B.weight"]
+        weights[f"{layer}.lora_full_gate_up.weight"] = torch.zeros(n, 2 * inter, hidden)
+        weights[f"{layer}.lora_full_down.weight"] = torch.zeros(n, hidden, inter)
+    save_file(weights, adapter / "adapter_model.safetensors")
+    meta = json.loads((adapter / "dsft_adapter.json").read_text())
+    meta["routed_experts"] = {**(meta.get("routed_experts") or {"experts": {"1": [0]}}), "mode": "full"}
+    (adapter / "dsft_adapter.json").write_text(json.dumps(meta))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_PAIR] * 4)
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"path": "builtin:tiny-deepseek-v3", "dtype": "float32"},
         "data": {"train": str(pairs), "format": "preference", "max_length": 128},
-        "dpo": {"init_adapter": str(finished_run), "max_prompt_length": 64},
+        "dpo": {"init_adapter": str(adapter), "max_prompt_length": 64},
         "training": {"max_steps": 1, "parallel": {"ep": 2}}, "output_dir": str(tmp_path / "run")}))
     result = cli("dpo", "--recipe", recipe)
-    refused(result, f"dpo.init_adapter: {finished_run / 'adapter'} trains a subset of the routed experts")
+    refused(result, f"dpo.init_adapter: {adapter} trains routed experts whole (mode: full)")
     assert not (tmp_path / "run").exists()

@@ -221,7 +221,8 @@ class TrainingSection(Section):
 
     parallel: ParallelSection | None = Field(
         None, description="`{ep: M}`: FSDP2 over every process and expert parallelism over M of them, instead of one "
-        "whole model per process (DDP). sft and dpo; needs adapter.routed_experts `all` or `none` (docs/multi-gpu.md)."
+        "whole model per process (DDP). sft and dpo; expert LoRA on all routed experts or a subset (padded slots); not "
+        "routed_experts.mode: full (docs/multi-gpu.md)."
     )
 
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
@@ -280,10 +281,9 @@ class Recipe(Section):
         parallel, routed = self.training.parallel, self.adapter.routed_experts
         if parallel is not None and self.model.shard_experts:
             raise ValueError("training.parallel shards the experts itself: remove model.shard_experts")
-        if parallel is not None and parallel.ep > 1 and (isinstance(routed.experts, dict) or routed.policy is not None
-                                                          or routed.mode == "full"):
-            raise ValueError("training.parallel.ep: expert LoRA under expert parallelism goes on every routed expert or "
-                             "none for now; set adapter.routed_experts: all (or none), or remove training.parallel")
+        if parallel is not None and parallel.ep > 1 and routed.mode == "full":
+            raise ValueError("training.parallel.ep: experts trained whole (adapter.routed_experts.mode: full) are not "
+                             "split by expert parallelism yet; use mode: lora, or remove training.parallel")
         if self.training.eval_steps is not None and not self.data.eval:
             raise ValueError("training.eval_steps needs data.eval; list eval files or remove eval_steps")
         if self.training.early_stopping is not None and (not self.data.eval or self.training.eval_steps is None):

@@ -3,7 +3,7 @@
 `parallelize(model, fsdp=N, ep=M)` lays a loaded model (with or without its adapter) over the process group:
 - expert parallelism over `ep` ranks: every per-expert tensor of each DsftExperts (the NF4 codes, block scales
   and scale state, or the plain weights) and of its expert LoRA is sharded on dim 0 (`ep_plan`), so each rank
-  holds 1/M of the experts, and the experts module is reached through transformers' all-to-all token dispatch
+  holds 1/M of the experts (LoRA on a subset of them in padded slots, dsft.moe.lora.expert_slots), and the experts module is reached through transformers' all-to-all token dispatch
   (`ep_dispatch_experts`, `AllToAllEP`), which hands it local expert ids;
 - FSDP2 (`fully_shard`) over `fsdp` ranks for every decoder layer and the root, and over the expert FSDP axis
   for the experts modules, with their gradients divided by the number of distinct batches, as transformers
@@ -97,6 +97,10 @@ def parallelize(model: nn.Module, fsdp: int, ep: int) -> nn.Module:
     _, mesh = initialize_distributed_mesh(config)
     experts = ep_plan(model) if ep > 1 else {}
     if experts:
+        rank = mesh.get_mesh("ep").get_local_rank()
+        for module in model.modules():
+            if isinstance(module, ExpertLoraLayer) and not module.get_base_layer().global_experts:
+                module.pad_for_expert_parallel(ep, rank)  # an expert subset's LoRA into padded slots
         apply_expert_parallelism(model, mesh.get_mesh("ep"), mesh.get_mesh("tp"), experts, config.ep_implementation)
         for module in model.modules():
             if isinstance(module, DsftExperts):

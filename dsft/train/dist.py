@@ -21,10 +21,17 @@ def full_trainable_state(model: "nn.Module") -> "dict[str, torch.Tensor] | None"
     (whose NF4 expert codes are most of the model)."""
     from torch.distributed.tensor import DTensor
 
+    from dsft.moe.lora import padded_rows, unpad
+
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not any(isinstance(p, DTensor) for _, p in params):
         return None
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu() for n, p in params}
+    padded = padded_rows(model)  # an expert subset's LoRA, split over expert-parallel ranks: padding left out
+    state = {}
+    for n, p in params:
+        full = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        state[n] = unpad(full, padded[n]) if n in padded else full
+    return state
 
 
 def load_full_trainable_state(model: "nn.Module", adapter_file: "Path", adapter_name: str = "default") -> None:
@@ -35,6 +42,7 @@ def load_full_trainable_state(model: "nn.Module", adapter_file: "Path", adapter_
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from dsft.errors import DsftError
+    from dsft.moe.lora import pad, padded_rows
 
     names = {n: n for n, p in model.named_parameters() if p.requires_grad and f".{adapter_name}" in n}
     saved_as = get_peft_model_state_dict(model, state_dict=names, adapter_name=adapter_name)  # saved key -> name
@@ -43,7 +51,8 @@ def load_full_trainable_state(model: "nn.Module", adapter_file: "Path", adapter_
     if missing:
         raise DsftError(f"{adapter_file}: has no {missing[0]} (and {len(missing) - 1} more); "
                         "the checkpoint does not belong to this run's adapter")
-    state = {name: saved[key] for key, name in saved_as.items()}
+    padded = padded_rows(model)  # an expert subset's LoRA split over expert-parallel ranks: into its slots
+    state = {name: pad(saved[key], padded[name]) if name in padded else saved[key] for key, name in saved_as.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 

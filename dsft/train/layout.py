@@ -72,11 +72,10 @@ def apply_layout(trainer: Any, recipe: "Recipe") -> None:
 
 
 def _check_init_experts(goal: "Objective", init: "Path", experts: int) -> None:
-    """A continued adapter's expert LoRA must be on every routed expert of its layers (or absent): a subset sits
-    unevenly across the expert-parallel ranks, which is not built yet."""
+    """A continued adapter's routed experts must be LoRA (experts trained whole are not split yet)."""
     from dsft.adapters.metadata import read_metadata
 
     routed = read_metadata(init).get("routed_experts")
-    if routed and (routed.get("mode") == "full" or any(len(ids) != experts for ids in routed["experts"].values())):
-        raise DsftError(f"{goal.name}.init_adapter: {init} trains a subset of the routed experts, which expert "
+    if routed and routed.get("mode") == "full":
+        raise DsftError(f"{goal.name}.init_adapter: {init} trains routed experts whole (mode: full), which expert "
                         "parallelism cannot split yet; continue it without training.parallel (DDP: --num-processes)")

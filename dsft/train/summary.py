@@ -10,21 +10,18 @@ import torch
 from dsft.train.objective import Prepared
 
 def group_params(model: torch.nn.Module, targets: dict[str, list[str]]) -> dict[str, int]:
-    """Trainable parameters per module group (routers trained whole count as `router`), whole: expert LoRA of
-    a layer loaded holding only this rank's experts counts for all of them (a sharded tensor already does)."""
-    from torch.distributed.tensor import DTensor
-
-    from dsft.moe.lora import ExpertLoraLayer
+    """Trainable parameters per module group (routers trained whole count as `router`), whole: expert LoRA held
+    in expert-parallel slots counts its experts' rows on every rank, never the padding."""
+    from dsft.moe.lora import padded_rows
 
     owner = {name: group for group, names in targets.items() for name in names}
     counts = dict.fromkeys(targets, 0)
-    held = {name.removeprefix("base_model.model."): m.get_base_layer().all_experts // m.num_experts
-            for name, m in model.named_modules() if isinstance(m, ExpertLoraLayer)}
+    slotted = padded_rows(model)  # expert LoRA held in slots (expert parallelism): its experts' rows, no padding
     for name, param in model.named_parameters():
         if param.requires_grad:
             module = name.removeprefix("base_model.model.").split(".lora_")[0]
             group = "router" if ".modules_to_save." in name else owner.get(module, "other")
-            whole = param.numel() if isinstance(param, DTensor) else param.numel() * held.get(module, 1)
+            whole = param.shape[1:].numel() * len(slotted[name][0]) if name in slotted else param.numel()
             counts[group] = counts.get(group, 0) + whole
     return counts
 

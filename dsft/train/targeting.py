@@ -13,6 +13,7 @@ from dsft.adapters.plan import build_plan
 from dsft.adapters.selection import select_by_policy
 from dsft.config.schema import Recipe
 from dsft.moe import profile as routing_profile
+from dsft.models.load import world_size
 from dsft.outputs import is_main, write_atomic
 from dsft.runs import run_dir
 
@@ -30,17 +31,21 @@ def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, st
 def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str,
                    directory: Path, samples: int, count: str, reprofile: bool = False) -> tuple[dict[str, Any], bool]:
     """The cached profile when its key matches, else a new one written to `directory`. Returns
-    (profile, computed)."""
+    (profile, computed). On several processes each profiles its share of the sampled rows and their counts are
+    summed (every rank then holds the same profile, so the same experts are chosen on every rank)."""
     if not reprofile:
         cached = routing_profile.read_profile(directory, key)
-        if cached is not None:
+        if _everywhere(cached is not None, model):
             return cached, False
     import time
 
     started = time.monotonic()
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
-    stats = routing_profile.collect(model, sample, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
+    rank, world = _rank_of(), world_size()
+    share = {column: rows[rank::world] for column, rows in sample.items()}
+    stats = routing_profile.collect(model, share, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
                                     pad_id=pad_id)
+    _sum_over_ranks(stats, model)
     from dsft.moe.routing import top_k
 
     counted = next(iter(stats.values())).tokens
@@ -50,6 +55,45 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
     if is_main():
         routing_profile.write_profile(directory, profile)
     return profile, True
+
+
+def _rank_of() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def _everywhere(flag: bool, model: nn.Module) -> bool:
+    """`flag` on every rank (a cached profile found by all of them, or each computes its share)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    found = torch.tensor([int(flag)], device=next(model.parameters()).device)
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return bool(found.item())
+
+
+def _sum_over_ranks(stats: dict[int, Any], model: nn.Module) -> None:
+    """Each layer's routing counts, gate sums and tokens summed over the ranks' shares (in place)."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    layers = sorted(stats)
+    flat = torch.cat([torch.cat([stats[layer].counts, stats[layer].gate_sum,
+                                 torch.tensor([float(stats[layer].tokens)], dtype=torch.float64)]) for layer in layers])
+    flat = flat.to(next(model.parameters()).device)
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    offset = 0
+    for layer in layers:
+        e = stats[layer].num_experts
+        stats[layer].counts, stats[layer].gate_sum = flat[offset:offset + e], flat[offset + e:offset + 2 * e]
+        stats[layer].tokens = int(flat[offset + 2 * e])
+        offset += 2 * e + 1
 
 
 def policy_selection(recipe: Recipe, profile: dict[str, Any], directory: Path | None = None) -> dict[int, list[int]]:
@@ -64,8 +108,6 @@ def write_plan(run: Path, recipe: Recipe, cfg: dict[str, Any], selection: dict[i
                data: dict[str, Any] | None = None, profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """The plan (with `data`: where the prepared rows are, data_summary; `profile`: the routing profile's rows
     and time, profile_summary), written to RUN/plan.json."""
-    from dsft.models.load import world_size
-
     plan = build_plan(recipe, cfg, selection, world_size())
     if data:
         plan["data"] = data
