@@ -151,8 +151,8 @@ def measure(path: Path, steps: int, batch: int, seq: int) -> dict:
 
 
 def launch(procs: int, path: Path, args: argparse.Namespace) -> list[dict]:
-    """Run `measure` on `procs` ranks (in this process for one); the rows of every rank."""
-    if procs == 1:
+    """Run `measure` on `procs` ranks (torchrun; with --smoke one process runs here); the rows of every rank."""
+    if procs == 1 and args.smoke:
         return measure(path, args.steps, args.batch, args.seq)["rows"]
     out = Path(tempfile.mkdtemp(prefix="dsft-scale-")) / "rows.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
@@ -168,13 +168,13 @@ def table(rows: list[dict]) -> str:
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     ratio = lambda r, key: f"{r[key] / one[key]:5.2f}" if one and one[key] else "    -"  # noqa: E731
     head = (f"{'procs':>5} {'rank':>4} | {'expert NF4 MiB':>14} {'x1':>5} | {'expert LoRA':>11} {'x1':>5} | "
-            f"{'AdamW':>9} {'x1':>5} | {'other MiB':>9} | {'read experts':>12} {'x1':>5} | {'read other':>10} {'x1':>5} | "
+            f"{'AdamW':>9} {'x1':>5} | {'other MiB':>9} {'x1':>5} | {'read experts':>12} {'x1':>5} | {'read other':>10} {'x1':>5} | "
             f"{'peak GiB':>8} | {'tok/s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['procs']:>5} {r['rank']:>4} | {mib(r['expert_base_bytes']):>14} {ratio(r, 'expert_base_bytes')} | "
                      f"{mib(r['expert_lora_bytes']):>11} {ratio(r, 'expert_lora_bytes')} | "
-                     f"{mib(r['optimizer_bytes'])} {ratio(r, 'optimizer_bytes')} | {mib(r['other_bytes'])} | "
+                     f"{mib(r['optimizer_bytes'])} {ratio(r, 'optimizer_bytes')} | {mib(r['other_bytes'])} {ratio(r, 'other_bytes')} | "
                      f"{mib(r['read_expert_bytes']):>12} {ratio(r, 'read_expert_bytes')} | "
                      f"{mib(r['read_other_bytes']):>10} {ratio(r, 'read_other_bytes')} | "
                      f"{r['peak_gib']:8.2f} | {r['tokens_per_s']:7.0f}")

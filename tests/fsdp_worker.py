@@ -41,13 +41,13 @@ def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", q
     return model
 
 
-def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     logits = model(input_ids=ids).logits
     loss = logits.float().pow(2).mean()
     loss.backward()
     opt.step()
-    return logits.detach(), float(loss)
+    return logits.detach(), opt
 
 
 def case(mode: str, path: str, rank: int, world: int) -> dict:
@@ -137,7 +137,9 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
 
     parallelize(model, fsdp=world, ep=world)
     mine = slice(2 * rank, 2 * rank + 2)
-    logits, _ = step(model, ids[mine])
+    logits, opt = step(model, ids[mine])
+    lora = [p for n, p in model.named_parameters() if "experts.lora_" in n]
+    states = [t for p in lora for t in opt.state[p].values() if t.dim()]  # AdamW's exp_avg, exp_avg_sq
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
              for n, p in model.named_parameters() if p.requires_grad}
     slotted = padded_rows(model)
@@ -160,6 +162,7 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
         "saved_shapes_equal": all(gathered[n].shape == expected[n].shape for n in expected),
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
         "local_fraction": local_fraction(model),
+        "optimizer_local_fraction": sum(t.to_local().numel() for t in states) / sum(t.numel() for t in states),
         "local_experts": sorted({m.num_experts for m in experts}),
         "unsharded_trainable": unsharded_trainable(model),
         "codes_equal_one_process": all(torch.equal(p.full_tensor(), whole_codes[n]) for n, p in rows),

@@ -89,3 +89,20 @@ def test_preference_benchmark_smoke_times_every_objective(tmp_path: Path, capsys
     rows = {r["objective"]: r for r in json.loads(rows_file.read_text())}
     assert set(rows) == {"dpo", "orpo", "simpo", "kto"} and all(r["median_s"] > 0 for r in rows.values())
     assert "x dpo" in stdout
+
+
+def test_scale_out_benchmark_smoke_measures_one_rank(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/scale_out.py --smoke --procs 1 (in this process; 2 and 4 processes run by hand, docs/multi-gpu.md):
+    the checkpoint is built, the loader's reads are counted (the experts and the rest), the model trains, and every
+    byte a rank holds is reported against one process."""
+    rows_file = tmp_path / "rows.json"
+    stdout = run_script(SCRIPT.with_name("scale_out.py"), capsys, "--smoke", "--procs", "1", "--steps", "1",
+                        "--dir", tmp_path / "ckpt", "--json", rows_file)
+    (row,) = json.loads(rows_file.read_text())
+    assert row["procs"] == 1 and row["tokens_per_s"] > 0
+    checkpoint = sum(f.stat().st_size for f in (tmp_path / "ckpt").glob("*.safetensors"))
+    # every tensor of the checkpoint read once (its files less their headers)
+    assert row["read_expert_bytes"] + row["read_other_bytes"] == pytest.approx(checkpoint, rel=0.02)
+    assert row["expert_base_bytes"] > 0 and row["expert_lora_bytes"] > 0
+    assert row["optimizer_bytes"] > 2 * row["expert_lora_bytes"]  # AdamW's two states of every trainable tensor
+    assert "expert NF4 MiB" in stdout and stdout.count("\n    1    0 |") == 1

@@ -286,6 +286,7 @@ def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) 
     tokens on every expert: the `dsft sft` test above.)"""
     report = ddp_launch["sharding"][case]
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4]
+    assert report["optimizer_local_fraction"] == 0.5  # the expert LoRA's AdamW state too
     assert report["unsharded_trainable"] == []  # every trainable tensor of an EP module is a sharded tensor
     assert report["logits_max_diff"] < 1e-5
     assert report["grad_max_rel"] < 1e-5
@@ -309,6 +310,7 @@ def test_each_rank_reads_only_its_experts_and_splits_a_subsets_lora_into_padded_
     report = ddp_launch["sharding"][f"ep-subset-held-rank{rank}"]
     assert report["experts_read"] == [4 * rank + e for e in range(4)] and report["other_keys_read"] > 0
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
+    assert report["optimizer_local_fraction"] == 0.5  # of the padded slots' AdamW state
     assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0
     assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
     assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]}
