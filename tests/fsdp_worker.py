@@ -115,7 +115,7 @@ def _held_rows_read(world: int, whole: nn.Module, subset: bool) -> tuple[nn.Modu
 
 
 def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False,
-            subset: bool = False) -> dict:
+            subset: bool = False, path: str = "builtin:tiny-deepseek-v3") -> dict:
     """Expert parallelism over the two ranks and FSDP2 (dsft.moe.parallel.parallelize, fsdp 2 x ep 2), LoRA on every
     routed expert (`subset`: on SUBSET, in padded slots), against one unsharded process at the same global batch:
     logits, gradients and one AdamW step. `held`: the model loaded holding only this rank's experts (the keys it read
@@ -124,9 +124,9 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
 
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
-    reference = build(quantization=quantization, subset=subset)
+    reference = build(quantization=quantization, subset=subset, path=path)
     model, read = (_held_rows_read(world, reference, subset) if held
-                   else (build(quantization=quantization, subset=subset), []))
+                   else (build(quantization=quantization, subset=subset, path=path), []))
     if one_rank:
         _route_to_the_first_experts(reference)
         _route_to_the_first_experts(model)
@@ -184,7 +184,8 @@ def main(out: str, fused: str) -> None:
     report = {f"{mode}-{layout}": case(mode, path, rank, world)
               for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
                                          ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
-    report.update({"ep-fp32": ep_case("none", rank, world), "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
+    report.update({"ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
+                   "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
                    f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)})
     if rank == 1:  # rank 1's reports, written beside rank 0's
         with open(out + ".rank1", "w") as f:

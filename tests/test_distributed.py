@@ -275,15 +275,17 @@ def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, ddp_launc
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 
 
-@pytest.mark.parametrize("case", ["ep-fp32", "ep-nf4-one-rank"])
+@pytest.mark.parametrize("case", ["ep-fp32-fused-subset", "ep-nf4-one-rank"])
 def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) -> None:
     """dsft's experts under expert parallelism on transformers' engine (dsft.moe.parallel: all-to-all token dispatch,
-    FSDP2 over fsdp 2 x ep 2), LoRA on every routed expert, against one unsharded process at the same global batch
-    (tests/fsdp_worker.py ep_case): each rank holds half of every expert tensor (codes, scales, LoRA) and runs 4 of
-    the 8 experts on local ids; logits, gradients (read from the local tensors in backward too) and the adapter after
-    one AdamW step are the one process's; the NF4 codes are the bytes one process quantized. `one-rank` (NF4): every
-    token routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still trains. (NF4 with
-    tokens on every expert: the `dsft sft` test above.)"""
+    FSDP2 over fsdp 2 x ep 2), the model loaded whole and then split, against one unsharded process at the same
+    global batch (tests/fsdp_worker.py ep_case): each rank holds half of every expert tensor (codes, scales, LoRA)
+    and runs 4 of the 8 experts on local ids; logits, gradients (read from the local tensors in backward too) and the
+    adapter after one AdamW step are the one process's; the NF4 codes are the bytes one process quantized.
+    `fp32-fused-subset`: transformers' fused checkpoint layout, LoRA on SUBSET's experts, moved into padded slots
+    when the layer is split (dsft.moe.lora.ExpertLoraLayer.pad_for_expert_parallel). `nf4-one-rank`: LoRA on every
+    expert, every token routed to rank 0's experts, so rank 1's experts send and receive nothing, and it still
+    trains. (NF4 with tokens on every expert: the `dsft sft` test above.)"""
     report = ddp_launch["sharding"][case]
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4]
     assert report["optimizer_local_fraction"] == 0.5  # the expert LoRA's AdamW state too
@@ -293,7 +295,11 @@ def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) 
     assert report["param_max_diff"] < 1e-4  # AdamW's first step moves every element by about lr (1e-2) whatever its size
     assert report["codes_equal_one_process"] and report["expert_lora_params"] > 0
     # which experts' LoRA got a gradient: with every token on rank 0's experts, none of rank 1's
-    assert report["experts_with_grad"] == ([0, 1, 2, 3] if case.endswith("one-rank") else list(range(8)))
+    if case.endswith("one-rank"):
+        assert report["experts_with_grad"] == [0, 1, 2, 3]
+    else:
+        assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]}
+        assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0 and report["saved_shapes_equal"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])

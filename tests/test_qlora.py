@@ -309,3 +309,90 @@ def test_a_rank_loads_only_its_block_of_experts(layout: str, tmp_path: Path) -> 
         for name in ("codes", "scales", "scale_state"):
             assert torch.equal(getattr(b.gate_up_nf4, name), getattr(a.gate_up_nf4, name)[4:])
             assert torch.equal(getattr(b.down_nf4, name), getattr(a.down_nf4, name)[4:])
+
+
+def test_a_rank_continuing_an_adapter_reads_only_its_experts_rows(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dpo.init_adapter` under expert parallelism: each rank loads the base holding only its experts and the adapter's
+    expert LoRA as only the rows of those experts (safetensors slices of the saved tensors, one row per chosen
+    expert), into its block of padded slots; every other tensor whole. (The adapter's checks read every tensor
+    once, one at a time, before: dsft.adapters.weights.) A synthetic adapter on an uneven subset (layer
+    1: experts 0, 2, 3 all on rank 0; layer 2: 1, 3 on rank 0 and 7 on rank 1), continued as rank 0 and as rank 1."""
+    import safetensors
+    from safetensors.torch import load_file
+
+    from dsft.adapters.lora import attach_lora, load_lora
+    from dsft.adapters.metadata import build_metadata, write_metadata
+    from dsft.config.schema import AdapterSection
+    from dsft.models import stream
+    from dsft.models.identity import model_identity
+    from dsft.models.load import resolve_model_path
+    from dsft.moe.lora import ExpertLoraLayer
+
+    path = resolve_model_path("builtin:tiny-deepseek-v3")
+    selection = {1: [0, 2, 3], 2: [1, 3, 7]}
+    spec = AdapterSection(r=4, alpha=8, routed_experts=selection)
+    model, targets = attach_lora(stream.load_streaming(path, torch.float32, True, torch.device("cpu")), spec, selection)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    write_metadata(tmp_path / "adapter", build_metadata(model, spec, targets,
+                                                                  model_identity(path, "builtin:tiny-deepseek-v3")))
+    saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
+
+    sliced: dict[str, object] = {}
+    original = safetensors.safe_open
+
+    class Counting:  # safe_open, recording which rows of each tensor were read
+        def __init__(self, *args, **kwargs) -> None:
+            self.inner = original(*args, **kwargs)
+
+        def __enter__(self):  # noqa: ANN204
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:  # noqa: ANN002
+            self.inner.__exit__(*exc)
+
+        def keys(self):  # noqa: ANN202
+            return self.handle.keys()
+
+        def get_tensor(self, key: str):  # noqa: ANN202
+            sliced.setdefault(key, []).append("whole")
+            return self.handle.get_tensor(key)
+
+        def get_slice(self, key: str):  # noqa: ANN202
+            part = self.handle.get_slice(key)
+
+            class Rows:
+                def __getitem__(_, rows: slice):  # noqa: ANN202, N805
+                    sliced.setdefault(key, []).append((rows.start, rows.stop))
+                    return part[rows]
+
+                def __getattr__(_, name: str):  # noqa: ANN202, N805
+                    return getattr(part, name)
+            return Rows()
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    for rank, own in ((0, {1: (0, 3), 2: (0, 2)}), (1, {1: (0, 0), 2: (2, 3)})):
+        sliced.clear()
+        half = stream.load_streaming(path, torch.float32, True, torch.device("cpu"), expert_part=(rank, 2))
+        continued = load_lora(half, str(tmp_path / "adapter"), is_trainable=True)
+        layers = {n: m for n, m in continued.named_modules() if isinstance(m, ExpertLoraLayer)}
+        assert len(layers) == 2
+        for name, layer in layers.items():
+            layer_id = int(name.split("layers.")[1].split(".")[0])
+            for tensor in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"):
+                key = f"{name}.{tensor}.weight"
+                # read into the model as only this rank's experts' rows (none of layer 1's on rank 1), after the
+                # adapter's checks read it whole once in this process (one tensor at a time, held only while checked)
+                assert sliced[key] == (["whole"] if rank == 0 else []) + [own[layer_id]], (rank, key)
+                first, stop = own[layer_id]
+                weight = getattr(layer, tensor)["default"].weight
+                # slots a rank: the most experts any rank holds of the layer (layer 1: 3 and 0; layer 2: 2 and 1)
+                assert weight.shape[0] == {1: 3, 2: 2}[layer_id] and weight.requires_grad
+                assert torch.equal(weight[:stop - first], saved[key][first:stop])
+                assert not weight[stop - first:].any()  # padding
+        assert all(set(v) == {"whole"} for k, v in sliced.items() if ".experts.lora_" not in k)

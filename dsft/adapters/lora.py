@@ -187,6 +187,11 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
             module.dsft_expert_mode = routed.get("mode", "lora")
     config = register(LoraConfig.from_pretrained(adapter_dir))
     peft_guard.install()
+    if any(isinstance(m, DsftExperts) and m.global_experts for m in model.modules()):
+        peft_model = _load_held(model, Path(adapter_dir), config)
+        half_precision_inputs(peft_model)
+        fuse(peft_model)
+        return peft_model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
@@ -198,4 +203,33 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
                         "it was written for another model or by an older dsft: train it again")
     half_precision_inputs(peft_model)
     fuse(peft_model)
+    return peft_model
+
+
+def _load_held(model: nn.Module, adapter_dir: Path, config: Any) -> nn.Module:
+    """The adapter, trainable, on a model holding only this rank's routed experts (expert parallelism): its layers
+    built as for a fresh adapter (expert LoRA in this rank's padded slots), then the saved weights read in, of each
+    expert LoRA tensor only the rows of this rank's experts (safetensors slices)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    from dsft.errors import DsftError
+    from dsft.moe.lora import ExpertLoraLayer
+
+    config.inference_mode = False
+    peft_model = get_peft_model(model, config)
+    layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, ExpertLoraLayer) and m.slots}
+    state = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as handle:
+        for key in handle.keys():
+            layer = layers.get(key.split(".lora_")[0]) if ".experts.lora_" in key else None
+            if layer is None:
+                state[key] = handle.get_tensor(key)
+                continue
+            state[key] = layer.into_block("default", handle.get_slice(key)[layer.saved_rows("default")])
+    result = set_peft_model_state_dict(peft_model, state, adapter_name="default")
+    missing = [k for k in result.missing_keys if ".default." in k and "lora_" in k]
+    if missing:
+        raise DsftError(f"{adapter_dir}: the adapter does not fit this model (no weights for {missing[:3]}); "
+                        "it was written for another model or by an older dsft: train it again")
     return peft_model

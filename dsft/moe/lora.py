@@ -101,6 +101,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.slots: dict[str, list[int]] = {}  # padded slots, every rank's, when expert parallelism splits a subset
         self._index: dict[str, torch.Tensor] = {}
         self._take: dict[str, torch.Tensor] = {}  # the slots of this rank's block that hold an expert
+        self._held: dict[str, list[int]] = {}  # and those experts
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config)
 
@@ -162,6 +163,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         expert, and that expert's id among the rank's own."""
         self.slots[adapter_name] = slots
         block = self._block(adapter_name, rank, ep)
+        self._held[adapter_name] = [e for e in block if e >= 0]
         first = rank * (self.get_base_layer().all_experts // ep)
         device = self._index[adapter_name].device
         self._take[adapter_name] = torch.tensor([i for i, e in enumerate(block) if e >= 0], dtype=torch.long,
@@ -182,6 +184,20 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
                 padded = _slotted(old.detach(), experts, self.slots[adapter_name])
                 getattr(self, name)[adapter_name] = Weight(padded)
                 getattr(self, name)[adapter_name].weight.requires_grad_(old.requires_grad)
+
+    def saved_rows(self, adapter_name: str) -> slice:
+        """The rows of the adapter's saved tensors (one per selected expert, in order) that this rank's block holds:
+        its own experts', contiguous."""
+        held = self._held[adapter_name]
+        first = self.lora_experts[adapter_name].index(held[0]) if held else 0
+        return slice(first, first + len(held))
+
+    def into_block(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """`saved_rows` of a saved tensor in this rank's block of slots (zeros in padding)."""
+        width = len(self.slots[adapter_name]) // (self.get_base_layer().all_experts // self.num_experts)
+        out = rows.new_zeros(width, *rows.shape[1:])
+        out[self._take[adapter_name].cpu()] = rows
+        return out
 
     def _index_on(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         if self._index[adapter_name].device != like.device:

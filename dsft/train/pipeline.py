@@ -124,12 +124,11 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
-    # under training.parallel a fresh adapter's base is read 1/ep of the experts per rank; a continued adapter's
-    # file holds every expert's LoRA, and a policy profiles the whole model's routing, so their base is read whole
-    # and split once the adapter is on it
+    # under training.parallel each rank reads 1/ep of the experts (a continued adapter: only its experts' rows of the
+    # expert LoRA too); a policy profiles the whole model's routing first, so its base is read whole and split once
+    # the adapter is on it
     parallel = recipe.training.parallel
-    fresh = prepared.init_adapter is None and prepared.selection is not None
-    split = parallel.ep if parallel is not None and fresh else 1
+    split = parallel.ep if parallel is not None and prepared.selection is not None else 1
     base = load_model(recipe.model, prepared.model_path, expert_parallel=split)
     if prepared.init_adapter is not None:
         model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
