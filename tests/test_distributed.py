@@ -9,6 +9,7 @@ parallelism matches one unsharded process."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
                       training={**SIMPO_TRAINING, "micro_batch_size": 2})
     grpo = grpo_recipe(tmp, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
                        grpo={"max_completion_length": 8})
+    kto = tiny_recipe(tmp, "kto.yaml", output_dir=str(tmp / "kto"), kto={"max_prompt_length": 64},
+                      adapter={"routed_experts": {1: [0, 3, 6], 2: [2]}},
+                      data=SIMPO["data"], training={**SIMPO_TRAINING, "max_steps": 2, "micro_batch_size": 2})
     fsdp = tiny_recipe(tmp, "fsdp.yaml", rows=16, output_dir=str(tmp / "fsdp"), **NF4_ALL, training=training)
     report = tmp / "sharding.json"
     cache = tmp / "cache"  # the processes prepare their data afresh (the built-in model: the session's)
@@ -100,8 +104,12 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
                            "--recipe", str(shard)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DSFT_CACHE": str(cache), "DSFT_TEST_RESUME": str(tmp / "split"),
                                "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))]),
-                               "DSFT_TEST_THEN": json.dumps([["simpo", "--recipe", str(simpo)],
-                                                             ["grpo", "--recipe", str(grpo)],
+                               "DSFT_TEST_THEN": json.dumps([["simpo", "--recipe", str(simpo), "--set",
+                                                              "training.parallel.ep=2"],
+                                                             ["grpo", "--recipe", str(grpo), "--set",
+                                                              "training.parallel.ep=2"],
+                                                             ["kto", "--recipe", str(kto), "--set",
+                                                              "training.parallel.ep=2"],
                                                              ["sft", "--recipe", str(fsdp), "--set",
                                                               "training.parallel.ep=1"],
                                                              ["dpo", "--recipe", str(dpo), "--set",
@@ -119,6 +127,7 @@ def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
     tmp, printed = ddp_launch["tmp"], ddp_launch["printed"]
     assert printed.count("dsft sft:") == 5  # one summary a command (the main rank's), and the two resumes
     assert printed.count("dsft simpo:") == printed.count("dsft dpo:") == printed.count("dsft grpo:") == 1
+    assert printed.count("dsft kto:") == 1
     # the data is tokenized once: by one rank, the other waits for it and maps the same entry, and so do both ranks
     # of the next command and of its resume
     assert printed.count("data.train: tokenized 16 rows") == 1, printed
@@ -131,17 +140,21 @@ def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
     assert_same_training(double, one_process)
 
 
-def test_two_simpo_processes_match_one(ddp_launch: dict, cli, tmp_path: Path) -> None:
-    """SimPO under DDP at the same global batch (in the shared launch), against one process here: the older pair
-    trainers' NLL term rescaled across processes (SimPO's, which ORPO shares) is dsft's own code path; DPO and KTO
-    run TRL's own DDP path on the same prepared rows, GRPO's two processes are in tests/test_grpo.py."""
+def test_simpo_under_expert_parallelism_with_a_policy_matches_one_process(ddp_launch: dict, cli,
+                                                                         tmp_path: Path) -> None:
+    """`dsft simpo --set training.parallel.ep=2` with a routing policy (in the shared launch), against one process
+    here at the same global batch: the base read whole, its routing profiled half the sampled rows on each rank and
+    the counts summed (the counts of one process profiling them all, so both choose the same experts), the chosen
+    subset split over the ranks in padded slots, and the older pair trainers' NLL term rescaled across processes
+    (SimPO's, which ORPO shares: dsft's own code path)."""
     from conftest import tiny_recipe
 
     one = tiny_recipe(tmp_path, "simpo.yaml", output_dir=str(tmp_path / "one"), **SIMPO,
                       training={**SIMPO_TRAINING, "micro_batch_size": 4})
     assert cli("simpo", "--recipe", one).exit_code == 0
     run = ddp_launch["tmp"] / "simpo"
-    assert json.loads((run / "run.json").read_text())["summary"]["processes"] == 2
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["expert_codes"] == "expert-parallel over 2"
     # the routing profile behind its policy: each rank profiled half the sampled rows, their counts summed, which
     # are the counts of one process profiling them all (so both choose the same experts)
     two, one_profile = (json.loads((r / "routing/profile.json").read_text()) for r in (run, tmp_path / "one"))
@@ -177,12 +190,23 @@ def test_dpo_with_its_reference_under_expert_parallelism_matches_one_process(ddp
     assert_same_training(double, single)
 
 
-def test_two_grpo_processes_train_and_write_one_adapter(ddp_launch: dict) -> None:
-    run = ddp_launch["tmp"] / "run"  # GRPO's generation and rewards on each rank's prompts (in the shared launch)
+@pytest.mark.parametrize("objective", ["grpo", "kto"])
+def test_grpo_and_kto_train_under_expert_parallelism(objective: str, ddp_launch: dict) -> None:
+    """`dsft grpo` and `dsft kto` with `--set training.parallel.ep=2` (in the shared launch). GRPO generates on the
+    split model (its rewards checked on a group first, once the model is split; the root's weights gathered around
+    generation; every rank stepping until all are done) and trains on each rank's prompts; KTO with its KL
+    completions. Each writes one adapter, whole (not compared with one process: GRPO samples its completions, and
+    KTO's KL completions are the micro-batch's rows rolled by one, so they differ with the micro-batch)."""
+    run = ddp_launch["tmp"] / ("run" if objective == "grpo" else "kto")
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
-    assert list(run.parent.glob("run*")) == [run] and list(run.glob("adapter*")) == [run / "adapter"]
-    assert load_file(run / "adapter/adapter_model.safetensors")
+    assert info["summary"]["expert_codes"] == "expert-parallel over 2"
+    assert list(run.glob("adapter*")) == [run / "adapter"]
+    adapter = load_file(run / "adapter/adapter_model.safetensors")
+    metadata = json.loads((run / "adapter/dsft_adapter.json").read_text())["routed_experts"]["experts"]
+    assert {v.shape[0] for k, v in adapter.items() if "experts.lora_" in k} == {len(ids) for ids in metadata.values()}
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses and all(math.isfinite(loss) for loss in losses)
 
 
 def test_num_processes_runs_the_same_command_under_accelerate(monkeypatch: pytest.MonkeyPatch) -> None:

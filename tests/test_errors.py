@@ -92,10 +92,6 @@ CASES: list[tuple[str, Any, str, str]] = [
      "training.parallel.ep: 3 does not divide the model's 8 routed experts per layer"),
     ("parallel-one-process", {"training": {"parallel": {"ep": 2}}}, "sft",
      "training.parallel: runs on several processes, a multiple of ep (2), this command has 1; launch it with --num-processes"),
-    ("parallel-objective", lambda tmp: {"data": {"train": str(write_jsonl(tmp / "k.jsonl", [
-        {"prompt": "Q?", "completion": "A.", "label": True}, {"prompt": "Q?", "completion": "B.", "label": False}])),
-        "format": "kto"}, "training": {"parallel": {"ep": 2}}}, "kto",
-     "training.parallel: `dsft kto` runs on several processes with DDP (--num-processes), not FSDP2"),
     ("dpo-prompt-too-long", {"dpo": {"max_prompt_length": 500}}, "validate", "dpo.max_prompt_length (500) must be below data.max_length"),
     ("dpo-bad-loss", {"dpo": {"loss_type": "magic"}}, "validate", "dpo.loss_type: must be one of"),
     ("data-file-missing", {"data": {"train": "/nope/train.jsonl"}}, "sft", "data.train: file not found: /nope/train.jsonl"),

@@ -18,7 +18,6 @@ from dsft.train.preference import PairObjective
 
 class DPO(PairObjective):
     name = "dpo"
-    expert_parallel = True
     loss_unit = "DPO loss per pair (sigmoid: -log sigmoid(beta x margin))"
     section = DpoSection
 

@@ -22,7 +22,7 @@ def processes() -> int:
 
 def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], world: int | None,
                  init: "Path | None" = None) -> None:
-    """training.parallel against the objective, the model's routed experts, the adapter a run continues (`init`)
+    """training.parallel against the model's routed experts, the adapter a run continues (`init`)
     and (`world`, None in `dsft validate`) the number of processes; each failure one line naming the key and the
     fix. accelerate's own FSDP plugin (an `accelerate launch --config_file` with FSDP) is refused: FSDP2 is
     training.parallel's."""
@@ -35,9 +35,6 @@ def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], wo
         return
     from dsft import arch
 
-    if not goal.expert_parallel:
-        raise DsftError(f"training.parallel: `dsft {goal.name}` runs on several processes with DDP (--num-processes), "
-                        "not FSDP2 or expert parallelism (sft and dpo); remove training.parallel")
     experts = arch.num_experts(config)
     if parallel.ep > 1 and not experts:
         raise DsftError(f"training.parallel.ep: {recipe.model.path} has no routed experts to split; set ep: 1 "
@@ -68,6 +65,7 @@ def apply_layout(trainer: Any, recipe: "Recipe") -> None:
     parallelize(model, fsdp=world_size(), ep=parallel.ep)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._is_distributed_loading_by_transformers = True
+    base._is_fsdp_managed_module = True  # so generate() keeps every rank stepping until all are done (synced_gpus)
     trainer.is_distributed_loading_by_transformers = True
 
 

@@ -73,7 +73,6 @@ class Objective:
     shown: dict[str, str] = {}  # its metrics on the console's line per logged step: metrics.jsonl key -> label
 
     mixes = False  # takes data.train's {path, weight | rows} shares (dsft.data.prepared.prepare_mix)
-    expert_parallel = False  # trains under training.parallel (FSDP2 + expert parallelism: dsft.train.layout)
     loss_unit = "loss (nats per token)"  # the y axis of curves.png's loss panel: what the objective's loss is
 
     def settings(self, recipe: Recipe) -> Any:
@@ -118,6 +117,11 @@ class Objective:
 
     def trainer(self, model: torch.nn.Module, args: Any, prepared: Prepared, callbacks: list[Any]) -> Any:
         raise NotImplementedError
+
+    def before_train(self, trainer: Any, prepared: Prepared) -> None:
+        """Work on the model once it is laid out over the processes (training.parallel) and before it trains (GRPO:
+        its rewards checked on a generated group); the model cannot run before that when each rank holds only its
+        experts."""
 
     def after_train(self, trainer: Any, prepared: Prepared, run: Path) -> dict[str, Any]:
         """Work on the trained model before it is saved (SFT: held-out loss, routing change)."""

@@ -195,6 +195,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
         quiet_trainer(trainer)
         fp32_adapter(trainer.model)
         apply_layout(trainer, recipe)
+        goal.before_train(trainer, prepared)
         if checkpoint is not None and is_main():  # one writer: every rank cutting the same file raced (FSDP2 resume)
             for log in run_dir.step_logs(out):
                 trim_metrics(log, run_dir.checkpoint_step(checkpoint))

@@ -79,7 +79,6 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
 
 class SFT(Objective):
     name = "sft"
-    expert_parallel = True
     formats = CONVERSATION_FORMATS
     mixes = True
 

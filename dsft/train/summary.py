@@ -75,17 +75,19 @@ def model_params(model: torch.nn.Module) -> int:
 
 
 def expert_codes_layout(model: torch.nn.Module) -> str | None:
-    """How the NF4 expert codes are held: `whole` on every rank, `sharded` by model.shard_experts, `expert-parallel
-    over N` ranks or `fsdp2` (training.parallel); None without NF4 experts."""
+    """How the routed experts' weights are held: `expert-parallel over N` ranks (training.parallel, NF4 or not);
+    else the NF4 codes `whole` on every rank, `sharded` by model.shard_experts or `fsdp2` (training.parallel.ep 1);
+    None without NF4 experts."""
     from torch.distributed.tensor import DTensor
 
     from dsft.moe.experts import DsftExperts
 
+    split = [m.ep_size for m in model.modules() if isinstance(m, DsftExperts) and m.ep_size > 1]
+    if split:
+        return f"expert-parallel over {split[0]}"
     experts = [m for m in model.modules() if isinstance(m, DsftExperts) and m.quantized]
     if not experts:
         return None
-    if experts[0].ep_size > 1:
-        return f"expert-parallel over {experts[0].ep_size}"
     if isinstance(experts[0].gate_up_nf4.stored, DTensor):
         return "fsdp2"
     return "sharded" if all(m.gate_up_nf4.sharded for m in experts) else "whole"

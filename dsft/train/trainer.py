@@ -4,6 +4,8 @@ tokenized once, into dsft's cache: TRL neither tokenizes nor maps them again).""
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,21 @@ class FsdpAdapterResume:
 
             state_dict = full_trainable_state(self.model)
         return super()._save(output_dir, state_dict)
+
+    @contextlib.contextmanager
+    def _root_unsharded(self) -> Any:
+        """Generation calls the model inside the FSDP2 root (PEFT's wrapper), whose hooks gather the root's own
+        weights (embeddings, final norm, LM head): they are gathered around it here (the decoder layers gather
+        their own)."""
+        if not (self._split() and hasattr(self.model, "unshard")):
+            yield
+            return
+        self.model._get_fsdp_state()._lazy_init()  # the root first, as its own forward would (else a layer's is)
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """TRL's card ("fine-tuned version of [None]...") is not written; the run's README.md is dsft's."""
@@ -286,7 +303,8 @@ class DsftGRPOTrainer(FsdpAdapterResume, GRPOTrainer):
         import time
 
         start = time.monotonic()
-        out = super()._generate(prompts)
+        with self._root_unsharded():
+            out = super()._generate(prompts)
         if self.model.training:
             self.timing["generation"] += time.monotonic() - start
             self.timing["tokens"] += sum(len(ids) for ids in out[1])
