@@ -1,7 +1,6 @@
 """One rank of tests/test_distributed.py's sharding cases (run after the dsft commands of the shared launch, over gloo, by
-tests/launch.py): dsft's NF4 model with expert LoRA, its
-expert codes sharded either by FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does (each decoder layer,
-then the root: `fsdp2`) or by dsft's loader (`model.shard_experts`: `codes`); and expert parallelism with FSDP2 on
+tests/launch.py): dsft's NF4 model with expert LoRA, its expert codes sharded by FSDP2 as accelerate's
+TRANSFORMER_BASED_WRAP does (each decoder layer, then the root: `fsdp2`); and expert parallelism with FSDP2 on
 transformers' engine (dsft.moe.parallel: `ep-*`)."""
 
 from __future__ import annotations
@@ -27,9 +26,9 @@ from dsft.train.dist import full_trainable_state
 SUBSET = {1: [0, 1, 2, 5], 2: [1, 3]}
 
 
-def build(shard_experts: bool = False, path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4",
-          expert_parallel: int = 1, subset: bool = False) -> nn.Module:
-    section = ModelSection(path=path, dtype="float32", quantization=quantization, shard_experts=shard_experts)
+def build(path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4", expert_parallel: int = 1,
+          subset: bool = False) -> nn.Module:
+    section = ModelSection(path=path, dtype="float32", quantization=quantization)
     base = load_model(section, resolve_model_path(section.path), expert_parallel=expert_parallel)
     selection = {layer_of(n): SUBSET[layer_of(n)] if subset else None for n in expert_modules(base)}
     routed = {layer: ids for layer, ids in selection.items()} if subset else "all"
@@ -50,31 +49,26 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.optim
     return logits.detach(), opt
 
 
-def case(mode: str, path: str, rank: int, world: int) -> dict:
+def fsdp2_case(rank: int, world: int) -> dict:
+    """FSDP2 over the NF4 model by hand (each decoder layer, then the root), LoRA on every routed expert, against one
+    unsharded process at the same global batch."""
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(1))
-    reference = build(path=path)
+    reference = build()
     ref_logits, _ = step(reference, ids)
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
 
-    model = build(shard_experts=mode == "codes", path=path)
+    model = build()
     experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
     codes = [m.gate_up_nf4 for m in experts] + [m.down_nf4 for m in experts]
-    if mode == "fsdp2":
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        sharded = all(isinstance(c.codes, DTensor) for c in codes)
-        local = sum(c.codes.to_local().numel() for c in codes)
-        mine = slice(2 * rank, 2 * rank + 2)  # FSDP2 averages the ranks' gradients, as DDP does
-    else:
-        sharded = all(c.sharded and not list(c.parameters()) for c in codes)
-        local = sum(c.stored.numel() for c in codes)
-        mine = slice(None)  # no gradient sync here: each rank takes the whole batch
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    mine = slice(2 * rank, 2 * rank + 2)  # FSDP2 averages the ranks' gradients, as DDP does
     logits, _ = step(model, ids[mine])
-    gathered = full_trainable_state(model) or {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    gathered = full_trainable_state(model)
     return {
-        "packed_sharded": sharded,
-        "packed_local_fraction": local / sum(c.shape.numel() // 2 for c in codes),
+        "packed_sharded": all(isinstance(c.codes, DTensor) for c in codes),
+        "packed_local_fraction": sum(c.codes.to_local().numel() for c in codes) / sum(c.shape.numel() // 2 for c in codes),
         "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
         "missing": sorted(set(expected) - set(gathered)),
         "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
@@ -173,20 +167,17 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
 
 
 def main(out: str, fused: str) -> None:
-    """Every case in one process group (one start-up): `fsdp2` and `codes` on the built-in model (saved in
-    DeepSeek's per-expert layout), and `codes` on the same weights saved in transformers' fused layout (`fused`:
-    tests/conftest.py fused_checkpoint)."""
+    """Every case in one process group (one start-up): on the built-in model (saved in DeepSeek's per-expert layout)
+    and on the same weights saved in transformers' fused layout (`fused`: tests/conftest.py fused_checkpoint)."""
     resolve_model_path("builtin:tiny-deepseek-v3")  # materialised before the process group: transformers saves on rank 0 only
     joined = dist.is_initialized()  # tests/launch.py: the dsft commands' process group
     if not joined:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {f"{mode}-{layout}": case(mode, path, rank, world)
-              for mode, layout, path in (("fsdp2", "per-expert", "builtin:tiny-deepseek-v3"),
-                                         ("codes", "per-expert", "builtin:tiny-deepseek-v3"), ("codes", "fused", fused))}
-    report.update({"ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
-                   "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
-                   f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)})
+    report = {"fsdp2-per-expert": fsdp2_case(rank, world),
+              "ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
+              "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
+              f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)}
     if rank == 1:  # rank 1's reports, written beside rank 0's
         with open(out + ".rank1", "w") as f:
             json.dump({k: v for k, v in report.items() if k.endswith("-rank1")}, f)

@@ -1,10 +1,9 @@
 """Several processes (over gloo on CPU) give the single-process result at the same global batch, and only the main
 rank writes the run. One launch of the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml,
-shrunk to one machine) runs every multi-process command in its process group (tests/launch.py): SFT under DDP with
-the NF4 expert codes sharded by the loader (`model.shard_experts`), SimPO and GRPO under DDP, DPO and SFT under
-FSDP2 + expert parallelism (`training.parallel.ep=2`, the SFT run resumed), SFT under FSDP2 alone (`ep=1`); then
-tests/fsdp_worker.py's cases: dsft's NF4 expert storage sharded by FSDP2, by dsft's loader or by expert
-parallelism matches one unsharded process."""
+shrunk to one machine) runs every multi-process command in its process group (tests/launch.py): SFT under DDP; SimPO
+(with a routing policy), GRPO, KTO, DPO and SFT under FSDP2 + expert parallelism (`training.parallel.ep=2`, the SFT
+run resumed twice); SFT under FSDP2 alone (`ep=1`); then tests/fsdp_worker.py's cases: dsft's NF4 expert storage
+sharded by FSDP2 or split by expert parallelism matches one unsharded process."""
 
 from __future__ import annotations
 
@@ -74,17 +73,16 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One launch of the shipped multi-node config (shrunk to one machine, 2 processes, a fresh data cache) running,
-    in its process group (tests/launch.py): NF4 SFT with the expert codes sharded by the loader
-    (`model.shard_experts`, DDP); SimPO and GRPO (DDP); DPO continuing the first run's adapter with
-    `training.parallel.ep=2`;
-    then NF4 SFT with `training.parallel.ep=2`, which loses everything past its first checkpoint and resumes."""
+    in its process group (tests/launch.py): NF4 SFT under DDP; with `training.parallel.ep=2` SimPO with a policy,
+    GRPO, KTO, and DPO continuing the SimPO run's adapter; NF4 SFT under FSDP2 alone (`ep=1`); then NF4 SFT with
+    `training.parallel.ep=2`, which loses everything past its first checkpoint and resumes, then loses its adapter
+    and resumes from its last checkpoint."""
     from conftest import fused_checkpoint, tiny_recipe
     from test_grpo import grpo_recipe
 
     tmp = tmp_path_factory.mktemp("ddp")
     training = {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2, **CONSTANT}
-    shard = tiny_recipe(tmp, "shard.yaml", rows=16, output_dir=str(tmp / "shard"), adapter=NF4_ALL["adapter"],
-                        model={"quantization": "nf4", "shard_experts": True}, training=training)
+    ddp = tiny_recipe(tmp, "ddp.yaml", rows=16, output_dir=str(tmp / "ddp"), **NF4_ALL, training=training)
     split = tiny_recipe(tmp, "split.yaml", rows=16, output_dir=str(tmp / "split"), **NF4_ALL, training=training)
     simpo = tiny_recipe(tmp, "simpo.yaml", output_dir=str(tmp / "simpo"), **SIMPO, training={**SIMPO_TRAINING,
                                                                                            "micro_batch_size": 2})
@@ -101,7 +99,7 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cache.mkdir()
     os.symlink(Path(os.environ["DSFT_CACHE"]) / "builtin", cache / "builtin")
     done = subprocess.run([sys.executable, *MULTINODE, str(Path(__file__).with_name("launch.py")), "sft",
-                           "--recipe", str(shard)], capture_output=True, text=True, timeout=600,
+                           "--recipe", str(ddp)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DSFT_CACHE": str(cache), "DSFT_TEST_RESUME": str(tmp / "split"),
                                "DSFT_TEST_SHARDING": os.pathsep.join([str(report), str(fused_checkpoint(tmp))]),
                                "DSFT_TEST_THEN": json.dumps([["simpo", "--recipe", str(simpo), "--set",
@@ -122,8 +120,8 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
-    """SFT under DDP: NF4 codes sharded,
-    launched by the shipped multi-node config."""
+    """NF4 SFT under DDP (no training.parallel: a whole model per process), launched by the shipped multi-node
+    config, equals one process at the same global batch."""
     tmp, printed = ddp_launch["tmp"], ddp_launch["printed"]
     assert printed.count("dsft sft:") == 5  # one summary a command (the main rank's), and the two resumes
     assert printed.count("dsft simpo:") == printed.count("dsft dpo:") == printed.count("dsft grpo:") == 1
@@ -132,10 +130,10 @@ def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
     # of the next command and of its resume
     assert printed.count("data.train: tokenized 16 rows") == 1, printed
     assert printed.count("data.train: tokens from cache (16 rows") == 9, printed
-    info = json.loads((tmp / "shard/run.json").read_text())
+    info = json.loads((tmp / "ddp/run.json").read_text())
     assert info["status"] == "complete" and info["summary"]["processes"] == 2
-    assert info["summary"]["expert_codes"] == "sharded"
-    double = load_file(tmp / "shard/adapter/adapter_model.safetensors")
+    assert info["summary"]["expert_codes"] == "whole"
+    double = load_file(tmp / "ddp/adapter/adapter_model.safetensors")
     assert one_process.keys() == double.keys() and any("experts.lora_" in k for k in double)
     assert_same_training(double, one_process)
 
@@ -143,10 +141,10 @@ def test_two_processes_match_one(one_process: dict, ddp_launch: dict) -> None:
 def test_simpo_under_expert_parallelism_with_a_policy_matches_one_process(ddp_launch: dict, cli,
                                                                          tmp_path: Path) -> None:
     """`dsft simpo --set training.parallel.ep=2` with a routing policy (in the shared launch), against one process
-    here at the same global batch: the base read whole, its routing profiled half the sampled rows on each rank and
-    the counts summed (the counts of one process profiling them all, so both choose the same experts), the chosen
-    subset split over the ranks in padded slots, and the older pair trainers' NLL term rescaled across processes
-    (SimPO's, which ORPO shares: dsft's own code path)."""
+    here at the same global batch: each rank holds only its experts, the routing is profiled with the tokens
+    dispatched to them (half the sampled rows on each rank, the counts summed: those of one process profiling them
+    all, so both choose the same experts), the chosen subset's LoRA sits in padded slots, and the older pair
+    trainers' NLL term is rescaled across processes (SimPO's, which ORPO shares: dsft's own code path)."""
     from conftest import tiny_recipe
 
     one = tiny_recipe(tmp_path, "simpo.yaml", output_dir=str(tmp_path / "one"), **SIMPO,
@@ -283,18 +281,13 @@ def test_accelerates_fsdp_plugin_is_refused_with_the_layout_to_use(make_recipe, 
     assert result.exit_code == 2 and "training.parallel: {ep: 1}" in result.output, result.output
 
 
-@pytest.mark.parametrize("mode,layout", [("fsdp2", "per-expert"), ("codes", "per-expert"), ("codes", "fused")])
-def test_sharded_nf4_experts_match_one_process(mode: str, layout: str, ddp_launch: dict) -> None:
-    """One step of the NF4 tiny model with LoRA on attention, shared and every routed expert, on two ranks, against
-    one unsharded process (tests/fsdp_worker.py). `fsdp2`: FSDP2 shards the codes (a frozen parameter); `codes`:
-    `model.shard_experts` has each rank read and quantize only its half of every layer's experts (from DeepSeek's
-    per-expert layout or transformers' fused one) and gather the layer's codes when it runs (forward and
-    backward)."""
-    report = ddp_launch["sharding"][f"{mode}-{layout}"]
+def test_fsdp2_shards_the_nf4_experts_and_matches_one_process(ddp_launch: dict) -> None:
+    """One step of the NF4 tiny model with LoRA on attention, shared and every routed expert, FSDP2 applied by hand
+    to each decoder layer and the root (tests/fsdp_worker.py), against one unsharded process: FSDP2 shards the codes
+    (a frozen parameter) in half, and the logits and the adapter after one AdamW step match."""
+    report = ddp_launch["sharding"]["fsdp2-per-expert"]
     assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
     assert report["logits_max_diff"] < 1e-4
-    if mode == "codes":  # quantized in halves, bit-identical to quantizing each layer whole
-        assert report["logits_max_diff"] == 0.0
     assert report["missing"] == [] and report["expert_lora_params"] > 0
     assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 

@@ -95,8 +95,9 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     """Peak GPU memory per GPU, estimated: weights + 16 B per trainable parameter + activations. With
     activation checkpointing a token keeps each layer's input and, for the layer being recomputed,
     its attention and top-k expert activations; without it, those of every layer. NF4 experts add one
-    layer's dequantized experts (a reused buffer); with `model.shard_experts` on N processes each GPU
-    holds 1/N of the expert codes plus one gathered layer."""
+    layer's dequantized experts (a reused buffer). Under training.parallel on N processes each GPU holds 1/ep of
+    the routed experts (their codes, dequantized layer, LoRA and AdamW state: the adapter's state is counted at 1/ep
+    of it all) and 1/N of the rest, which it holds whole while it loads."""
     gib = 2**30
     h, layers, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_experts_per_tok") or 0
     inter, attn = arch.expert_intermediate(cfg), arch.attention_width(cfg)
@@ -104,15 +105,18 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     per_token = 2 * h * layers + layer_tokens if recipe.training.activation_checkpointing else layer_tokens * layers
     tokens = recipe.training.micro_batch_size * recipe.data.max_length
     moe_layers, num_experts = moe_layout(cfg)
-    held = weight_bytes(recipe, cfg, moe_layers, num_experts)
-    weights = held["bytes"]
-    if recipe.model.quantization == "nf4" and moe_layers:
-        layer = held["expert_params"] / len(moe_layers)
-        weights += layer * compute_bytes(recipe)
-        if recipe.model.shard_experts and processes > 1:
-            weights -= held["expert_params"] * NF4_BYTES * (1 - 1 / processes) - layer / 2
-    total = weights + ADAM_BYTES * trainable + per_token * tokens
-    return {"weights_gib": weights / gib, "adapter_training_gib": ADAM_BYTES * trainable / gib,
+    nf4 = recipe.model.quantization == "nf4"
+    expert_params = 3 * h * arch.expert_intermediate(cfg) * num_experts * len(moe_layers)
+    expert_bytes = expert_params * (NF4_BYTES if nf4 else compute_bytes(recipe))
+    other = weight_bytes(recipe, cfg, moe_layers, num_experts)["bytes"] - expert_bytes
+    parallel = recipe.training.parallel
+    ep, shards = (parallel.ep, max(processes, 1)) if parallel is not None else (1, 1)
+    weights = expert_bytes / ep + other / shards
+    if nf4 and moe_layers:
+        weights += expert_params / len(moe_layers) / ep * compute_bytes(recipe)
+    adapter = ADAM_BYTES * trainable / ep
+    total = max(weights + adapter + per_token * tokens, expert_bytes / ep + other)  # training, or loading
+    return {"weights_gib": weights / gib, "adapter_training_gib": adapter / gib,
             "activations_gib": per_token * tokens / gib, "peak_gib": total / gib + CUDA_CONTEXT_GIB,
             "host_gib": total / gib + HOST_PROCESS_GIB, "tokens_per_micro_batch": tokens}
 

@@ -221,6 +221,12 @@ ALIASES = {
     "bf16": "model.dtype: bfloat16", "torch_dtype": "model.dtype", "seed": "training.seed",
 }
 
+# keys dsft once read, and what replaced them
+GONE = {
+    "model.shard_experts": "gone; each rank holds 1/N of the routed experts with training.parallel: {ep: N} (FSDP2 + "
+                           "expert parallelism, every objective; docs/multi-gpu.md): remove model.shard_experts and set it",
+}
+
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
     "dict": "a mapping", "model": "a mapping", "list": "a list",
@@ -232,7 +238,9 @@ def describe(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc)
     kind, ctx = err["type"], err.get("ctx", {})
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and path in GONE:
+        what = GONE[path]
+    elif kind == "extra_forbidden":
         keys = _section_keys(loc)
         import difflib
 

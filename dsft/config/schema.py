@@ -37,10 +37,6 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
-    shard_experts: bool = Field(
-        False, description="With `nf4` on several processes: each rank keeps 1/N of the routed experts' NF4 codes "
-        "and gathers a layer's codes when it runs, for models whose experts do not fit one GPU (DeepSeek-V3)."
-    )
 
     @field_validator("path")
     @classmethod
@@ -70,13 +66,6 @@ class ModelSection(Section):
         if v is not None and (not v.strip() or not isinstance(path, str) or not is_repo_id(path)):
             raise ValueError("only with a Hugging Face Hub id in model.path (a branch, tag or commit of it); remove it"
                              if v.strip() else "empty; give a branch, tag or commit, or remove it")
-        return v
-
-    @field_validator("shard_experts")
-    @classmethod
-    def _shard_needs_nf4(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("quantization") != "nf4":
-            raise ValueError("needs model.quantization: nf4 (for a bf16 base, shard with FSDP2: training.parallel: {ep: 1})")
         return v
 
 
@@ -221,8 +210,8 @@ class TrainingSection(Section):
 
     parallel: ParallelSection | None = Field(
         None, description="`{ep: M}`: FSDP2 over every process and expert parallelism over M of them, instead of one "
-        "whole model per process (DDP). sft and dpo; expert LoRA on all routed experts or a subset (padded slots); not "
-        "routed_experts.mode: full (docs/multi-gpu.md)."
+        "whole model per process (DDP). Every objective; expert LoRA on all routed experts or a subset (padded slots); "
+        "not routed_experts.mode: full (docs/multi-gpu.md)."
     )
 
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
@@ -279,8 +268,6 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "Recipe":
         parallel, routed = self.training.parallel, self.adapter.routed_experts
-        if parallel is not None and self.model.shard_experts:
-            raise ValueError("training.parallel shards the experts itself: remove model.shard_experts")
         if parallel is not None and parallel.ep > 1 and routed.mode == "full":
             raise ValueError("training.parallel.ep: experts trained whole (adapter.routed_experts.mode: full) are not "
                              "split by expert parallelism yet; use mode: lora, or remove training.parallel")

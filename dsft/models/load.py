@@ -84,8 +84,7 @@ def device() -> torch.device:
 
 
 def load_model(section: Any, path: Path, expert_parallel: int = 1) -> torch.nn.Module:
-    """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`; their codes
-    split across the ranks of a multi-process run with `shard_experts`). `section` is the recipe's
+    """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`). `section` is the recipe's
     ModelSection (dsft.config.schema; read by attribute, since models sit below config). With
     `expert_parallel` M > 1 this rank reads and holds only the 1/M of every layer's experts that expert
     parallelism gives it (dsft.moe.parallel: the contiguous block of rank % M), never opening the others."""
@@ -97,8 +96,7 @@ def load_model(section: Any, path: Path, expert_parallel: int = 1) -> torch.nn.M
 
         part = (dist.get_rank() % expert_parallel, expert_parallel)
     return load_streaming(path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
-                          section.attn_implementation, shard_experts=section.shard_experts and world_size() > 1,
-                          expert_part=part)
+                          section.attn_implementation, expert_part=part)
 
 
 def world_size() -> int:

@@ -43,23 +43,18 @@ dequantize_fp8 = dequantize  # dsft.models.fp8: block-scaled FP8, edge tiles par
 
 
 class _ExpertStage:
-    """One layer's routed experts, filled expert by expert, then turned into DsftExperts. With sharded
-    codes it holds (and its loader reads) only this rank's experts."""
+    """One layer's routed experts, filled expert by expert, then turned into DsftExperts. With a `part` it holds
+    (and its loader reads) only that block of the experts."""
 
-    def __init__(self, template: nn.Module, device: torch.device, dtype: torch.dtype, sharded: bool,
+    def __init__(self, template: nn.Module, device: torch.device, dtype: torch.dtype,
                  part: tuple[int, int] | None = None) -> None:
-        """`sharded`: model.shard_experts' codes; `part` (index, parts): only that contiguous 1/parts of the
-        experts, held as the module's own rows (expert parallelism, dsft.moe.parallel)."""
-        from dsft.moe.nf4 import expert_range
-
+        """`part` (index, parts): only that contiguous 1/parts of the experts, held as the module's own rows
+        (expert parallelism, dsft.moe.parallel)."""
         e, two_i, h = template.gate_up_proj.shape
         self.act_fn = template.act_fn
-        self.num_experts, self.inter, self.sharded, self.part = e, two_i // 2, sharded, part
-        if part is not None:
-            per = e // part[1]
-            self.lo, self.hi = part[0] * per, (part[0] + 1) * per
-        else:
-            self.lo, self.hi, _ = expert_range(e) if sharded else (0, e, e)
+        self.num_experts, self.inter, self.part = e, two_i // 2, part
+        per = e // part[1] if part is not None else e
+        self.lo, self.hi = (part[0] * per, (part[0] + 1) * per) if part is not None else (0, e)
         self.gate_up = torch.empty(self.hi - self.lo, two_i, h, device=device, dtype=dtype)
         self.down = torch.empty(self.hi - self.lo, h, self.inter, device=device, dtype=dtype)
         self.missing = {(i, p) for i in range(self.lo, self.hi) for p in ("gate_proj", "up_proj", "down_proj")}
@@ -80,8 +75,7 @@ class _ExpertStage:
         self.missing.discard((expert, proj))
 
     def build(self, quantized: bool, dtype: torch.dtype) -> DsftExperts:
-        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype,
-                             self.num_experts if self.sharded else None)
+        module = DsftExperts(self.gate_up, self.down, self.act_fn, quantized, dtype)
         if self.part is not None:
             module.hold_rows(self.lo, self.num_experts)
         del self.gate_up, self.down
@@ -90,10 +84,10 @@ class _ExpertStage:
 
 class StreamLoader:
     def __init__(self, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
-                 attn_implementation: str, num_layers: int | None = None, shard_experts: bool = False,
+                 attn_implementation: str, num_layers: int | None = None,
                  expert_part: tuple[int, int] | None = None) -> None:
         self.path, self.dtype, self.quantized, self.device = path, dtype, quantized, device
-        self.shard_experts, self.expert_part = shard_experts, expert_part
+        self.expert_part = expert_part
         self.layer_limit = num_layers
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
@@ -203,7 +197,7 @@ class StreamLoader:
             stage = self.stages.get(module_name)
             if stage is None:
                 stage = self.stages[module_name] = _ExpertStage(model.get_submodule(module_name), self.device,
-                                                                self.dtype, self.shard_experts, self.expert_part)
+                                                                self.dtype, self.expert_part)
             expert = int(m.group("expert")) if "expert" in m.groupdict() else None
             if stage.wants(expert):  # another rank's expert is never read (of a fused tensor, only this rank's rows)
                 tensor = read() if expert is not None else read(slice(stage.lo, stage.hi))
@@ -236,7 +230,6 @@ class StreamLoader:
 
 def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
                    attn_implementation: str = "sdpa", num_layers: int | None = None,
-                   shard_experts: bool = False, expert_part: tuple[int, int] | None = None) -> nn.Module:
+                   expert_part: tuple[int, int] | None = None) -> nn.Module:
     """`expert_part` (index, parts): read and hold only that 1/parts of every layer's routed experts."""
-    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers, shard_experts,
-                        expert_part).load()
+    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers, expert_part).load()

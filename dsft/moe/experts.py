@@ -84,9 +84,7 @@ class DsftExperts(nn.Module):
     global_experts: int | None = None  # loaded holding only a slice of them (`hold_rows`)
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module, quantized: bool,
-                 dtype: torch.dtype | None = None, num_experts: int | None = None) -> None:
-        """`num_experts` given: NF4 codes sharded across ranks, and `gate_up`/`down` hold only this
-        rank's experts (dsft.moe.nf4.expert_range)."""
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dtype = dtype or gate_up.dtype
         _, two_i, self.hidden_dim = gate_up.shape
@@ -95,8 +93,8 @@ class DsftExperts(nn.Module):
         self.quantized = quantized
         self.compute_dtype = dtype
         if quantized:
-            self.gate_up_nf4 = PackedNF4(gate_up, dtype, num_experts)
-            self.down_nf4 = PackedNF4(down, dtype, num_experts)
+            self.gate_up_nf4 = PackedNF4(gate_up, dtype)
+            self.down_nf4 = PackedNF4(down, dtype)
         else:
             self.gate_up_proj = nn.Parameter(gate_up.to(dtype), requires_grad=False)
             self.down_proj = nn.Parameter(down.to(dtype), requires_grad=False)

@@ -40,7 +40,7 @@ def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    if isinstance(module, DsftExperts):  # sharded NF4 codes are neither parameters nor buffers
+    if isinstance(module, DsftExperts):
         return module.weight.device
     for t in (*module.parameters(), *module.buffers()):
         return t.device

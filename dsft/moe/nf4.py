@@ -13,10 +13,6 @@ So an expert's weight depends on its own rows alone: slicing the experts (expert
 three on dim 0, FSDP2 shards them like any frozen parameter) gives exactly the slices' weights, and
 quantizing a slice of the experts gives the same bytes as the whole layer's rows. `dequantize_experts` reads
 local tensors only (what a rank holds under expert parallelism), in forward and in backward alike.
-
-With `model.shard_experts` dsft splits the experts itself as they are loaded: each rank reads and quantizes
-only its 1/world of each layer's experts, keeps those rows as plain attributes (no parameter, so DDP leaves
-them alone), and gathers the layer's rows when it dequantizes them.
 """
 
 from __future__ import annotations
@@ -35,30 +31,6 @@ def reusable_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device)
     if key not in _buffers:
         _buffers[key] = torch.empty(shape, dtype=dtype, device=device)
     return _buffers[key]
-
-
-_group: list = []
-
-
-def codes_group():  # noqa: ANN201 - a torch.distributed ProcessGroup
-    """The process group for gathering expert codes: its own communicator, so the gathers never queue
-    behind (or ahead of) DDP's gradient all-reduces on the default group. Created by every rank on the
-    first sharded layer, which every rank loads at the same point."""
-    import torch.distributed as dist
-
-    if not _group:
-        _group.append(dist.new_group(backend=dist.get_backend()))
-    return _group[0]
-
-
-def expert_range(num_experts: int) -> tuple[int, int, int]:
-    """This rank's experts [lo, hi) when codes are sharded, and the per-rank count (the last ranks may
-    hold fewer, padded to it)."""
-    import torch.distributed as dist
-
-    per = -(-num_experts // dist.get_world_size())
-    lo = min(num_experts, dist.get_rank() * per)
-    return lo, min(num_experts, lo + per), per
 
 
 def quantize_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,72 +83,42 @@ class PackedNF4(nn.Module):
 
     PARTS = ("codes", "scales", "scale_state")
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, num_experts: int | None = None) -> None:
-        """`weight`: all experts [E, out, in]; or, with `num_experts` (sharded codes), this rank's
-        experts (`expert_range`), every rank calling at the same point."""
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        """`weight`: the experts [E, out, in] this module holds (all of a layer's, or a rank's block of them)."""
         super().__init__()
         if weight[0].numel() % BLOCKSIZE:
             raise ValueError(f"expert weight {tuple(weight.shape)} is not a whole number of {BLOCKSIZE}-element blocks per expert")
-        self.sharded = num_experts is not None
-        self.shape = torch.Size([num_experts or weight.shape[0], *weight.shape[1:]])
+        self.shape = weight.shape
         self.dtype = dtype
-        parts = quantize_experts(weight)
-        for name, tensor in zip(self.PARTS, parts):
-            if self.sharded:  # a plain attribute: DDP, FSDP and state dicts leave this rank's rows alone
-                setattr(self, f"local_{name}", tensor)
-            else:
-                # Frozen parameters, not buffers: FSDP2 and expert parallelism shard parameters only (a buffer
-                # would stay whole on every rank); frozen, so adapter files and adapter-only checkpoints leave
-                # them out.
-                setattr(self, name, nn.Parameter(tensor, requires_grad=False))
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
-        super()._apply(fn, recurse)
-        if self.sharded:
-            for name in self.PARTS:
-                setattr(self, f"local_{name}", fn(getattr(self, f"local_{name}")))
-        return self
+        for name, tensor in zip(self.PARTS, quantize_experts(weight)):
+            # Frozen parameters, not buffers: FSDP2 and expert parallelism shard parameters only (a buffer would
+            # stay whole on every rank); frozen, so adapter files and adapter-only checkpoints leave them out.
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
 
     @property
     def stored(self) -> torch.Tensor:
-        """The codes this rank holds: all of them, or its rows when sharded."""
-        return self.local_codes if self.sharded else self.codes
+        """The codes parameter (a DTensor once expert parallelism or FSDP2 has split it)."""
+        return self.codes
 
     def local_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scales, scale_state) as this rank holds them: every expert, or (expert parallelism) its own,
-        as local tensors; with sharded codes, the whole layer's gathered from every rank (a collective)."""
-        if not self.sharded:
-            return tuple(local(getattr(self, name)) for name in self.PARTS)
-        return tuple(self._gathered(getattr(self, f"local_{name}")) for name in self.PARTS)
-
-    def _gathered(self, rows: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        per = -(-self.shape[0] // dist.get_world_size())
-        mine = rows.new_zeros(per, *rows.shape[1:])
-        mine[:rows.shape[0]] = rows
-        full = reusable_buffer(torch.Size([per * dist.get_world_size(), *rows.shape[1:]]), rows.dtype, rows.device)
-        dist.all_gather_into_tensor(full, mine, group=codes_group())
-        return full[:self.shape[0]]  # ranks' rows are in expert order
+        as local tensors."""
+        return tuple(local(getattr(self, name)) for name in self.PARTS)
 
     @property
     def num_experts(self) -> int:
         """How many experts `dequantize()` returns: this rank's under expert parallelism, else all."""
-        return self.shape[0] if self.sharded else local(self.codes).shape[0]
+        return local(self.codes).shape[0]
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_experts(*self.local_parts(), self.shape, self.dtype)
 
     def reader(self):  # noqa: ANN201 - () -> torch.Tensor
         """A function that dequantizes the weight this rank holds now, for a forward and its backward: it keeps
-        the local tensors it read (expert parallelism swaps them only around the forward); with sharded codes it
-        gathers again when called."""
-        if self.sharded:
-            return self.dequantize
+        the local tensors it read (expert parallelism swaps them only around the forward)."""
         parts = self.local_parts()
         return lambda: dequantize_experts(*parts, self.shape, self.dtype)
 
     def nbytes(self) -> int:
         """Bytes this rank stores."""
-        parts = [getattr(self, f"local_{n}" if self.sharded else n) for n in self.PARTS]
-        return sum(local(t).numel() * t.element_size() for t in parts)
+        return sum(local(t).numel() * t.element_size() for t in self.local_parts())

@@ -14,7 +14,9 @@ backward; it holds no process group and gathers nothing itself.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -66,8 +68,6 @@ def ep_plan(model: nn.Module) -> dict[str, str]:
     for name, module in modules.items():
         if not isinstance(module, DsftExperts):
             continue
-        if module.quantized and module.gate_up_nf4.sharded:
-            raise ValueError(f"{name}: expert codes sharded by model.shard_experts cannot also be expert-parallel")
         style = HELD_ROWS if module.global_experts else ROWS
         params.update(dict.fromkeys(_expert_tensors(name, module), style))
         outer = name.removesuffix(".base_layer")
@@ -77,6 +77,30 @@ def ep_plan(model: nn.Module) -> dict[str, str]:
                                          if n.startswith("lora_")), style))
         dispatch[outer] = "ep_dispatch_experts"
     return {**params, **dispatch}
+
+
+@contextlib.contextmanager
+def dispatched(model: nn.Module, ep: int) -> Iterator[None]:
+    """A model loaded holding only this rank's experts (dsft.models.stream's expert_part) made runnable for a while
+    without gradients (the routing profile, before the adapter is attached): each experts module reached through
+    transformers' all-to-all token dispatch over `ep` ranks, which hands it local expert ids, then restored. Every
+    rank must run the same number of forwards."""
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.expert_parallel import EPImplementationInterface
+    from transformers.distributed.utils import initialize_distributed_mesh
+
+    config = DistributedConfig(fsdp_size=dist.get_world_size(), ep_size=ep, ep_implementation="all_to_all")
+    _, mesh = initialize_distributed_mesh(config)
+    held = [m for m in model.modules() if isinstance(m, DsftExperts) and m.global_experts]
+    for module in held:
+        module.forward = EPImplementationInterface()[config.ep_implementation](module, mesh.get_mesh("ep"),
+                                                                              mesh.get_mesh("tp"))
+    try:
+        yield
+    finally:
+        for module in held:
+            del module.forward
 
 
 def fsdp_plan(model: nn.Module) -> dict[str, str]:

@@ -44,9 +44,11 @@ def batches(tokens: dict[str, list[list[int]]], batch_size: int, pad_id: int):
 
 @torch.no_grad()
 def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens: bool = False, batch_size: int = 8,
-            pad_id: int = 0, progress: bool = True) -> dict[int, LayerStats]:
+            pad_id: int = 0, progress: bool = True, forwards: int = 0) -> dict[int, LayerStats]:
     """Run `model` over tokenized rows and return each MoE layer's routing stats. Padding never counts;
-    by default only the tokens the loss is on (labels != -100) do, with `all_tokens` every real token."""
+    by default only the tokens the loss is on (labels != -100) do, with `all_tokens` every real token. At least
+    `forwards` forward passes are run (those past the rows on one pad token that counts nothing), so that ranks
+    whose experts exchange tokens in every forward run as many."""
     from dsft.console import track
 
     recorder = RoutingRecorder(model)
@@ -65,6 +67,9 @@ def collect(model: nn.Module, tokens: dict[str, list[list[int]]], *, all_tokens:
                                                  description="profiling routing", unit="batches", disable=not progress):
             recorder.mask = attention.bool() if all_tokens else (attention.bool() & (label != IGNORE))
             model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        for _ in range(forwards - steps):
+            recorder.mask = torch.zeros(1, 1, dtype=torch.bool)
+            model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False)
     model.train(was_training)
     return recorder.stats
 

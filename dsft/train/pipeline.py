@@ -121,20 +121,21 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.adapters.metadata import read_metadata, recorded_targets
     from dsft.adapters.plan import plan_table
     from dsft.models.load import load_model
+    from dsft.moe.parallel import dispatched
     from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
     # under training.parallel each rank reads 1/ep of the experts (a continued adapter: only its experts' rows of the
-    # expert LoRA too); a policy profiles the whole model's routing first, so its base is read whole and split once
-    # the adapter is on it
+    # expert LoRA too; a policy's routing profile runs with the tokens dispatched to them)
     parallel = recipe.training.parallel
-    split = parallel.ep if parallel is not None and prepared.selection is not None else 1
+    split = parallel.ep if parallel is not None else 1
     base = load_model(recipe.model, prepared.model_path, expert_parallel=split)
     if prepared.init_adapter is not None:
         model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
         meta = read_metadata(prepared.init_adapter)
         return model, recorded_targets(meta), meta, None
-    selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"])
+    with dispatched(base, split) if split > 1 else contextlib.nullcontext():
+        selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"])
     plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval), profile)
     if is_main():
         show(plan_table(plan))

@@ -60,7 +60,7 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
     sample = prepared.train.sample(before["rows"], prepared.recipe.training.seed, prepared.recipe.data.max_length)
     stats = routing_profile.collect(model, sample, all_tokens=before["count"] == "all",
                                     batch_size=prepared.recipe.training.micro_batch_size,
-                                    pad_id=prepared.tokenizer.pad_token_id)
+                                    pad_id=prepared.tokenizer.pad_token_id, progress=is_main())
     meta = {k: before[k] for k in ("key", "rows", "count")} | {"tokens_counted": next(iter(stats.values())).tokens}
     after = routing_profile.summarize(stats, before["top_k"], meta)
     if is_main():

@@ -76,8 +76,7 @@ def model_params(model: torch.nn.Module) -> int:
 
 def expert_codes_layout(model: torch.nn.Module) -> str | None:
     """How the routed experts' weights are held: `expert-parallel over N` ranks (training.parallel, NF4 or not);
-    else the NF4 codes `whole` on every rank, `sharded` by model.shard_experts or `fsdp2` (training.parallel.ep 1);
-    None without NF4 experts."""
+    else the NF4 codes `whole` on every rank or `fsdp2` (training.parallel.ep 1); None without NF4 experts."""
     from torch.distributed.tensor import DTensor
 
     from dsft.moe.experts import DsftExperts
@@ -90,4 +89,4 @@ def expert_codes_layout(model: torch.nn.Module) -> str | None:
         return None
     if isinstance(experts[0].gate_up_nf4.stored, DTensor):
         return "fsdp2"
-    return "sharded" if all(m.gate_up_nf4.sharded for m in experts) else "whole"
+    return "whole"

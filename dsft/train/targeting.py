@@ -43,8 +43,10 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
     rank, world = _rank_of(), world_size()
     share = {column: rows[rank::world] for column, rows in sample.items()}
-    stats = routing_profile.collect(model, share, all_tokens=count == "all", batch_size=recipe.training.micro_batch_size,
-                                    pad_id=pad_id)
+    batch = recipe.training.micro_batch_size
+    most = -(-len(sample["input_ids"]) // world)  # the largest share: every rank runs its number of batches
+    stats = routing_profile.collect(model, share, all_tokens=count == "all", batch_size=batch, pad_id=pad_id,
+                                    forwards=-(-most // batch), progress=is_main())
     _sum_over_ranks(stats, model)
     from dsft.moe.routing import top_k
 
