@@ -1,7 +1,6 @@
-"""One rank of tests/test_distributed.py's sharding cases (run after the dsft commands of the shared launch, over gloo, by
-tests/launch.py): dsft's NF4 model with expert LoRA, its expert codes sharded by FSDP2 as accelerate's
-TRANSFORMER_BASED_WRAP does (each decoder layer, then the root: `fsdp2`); and expert parallelism with FSDP2 on
-transformers' engine (dsft.moe.parallel: `ep-*`)."""
+"""One rank of tests/test_distributed.py's expert-parallel cases (run after the dsft commands of the shared launch,
+over gloo, by tests/launch.py): dsft's experts with expert LoRA under expert parallelism and FSDP2 on transformers'
+engine (dsft.moe.parallel), against one unsharded process."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from dsft.adapters.lora import attach_lora
@@ -47,33 +45,6 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.optim
     loss.backward()
     opt.step()
     return logits.detach(), opt
-
-
-def fsdp2_case(rank: int, world: int) -> dict:
-    """FSDP2 over the NF4 model by hand (each decoder layer, then the root), LoRA on every routed expert, against one
-    unsharded process at the same global batch."""
-    ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(1))
-    reference = build()
-    ref_logits, _ = step(reference, ids)
-    expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
-
-    model = build()
-    experts = [m for m in model.modules() if isinstance(m, DsftExperts)]
-    codes = [m.gate_up_nf4 for m in experts] + [m.down_nf4 for m in experts]
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    mine = slice(2 * rank, 2 * rank + 2)  # FSDP2 averages the ranks' gradients, as DDP does
-    logits, _ = step(model, ids[mine])
-    gathered = full_trainable_state(model)
-    return {
-        "packed_sharded": all(isinstance(c.codes, DTensor) for c in codes),
-        "packed_local_fraction": sum(c.codes.to_local().numel() for c in codes) / sum(c.shape.numel() // 2 for c in codes),
-        "logits_max_diff": float((logits - ref_logits[mine]).abs().max()),
-        "missing": sorted(set(expected) - set(gathered)),
-        "param_max_diff": max(float((gathered[n] - expected[n]).abs().max()) for n in expected),
-        "expert_lora_params": sum("experts.lora_" in n for n in gathered),
-    }
 
 
 def _route_to_the_first_experts(model: nn.Module) -> None:
@@ -174,8 +145,7 @@ def main(out: str, fused: str) -> None:
     if not joined:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {"fsdp2-per-expert": fsdp2_case(rank, world),
-              "ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
+    report = {"ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
               "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
               f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)}
     if rank == 1:  # rank 1's reports, written beside rank 0's

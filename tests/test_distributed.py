@@ -2,8 +2,8 @@
 rank writes the run. One launch of the shipped multi-node accelerate config (recipes/accelerate/multinode-ddp.yaml,
 shrunk to one machine) runs every multi-process command in its process group (tests/launch.py): SFT under DDP; SimPO
 (with a routing policy), GRPO, KTO, DPO and SFT under FSDP2 + expert parallelism (`training.parallel.ep=2`, the SFT
-run resumed twice); SFT under FSDP2 alone (`ep=1`); then tests/fsdp_worker.py's cases: dsft's NF4 expert storage
-sharded by FSDP2 or split by expert parallelism matches one unsharded process."""
+run resumed twice); SFT under FSDP2 alone (`ep=1`); then tests/fsdp_worker.py's cases: dsft's experts split by
+expert parallelism match one unsharded process."""
 
 from __future__ import annotations
 
@@ -82,18 +82,19 @@ def ddp_launch(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     tmp = tmp_path_factory.mktemp("ddp")
     training = {"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "save_steps": 2, **CONSTANT}
-    ddp = tiny_recipe(tmp, "ddp.yaml", rows=16, output_dir=str(tmp / "ddp"), **NF4_ALL, training=training)
+    unsaved = {**training, "save_steps": 100}  # the runs that are not resumed write no checkpoint
+    ddp = tiny_recipe(tmp, "ddp.yaml", rows=16, output_dir=str(tmp / "ddp"), **NF4_ALL, training=unsaved)
     split = tiny_recipe(tmp, "split.yaml", rows=16, output_dir=str(tmp / "split"), **NF4_ALL, training=training)
     simpo = tiny_recipe(tmp, "simpo.yaml", output_dir=str(tmp / "simpo"), **SIMPO, training={**SIMPO_TRAINING,
                                                                                            "micro_batch_size": 2})
     dpo = tiny_recipe(tmp, "dpo.yaml", output_dir=str(tmp / "dpo"), **dpo_sections(tmp / "simpo"),
                       training={**SIMPO_TRAINING, "micro_batch_size": 2})
-    grpo = grpo_recipe(tmp, training={"max_steps": 3, "micro_batch_size": 4, "save_steps": 100},
+    grpo = grpo_recipe(tmp, training={"max_steps": 2, "micro_batch_size": 4, "save_steps": 100},
                        grpo={"max_completion_length": 8})
     kto = tiny_recipe(tmp, "kto.yaml", output_dir=str(tmp / "kto"), kto={"max_prompt_length": 64},
                       adapter={"routed_experts": {1: [0, 3, 6], 2: [2]}},
-                      data=SIMPO["data"], training={**SIMPO_TRAINING, "max_steps": 2, "micro_batch_size": 2})
-    fsdp = tiny_recipe(tmp, "fsdp.yaml", rows=16, output_dir=str(tmp / "fsdp"), **NF4_ALL, training=training)
+                      data=SIMPO["data"], training={**SIMPO_TRAINING, "max_steps": 1, "micro_batch_size": 2})
+    fsdp = tiny_recipe(tmp, "fsdp.yaml", rows=16, output_dir=str(tmp / "fsdp"), **NF4_ALL, training=unsaved)
     report = tmp / "sharding.json"
     cache = tmp / "cache"  # the processes prepare their data afresh (the built-in model: the session's)
     cache.mkdir()
@@ -279,17 +280,6 @@ def test_accelerates_fsdp_plugin_is_refused_with_the_layout_to_use(make_recipe, 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     result = cli("sft", "--recipe", make_recipe())
     assert result.exit_code == 2 and "training.parallel: {ep: 1}" in result.output, result.output
-
-
-def test_fsdp2_shards_the_nf4_experts_and_matches_one_process(ddp_launch: dict) -> None:
-    """One step of the NF4 tiny model with LoRA on attention, shared and every routed expert, FSDP2 applied by hand
-    to each decoder layer and the root (tests/fsdp_worker.py), against one unsharded process: FSDP2 shards the codes
-    (a frozen parameter) in half, and the logits and the adapter after one AdamW step match."""
-    report = ddp_launch["sharding"]["fsdp2-per-expert"]
-    assert report["packed_sharded"] and report["packed_local_fraction"] == 0.5  # each rank holds half the codes
-    assert report["logits_max_diff"] < 1e-4
-    assert report["missing"] == [] and report["expert_lora_params"] > 0
-    assert report["param_max_diff"] < 1e-4  # after one AdamW step, gathered adapter == unsharded run's
 
 
 @pytest.mark.parametrize("case", ["ep-fp32-fused-subset", "ep-nf4-one-rank"])
