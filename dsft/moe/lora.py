@@ -166,8 +166,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self._held[adapter_name] = [e for e in block if e >= 0]
         first = rank * (self.get_base_layer().all_experts // ep)
         device = self._index[adapter_name].device
-        self._take[adapter_name] = torch.tensor([i for i, e in enumerate(block) if e >= 0], dtype=torch.long,
-                                                device=device)
+        self._take.pop(adapter_name, None)
+        if -1 in block:  # else every slot is read, in order: no gather
+            self._take[adapter_name] = torch.tensor([i for i, e in enumerate(block) if e >= 0], dtype=torch.long,
+                                                    device=device)
         self._index[adapter_name] = torch.tensor([e - first for e in block if e >= 0], dtype=torch.long, device=device)
 
     def pad_for_expert_parallel(self, ep: int, rank: int) -> None:
@@ -194,6 +196,8 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
 
     def into_block(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
         """`saved_rows` of a saved tensor in this rank's block of slots (zeros in padding)."""
+        if adapter_name not in self._take:
+            return rows
         width = len(self.slots[adapter_name]) // (self.get_base_layer().all_experts // self.num_experts)
         out = rows.new_zeros(width, *rows.shape[1:])
         out[self._take[adapter_name].cpu()] = rows

@@ -63,7 +63,12 @@ def build_figure(rows: list[dict[str, Any]], panels: Panels, title: str = "", yl
     count = max(1, len(data))
     columns = min(COLUMNS, count)
     grid = -(-count // columns)
-    fig = Figure(figsize=(4.6 * columns, 3.4 * grid), layout="constrained")
+    width, height = 4.6 * columns, 3.4 * grid
+    fig = Figure(figsize=(width, height))
+    # fixed margins in inches (room for the y label and tick labels, the panel title, the figure's title and the x
+    # label): matplotlib's constrained layout measured every text and took half the time of drawing the figure
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.6 / height,
+                        wspace=1.05 / (width / columns - 1.05), hspace=0.95 / (height / grid - 0.95))
     axes = list(fig.subplots(grid, columns, squeeze=False).flat)
     for ax in axes[count:]:
         ax.set_visible(False)
