@@ -54,7 +54,7 @@ def _route_to_the_first_experts(model: nn.Module) -> None:
             buffer[:4] = 10.0
 
 
-def _held_rows_read(world: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, list[str]]:
+def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, list[str]]:
     """The model loaded holding only this rank's experts (load_model's expert_parallel), its trainable weights then
     set to the rows of `whole`'s (which `build` initialised whole) its slots hold, and the checkpoint keys it read."""
     from dsft.models import stream
@@ -65,7 +65,7 @@ def _held_rows_read(world: int, whole: nn.Module, subset: bool) -> tuple[nn.Modu
     stream.StreamLoader._tensor = lambda self, handle, key, keys, rows=None: (read.append(key)
                                                                              or original(self, handle, key, keys, rows))
     try:
-        model = build(expert_parallel=world, subset=subset)
+        model = build(expert_parallel=ep, subset=subset)
     finally:
         stream.StreamLoader._tensor = original
     whole, slotted = dict(whole.named_parameters()), padded_rows(model)
@@ -80,7 +80,7 @@ def _held_rows_read(world: int, whole: nn.Module, subset: bool) -> tuple[nn.Modu
 
 
 def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False,
-            subset: bool = False, path: str = "builtin:tiny-deepseek-v3") -> dict:
+            subset: bool = False, path: str = "builtin:tiny-deepseek-v3", ep: int | None = None) -> dict:
     """Expert parallelism over the two ranks and FSDP2 (dsft.moe.parallel.parallelize, fsdp 2 x ep 2), LoRA on every
     routed expert (`subset`: on SUBSET, in padded slots), against one unsharded process at the same global batch:
     logits, gradients and one AdamW step. `held`: the model loaded holding only this rank's experts (the keys it read
@@ -88,9 +88,10 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     from dsft.moe.lora import padded_rows, unpad
     from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
 
+    ep = ep or world
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
     reference = build(quantization=quantization, subset=subset, path=path)
-    model, read = (_held_rows_read(world, reference, subset) if held
+    model, read = (_held_rows_read(ep, reference, subset) if held
                    else (build(quantization=quantization, subset=subset, path=path), []))
     if one_rank:
         _route_to_the_first_experts(reference)
@@ -100,7 +101,7 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
     whole_codes = {n: p.detach().clone() for n, p in reference.named_parameters() if n.endswith(".codes")}
 
-    parallelize(model, fsdp=world, ep=world)
+    parallelize(model, fsdp=world, ep=ep)
     mine = slice(2 * rank, 2 * rank + 2)
     logits, opt = step(model, ids[mine])
     lora = [p for n, p in model.named_parameters() if "experts.lora_" in n]
@@ -158,5 +159,20 @@ def main(out: str, fused: str) -> None:
         dist.destroy_process_group()
 
 
+def four(out: str) -> None:
+    """Four processes (torchrun): fsdp 4 x ep 2, so each block of experts is held by two ranks and FSDP2 shards it
+    between them (the expert-FSDP axis); NF4, LoRA on SUBSET, each rank loading only its block."""
+    resolve_model_path("builtin:tiny-deepseek-v3")
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {f"rank{rank}": ep_case("nf4", rank, world, held=True, subset=True, ep=2)}
+    reports: list = [None] * world
+    dist.all_gather_object(reports, report)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({k: v for r in reports for k, v in r.items()}, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    four(sys.argv[2]) if sys.argv[1] == "four" else main(*sys.argv[1:])
