@@ -61,7 +61,8 @@ class CheckpointMarker(TrainerCallback):
 
                 write_metadata(folder, self.metadata)
             sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-            write_atomic(folder / MARKER, json.dumps({"step": state.global_step, "epoch": state.epoch, "files": sizes}))
+            write_atomic(folder / MARKER, json.dumps({"step": state.global_step, "epoch": state.epoch,
+                                                      "processes": args.world_size, "files": sizes}))
 
 
 class GracefulStop(TrainerCallback):
@@ -198,6 +199,19 @@ def saved_progress(checkpoint: Path) -> tuple[int, int]:
     return int(state.get("global_step", 0)), int(state.get("max_steps", 0))
 
 
+def _say_if_other_processes(checkpoint: Path, processes: int) -> None:
+    """A run resumed on another number of processes goes on with another global batch (the sharded optimizer state
+    of training.parallel is re-split by torch.distributed.checkpoint): said in one line, not refused (a lost node)."""
+    from dsft.console import say
+    from dsft.outputs import read_json
+
+    saved = read_json(checkpoint / MARKER, "the checkpoint is damaged: resume from another one").get("processes")
+    if saved and saved != processes:
+        say(f"warning: {checkpoint.name} was saved by {saved} processes and this run has {processes}: the global "
+            f"batch is now micro_batch_size x grad_accum x {processes}, so the steps from here differ from an "
+            f"uninterrupted run's", stderr=True)
+
+
 def train(trainer: Any, run: Path, command: str, checkpoint: Path | None, metadata: dict[str, Any] | None = None) -> None:
     """trainer.train with completion markers and graceful stop; raises RunInterrupted after a signal. A
     checkpoint saved at the run's last step completes the run without training: the Trainer would train one
@@ -211,6 +225,7 @@ def train(trainer: Any, run: Path, command: str, checkpoint: Path | None, metada
         if is_main():
             say(f"resuming {run} from {checkpoint.name}: step {step} of {total}"
                 + (" (its last: the run completes without training)" if total and step >= total else ""))
+            _say_if_other_processes(checkpoint, trainer.args.world_size)
         if total and step >= total:
             from transformers.trainer_callback import TrainerState
 
