@@ -20,6 +20,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one threa
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _imports_out_of_gc() -> None:
+    """In the process that runs the tests (not xdist's controller): the libraries they run, imported once and then
+    left out of the garbage collector's full scans (gc.freeze). A full collection walks every tracked object, 0.36 s
+    for these imports alone, and the Trainer runs one at the start of every training (accelerate's free_memory)."""
+    import gc
+
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+
+    import dsft.train.pipeline  # noqa: F401
+
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -32,7 +32,12 @@ def _lose_all_past(run: Path, keep: str) -> None:
 
 
 if __name__ == "__main__":
+    import gc
+
+    import dsft.train.pipeline  # noqa: F401
     from dsft.cli.app import app, main
+
+    gc.freeze()  # the imports out of every full collection (one at the start of each training: conftest.py)
 
     sys.argv = ["dsft", *sys.argv[1:]]
     steps = ("DSFT_TEST_THEN", "DSFT_TEST_RESUME", "DSFT_TEST_SHARDING")
