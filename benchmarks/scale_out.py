@@ -81,6 +81,7 @@ def measure(path: Path, steps: int, batch: int, seq: int) -> dict:
     from dsft.models import stream
     from dsft.models.load import device, load_model
     from dsft.moe.experts import DsftExperts, expert_modules, layer_of
+    from dsft.moe.fused import autocast_for
     from dsft.moe.lora import ExpertLoraLayer
     from dsft.moe.parallel import parallelize
 
@@ -119,7 +120,8 @@ def measure(path: Path, steps: int, batch: int, seq: int) -> dict:
     for _ in range(steps):
         ids = torch.randint(2, vocab, (batch, seq), generator=generator).to(device())
         tick = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast_for(model):  # a bf16 base on GPUs: the fp32 LoRA masters fed half-precision inputs, as dsft trains
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
