@@ -172,7 +172,7 @@ def check_fits(model: nn.Module, adapter: Any, adapter_dir: str) -> None:
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
     """PeftModel.from_pretrained without PEFT's MoE rewrite (dsft.adapters.peft_guard), with dsft's expert LoRA restored
     on the experts recorded in the adapter's dsft_adapter.json."""
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
 
     from dsft.adapters.metadata import read_metadata
     from dsft.adapters.weights import read_adapter
@@ -189,9 +189,17 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
     peft_guard.install()
     if any(isinstance(m, DsftExperts) and m.global_experts for m in model.modules()):
         peft_model = _load_held(model, Path(adapter_dir), config)
-        half_precision_inputs(peft_model)
-        fuse(peft_model)
-        return peft_model
+    else:
+        peft_model = _load_whole(model, adapter_dir, config, is_trainable)
+    half_precision_inputs(peft_model)
+    fuse(peft_model)
+    return peft_model
+
+
+def _load_whole(model: nn.Module, adapter_dir: str, config: Any, is_trainable: bool) -> nn.Module:
+    """PEFT's own load, its missing-keys warning made an error."""
+    from peft import PeftModel
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
@@ -201,8 +209,6 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) ->
 
         raise DsftError(f"{adapter_dir}: the adapter does not fit this model ({missing[0][:300]}); "
                         "it was written for another model or by an older dsft: train it again")
-    half_precision_inputs(peft_model)
-    fuse(peft_model)
     return peft_model
 
 

@@ -53,8 +53,8 @@ class _ExpertStage:
         e, two_i, h = template.gate_up_proj.shape
         self.act_fn = template.act_fn
         self.num_experts, self.inter, self.part = e, two_i // 2, part
-        per = e // part[1] if part is not None else e
-        self.lo, self.hi = (part[0] * per, (part[0] + 1) * per) if part is not None else (0, e)
+        index, parts = part or (0, 1)
+        self.lo, self.hi = index * e // parts, (index + 1) * e // parts
         self.gate_up = torch.empty(self.hi - self.lo, two_i, h, device=device, dtype=dtype)
         self.down = torch.empty(self.hi - self.lo, h, self.inter, device=device, dtype=dtype)
         self.missing = {(i, p) for i in range(self.lo, self.hi) for p in ("gate_proj", "up_proj", "down_proj")}

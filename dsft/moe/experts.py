@@ -128,7 +128,7 @@ class DsftExperts(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A tensor on the experts' device (PEFT places adapter weights next to `weight`)."""
-        return self.gate_up_nf4.stored if self.quantized else self.gate_up_proj
+        return self.gate_up_nf4.codes if self.quantized else self.gate_up_proj
 
     def gate_up_weight(self) -> torch.Tensor:
         return self.gate_up_nf4.dequantize() if self.quantized else local(self.gate_up_proj)

@@ -95,11 +95,6 @@ class PackedNF4(nn.Module):
             # stay whole on every rank); frozen, so adapter files and adapter-only checkpoints leave them out.
             setattr(self, name, nn.Parameter(tensor, requires_grad=False))
 
-    @property
-    def stored(self) -> torch.Tensor:
-        """The codes parameter (a DTensor once expert parallelism or FSDP2 has split it)."""
-        return self.codes
-
     def local_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scales, scale_state) as this rank holds them: every expert, or (expert parallelism) its own,
         as local tensors."""

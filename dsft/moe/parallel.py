@@ -79,6 +79,16 @@ def ep_plan(model: nn.Module) -> dict[str, str]:
     return {**params, **dispatch}
 
 
+def _mesh(fsdp: int, ep: int) -> tuple[Any, Any]:
+    """transformers' config and device mesh for FSDP2 over `fsdp` ranks and expert parallelism (all-to-all) over
+    `ep` of them."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.utils import initialize_distributed_mesh
+
+    config = DistributedConfig(fsdp_size=fsdp, ep_size=ep, ep_implementation="all_to_all")
+    return config, initialize_distributed_mesh(config)[1]
+
+
 @contextlib.contextmanager
 def dispatched(model: nn.Module, ep: int) -> Iterator[None]:
     """A model loaded holding only this rank's experts (dsft.models.stream's expert_part) made runnable for a while
@@ -86,12 +96,9 @@ def dispatched(model: nn.Module, ep: int) -> Iterator[None]:
     transformers' all-to-all token dispatch over `ep` ranks, which hands it local expert ids, then restored. Every
     rank must run the same number of forwards."""
     import torch.distributed as dist
-    from transformers.distributed import DistributedConfig
     from transformers.distributed.expert_parallel import EPImplementationInterface
-    from transformers.distributed.utils import initialize_distributed_mesh
 
-    config = DistributedConfig(fsdp_size=dist.get_world_size(), ep_size=ep, ep_implementation="all_to_all")
-    _, mesh = initialize_distributed_mesh(config)
+    config, mesh = _mesh(dist.get_world_size(), ep)
     held = [m for m in model.modules() if isinstance(m, DsftExperts) and m.global_experts]
     for module in held:
         module.forward = EPImplementationInterface()[config.ep_implementation](module, mesh.get_mesh("ep"),
@@ -111,14 +118,11 @@ def fsdp_plan(model: nn.Module) -> dict[str, str]:
 def parallelize(model: nn.Module, fsdp: int, ep: int) -> nn.Module:
     """Shard `model` over the default process group (world size fsdp; ep divides it): see the module docstring.
     Call before building the optimizer; every rank calls it with the same model."""
-    from transformers.distributed import DistributedConfig
     from transformers.distributed.expert_parallel import apply_expert_parallelism
     from transformers.distributed.fsdp import apply_fully_sharded_data_parallelism
-    from transformers.distributed.utils import initialize_distributed_mesh
 
     _register_styles()
-    config = DistributedConfig(fsdp_size=fsdp, ep_size=ep, ep_implementation="all_to_all")
-    _, mesh = initialize_distributed_mesh(config)
+    config, mesh = _mesh(fsdp, ep)
     experts = ep_plan(model) if ep > 1 else {}
     if experts:
         rank = mesh.get_mesh("ep").get_local_rank()

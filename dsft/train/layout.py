@@ -43,7 +43,7 @@ def check_layout(recipe: "Recipe", goal: "Objective", config: dict[str, Any], wo
         raise DsftError(f"training.parallel.ep: {parallel.ep} does not divide the model's {experts} routed experts "
                         "per layer; use a divisor of it")
     if init is not None and parallel.ep > 1:
-        _check_init_experts(goal, init, experts)
+        _check_init_experts(goal, init)
     if world is not None and (world < 2 or world % parallel.ep):
         raise DsftError(f"training.parallel: runs on several processes, a multiple of ep ({parallel.ep}), this command "
                         f"has {world}; launch it with --num-processes N (or accelerate launch), or remove "
@@ -69,7 +69,7 @@ def apply_layout(trainer: Any, recipe: "Recipe") -> None:
     trainer.is_distributed_loading_by_transformers = True
 
 
-def _check_init_experts(goal: "Objective", init: "Path", experts: int) -> None:
+def _check_init_experts(goal: "Objective", init: "Path") -> None:
     """A continued adapter's routed experts must be LoRA (experts trained whole are not split yet)."""
     from dsft.adapters.metadata import read_metadata
 

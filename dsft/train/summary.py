@@ -87,6 +87,6 @@ def expert_codes_layout(model: torch.nn.Module) -> str | None:
     experts = [m for m in model.modules() if isinstance(m, DsftExperts) and m.quantized]
     if not experts:
         return None
-    if isinstance(experts[0].gate_up_nf4.stored, DTensor):
+    if isinstance(experts[0].gate_up_nf4.codes, DTensor):
         return "fsdp2"
     return "whole"

@@ -5,7 +5,6 @@ tokenized once, into dsft's cache: TRL neither tokenizes nor maps them again).""
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 from typing import Any
 
