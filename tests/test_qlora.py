@@ -273,17 +273,20 @@ def test_packed_nf4_matches_an_independent_nf4_reference(shape: tuple[int, ...])
     assert ((got - weight).reshape(-1, 64).abs() <= 0.2 * scale).all()  # NF4's own rounding: at most ~0.16 of a block's maximum
 
 
-@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+@pytest.mark.parametrize("layout", ["per-expert", "fused", "released"])
 def test_a_rank_loads_only_its_block_of_experts(layout: str, tmp_path: Path) -> None:
     """load_streaming's expert_part (expert parallelism's rank 1 of 2): from DeepSeek's per-expert layout only
     experts 4-7's tensors are read, from transformers' fused one only rows 4-7 of each fused tensor; the module
-    holds those experts, its NF4 bytes the rows of the whole layer's, and it says which rows it holds."""
-    from conftest import fused_checkpoint
+    holds those experts, its NF4 bytes the rows of the whole layer's, and it says which rows it holds. `released`:
+    the per-expert layout as DeepSeek-V3 ships it (FP8 experts with block scales, sharded with an index, an MTP
+    layer that is skipped, vocab padded past the tokenizer)."""
+    from conftest import fused_checkpoint, released_v3
     from dsft.models import stream
     from dsft.models.load import resolve_model_path
     from dsft.moe.experts import DsftExperts
 
-    path = resolve_model_path("builtin:tiny-deepseek-v3") if layout == "per-expert" else fused_checkpoint(tmp_path)
+    path = {"per-expert": lambda: resolve_model_path("builtin:tiny-deepseek-v3"), "fused": lambda: fused_checkpoint(tmp_path),
+            "released": lambda: released_v3(tmp_path)}[layout]()
     reads: list[tuple[str, slice | None]] = []
     original = stream.StreamLoader._tensor
 
@@ -298,7 +301,7 @@ def test_a_rank_loads_only_its_block_of_experts(layout: str, tmp_path: Path) -> 
     finally:
         stream.StreamLoader._tensor = original
     expert_reads = [(k, rows) for k, rows in reads if ".experts." in k]
-    if layout == "per-expert":
+    if layout != "fused":
         assert {int(k.split(".experts.")[1].split(".")[0]) for k, _ in expert_reads} == {4, 5, 6, 7}
     else:
         assert expert_reads and all(rows == slice(4, 8) for _, rows in expert_reads)
