@@ -186,19 +186,25 @@ def track(items: Iterable[Any], description: str, total: int | None = None, unit
 
 
 @contextlib.contextmanager
-def run_log(path: Path) -> Iterator[None]:
+def run_log(path: Path | None) -> Iterator[None]:
     """Append everything logged during the block to `path`: dsft's lines, and the libraries' logs and
-    Python warnings, which stay off the console meanwhile."""
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    Python warnings, which stay off the console meanwhile (their own handlers too: torch's writes to stderr). With
+    None (a process other than the main one, whose run.log has the same lines) they go nowhere."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8") if path is not None else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     saved = []
     with contextlib.suppress(ImportError):
         import transformers.utils.logging as hf_logging
 
         hf_logging.disable_default_handler()
-    for name in ("dsft", *LIBRARIES):
+    names = ("dsft", *LIBRARIES) if path is not None else LIBRARIES
+    own = [name for name, logger in list(logging.Logger.manager.loggerDict.items())  # torch.distributed's, ...
+           if isinstance(logger, logging.Logger) and logger.handlers and name.startswith(tuple(n + "." for n in names))]
+    for name in (*names, *own):
         logger = logging.getLogger(name)
-        saved.append((logger, logger.propagate))
+        saved.append((logger, logger.propagate, list(logger.handlers)))
+        for own in list(logger.handlers):
+            logger.removeHandler(own)
         logger.addHandler(handler)
         logger.propagate = False
     logging.captureWarnings(True)
@@ -206,8 +212,10 @@ def run_log(path: Path) -> Iterator[None]:
         yield
     finally:
         logging.captureWarnings(False)
-        for logger, propagate in saved:
+        for logger, propagate, handlers in saved:
             logger.removeHandler(handler)
+            for own in handlers:
+                logger.addHandler(own)
             logger.propagate = propagate
         with contextlib.suppress(ImportError):
             import transformers.utils.logging as hf_logging

@@ -407,3 +407,26 @@ def test_before_and_after_heatmaps_share_one_scale(tmp_path: Path, monkeypatch) 
     before = {"top_k": 2, "layers": {"1": {"token_share": [0.4, 0.1]}}}
     after = {"top_k": 2, "layers": {"1": {"token_share": [0.3, 0.2]}}}
     assert routing_profile.share_max(before, after) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_torchs_own_log_lines_stay_off_the_console_during_a_run(main: bool, tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture) -> None:
+    """torch's loggers write to stderr through a handler of their own (torch._logging), which a run's log must take
+    over: a warning of torch.distributed's (DTensor's redistribution note, which every rank printed under
+    training.parallel) lands in run.log on the main process, nowhere on the others, and never on the console; after
+    the run torch's handler is back."""
+    import logging
+
+    import torch.distributed.tensor  # noqa: F401 - torch's log handlers set up
+
+    from dsft.console import run_log
+
+    torch_logger = logging.getLogger("torch")
+    before = list(torch_logger.handlers)
+    log = tmp_path / "run.log"
+    with run_log(log if main else None):
+        logging.getLogger("torch.distributed.tensor._redistribute").warning("While redistributing from A to B")
+    assert "redistributing" not in capfd.readouterr().err
+    assert ("While redistributing from A to B" in log.read_text()) if main else not log.exists()
+    assert torch_logger.handlers == before
