@@ -3,15 +3,15 @@ processes: CPU over gloo, GPUs over NCCL, the same command.
 
 Builds a DeepSeek-V3-shaped checkpoint with random weights (per-expert layout, as DeepSeek ships it), then for each
 process count N runs N ranks (torchrun) that each:
-  - load the NF4 model the way `dsft sft` does under `training.parallel.ep=N` (N = 1: one whole process), counting
-    the checkpoint bytes the loader reads, expert tensors and the rest apart;
-  - attach LoRA r=16 on attention, shared experts and every routed expert, and lay the model out with
-    dsft.moe.parallel.parallelize (fsdp N x ep N);
+  - load the NF4 model the way `dsft sft` does under `training.parallel.ep=N` (N = 1: one whole process): its own
+    experts, the rest as placeholders;
+  - attach LoRA r=16 on attention, shared experts and every routed expert, lay the model out with
+    dsft.moe.parallel.parallelize (fsdp N x ep N) and read the rest as the rank's FSDP2 shards
+    (dsft.models.shards), counting the checkpoint bytes read, expert tensors and the rest apart;
   - train a few AdamW steps on random tokens (each rank its own micro-batch).
 Each rank reports the bytes it holds (expert codes and scales, expert LoRA, its AdamW state, everything else), the
 bytes it read, its peak memory (host RSS on CPU; CUDA's peak allocation on GPUs) and the step time; the table shows
-each against one process (a rank's share of the experts should be 1/N; the non-expert weights are still read whole
-by every rank: docs/multi-gpu.md).
+each against one process (a rank's share of everything held and read should be 1/N: docs/multi-gpu.md).
 
     python benchmarks/scale_out.py                        # 1, 2 and 4 processes, 6 layers x 32 experts
     python benchmarks/scale_out.py --procs 1,2,4,8 --experts 64 --hidden 2048 --moe-intermediate 1408
@@ -78,7 +78,7 @@ def measure(path: Path, steps: int, batch: int, seq: int) -> dict:
 
     from dsft.adapters.lora import attach_lora
     from dsft.config.schema import AdapterSection, ModelSection
-    from dsft.models import stream
+    from dsft.models import shards, stream
     from dsft.models.load import device, load_model
     from dsft.moe.experts import DsftExperts, expert_modules, layer_of
     from dsft.moe.fused import autocast_for
@@ -92,26 +92,28 @@ def measure(path: Path, steps: int, batch: int, seq: int) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     read = {"experts": 0, "other": 0}
-    original = stream.StreamLoader._tensor
+    loader, rows = stream.StreamLoader._tensor, shards._Rows.__call__
 
-    def counted(self, handle, key, keys, rows=None):  # noqa: ANN001, ANN202
-        tensor = original(self, handle, key, keys, rows)
+    def counted(key: str, tensor):  # noqa: ANN001, ANN202
         read["experts" if ".experts." in key else "other"] += tensor.nbytes
         return tensor
 
-    stream.StreamLoader._tensor = counted
+    stream.StreamLoader._tensor = lambda self, handle, key, *a: counted(key, loader(self, handle, key, *a))
+    shards._Rows.__call__ = lambda self, lo, hi: counted(self.key, rows(self, lo, hi))
     started = time.perf_counter()
     try:
         section = ModelSection(path=str(path), dtype="bfloat16" if torch.cuda.is_available() else "float32",
                                quantization="nf4")
-        base = load_model(section, path, expert_parallel=world)
+        base = load_model(section, path, expert_parallel=world, rest_later=True)
+        every = {layer_of(n): None for n in expert_modules(base)}
+        model = attach_lora(base, AdapterSection(r=RANK, alpha=2 * RANK, routed_experts="all"), every)[0]
+        shards.to_meta(model)  # as dsft.train.layout lays a model out
+        if world > 1:
+            parallelize(model, fsdp=world, ep=world)
+        shards.read_rest(model)
     finally:
-        stream.StreamLoader._tensor = original
+        stream.StreamLoader._tensor, shards._Rows.__call__ = loader, rows
     load_s = time.perf_counter() - started
-    every = {layer_of(n): None for n in expert_modules(base)}
-    model = attach_lora(base, AdapterSection(r=RANK, alpha=2 * RANK, routed_experts="all"), every)[0]
-    if world > 1:
-        parallelize(model, fsdp=world, ep=world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     vocab = model.config.vocab_size if hasattr(model, "config") else 1024

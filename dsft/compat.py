@@ -70,6 +70,8 @@ PRIVATE: tuple[Private, ...] = (
             "called: FSDP2 on the decoder layers, the experts on the expert-FSDP axis", "dsft/moe/parallel.py"),
     Private("torch.distributed.fsdp:FSDPModule._get_fsdp_state",
             "the FSDP2 root's lazy init, run before GRPO generates under training.parallel", "dsft/train/trainer.py"),
+    Private("torch.nn:Module._apply", "called with a function of meta tensors only (to_empty's, FSDP2's meta-device "
+            "initialisation of a rank's shards of the weights outside the experts)", "dsft/models/shards.py"),
     Private("transformers:Trainer._load_from_checkpoint", "called to load a checkpoint's weights for eval on resume",
             "dsft/train/resume.py"),
     Private("peft.utils.transformers_weight_conversion:convert_peft_config_for_transformers",

@@ -25,9 +25,9 @@ SUBSET = {1: [0, 1, 2, 5], 2: [1, 3]}
 
 
 def build(path: str = "builtin:tiny-deepseek-v3", quantization: str = "nf4", expert_parallel: int = 1,
-          subset: bool = False) -> nn.Module:
+          subset: bool = False, rest_later: bool = False) -> nn.Module:
     section = ModelSection(path=path, dtype="float32", quantization=quantization)
-    base = load_model(section, resolve_model_path(section.path), expert_parallel=expert_parallel)
+    base = load_model(section, resolve_model_path(section.path), expert_parallel=expert_parallel, rest_later=rest_later)
     selection = {layer_of(n): SUBSET[layer_of(n)] if subset else None for n in expert_modules(base)}
     routed = {layer: ids for layer, ids in selection.items()} if subset else "all"
     model = attach_lora(base, AdapterSection(r=4, alpha=8, routed_experts=routed), selection)[0]
@@ -54,20 +54,79 @@ def _route_to_the_first_experts(model: nn.Module) -> None:
             buffer[:4] = 10.0
 
 
-def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, list[str]]:
-    """The model loaded holding only this rank's experts (load_model's expert_parallel), its trainable weights then
-    set to the rows of `whole`'s (which `build` initialised whole) its slots hold, and the checkpoint keys it read."""
-    from dsft.models import stream
+class CountingOpen:
+    """safetensors.safe_open counting the bytes each key's reads return (get_tensor, and a get_slice's rows)."""
+
+    def __init__(self, original) -> None:
+        self.original, self.bytes = original, {}
+
+    def __call__(self, *args, **kwargs):
+        counter, handle = self, self.original(*args, **kwargs)
+
+        class Slice:
+            def __init__(self, key: str) -> None:
+                self.key, self.part = key, handle.get_slice(key)
+
+            def __getattr__(self, name):
+                return getattr(self.part, name)
+
+            def __getitem__(self, index):
+                return counter.count(self.key, self.part[index])
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+            def get_tensor(self, key: str):
+                return counter.count(key, handle.get_tensor(key))
+
+            def get_slice(self, key: str):
+                return Slice(key)
+
+        return Handle()
+
+    def count(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes[key] = self.bytes.get(key, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def checkpoint_bytes(path: str = "builtin:tiny-deepseek-v3") -> dict[str, int]:
+    """Every tensor's bytes in the checkpoint."""
+    from safetensors import safe_open
+
+    from dsft.models.stream import shard_files
+
+    sizes = {}
+    for shard in shard_files(resolve_model_path(path)):
+        with safe_open(str(shard), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                sizes[key] = torch.empty(part.get_shape(), dtype=_DTYPES[part.get_dtype()], device="meta").nbytes
+    return sizes
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+
+def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, CountingOpen]:
+    """The model loaded as training.parallel loads it (load_model's expert_parallel: holding only this rank's experts;
+    rest_later: every other weight a placeholder until read_rest), its trainable weights then set to the rows of
+    `whole`'s (which `build` initialised whole) its slots hold; and the counter of what it read from the checkpoint
+    (read_rest's reads counted too: the counter stays installed until ep_case is done)."""
+    import safetensors
+
     from dsft.moe.lora import ExpertLoraLayer, pad, padded_rows
 
-    read: list[str] = []
-    original = stream.StreamLoader._tensor
-    stream.StreamLoader._tensor = lambda self, handle, key, keys, rows=None: (read.append(key)
-                                                                             or original(self, handle, key, keys, rows))
-    try:
-        model = build(expert_parallel=ep, subset=subset)
-    finally:
-        stream.StreamLoader._tensor = original
+    counter = safetensors.safe_open = CountingOpen(safetensors.safe_open)
+    model = build(expert_parallel=ep, subset=subset, rest_later=True)
     whole, slotted = dict(whole.named_parameters()), padded_rows(model)
     rank = next(m.first_expert // m.num_experts for m in model.modules() if isinstance(m, DsftExperts))
     with torch.no_grad():
@@ -76,7 +135,24 @@ def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module,
                 full = pad(whole[name], slotted[name]) if name in slotted else whole[name]
                 p.copy_(full[rank * p.shape[0]:(rank + 1) * p.shape[0]] if name in slotted else full)
     assert all(m.slots for m in model.modules() if isinstance(m, ExpertLoraLayer))
-    return model, read
+    return model, counter
+
+
+def _same_nf4_linears(model: nn.Module, reference: nn.Module) -> bool:
+    """Every NF4 Linear4bit outside the experts: codes (gathered) and quantization state bit-equal to `reference`'s."""
+    import bitsandbytes as bnb
+
+    theirs = dict(reference.named_modules())
+    same = []
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            mine, ref = module.quant_state, theirs[name].weight.quant_state
+            codes = module.weight.full_tensor() if isinstance(module.weight, DTensor) else module.weight.data
+            same.append(torch.equal(codes, theirs[name].weight.data) and mine.shape == ref.shape and mine.dtype == ref.dtype
+                        and all(torch.equal(a, b) for a, b in ((mine.absmax, ref.absmax), (mine.offset, ref.offset),
+                                                                 (mine.code, ref.code), (mine.state2.absmax, ref.state2.absmax),
+                                                                 (mine.state2.code, ref.state2.code))))
+    return bool(same) and all(same)
 
 
 def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, held: bool = False,
@@ -86,13 +162,14 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     logits, gradients and one AdamW step. `held`: the model loaded holding only this rank's experts (the keys it read
     reported)."""
     from dsft.moe.lora import padded_rows, unpad
+    from dsft.models.shards import read_rest, to_meta
     from dsft.moe.parallel import local_fraction, parallelize, unsharded_trainable
 
     ep = ep or world
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
     reference = build(quantization=quantization, subset=subset, path=path)
-    model, read = (_held_rows_read(ep, reference, subset) if held
-                   else (build(quantization=quantization, subset=subset, path=path), []))
+    model, counter = (_held_rows_read(ep, reference, subset) if held
+                      else (build(quantization=quantization, subset=subset, path=path), None))
     if one_rank:
         _route_to_the_first_experts(reference)
         _route_to_the_first_experts(model)
@@ -101,7 +178,13 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
     whole_codes = {n: p.detach().clone() for n, p in reference.named_parameters() if n.endswith(".codes")}
 
+    to_meta(model)
     parallelize(model, fsdp=world, ep=ep)
+    read_rest(model)
+    if counter is not None:
+        import safetensors
+
+        safetensors.safe_open = counter.original
     mine = slice(2 * rank, 2 * rank + 2)
     logits, opt = step(model, ids[mine])
     lora = [p for n, p in model.named_parameters() if "experts.lora_" in n]
@@ -133,9 +216,22 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
         "unsharded_trainable": unsharded_trainable(model),
         "codes_equal_one_process": all(torch.equal(p.full_tensor(), whole_codes[n]) for n, p in rows),
         "expert_lora_params": sum("experts.lora_" in n for n in gathered),
-        "experts_read": sorted({int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k}),
-        "other_keys_read": len([k for k in read if ".experts." not in k]),
+        **(_reads(counter, world) if counter is not None else {}),
+        **({"rest_nf4_equal_one_process": _same_nf4_linears(model, reference)} if quantization == "nf4" else {}),
     }
+
+
+def _reads(counter: CountingOpen, world: int) -> dict:
+    """What a rank read: the experts whose tensors it opened; of the rest (every tensor outside the routed experts),
+    its bytes against 1/world of the whole plus the largest tensor."""
+    sizes = checkpoint_bytes()
+    rest = {k: n for k, n in sizes.items() if ".experts." not in k}
+    return {"experts_read": sorted({int(k.split(".experts.")[1].split(".")[0]) for k in counter.bytes if ".experts." in k}),
+            "expert_bytes_read": sum(n for k, n in counter.bytes.items() if ".experts." in k),
+            "expert_bytes": sum(n for k, n in sizes.items() if ".experts." in k),
+            "rest_bytes_read": sum(n for k, n in counter.bytes.items() if k in rest),
+            "rest_bytes": sum(rest.values()), "rest_largest": max(rest.values()),
+            "rest_tensors_read": len([k for k in counter.bytes if k in rest]), "rest_tensors": len(rest)}
 
 
 def main(out: str, fused: str) -> None:

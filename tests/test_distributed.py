@@ -310,24 +310,55 @@ def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) 
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_reads_only_its_experts_and_splits_a_subsets_lora_into_padded_slots(rank: int,
-                                                                                      ddp_launch: dict) -> None:
-    """`training.parallel` with a fresh adapter: each rank reads from DeepSeek's per-expert checkpoint only the
-    experts it will hold (rank 0 experts 0-3, rank 1 experts 4-7; the others' tensors never read) and quantizes them
-    alone (bytes equal to quantizing the whole layer in one process). Its expert LoRA, on a per-layer subset of the
+def test_each_rank_reads_only_its_slice_and_splits_a_subsets_lora_into_padded_slots(rank: int,
+                                                                                   ddp_launch: dict) -> None:
+    """`training.parallel` with a fresh adapter, loaded as dsft loads it (a counting safe_open around every read):
+    each rank reads from DeepSeek's per-expert checkpoint only the experts it will hold (rank 0 experts 0-3, rank 1
+    experts 4-7; the others' tensors never read), exactly half the experts' bytes, and quantizes them alone (bytes
+    equal to quantizing the whole layer in one process). Of every other tensor it reads only the rows of its FSDP2
+    shards once the model is laid out (half the bytes, plus whole buffers: under one tensor more), and its NF4
+    attention and shared-expert weights' codes and quantization state equal one process's bit for bit. Its expert LoRA, on a per-layer subset of the
     experts (tests/fsdp_worker.py SUBSET: layer 1 on experts 0, 1, 2 | 5, layer 2 on 1, 3 | none), is the rows of the
     one a single process initialises, in an equal block of padded slots on each rank, every one a sharded tensor.
     After expert parallelism and FSDP2, logits, gradients and the adapter after one AdamW step equal one unsharded
     process's; only the chosen experts get a gradient, the padding none; and the gathered adapter has the one-process
     layout. (LoRA on every expert, loaded the same way: the `dsft sft` test above.)"""
     report = ddp_launch["sharding"][f"ep-subset-held-rank{rank}"]
-    assert report["experts_read"] == [4 * rank + e for e in range(4)] and report["other_keys_read"] > 0
+    assert report["experts_read"] == [4 * rank + e for e in range(4)]
+    assert report["expert_bytes_read"] * 2 == report["expert_bytes"]
+    assert report["rest_tensors_read"] == report["rest_tensors"]  # every one, a slice of each
+    assert report["rest_bytes"] / 2 <= report["rest_bytes_read"] <= report["rest_bytes"] / 2 + report["rest_largest"]
+    assert report["rest_nf4_equal_one_process"]
     assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
     assert report["optimizer_local_fraction"] == 0.5  # of the padded slots' AdamW state
     assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0
     assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
     assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]}
     assert report["saved_shapes_equal"] and report["codes_equal_one_process"]
+
+
+def test_four_processes_with_two_ranks_per_block_of_experts_match_one_process(tmp_path: Path) -> None:
+    """Four processes (torchrun, tests/fsdp_worker.py `four`): fsdp 4 x ep 2, so each block of experts is held by two
+    ranks and FSDP2 splits it between them (the expert-FSDP axis); NF4, LoRA on a subset in padded slots. Every rank
+    reads only its block's experts (half their bytes) and a quarter of the rest (under one tensor more), holds about a
+    quarter of the expert tensors, and gives one process's logits, gradients, adapter after an AdamW step, and NF4
+    bytes (experts and the rest)."""
+    out = tmp_path / "four.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                           str(Path(__file__).with_name("fsdp_worker.py")), "four", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = json.loads(out.read_text())
+    assert sorted(reports) == ["rank0", "rank1", "rank2", "rank3"]
+    for rank, report in enumerate(reports[f"rank{r}"] for r in range(4)):
+        assert report["experts_read"] == [4 * (rank % 2) + e for e in range(4)]
+        assert report["expert_bytes_read"] * 2 == report["expert_bytes"]
+        assert report["rest_bytes"] / 4 <= report["rest_bytes_read"] <= report["rest_bytes"] / 4 + report["rest_largest"]
+        assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
+        assert report["codes_equal_one_process"] and report["rest_nf4_equal_one_process"]
+        assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]} and report["padding_grad"] == 0.0
+        assert report["unsharded_trainable"] == [] and abs(report["local_fraction"] - 0.25) < 0.01
+    assert sum(reports[f"rank{r}"]["local_fraction"] for r in range(4)) == pytest.approx(1.0)  # each element once
 
 
 def test_nf4_codes_are_a_frozen_parameter() -> None:

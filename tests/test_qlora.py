@@ -314,6 +314,144 @@ def test_a_rank_loads_only_its_block_of_experts(layout: str, tmp_path: Path) -> 
             assert torch.equal(getattr(b.down_nf4, name), getattr(a.down_nf4, name)[4:])
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "released"])
+def test_the_rest_read_later_equals_the_whole_load(layout: str, tmp_path: Path) -> None:
+    """`rest_later` (training.parallel): every weight outside the routed experts is a placeholder holding one element
+    until dsft.models.shards.read_rest reads it; read whole (as a routing profile does before the layout), the model is
+    the whole load's, NF4 codes and quantization state bit for bit; `released`: FP8 projections with partial scale
+    blocks, dequantized on the way."""
+    import bitsandbytes as bnb
+
+    from conftest import released_v3
+    from dsft.models.shards import pending, read_rest
+
+    path = resolve_model_path("builtin:tiny-deepseek-v3") if layout == "per-expert" else released_v3(tmp_path)
+    whole = load_streaming(path, torch.float32, True, torch.device("cpu"))
+    later = load_streaming(path, torch.float32, True, torch.device("cpu"), rest_later=True)
+    waiting = [p for n, p in later.named_parameters() if ".experts." not in n]
+    assert pending(later) == len(waiting) > 0
+    assert all(p.untyped_storage().nbytes() <= 4 for p in waiting)  # one element each, whatever the shape
+    read_rest(later)
+    assert pending(later) == 0
+    theirs = dict(whole.named_parameters())
+    for name, param in later.named_parameters():
+        assert torch.equal(param, theirs[name]), name
+    linears = [(a, b) for a, b in zip(whole.modules(), later.modules()) if isinstance(a, bnb.nn.Linear4bit)]
+    assert linears
+    for a, b in linears:
+        mine, ref = b.weight.quant_state, a.weight.quant_state
+        assert mine is b.quant_state and mine.shape == ref.shape and mine.dtype == ref.dtype
+        for field in ("absmax", "offset", "code"):
+            assert torch.equal(getattr(mine, field), getattr(ref, field))
+        assert torch.equal(mine.state2.absmax, ref.state2.absmax)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(later(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+def test_a_tied_lm_head_follows_its_placeholder(tmp_path: Path) -> None:
+    """A checkpoint whose LM head shares the embeddings (tie_word_embeddings: R1-Distill-Qwen-1.5B's Qwen2 base), loaded
+    with `rest_later`: the head stays the embeddings' parameter through to_meta and read_rest, and the model equals
+    the whole load."""
+    import json
+
+    from transformers import AutoConfig
+
+    from dsft.models.shards import read_rest, to_meta
+
+    src = resolve_model_path("builtin:tiny-r1-distill-qwen")
+    config = {**json.loads((src / "config.json").read_text()), "tie_word_embeddings": True}
+    spec = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "model_type")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **spec), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "tied")
+    whole = load_streaming(tmp_path / "tied", torch.float32, False, torch.device("cpu"))
+    later = load_streaming(tmp_path / "tied", torch.float32, False, torch.device("cpu"), rest_later=True)
+    assert later.lm_head.weight is later.model.embed_tokens.weight
+    to_meta(later)
+    assert later.lm_head.weight is later.model.embed_tokens.weight and later.lm_head.weight.is_meta
+    read_rest(later)
+    assert later.lm_head.weight is later.model.embed_tokens.weight
+    assert torch.equal(later.lm_head.weight, whole.lm_head.weight)
+
+
+@pytest.mark.parametrize("shape,ranks", [((3, 64), 2), ((5, 48), 2), ((40, 64), 3), ((7, 100), 4)])
+def test_an_nf4_shard_straddling_quantization_blocks_equals_one_process(shape: tuple[int, int], ranks: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dsft.models.shards' NF4 read for FSDP2 shards whose packed-code boundaries fall inside a 64-element
+    quantization block (rows not dividing by the ranks, rows shorter than a block, a last partial block): each
+    simulated rank quantizes the rows under its blocks alone, the blocks' maxima are combined as the all-reduce
+    combines them, and the ranks' codes put together and every rank's quantization state equal bitsandbytes
+    quantizing the whole weight."""
+    import bitsandbytes as bnb
+    import torch.distributed as dist
+
+    from dsft.models import shards
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    whole = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                              compress_statistics=True).to("cpu")
+    packed = whole.shape[0]
+    chunk = -(-packed // ranks)  # FSDP2's (torch.chunk's) split of the packed codes on dim 0
+    spans = [(r * chunk, max(0, min(packed, (r + 1) * chunk) - r * chunk)) for r in range(ranks)]
+
+    class Rows:
+        key = "w"
+
+        def __call__(self, lo: int, hi: int) -> torch.Tensor:
+            return weight[lo:hi]
+
+    def on_rank(rank: int, absmax_of_all: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
+        module = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, quant_type="nf4")
+        module.dsft_nf4_shape = (shape, torch.float32)
+        lo, n = spans[rank]
+        local = torch.zeros(n, 1, dtype=torch.uint8)
+        monkeypatch.setattr(shards, "_shard", lambda param: (local, lo, n))
+        seen = []
+
+        def all_reduce(tensor: torch.Tensor, op: object = None) -> None:  # MAX over every rank's blocks
+            seen.append(tensor.clone())
+            if absmax_of_all:
+                tensor.copy_(torch.stack(absmax_of_all).amax(0))
+
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        shards._read_nf4(module, module.weight, Rows(), torch.device("cpu"))
+        absmax_of_all.extend([] if len(absmax_of_all) == ranks else seen)
+        return local, module.quant_state
+
+    partial: list[torch.Tensor] = []
+    for rank in range(ranks):  # each rank's own blocks' maxima, as it hands them to the all-reduce
+        on_rank(rank, partial)
+    results = [on_rank(rank, partial) for rank in range(ranks)]
+    assert torch.equal(torch.cat([codes for codes, _ in results]), whole.data)
+    ref = whole.quant_state
+    for _, state in results:
+        assert state.shape == ref.shape and torch.equal(state.absmax, ref.absmax) and torch.equal(state.offset, ref.offset)
+        assert torch.equal(state.state2.absmax, ref.state2.absmax) and torch.equal(state.code, ref.code)
+
+
+def test_fp8_rows_are_read_in_whole_scale_blocks(tmp_path: Path) -> None:
+    """A row range of a block-scaled FP8 weight (dsft.models.shards._Rows: only the scale blocks under it read) equals
+    those rows of the whole weight dequantized, at block edges, inside a block and over a partial last block."""
+    import json
+
+    from safetensors import safe_open
+
+    from conftest import released_v3
+    from dsft.models.fp8 import dequantize
+    from dsft.models.shards import _Rows
+
+    path = released_v3(tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows over 32-row blocks: the last one partial
+    with safe_open(str(path / index[key]), framework="pt", device="cpu") as handle:
+        full = dequantize(handle.get_tensor(key), handle.get_tensor(key + "_scale_inv"), (32, 32))
+        rows = _Rows(handle, key, (32, 32))
+        assert full.shape[0] == 40
+        for lo, hi in [(0, 40), (0, 20), (20, 40), (31, 33), (32, 40), (39, 40), (5, 5)]:
+            assert torch.equal(rows(lo, hi), full[lo:hi]), (lo, hi)
+
+
 def test_a_rank_continuing_an_adapter_reads_only_its_experts_rows(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`dpo.init_adapter` under expert parallelism: each rank loads the base holding only its experts and the adapter's

@@ -83,11 +83,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(section: Any, path: Path, expert_parallel: int = 1) -> torch.nn.Module:
+def load_model(section: Any, path: Path, expert_parallel: int = 1, rest_later: bool = False) -> torch.nn.Module:
     """The frozen base model, routed experts as DsftExperts (NF4 with `quantization: nf4`). `section` is the recipe's
     ModelSection (dsft.config.schema; read by attribute, since models sit below config). With
     `expert_parallel` M > 1 this rank reads and holds only the 1/M of every layer's experts that expert
-    parallelism gives it (dsft.moe.parallel: the contiguous block of rank % M), never opening the others."""
+    parallelism gives it (dsft.moe.parallel: the contiguous block of rank % M), never opening the others. With
+    `rest_later` every other parameter is a placeholder until dsft.models.shards.read_rest reads it (once the model
+    is laid out: only the rank's FSDP2 shard)."""
     from dsft.models.stream import load_streaming
 
     part = None
@@ -96,7 +98,7 @@ def load_model(section: Any, path: Path, expert_parallel: int = 1) -> torch.nn.M
 
         part = (dist.get_rank() % expert_parallel, expert_parallel)
     return load_streaming(path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
-                          section.attn_implementation, expert_part=part)
+                          section.attn_implementation, expert_part=part, rest_later=rest_later)
 
 
 def world_size() -> int:

@@ -11,6 +11,8 @@ their final device and form, one at a time.
 - Block-scaled FP8 weights (`weight` + `weight_scale_inv`, DeepSeek-V3/R1 as released) are
   dequantized tensor by tensor on the way.
 - Layers past `num_hidden_layers` (DeepSeek-V3's MTP layer) are skipped.
+- With `rest_later` (a model that training.parallel lays out), every parameter outside the routed experts is left a
+  placeholder holding no memory, read later as the rank's FSDP2 shard only (dsft.models.shards).
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ class _ExpertStage:
 class StreamLoader:
     def __init__(self, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
                  attn_implementation: str, num_layers: int | None = None,
-                 expert_part: tuple[int, int] | None = None) -> None:
+                 expert_part: tuple[int, int] | None = None, rest_later: bool = False) -> None:
         self.path, self.dtype, self.quantized, self.device = path, dtype, quantized, device
-        self.expert_part = expert_part
+        self.expert_part, self.rest_later = expert_part, rest_later
         self.layer_limit = num_layers
         self.attn_implementation = attn_implementation
         self.fp8_block: tuple[int, int] | None = None
@@ -169,7 +171,8 @@ class StreamLoader:
                         self.skipped += 1
                         continue
                     read = lambda rows=None, k=key: self._tensor(handle, k, keys, rows)  # noqa: E731
-                    if not self._route(model, canonical(key), read, names):
+                    source = (str(shard), key, handle.get_slice(key).get_shape())
+                    if not self._route(model, canonical(key), read, names, source):
                         unexpected.append(key)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # lm_head shares the loaded embedding (a tied checkpoint stores it once)
@@ -188,7 +191,9 @@ class StreamLoader:
         model.requires_grad_(False)
         return model
 
-    def _route(self, model: nn.Module, key: str, read: Any, names: set[str]) -> bool:
+    def _route(self, model: nn.Module, key: str, read: Any, names: set[str], source: tuple[str, str, list[int]]) -> bool:
+        """`key` (canonical) to its place: a layer's experts staged, anything else assigned (or, with rest_later, a
+        parameter deferred: `source` is its shard file, checkpoint key and shape)."""
         m = PER_EXPERT.match(key) or FUSED.match(key)
         if m and m.group("module") not in names:
             module_name = m.group("module")
@@ -208,6 +213,14 @@ class StreamLoader:
             return True
         if key not in names:
             return False
+        parent, _, child = key.rpartition(".")
+        module = model.get_submodule(parent)
+        if self.rest_later and child in module._parameters:
+            from dsft.models.shards import defer
+
+            nf4 = self.quantized and child == "weight" and type(module).__name__ == "Linear4bit"
+            defer(module, child, tuple(source[2]), self.dtype, self.device, (source[0], source[1], self.fp8_block), nf4)
+            return True
         self._assign(model, key, read())
         return True
 
@@ -230,6 +243,7 @@ class StreamLoader:
 
 def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
                    attn_implementation: str = "sdpa", num_layers: int | None = None,
-                   expert_part: tuple[int, int] | None = None) -> nn.Module:
-    """`expert_part` (index, parts): read and hold only that 1/parts of every layer's routed experts."""
-    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers, expert_part).load()
+                   expert_part: tuple[int, int] | None = None, rest_later: bool = False) -> nn.Module:
+    """`expert_part` (index, parts): read and hold only that 1/parts of every layer's routed experts; `rest_later`:
+    every other parameter a placeholder until dsft.models.shards.read_rest reads it (as the rank's shard)."""
+    return StreamLoader(path, dtype, quantized, device, attn_implementation, num_layers, expert_part, rest_later).load()

@@ -54,15 +54,20 @@ def apply_layout(trainer: Any, recipe: "Recipe") -> None:
     """FSDP2 over every process and expert parallelism over training.parallel.ep of them, applied to the trainer's
     model once TRL has built it (DPO's frozen "ref" copy of the adapter included) and before it trains; the model
     is then the Trainer's "sharded at load time" kind, which it neither wraps in DDP nor moves, and whose gradients
-    are reduced as FSDP2 set up (transformers' path for `from_pretrained(distributed_config=...)`)."""
+    are reduced as FSDP2 set up (transformers' path for `from_pretrained(distributed_config=...)`). The weights outside
+    the routed experts, placeholders since loading, are then read: each rank only its FSDP2 shards' rows
+    (dsft.models.shards)."""
     parallel = recipe.training.parallel
     if parallel is None:
         return
     from dsft.models.load import world_size
+    from dsft.models.shards import read_rest, to_meta
     from dsft.moe.parallel import parallelize
 
     model = trainer.model
+    to_meta(model)  # the weights outside the experts, placeholders since loading: FSDP2 shards them without memory
     parallelize(model, fsdp=world_size(), ep=parallel.ep)
+    read_rest(model)  # each rank reads only its shards' rows of them
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base._is_distributed_loading_by_transformers = True
     base._is_fsdp_managed_module = True  # so generate() keeps every rank stepping until all are done (synced_gpus)

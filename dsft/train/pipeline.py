@@ -56,9 +56,9 @@ def fp32_adapter(model: torch.nn.Module) -> None:
 
 
 def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identity: dict[str, Any],
-                   data_sha: dict[str, str]) -> tuple[dict[int, list[int] | None], dict[str, Any] | None]:
+                   data_sha: dict[str, str], before_forwards: Any = None) -> tuple[dict[int, list[int] | None], dict[str, Any] | None]:
     """The static selection, or the policy applied to the (cached) routing profile; and what the plan says of
-    the profile (None without one)."""
+    the profile (None without one). `before_forwards` is called before a profile is computed."""
     if prepared.selection is not None:
         return prepared.selection, None
     from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key, profile_summary
@@ -66,7 +66,7 @@ def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identi
     spec = prepared.recipe.adapter.routed_experts
     key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
     profile, computed = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
-                                       run / ROUTING_DIR, spec.samples, spec.count)
+                                       run / ROUTING_DIR, spec.samples, spec.count, before=before_forwards)
     return policy_selection(prepared.recipe, profile, run / ROUTING_DIR), profile_summary(profile, computed)
 
 
@@ -121,21 +121,24 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.adapters.metadata import read_metadata, recorded_targets
     from dsft.adapters.plan import plan_table
     from dsft.models.load import load_model
+    from dsft.models.shards import read_rest
     from dsft.moe.parallel import dispatched
     from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
     # under training.parallel each rank reads 1/ep of the experts (a continued adapter: only its experts' rows of the
-    # expert LoRA too; a policy's routing profile runs with the tokens dispatched to them)
+    # expert LoRA too; a policy's routing profile runs with the tokens dispatched to them), and the rest as placeholders
+    # that dsft.train.layout reads as the rank's FSDP2 shards (a routing profile's forwards read them whole first)
     parallel = recipe.training.parallel
     split = parallel.ep if parallel is not None else 1
-    base = load_model(recipe.model, prepared.model_path, expert_parallel=split)
+    base = load_model(recipe.model, prepared.model_path, expert_parallel=split, rest_later=parallel is not None)
     if prepared.init_adapter is not None:
         model = load_lora(base, str(prepared.init_adapter), is_trainable=True)
         meta = read_metadata(prepared.init_adapter)
         return model, recorded_targets(meta), meta, None
     with dispatched(base, split) if split > 1 else contextlib.nullcontext():
-        selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"])
+        selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"],
+                                            before_forwards=lambda: read_rest(base))
     plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval), profile)
     if is_main():
         show(plan_table(plan))
@@ -182,7 +185,7 @@ def run(prepared: Prepared, goal: Objective, force: bool, checkpoint: Path | Non
     identity = model_identity(prepared.model_path, recipe.model.path)
     args = trl_config(goal, recipe, prepared, out, resolve_dtype(recipe.model.dtype))
     with lifecycle.lifecycle(out, recipe, goal.name, identity, force, checkpoint) as info, \
-            run_log(run_dir.log(out)) if is_main() else contextlib.nullcontext(), trackers(recipe, out):
+            run_log(run_dir.log(out) if is_main() else None), trackers(recipe, out):
         torch.manual_seed(recipe.training.seed)
         model, targets, init_meta, plan = _policy(prepared, out, identity, info)
         model.create_or_update_model_card = lambda *a, **k: None  # PEFT's boilerplate card: dsft writes its own

@@ -29,9 +29,10 @@ def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, st
 
 
 def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str,
-                   directory: Path, samples: int, count: str, reprofile: bool = False) -> tuple[dict[str, Any], bool]:
-    """The cached profile when its key matches, else a new one written to `directory`. Returns
-    (profile, computed). On several processes each profiles its share of the sampled rows and their counts are
+                   directory: Path, samples: int, count: str, reprofile: bool = False,
+                   before: Any = None) -> tuple[dict[str, Any], bool]:
+    """The cached profile when its key matches, else a new one written to `directory` (`before` called first: a
+    model whose weights outside the experts are still placeholders reads them). Returns (profile, computed). On several processes each profiles its share of the sampled rows and their counts are
     summed (every rank then holds the same profile, so the same experts are chosen on every rank)."""
     if not reprofile:
         cached = routing_profile.read_profile(directory, key)
@@ -39,6 +40,8 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
             return cached, False
     import time
 
+    if before is not None:
+        before()
     started = time.monotonic()
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
     rank, world = _rank_of(), world_size()
