@@ -19,6 +19,8 @@ from dsft.moe.experts import DsftExperts, expert_modules, layer_of
 from dsft.train.dist import full_trainable_state
 
 
+# the held cases besides ep-subset-held: (quantization, fused layout, LoRA on SUBSET)
+HELD = [("none", False, False), ("none", False, True), ("none", True, False), ("nf4", True, False), ("nf4", True, True)]
 # LoRA on some of a layer's 8 experts, in padded slots under ep 2: layer 1's sit 3 on rank 0 and 1 on rank 1, layer 2's
 # both on rank 0 (rank 1 holds only padding)
 SUBSET = {1: [0, 1, 2, 5], 2: [1, 3]}
@@ -116,7 +118,8 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
-def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module, CountingOpen]:
+def _held_rows_read(ep: int, whole: nn.Module, subset: bool, quantization: str,
+                    path: str) -> tuple[nn.Module, CountingOpen]:
     """The model loaded as training.parallel loads it (load_model's expert_parallel: holding only this rank's experts;
     rest_later: every other weight a placeholder until read_rest), its trainable weights then set to the rows of
     `whole`'s (which `build` initialised whole) its slots hold; and the counter of what it read from the checkpoint
@@ -126,7 +129,7 @@ def _held_rows_read(ep: int, whole: nn.Module, subset: bool) -> tuple[nn.Module,
     from dsft.moe.lora import ExpertLoraLayer, pad, padded_rows
 
     counter = safetensors.safe_open = CountingOpen(safetensors.safe_open)
-    model = build(expert_parallel=ep, subset=subset, rest_later=True)
+    model = build(path, quantization, expert_parallel=ep, subset=subset, rest_later=True)
     whole, slotted = dict(whole.named_parameters()), padded_rows(model)
     rank = next(m.first_expert // m.num_experts for m in model.modules() if isinstance(m, DsftExperts))
     with torch.no_grad():
@@ -168,7 +171,7 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
     ep = ep or world
     ids = torch.randint(0, 100, (2 * world, 16), generator=torch.Generator().manual_seed(2))
     reference = build(quantization=quantization, subset=subset, path=path)
-    model, counter = (_held_rows_read(ep, reference, subset) if held
+    model, counter = (_held_rows_read(ep, reference, subset, quantization, path) if held
                       else (build(quantization=quantization, subset=subset, path=path), None))
     if one_rank:
         _route_to_the_first_experts(reference)
@@ -216,17 +219,18 @@ def ep_case(quantization: str, rank: int, world: int, one_rank: bool = False, he
         "unsharded_trainable": unsharded_trainable(model),
         "codes_equal_one_process": all(torch.equal(p.full_tensor(), whole_codes[n]) for n, p in rows),
         "expert_lora_params": sum("experts.lora_" in n for n in gathered),
-        **(_reads(counter, world) if counter is not None else {}),
+        **(_reads(counter, world, path) if counter is not None else {}),
         **({"rest_nf4_equal_one_process": _same_nf4_linears(model, reference)} if quantization == "nf4" else {}),
     }
 
 
-def _reads(counter: CountingOpen, world: int) -> dict:
-    """What a rank read: the experts whose tensors it opened; of the rest (every tensor outside the routed experts),
-    its bytes against 1/world of the whole plus the largest tensor."""
-    sizes = checkpoint_bytes()
+def _reads(counter: CountingOpen, world: int, path: str) -> dict:
+    """What a rank read: the experts whose tensors it opened (per-expert layout) and the experts' bytes; of the rest
+    (every tensor outside the routed experts), its bytes against the whole's and the largest tensor's."""
+    sizes = checkpoint_bytes(path)
     rest = {k: n for k, n in sizes.items() if ".experts." not in k}
-    return {"experts_read": sorted({int(k.split(".experts.")[1].split(".")[0]) for k in counter.bytes if ".experts." in k}),
+    return {"experts_read": sorted({int(k.split(".experts.")[1].split(".")[0]) for k in counter.bytes
+                                    if ".experts." in k and k.split(".experts.")[1].split(".")[0].isdigit()}),
             "expert_bytes_read": sum(n for k, n in counter.bytes.items() if ".experts." in k),
             "expert_bytes": sum(n for k, n in sizes.items() if ".experts." in k),
             "rest_bytes_read": sum(n for k, n in counter.bytes.items() if k in rest),
@@ -245,6 +249,12 @@ def main(out: str, fused: str) -> None:
     report = {"ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
               "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
               f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)}
+    # the rest of {fp32, NF4} x {per-expert, fused} x {LoRA on all experts, on SUBSET}, loaded as dsft loads them
+    for quantization, fused_layout, subset in HELD:
+        name = f"ep-{'nf4' if quantization == 'nf4' else 'fp32'}-{'fused' if fused_layout else 'per-expert'}-" \
+               f"{'subset' if subset else 'all'}-held"
+        report[name] = ep_case(quantization, rank, world, held=True, subset=subset,
+                               path=fused if fused_layout else "builtin:tiny-deepseek-v3")
     if rank == 1:  # rank 1's reports, written beside rank 0's
         with open(out + ".rank1", "w") as f:
             json.dump({k: v for k, v in report.items() if k.endswith("-rank1")}, f)

@@ -309,6 +309,26 @@ def test_expert_parallel_experts_match_one_process(case: str, ddp_launch: dict) 
         assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0 and report["saved_shapes_equal"]
 
 
+@pytest.mark.parametrize("case", ["ep-fp32-per-expert-all-held", "ep-fp32-per-expert-subset-held",
+                                  "ep-fp32-fused-all-held", "ep-nf4-fused-all-held", "ep-nf4-fused-subset-held"])
+def test_every_layout_loaded_split_matches_one_process(case: str, ddp_launch: dict) -> None:
+    """The rest of {fp32, NF4} x {DeepSeek's per-expert layout, transformers' fused one} x {LoRA on every expert, on a
+    subset in padded slots}, each loaded as `training.parallel` loads it (rank 0's report; rank 1's, and the
+    per-expert NF4 subset: the test below): half the experts' bytes read (whole tensors of its experts, or its rows
+    of the fused ones), half the other bytes (under one tensor more), half of every expert tensor held, and one
+    process's logits, gradients, adapter after an AdamW step, and NF4 bytes."""
+    report = ddp_launch["sharding"][case]
+    assert report["local_fraction"] == 0.5 and report["local_experts"] == [4] and report["unsharded_trainable"] == []
+    assert report["expert_bytes_read"] * 2 == report["expert_bytes"]
+    assert report["experts_read"] == ([] if "fused" in case else [0, 1, 2, 3])
+    assert report["rest_bytes"] / 2 <= report["rest_bytes_read"] <= report["rest_bytes"] / 2 + report["rest_largest"]
+    assert report["logits_max_diff"] < 1e-5 and report["grad_max_rel"] < 1e-5 and report["param_max_diff"] < 1e-4
+    assert report["codes_equal_one_process"] and report.get("rest_nf4_equal_one_process", "nf4" not in case)
+    if "subset" in case:
+        assert report["experts_with_grad_by_layer"] == {"1": [0, 1, 2, 5], "2": [1, 3]}
+        assert report["padding_rows"] == [2] and report["padding_grad"] == 0.0 and report["saved_shapes_equal"]
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_reads_only_its_slice_and_splits_a_subsets_lora_into_padded_slots(rank: int,
                                                                                    ddp_launch: dict) -> None:
