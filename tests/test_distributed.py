@@ -358,15 +358,18 @@ def test_each_rank_reads_only_its_slice_and_splits_a_subsets_lora_into_padded_sl
 
 
 def test_four_processes_with_two_ranks_per_block_of_experts_match_one_process(tmp_path: Path) -> None:
-    """Four processes (torchrun, tests/fsdp_worker.py `four`): fsdp 4 x ep 2, so each block of experts is held by two
-    ranks and FSDP2 splits it between them (the expert-FSDP axis); NF4, LoRA on a subset in padded slots. Every rank
-    reads only its block's experts (half their bytes) and a quarter of the rest (under one tensor more), holds about a
-    quarter of the expert tensors, and gives one process's logits, gradients, adapter after an AdamW step, and NF4
-    bytes (experts and the rest)."""
+    """Four processes (tests/fsdp_worker.py `four`, its ranks forked from one process that imported the stack once:
+    torchrun's four imports cost 25 s of the suite's two cores; `four` also runs under torchrun, docs/multi-gpu.md):
+    fsdp 4 x ep 2, so each block of experts is held by two ranks and FSDP2 splits it between them (the expert-FSDP
+    axis); NF4, LoRA on a subset in padded slots. Every rank reads only its block's experts (half their bytes) and a
+    quarter of the rest (under one tensor more), holds about a quarter of the expert tensors, and gives one process's
+    logits, gradients, adapter after an AdamW step, and NF4 bytes (experts and the rest)."""
+    from dsft.models.load import resolve_model_path
+
+    resolve_model_path("builtin:tiny-deepseek-v3")  # built here if the session has not yet: no tensor work before a fork
     out = tmp_path / "four.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                           str(Path(__file__).with_name("fsdp_worker.py")), "four", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp_worker.py")), "forked", str(out)],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = json.loads(out.read_text())
     assert sorted(reports) == ["rank0", "rank1", "rank2", "rank3"]
