@@ -238,6 +238,44 @@ def _reads(counter: CountingOpen, world: int, path: str) -> dict:
             "rest_tensors_read": len([k for k in counter.bytes if k in rest]), "rest_tensors": len(rest)}
 
 
+def profile_case(rank: int, world: int) -> dict:
+    """A routing profile under training.parallel (ep = world), as a policy runs it: on a companion of the base
+    (dsft.train.pipeline.sharded_companion: the base's held experts shared, the rest read as this rank's FSDP2
+    shards), each rank its share of the rows with the tokens dispatched to the experts' ranks, the counts summed;
+    against one process profiling every row on the whole model. Reports the bytes of the rest the companion read
+    and whether the base's rest stayed placeholders."""
+    from dsft.models.shards import pending
+    from dsft.moe import profile as routing_profile
+    from dsft.moe.parallel import dispatched
+    from dsft.train.pipeline import sharded_companion
+    from dsft.train.targeting import _sum_over_ranks
+
+    section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
+    path = resolve_model_path(section.path)
+    rows = torch.randint(3, 1000, (8, 12), generator=torch.Generator().manual_seed(5)).tolist()
+    tokens = {"input_ids": rows, "labels": rows}
+    one = routing_profile.collect(load_model(section, path), tokens, batch_size=2, progress=False)
+    base = load_model(section, path, expert_parallel=world, rest_later=True)
+    waiting = pending(base)
+    import safetensors
+
+    counter = safetensors.safe_open = CountingOpen(safetensors.safe_open)
+    try:
+        with dispatched(base, world), sharded_companion(section, path, base) as companion:
+            mine = {k: v[rank::world] for k, v in tokens.items()}
+            stats = routing_profile.collect(companion, mine, batch_size=2, progress=False, forwards=2)
+            _sum_over_ranks(stats, companion)
+    finally:
+        safetensors.safe_open = counter.original
+    sizes = checkpoint_bytes()
+    rest = {k: n for k, n in sizes.items() if ".experts." not in k}
+    return {"counts_equal_one_process": all(torch.equal(stats[layer].counts, one[layer].counts) for layer in one),
+            "layers": len(one), "base_rest_still_placeholders": pending(base) == waiting > 0,
+            "expert_bytes_read": sum(n for k, n in counter.bytes.items() if ".experts." in k),
+            "rest_bytes_read": sum(n for k, n in counter.bytes.items() if k in rest), "rest_bytes": sum(rest.values()),
+            "rest_largest": max(rest.values())}
+
+
 def main(out: str, fused: str) -> None:
     """Every case in one process group (one start-up): on the built-in model (saved in DeepSeek's per-expert layout)
     and on the same weights saved in transformers' fused layout (`fused`: tests/conftest.py fused_checkpoint)."""
@@ -249,6 +287,7 @@ def main(out: str, fused: str) -> None:
     report = {"ep-fp32-fused-subset": ep_case("none", rank, world, subset=True, path=fused),
               "ep-nf4-one-rank": ep_case("nf4", rank, world, one_rank=True),
               f"ep-subset-held-rank{rank}": ep_case("nf4", rank, world, held=True, subset=True)}
+    report[f"profile-rank{rank}"] = profile_case(rank, world)
     # the rest of {fp32, NF4} x {per-expert, fused} x {LoRA on all experts, on SUBSET}, loaded as dsft loads them
     for quantization, fused_layout, subset in HELD:
         name = f"ep-{'nf4' if quantization == 'nf4' else 'fp32'}-{'fused' if fused_layout else 'per-expert'}-" \

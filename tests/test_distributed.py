@@ -330,6 +330,18 @@ def test_every_layout_loaded_split_matches_one_process(case: str, ddp_launch: di
 
 
 @pytest.mark.parametrize("rank", [0, 1])
+def test_a_policys_routing_profile_holds_only_its_shard_of_the_rest(rank: int, ddp_launch: dict) -> None:
+    """A routing policy's profile under training.parallel (ep 2) runs on a companion of the base: the base's experts
+    shared (no expert byte read again), the rest read as the rank's FSDP2 shards (half the bytes, under one tensor
+    more), the base's own rest left as placeholders; each rank profiles half the rows and the summed counts are one
+    process's, every row on the whole model. (End to end: the SimPO test above.)"""
+    report = ddp_launch["sharding"][f"profile-rank{rank}"]
+    assert report["counts_equal_one_process"] and report["layers"] == 2
+    assert report["base_rest_still_placeholders"] and report["expert_bytes_read"] == 0
+    assert report["rest_bytes"] / 2 <= report["rest_bytes_read"] <= report["rest_bytes"] / 2 + report["rest_largest"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_reads_only_its_slice_and_splits_a_subsets_lora_into_padded_slots(rank: int,
                                                                                    ddp_launch: dict) -> None:
     """`training.parallel` with a fresh adapter, loaded as dsft loads it (a counting safe_open around every read):

@@ -97,8 +97,8 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     its attention and top-k expert activations; without it, those of every layer. NF4 experts add one
     layer's dequantized experts (a reused buffer). Under training.parallel on N processes each GPU holds 1/ep of
     the routed experts (their codes, dequantized layer, LoRA and AdamW state: the adapter's state is counted at 1/ep
-    of it all) and 1/N of the rest, read as its FSDP2 shard (dsft.models.shards), except that a routing `policy`
-    profiles with the rest whole (its forwards need it), so a run with a policy holds it whole while it starts."""
+    of it all) and 1/N of the rest, read as its FSDP2 shard (dsft.models.shards; a routing `policy` profiles on a
+    companion holding the same shards); without training.parallel the whole model."""
     gib = 2**30
     h, layers, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_experts_per_tok") or 0
     inter, attn = arch.expert_intermediate(cfg), arch.attention_width(cfg)
@@ -116,8 +116,7 @@ def memory_estimate(recipe: Recipe, cfg: dict[str, Any], trainable: int, process
     if nf4 and moe_layers:
         weights += expert_params / len(moe_layers) / ep * compute_bytes(recipe)
     adapter = ADAM_BYTES * trainable / ep
-    starting = expert_bytes / ep + (other if parallel is None or recipe.adapter.routed_experts.policy else other / shards)
-    total = max(weights + adapter + per_token * tokens, starting)  # training, or loading (and profiling)
+    total = weights + adapter + per_token * tokens
     return {"weights_gib": weights / gib, "adapter_training_gib": adapter / gib,
             "activations_gib": per_token * tokens / gib, "peak_gib": total / gib + CUDA_CONTEXT_GIB,
             "host_gib": total / gib + HOST_PROCESS_GIB, "tokens_per_micro_batch": tokens}

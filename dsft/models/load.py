@@ -101,6 +101,14 @@ def load_model(section: Any, path: Path, expert_parallel: int = 1, rest_later: b
                           section.attn_implementation, expert_part=part, rest_later=rest_later)
 
 
+def load_companion(section: Any, path: Path, base: torch.nn.Module) -> torch.nn.Module:
+    """A model of the same checkpoint sharing `base`'s routed experts, the rest placeholders (dsft.models.stream)."""
+    from dsft.models.stream import load_companion as companion
+
+    return companion(base, path, resolve_dtype(section.dtype), section.quantization == "nf4", device(),
+                     section.attn_implementation)
+
+
 def world_size() -> int:
     """Processes in this run's process group (1 outside `accelerate launch` / torchrun)."""
     import torch.distributed as dist

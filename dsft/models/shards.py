@@ -13,7 +13,7 @@ dim 0 that the shard holds, as a safetensors slice:
   flattened weight): the rows under its 64-element quantization blocks, quantized; the blocks' absmax are
   all-reduced so every rank builds the whole quantization state, double-quantized as bitsandbytes does, and codes
   and state equal quantizing the whole weight in one process, bit for bit.
-A parameter that is not sharded (`read_rest` before the layout: a routing profile's forwards) is read whole.
+A parameter that is not sharded (`read_rest` on a model not laid out) is read whole.
 """
 
 from __future__ import annotations

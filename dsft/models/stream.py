@@ -152,11 +152,17 @@ class StreamLoader:
                                     self.fp8_block)
         return tensor
 
-    def load(self) -> nn.Module:
+    def load(self, experts_from: nn.Module | None = None) -> nn.Module:
+        """The model; `experts_from`: a loaded model whose routed-experts modules this one takes as they are (shared,
+        not read again)."""
         from dsft.console import track
         from safetensors import safe_open
 
         model = self.skeleton()
+        for name, module in (experts_from.named_modules() if experts_from is not None else ()):
+            if isinstance(module, DsftExperts):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         unexpected: list[str] = []
         shards = shard_files(self.path)
@@ -239,6 +245,13 @@ class StreamLoader:
             module.weight = param.to(self.device)
             return
         module._parameters[child] = nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False)
+
+
+def load_companion(base: nn.Module, path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,
+                   attn_implementation: str = "sdpa") -> nn.Module:
+    """A second model of `base`'s checkpoint sharing its routed-experts modules, every other parameter a placeholder
+    (rest_later): what a routing profile runs under training.parallel (its rest read as the rank's FSDP2 shards)."""
+    return StreamLoader(path, dtype, quantized, device, attn_implementation, rest_later=True).load(experts_from=base)
 
 
 def load_streaming(path: Path, dtype: torch.dtype, quantized: bool, device: torch.device,

@@ -110,6 +110,23 @@ def dispatched(model: nn.Module, ep: int) -> Iterator[None]:
             del module.forward
 
 
+def shard_around_experts(model: nn.Module) -> nn.Module:
+    """FSDP2 over every process for each decoder layer and the root, the routed experts left out as they are (held
+    whole, or this rank's block under expert parallelism: `dispatched`): a model that only runs forwards, the routing
+    profile's, holding 1/N of everything else."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    experts = {p for module in model.modules() if isinstance(module, DsftExperts) for p in module.parameters()}
+    for name, module in model.named_modules():
+        if _DECODER_LAYER.search(name):
+            fully_shard(module, mesh=mesh, ignored_params=experts)
+    return fully_shard(model, mesh=mesh, ignored_params=experts)
+
+
 def fsdp_plan(model: nn.Module) -> dict[str, str]:
     """Every decoder layer sharded and freed after its forward (the root is sharded last, by `parallelize`)."""
     return {name: "free_full_weight" for name, _ in model.named_modules() if _DECODER_LAYER.search(name)}

@@ -56,9 +56,9 @@ def fp32_adapter(model: torch.nn.Module) -> None:
 
 
 def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identity: dict[str, Any],
-                   data_sha: dict[str, str], before_forwards: Any = None) -> tuple[dict[int, list[int] | None], dict[str, Any] | None]:
+                   data_sha: dict[str, str], runner: Any = None) -> tuple[dict[int, list[int] | None], dict[str, Any] | None]:
     """The static selection, or the policy applied to the (cached) routing profile; and what the plan says of
-    the profile (None without one). `before_forwards` is called before a profile is computed."""
+    the profile (None without one). `runner`: what runs a new profile's forwards (targeting.ensure_profile)."""
     if prepared.selection is not None:
         return prepared.selection, None
     from dsft.train.targeting import ROUTING_DIR, ensure_profile, policy_selection, profile_key, profile_summary
@@ -66,7 +66,7 @@ def target_experts(prepared: Prepared, model: torch.nn.Module, run: Path, identi
     spec = prepared.recipe.adapter.routed_experts
     key = profile_key(prepared.recipe, identity, data_sha, spec.samples, spec.count)
     profile, computed = ensure_profile(model, prepared.recipe, prepared.train, prepared.tokenizer.pad_token_id, key,
-                                       run / ROUTING_DIR, spec.samples, spec.count, before=before_forwards)
+                                       run / ROUTING_DIR, spec.samples, spec.count, runner=runner)
     return policy_selection(prepared.recipe, profile, run / ROUTING_DIR), profile_summary(profile, computed)
 
 
@@ -121,14 +121,13 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
     from dsft.adapters.metadata import read_metadata, recorded_targets
     from dsft.adapters.plan import plan_table
     from dsft.models.load import load_model
-    from dsft.models.shards import read_rest
     from dsft.moe.parallel import dispatched
     from dsft.train.targeting import check_plan, data_summary, write_plan
 
     recipe = prepared.recipe
     # under training.parallel each rank reads 1/ep of the experts (a continued adapter: only its experts' rows of the
     # expert LoRA too; a policy's routing profile runs with the tokens dispatched to them), and the rest as placeholders
-    # that dsft.train.layout reads as the rank's FSDP2 shards (a routing profile's forwards read them whole first)
+    # that dsft.train.layout reads as the rank's FSDP2 shards (a routing profile runs on a companion holding its shards)
     parallel = recipe.training.parallel
     split = parallel.ep if parallel is not None else 1
     base = load_model(recipe.model, prepared.model_path, expert_parallel=split, rest_later=parallel is not None)
@@ -138,13 +137,36 @@ def _policy(prepared: Prepared, run: Path, identity: dict[str, Any], info: dict[
         return model, recorded_targets(meta), meta, None
     with dispatched(base, split) if split > 1 else contextlib.nullcontext():
         selection, profile = target_experts(prepared, base, run, identity, info["data_sha256"],
-                                            before_forwards=lambda: read_rest(base))
+                                            runner=(lambda: sharded_companion(recipe.model, prepared.model_path, base))
+                                            if parallel else None)
     plan = write_plan(run, recipe, prepared.config, selection, data_summary(prepared.train, prepared.eval), profile)
     if is_main():
         show(plan_table(plan))
     model, targets = attach_lora(base, recipe.adapter, selection)
     check_plan(plan, group_params(model, targets))
     return model, targets, None, plan
+
+
+@contextlib.contextmanager
+def sharded_companion(section: Any, path: Path, base: torch.nn.Module) -> Any:
+    """For a routing profile under training.parallel: a companion of `base` (its own skeleton, `base`'s routed experts
+    shared) laid out by FSDP2 around the experts, each rank reading only its shards of the rest; dropped after, so
+    no rank ever holds the weights outside the experts whole."""
+    import gc
+
+    from dsft.models.load import load_companion
+    from dsft.models.shards import read_rest, to_meta
+    from dsft.moe.parallel import shard_around_experts
+
+    companion = load_companion(section, path, base)
+    to_meta(companion)
+    shard_around_experts(companion)
+    read_rest(companion)
+    try:
+        yield companion
+    finally:
+        del companion
+        gc.collect()  # FSDP2's states and hooks hold cycles: the shards go now, before the trainer is built
 
 
 def adapter_meta(model: torch.nn.Module, prepared: Prepared, targets: dict[str, list[str]], identity: dict[str, Any],

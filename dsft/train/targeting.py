@@ -30,18 +30,27 @@ def profile_key(recipe: Recipe, identity: dict[str, Any], data_sha: dict[str, st
 
 def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str,
                    directory: Path, samples: int, count: str, reprofile: bool = False,
-                   before: Any = None) -> tuple[dict[str, Any], bool]:
-    """The cached profile when its key matches, else a new one written to `directory` (`before` called first: a
-    model whose weights outside the experts are still placeholders reads them). Returns (profile, computed). On several processes each profiles its share of the sampled rows and their counts are
-    summed (every rank then holds the same profile, so the same experts are chosen on every rank)."""
+                   runner: Any = None) -> tuple[dict[str, Any], bool]:
+    """The cached profile when its key matches, else a new one written to `directory`, its forwards run by `model`
+    or, with `runner`, by the model the context manager it returns gives (a companion holding its shard of the
+    weights `model` still holds as placeholders, training.parallel). Returns (profile, computed). On several
+    processes each profiles its share of the sampled rows and their counts are summed (every rank then holds the
+    same profile, so the same experts are chosen on every rank)."""
     if not reprofile:
         cached = routing_profile.read_profile(directory, key)
         if _everywhere(cached is not None, model):
             return cached, False
+    import contextlib
+
+    with runner() if runner is not None else contextlib.nullcontext(model) as forwards:
+        return _computed(forwards, recipe, tokens, pad_id, key, directory, samples, count), True
+
+
+def _computed(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str, directory: Path, samples: int,
+              count: str) -> dict[str, Any]:
+    """A new profile of `tokens` (each rank its share of the sampled rows, counts summed), written to `directory`."""
     import time
 
-    if before is not None:
-        before()
     started = time.monotonic()
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
     rank, world = _rank_of(), world_size()
@@ -59,7 +68,7 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
     profile = routing_profile.summarize(stats, top_k(model), meta)
     if is_main():
         routing_profile.write_profile(directory, profile)
-    return profile, True
+    return profile
 
 
 def _rank_of() -> int:
