@@ -248,7 +248,7 @@ def profile_case(rank: int, world: int) -> dict:
     from dsft.moe import profile as routing_profile
     from dsft.moe.parallel import dispatched
     from dsft.train.pipeline import sharded_companion
-    from dsft.train.targeting import _sum_over_ranks
+    from dsft.train.targeting import collect_shared
 
     section = ModelSection(path="builtin:tiny-deepseek-v3", dtype="float32", quantization="nf4")
     path = resolve_model_path(section.path)
@@ -262,9 +262,7 @@ def profile_case(rank: int, world: int) -> dict:
     counter = safetensors.safe_open = CountingOpen(safetensors.safe_open)
     try:
         with dispatched(base, world), sharded_companion(section, path, base) as companion:
-            mine = {k: v[rank::world] for k, v in tokens.items()}
-            stats = routing_profile.collect(companion, mine, batch_size=2, progress=False, forwards=2)
-            _sum_over_ranks(stats, companion)
+            stats = collect_shared(companion, tokens, "loss", 2, 0)  # each rank half the rows, counts summed
     finally:
         safetensors.safe_open = counter.original
     sizes = checkpoint_bytes()

@@ -51,16 +51,15 @@ def routing_report(model: torch.nn.Module, prepared: Prepared, run: Path) -> tup
     (load moved per layer, rows of the sample)."""
     from dsft.console import show
     from dsft.moe import profile as routing_profile
-    from dsft.train.targeting import ROUTING_DIR
+    from dsft.train.targeting import ROUTING_DIR, collect_shared
 
     directory = run / ROUTING_DIR
     before = routing_profile.read_profile(directory)
     if before is None:
         return None
     sample = prepared.train.sample(before["rows"], prepared.recipe.training.seed, prepared.recipe.data.max_length)
-    stats = routing_profile.collect(model, sample, all_tokens=before["count"] == "all",
-                                    batch_size=prepared.recipe.training.micro_batch_size,
-                                    pad_id=prepared.tokenizer.pad_token_id, progress=is_main())
+    stats = collect_shared(model, sample, before["count"], prepared.recipe.training.micro_batch_size,
+                           prepared.tokenizer.pad_token_id)  # each process its share of the rows
     meta = {k: before[k] for k in ("key", "rows", "count")} | {"tokens_counted": next(iter(stats.values())).tokens}
     after = routing_profile.summarize(stats, before["top_k"], meta)
     if is_main():

@@ -53,13 +53,7 @@ def _computed(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: s
 
     started = time.monotonic()
     sample = tokens.sample(samples, recipe.training.seed, recipe.data.max_length)  # dsft.data.prepared.Tokens
-    rank, world = _rank_of(), world_size()
-    share = {column: rows[rank::world] for column, rows in sample.items()}
-    batch = recipe.training.micro_batch_size
-    most = -(-len(sample["input_ids"]) // world)  # the largest share: every rank runs its number of batches
-    stats = routing_profile.collect(model, share, all_tokens=count == "all", batch_size=batch, pad_id=pad_id,
-                                    forwards=-(-most // batch), progress=is_main())
-    _sum_over_ranks(stats, model)
+    stats = collect_shared(model, sample, count, recipe.training.micro_batch_size, pad_id)
     from dsft.moe.routing import top_k
 
     counted = next(iter(stats.values())).tokens
@@ -69,6 +63,19 @@ def _computed(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: s
     if is_main():
         routing_profile.write_profile(directory, profile)
     return profile
+
+
+def collect_shared(model: nn.Module, sample: dict[str, list[list[int]]], count: str, batch: int,
+                   pad_id: int) -> dict[int, Any]:
+    """Routing stats of `sample`'s rows (dsft.moe.profile.collect): on several processes each runs its share of the
+    rows, every rank as many forwards (expert parallelism exchanges tokens in each), and the counts are summed."""
+    rank, world = _rank_of(), world_size()
+    share = {column: rows[rank::world] for column, rows in sample.items()}
+    most = -(-len(sample["input_ids"]) // world)  # the largest share: every rank runs its number of batches
+    stats = routing_profile.collect(model, share, all_tokens=count == "all", batch_size=batch, pad_id=pad_id,
+                                    forwards=-(-most // batch), progress=is_main())
+    _sum_over_ranks(stats, model)
+    return stats
 
 
 def _rank_of() -> int:
