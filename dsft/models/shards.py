@@ -34,16 +34,20 @@ def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
+def _params4bit(codes: torch.Tensor, module: nn.Module, quant_state: Any = None) -> nn.Parameter:
+    """NF4 packed `codes` as `module`'s frozen bitsandbytes weight (already quantized: never quantized again)."""
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(codes, requires_grad=False, quant_state=quant_state, quant_type="nf4",
+                             blocksize=NF4_BLOCK, compress_statistics=True, bnb_quantized=True, module=module)
+
+
 def defer(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
           source: tuple[str, str, tuple[int, int] | None], nf4: bool) -> None:
     """`module.name` (a frozen parameter) a placeholder until `read_rest` reads it from `source`."""
     if nf4:
-        import bitsandbytes as bnb
-
-        packed = (shape[0] * shape[1] + 1) // 2
-        module._parameters[name] = bnb.nn.Params4bit(placeholder((packed, 1), torch.uint8, device), requires_grad=False,
-                                                     quant_type="nf4", blocksize=NF4_BLOCK, compress_statistics=True,
-                                                     bnb_quantized=True, module=module)
+        module._parameters[name] = _params4bit(placeholder(((shape[0] * shape[1] + 1) // 2, 1), torch.uint8, device),
+                                               module)
         module.dsft_nf4_shape = (tuple(shape), dtype)
     else:
         module._parameters[name] = nn.Parameter(placeholder(shape, dtype, device), requires_grad=False)
@@ -57,15 +61,9 @@ def to_meta(model: nn.Module) -> None:
     for module in model.modules():
         for name in module.__dict__.get(SOURCE, {}):
             param = module._parameters[name]
-            if hasattr(module, "dsft_nf4_shape"):
-                import bitsandbytes as bnb
-
-                swap[id(param)] = param, bnb.nn.Params4bit(
-                    torch.empty(param.shape, dtype=torch.uint8, device="meta"), requires_grad=False, quant_type="nf4",
-                    blocksize=NF4_BLOCK, compress_statistics=True, bnb_quantized=True, module=module)
-            else:
-                swap[id(param)] = param, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                                      requires_grad=False)
+            meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+            swap[id(param)] = param, (_params4bit(meta, module) if hasattr(module, "dsft_nf4_shape")
+                                      else nn.Parameter(meta, requires_grad=False))
     _swap(model, swap)
 
 
@@ -102,9 +100,9 @@ def read_rest(model: nn.Module) -> None:
             for name, (file, key, block) in (sources or {}).items():
                 if file not in handles:
                     handles[file] = files.enter_context(safe_open(file, framework="pt", device="cpu"))
-                rows, param, device = _Rows(handles[file], key, block), module._parameters[name], module.__dict__[DEVICE]
-                read = (_read_nf4(module, param, rows, device) if hasattr(module, "dsft_nf4_shape")
-                        else _read_plain(param, rows, device))
+                rows, param, target = _Rows(handles[file], key, block), module._parameters[name], module.__dict__[DEVICE]
+                read = (_read_nf4(module, param, rows, target) if hasattr(module, "dsft_nf4_shape")
+                        else _read_plain(param, rows, target))
                 if read is not None:  # read whole: a new parameter, wherever the placeholder is
                     swap[id(param)] = param, read
     _swap(model, swap)
@@ -160,7 +158,6 @@ def _read_nf4(module: nn.Module, param: nn.Parameter, rows: _Rows, device: torch
     """The rank's packed codes (bytes lo..lo+n: elements 2lo..2(lo+n) of the flattened weight) from the rows under
     their quantization blocks, and the whole quantization state from every rank's blocks, set on `module` (as
     _read_plain: a sharded `param` filled in place, else a new one returned)."""
-    import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
     (out_features, in_features), dtype = module.dsft_nf4_shape
@@ -188,8 +185,7 @@ def _read_nf4(module: nn.Module, param: nn.Parameter, rows: _Rows, device: torch
                                       offset=offset, state2=state2)
     del module.dsft_nf4_shape
     if local is None:
-        return bnb.nn.Params4bit(codes, requires_grad=False, quant_state=module.quant_state, quant_type="nf4",
-                                 blocksize=NF4_BLOCK, compress_statistics=True, bnb_quantized=True, module=module)
+        return _params4bit(codes, module, module.quant_state)
     if n:
         with torch.no_grad():
             local.copy_(codes)

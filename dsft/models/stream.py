@@ -177,8 +177,7 @@ class StreamLoader:
                         self.skipped += 1
                         continue
                     read = lambda rows=None, k=key: self._tensor(handle, k, keys, rows)  # noqa: E731
-                    source = (str(shard), key, handle.get_slice(key).get_shape())
-                    if not self._route(model, canonical(key), read, names, source):
+                    if not self._route(model, canonical(key), read, names, (str(shard), key, handle)):
                         unexpected.append(key)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()  # lm_head shares the loaded embedding (a tied checkpoint stores it once)
@@ -197,9 +196,9 @@ class StreamLoader:
         model.requires_grad_(False)
         return model
 
-    def _route(self, model: nn.Module, key: str, read: Any, names: set[str], source: tuple[str, str, list[int]]) -> bool:
+    def _route(self, model: nn.Module, key: str, read: Any, names: set[str], source: tuple[str, str, Any]) -> bool:
         """`key` (canonical) to its place: a layer's experts staged, anything else assigned (or, with rest_later, a
-        parameter deferred: `source` is its shard file, checkpoint key and shape)."""
+        parameter deferred: `source` is its shard file, checkpoint key and open handle)."""
         m = PER_EXPERT.match(key) or FUSED.match(key)
         if m and m.group("module") not in names:
             module_name = m.group("module")
@@ -225,7 +224,8 @@ class StreamLoader:
             from dsft.models.shards import defer
 
             nf4 = self.quantized and child == "weight" and type(module).__name__ == "Linear4bit"
-            defer(module, child, tuple(source[2]), self.dtype, self.device, (source[0], source[1], self.fp8_block), nf4)
+            shape = tuple(source[2].get_slice(source[1]).get_shape())  # the header's, nothing read
+            defer(module, child, shape, self.dtype, self.device, (source[0], source[1], self.fp8_block), nf4)
             return True
         self._assign(model, key, read())
         return True
