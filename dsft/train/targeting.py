@@ -43,7 +43,9 @@ def ensure_profile(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, k
     import contextlib
 
     with runner() if runner is not None else contextlib.nullcontext(model) as forwards:
-        return _computed(forwards, recipe, tokens, pad_id, key, directory, samples, count), True
+        profile = _computed(forwards, recipe, tokens, pad_id, key, directory, samples, count)
+        del forwards  # the runner's model (a companion) is freed when the block ends, not when this function returns
+    return profile, True
 
 
 def _computed(model: nn.Module, recipe: Recipe, tokens: Any, pad_id: int, key: str, directory: Path, samples: int,
